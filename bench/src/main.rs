@@ -1,0 +1,137 @@
+//! groupcast-bench: load generator for groupcast and its reference peers.
+//!
+//! One scenario per invocation; prints one JSON object on stdout (progress on stderr).
+//! Exit status: 0 = ran and integrity held, 2 = loss / duplicate / wrong group /
+//! server error detected, 1 = could not run (setup failure).
+
+mod conn;
+mod procfs;
+mod publisher;
+mod scenarios;
+mod sys;
+mod tracker;
+mod wire;
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use clap::Parser;
+use serde_json::json;
+
+use scenarios::{Ctx, Overrides};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Load generator for the groupcast benchmark scenarios S1..S7"
+)]
+struct Args {
+    /// Scenario: s1 latency, s2 fan-out, s3 idle memory, s4 exactly-once, s5 connect rate,
+    /// s6 write() floor, s7 large messages.
+    #[arg(value_parser = ["s1", "s2", "s3", "s4", "s5", "s6", "s7"])]
+    scenario: String,
+    /// Server WebSocket address (127.0.0.1:PORT); not needed for s6.
+    #[arg(long)]
+    addr: Option<SocketAddr>,
+    /// Root pid of the server: its process tree's CPU and PSS are sampled from /proc.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Seconds-long version of every scenario (a few dozen connections).
+    #[arg(long)]
+    smoke: bool,
+    /// Spread client source addresses over 127.0.0.1..=127.0.0.N.
+    #[arg(long, default_value_t = 1)]
+    source_ips: u8,
+    /// Loader runtime threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[arg(long)]
+    connections: Option<usize>,
+    #[arg(long)]
+    groups: Option<usize>,
+    #[arg(long)]
+    publishers: Option<usize>,
+    /// Total publish rate, messages per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Phase (or step) length in seconds.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Message size in bytes.
+    #[arg(long)]
+    size: Option<usize>,
+    /// S2 rate steps, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    steps: Option<Vec<f64>>,
+    /// Connections opened at a time.
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// S6 writes per measurement.
+    #[arg(long)]
+    iterations: Option<u64>,
+}
+
+fn main() {
+    let args = Args::parse();
+    let nofile = sys::raise_nofile_limit();
+    let ctx = Ctx {
+        target: args.addr.map(|addr| conn::Target {
+            addr,
+            source_ips: args.source_ips.max(1),
+        }),
+        server: procfs::Server(args.server_pid),
+        smoke: args.smoke,
+        o: Overrides {
+            connections: args.connections,
+            groups: args.groups,
+            publishers: args.publishers,
+            rate: args.rate,
+            duration_s: args.duration,
+            size: args.size,
+            steps: args.steps.clone(),
+            concurrency: args.concurrency,
+            iterations: args.iterations,
+        },
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let (cpu0, t0) = (sys::self_cpu_us(), Instant::now());
+    sys::now_ns();
+    eprintln!(
+        "groupcast-bench {} against {:?} (nofile {nofile})",
+        args.scenario, args.addr
+    );
+    let res = rt.block_on(scenarios::run(&args.scenario, &ctx));
+    let mut out = json!({
+        "scenario": args.scenario.to_uppercase(),
+        "addr": args.addr.map(|a| a.to_string()),
+        "server_pid": args.server_pid,
+        "smoke": args.smoke,
+        "wall_s": (t0.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+        "loader_cpu_us_total": sys::self_cpu_us() - cpu0,
+    });
+    let code = match res {
+        Ok(o) => {
+            out["ok"] = json!(o.ok);
+            if let (Some(a), serde_json::Value::Object(b)) = (out.as_object_mut(), o.body) {
+                a.extend(b);
+            }
+            if o.ok {
+                0
+            } else {
+                2
+            }
+        }
+        Err(e) => {
+            out["ok"] = json!(false);
+            out["error"] = json!(format!("{e:#}"));
+            1
+        }
+    };
+    println!("{out}");
+    rt.shutdown_background();
+    std::process::exit(code);
+}

@@ -1,0 +1,221 @@
+//! Channel framing, shared by broker and workers (docs/channel-protocol.md).
+//!
+//! Every frame: `u32` big-endian length of what follows, then a `u8` type, then the body.
+//! Strings are `u16` big-endian length + UTF-8 bytes. A MESSAGE frame travels unchanged from
+//! the publishing worker through the broker to each subscriber, so the broker never re-encodes.
+
+/// Version sent in HELLO; a broker refuses other versions.
+pub const VERSION: u8 = 1;
+
+pub const HELLO: u8 = 1;
+pub const SUBSCRIBE: u8 = 2;
+pub const UNSUBSCRIBE: u8 = 3;
+pub const MESSAGE: u8 = 4;
+
+/// Bytes of the length prefix.
+pub const LEN_PREFIX: usize = 4;
+
+/// A decoded frame, borrowing from the receive buffer.
+#[derive(Debug, PartialEq)]
+pub enum Frame<'a> {
+    /// First frame of a connection: protocol version, the peer's origin id, a name for logs.
+    Hello {
+        version: u8,
+        origin: u64,
+        name: &'a str,
+    },
+    Subscribe {
+        group: &'a str,
+    },
+    Unsubscribe {
+        group: &'a str,
+    },
+    /// A group message: `origin` and `seq` identify the publish; `payload` is the text members get.
+    Message {
+        origin: u64,
+        seq: u64,
+        group: &'a str,
+        payload: &'a [u8],
+    },
+}
+
+/// Why a peer's bytes cannot be channel frames; the peer is disconnected.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    #[error("truncated or malformed {0} frame")]
+    Malformed(&'static str),
+}
+
+/// Decodes the frame at the start of `buf`: `Ok(None)` until all of it has arrived; on success
+/// also the number of bytes it took.
+pub fn decode(buf: &[u8], max_frame: usize) -> Result<Option<(Frame<'_>, usize)>, WireError> {
+    let Some(len_bytes) = buf.get(..LEN_PREFIX) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]) as usize;
+    if len > max_frame {
+        return Err(WireError::TooLarge(len));
+    }
+    if len == 0 {
+        return Err(WireError::Malformed("empty"));
+    }
+    let Some(body) = buf.get(LEN_PREFIX..LEN_PREFIX + len) else {
+        return Ok(None);
+    };
+    let mut r = Reader { buf: &body[1..] };
+    let frame = match body[0] {
+        HELLO => {
+            let version = r.u8().ok_or(WireError::Malformed("hello"))?;
+            let origin = r.u64().ok_or(WireError::Malformed("hello"))?;
+            let name = r.str().ok_or(WireError::Malformed("hello"))?;
+            Frame::Hello {
+                version,
+                origin,
+                name,
+            }
+        }
+        SUBSCRIBE => Frame::Subscribe {
+            group: r.str().ok_or(WireError::Malformed("subscribe"))?,
+        },
+        UNSUBSCRIBE => Frame::Unsubscribe {
+            group: r.str().ok_or(WireError::Malformed("unsubscribe"))?,
+        },
+        MESSAGE => {
+            let origin = r.u64().ok_or(WireError::Malformed("message"))?;
+            let seq = r.u64().ok_or(WireError::Malformed("message"))?;
+            let group = r.str().ok_or(WireError::Malformed("message"))?;
+            Frame::Message {
+                origin,
+                seq,
+                group,
+                payload: r.buf,
+            }
+        }
+        other => return Err(WireError::UnknownType(other)),
+    };
+    Ok(Some((frame, LEN_PREFIX + len)))
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = (self.buf.get(..n)?, self.buf.get(n..)?);
+        self.buf = rest;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)
+            .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+    }
+    fn str(&mut self) -> Option<&'a str> {
+        let len = self
+            .take(2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)?;
+        std::str::from_utf8(self.take(len)?).ok()
+    }
+}
+
+/// Appends one frame of type `kind` whose body `write_body` produces; fills in the length.
+fn frame(out: &mut Vec<u8>, kind: u8, write_body: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    out.extend_from_slice(&[0, 0, 0, 0, kind]);
+    write_body(out);
+    let len = (out.len() - start - LEN_PREFIX) as u32;
+    out[start..start + LEN_PREFIX].copy_from_slice(&len.to_be_bytes());
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    // Group ids are capped far below 64 KiB by config; a longer name is cut, never wrapped.
+    let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+pub fn encode_hello(out: &mut Vec<u8>, origin: u64, name: &str) {
+    frame(out, HELLO, |o| {
+        o.push(VERSION);
+        o.extend_from_slice(&origin.to_be_bytes());
+        put_str(o, name);
+    });
+}
+
+pub fn encode_subscribe(out: &mut Vec<u8>, group: &str) {
+    frame(out, SUBSCRIBE, |o| put_str(o, group));
+}
+
+pub fn encode_unsubscribe(out: &mut Vec<u8>, group: &str) {
+    frame(out, UNSUBSCRIBE, |o| put_str(o, group));
+}
+
+pub fn encode_message(out: &mut Vec<u8>, origin: u64, seq: u64, group: &str, payload: &[u8]) {
+    frame(out, MESSAGE, |o| {
+        o.extend_from_slice(&origin.to_be_bytes());
+        o.extend_from_slice(&seq.to_be_bytes());
+        put_str(o, group);
+        o.extend_from_slice(payload);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_every_frame() {
+        let mut buf = Vec::new();
+        encode_hello(&mut buf, 7, "worker-0");
+        encode_subscribe(&mut buf, "g1");
+        encode_unsubscribe(&mut buf, "g1");
+        encode_message(&mut buf, 7, 42, "g1", "héllo".as_bytes());
+        let mut at = 0;
+        let mut frames = Vec::new();
+        while let Some((f, n)) = decode(&buf[at..], 1 << 20).unwrap() {
+            frames.push(f);
+            at += n;
+        }
+        assert_eq!(at, buf.len());
+        assert_eq!(
+            frames[0],
+            Frame::Hello {
+                version: VERSION,
+                origin: 7,
+                name: "worker-0"
+            }
+        );
+        assert_eq!(
+            frames[3],
+            Frame::Message {
+                origin: 7,
+                seq: 42,
+                group: "g1",
+                payload: "héllo".as_bytes()
+            }
+        );
+    }
+
+    #[test]
+    fn partial_oversized_and_garbage() {
+        let mut buf = Vec::new();
+        encode_message(&mut buf, 1, 1, "g", b"payload");
+        assert_eq!(decode(&buf[..buf.len() - 1], 1 << 20), Ok(None));
+        assert_eq!(decode(&buf, 8), Err(WireError::TooLarge(buf.len() - 4)));
+        assert_eq!(
+            decode(&[0, 0, 0, 1, 99], 1 << 20),
+            Err(WireError::UnknownType(99))
+        );
+        assert_eq!(
+            decode(&[0, 0, 0, 2, SUBSCRIBE, 0], 1 << 20),
+            Err(WireError::Malformed("subscribe"))
+        );
+    }
+}

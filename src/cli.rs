@@ -1,0 +1,82 @@
+//! Command-line interface: the subcommands and flags of the `groupcast` binary (clap).
+//!
+//! Operator subcommands mirror Workerman (`start -d`, `stop`, `status`); `worker` and
+//! `channel-child` are hidden: the master execs them to start its children.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Overrides;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "groupcast",
+    version,
+    about = "Pre-forking WebSocket group-push daemon"
+)]
+pub struct Cli {
+    /// TOML config file; without one, embedded defaults apply.
+    #[arg(short = 'c', long = "config", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Pid file of the instance (default /tmp/groupcast.pid).
+    #[arg(long = "pid-file", global = true, value_name = "PATH")]
+    pub pid_file: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start an instance (foreground unless -d).
+    Start(StartArgs),
+    /// Stop the running instance and wait until it is gone.
+    Stop,
+    /// Show live figures of every process of the running instance.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// (internal) run one worker; started by the master.
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        index: usize,
+    },
+    /// (internal) run the instance's channel server; started by the master.
+    #[command(hide = true, name = "channel-child")]
+    ChannelChild,
+}
+
+#[derive(Debug, Args, Default)]
+pub struct StartArgs {
+    /// Run as a daemon (detach, log to syslog).
+    #[arg(short = 'd', long = "daemon")]
+    pub daemon: bool,
+    /// WebSocket listen address, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+    /// Number of worker processes.
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Channel server address: HOST:PORT or unix:PATH.
+    #[arg(long = "channel-listen", value_name = "ADDR")]
+    pub channel_listen: Option<String>,
+}
+
+impl Cli {
+    /// The flag values that override the config file.
+    pub fn overrides(&self) -> Overrides {
+        let mut o = Overrides {
+            pid_file: self.pid_file.clone(),
+            ..Overrides::default()
+        };
+        if let Command::Start(start) = &self.command {
+            o.listen = start.listen.clone();
+            o.workers = start.workers;
+            o.channel_listen = start.channel_listen.clone();
+        }
+        o
+    }
+}

@@ -1,0 +1,422 @@
+//! Configuration: embedded defaults, an optional TOML file (`-c FILE`), then command-line flags.
+//!
+//! Precedence, lowest first: the `DEFAULT_*` constants below, the TOML file, the flags of
+//! `groupcast start`. The TOML layer is parsed into `FileConfig` (every field optional, unknown
+//! keys rejected so a typo names itself), merged over `Config::default()`, and the result is
+//! validated once by `Config::validate`. The master hands the resolved `Config` to each child as
+//! JSON, so every process of an instance runs with exactly the same values.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// WebSocket listen address of the seed example.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:1234";
+/// Pid file of an instance started without a config; the channel and control sockets sit beside it.
+pub const DEFAULT_PID_FILE: &str = "/tmp/groupcast.pid";
+/// Pending-connection queue of each listening socket.
+pub const DEFAULT_BACKLOG: u32 = 1024;
+/// Largest WebSocket message (after reassembly of fragments) a client may send, in bytes.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1 << 20;
+/// Longest group id, in bytes.
+pub const DEFAULT_MAX_GROUP_ID_LEN: usize = 256;
+/// Most groups one connection may join.
+pub const DEFAULT_MAX_GROUPS_PER_CONNECTION: usize = 1024;
+/// Bytes queued for one slow client before it is disconnected.
+pub const DEFAULT_SEND_BUFFER_LIMIT: usize = 4 << 20;
+/// Bytes the broker queues for one channel peer before it cuts that peer off.
+pub const DEFAULT_CHANNEL_PEER_BUFFER_LIMIT: usize = 256 << 20;
+/// Largest channel frame accepted from a peer, in bytes.
+pub const DEFAULT_CHANNEL_MAX_FRAME: usize = 16 << 20;
+/// How long a worker may take to answer the master's status query, in milliseconds.
+pub const DEFAULT_STATUS_TIMEOUT_MS: u64 = 2000;
+
+/// Where a channel server listens or a channel client connects: `HOST:PORT` or `unix:PATH`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum ChannelAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl FromStr for ChannelAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a path".into());
+            }
+            return Ok(ChannelAddr::Unix(PathBuf::from(path)));
+        }
+        s.parse::<SocketAddr>()
+            .map(ChannelAddr::Tcp)
+            .map_err(|e| format!("{s:?} is neither HOST:PORT nor unix:PATH ({e})"))
+    }
+}
+
+impl TryFrom<String> for ChannelAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<ChannelAddr> for String {
+    fn from(a: ChannelAddr) -> String {
+        a.to_string()
+    }
+}
+
+impl fmt::Display for ChannelAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChannelAddr::Tcp(a) => write!(f, "{a}"),
+            ChannelAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Client-facing limits; each has a counter in `status` when it is hit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest client message in bytes (default 1 MiB); larger ones close with 1009.
+    pub max_message_size: usize,
+    /// Longest group id in bytes (default 256).
+    pub max_group_id_len: usize,
+    /// Most groups per connection (default 1024).
+    pub max_groups_per_connection: usize,
+    /// Bytes queued for one client before it is disconnected as too slow (default 4 MiB).
+    pub send_buffer_limit: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            max_group_id_len: DEFAULT_MAX_GROUP_ID_LEN,
+            max_groups_per_connection: DEFAULT_MAX_GROUPS_PER_CONNECTION,
+            send_buffer_limit: DEFAULT_SEND_BUFFER_LIMIT,
+        }
+    }
+}
+
+/// The resolved configuration of one instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    /// WebSocket listen address (default 0.0.0.0:1234).
+    pub listen: SocketAddr,
+    /// Number of worker processes (default: the CPU count).
+    pub workers: usize,
+    /// Pid file, locked while the instance runs (default /tmp/groupcast.pid).
+    pub pid_file: PathBuf,
+    /// Listen backlog of the WebSocket listeners (default 1024).
+    pub backlog: u32,
+    /// Channel server address (default: unix socket beside the pid file).
+    pub channel_listen: ChannelAddr,
+    /// Largest channel frame a peer may send, bytes (default 16 MiB).
+    pub channel_max_frame: usize,
+    /// Bytes queued for one channel peer before the broker cuts it off (default 256 MiB).
+    pub channel_peer_buffer_limit: usize,
+    /// Log level: error, warn, info, debug, trace (default info).
+    pub log_level: String,
+    /// Log to syslog instead of stderr; set by `start -d`.
+    pub syslog: bool,
+    /// Path of the syslog socket (default /dev/log).
+    pub syslog_socket: PathBuf,
+    /// Syslog facility name (default daemon).
+    pub syslog_facility: String,
+    /// How long the master waits for each process's status answer, ms (default 2000).
+    pub status_timeout_ms: u64,
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let pid_file = PathBuf::from(DEFAULT_PID_FILE);
+        Config {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .expect("default listen address parses"),
+            workers: default_workers(),
+            channel_listen: ChannelAddr::Unix(sibling_path(&pid_file, "channel.sock")),
+            pid_file,
+            backlog: DEFAULT_BACKLOG,
+            channel_max_frame: DEFAULT_CHANNEL_MAX_FRAME,
+            channel_peer_buffer_limit: DEFAULT_CHANNEL_PEER_BUFFER_LIMIT,
+            log_level: "info".into(),
+            syslog: false,
+            syslog_socket: PathBuf::from("/dev/log"),
+            syslog_facility: "daemon".into(),
+            status_timeout_ms: DEFAULT_STATUS_TIMEOUT_MS,
+            limits: Limits::default(),
+        }
+    }
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// `/run/x/groupcast.pid` + `ctl.sock` -> `/run/x/groupcast.ctl.sock`.
+pub fn sibling_path(pid_file: &Path, suffix: &str) -> PathBuf {
+    let stem = pid_file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned());
+    let name = format!("{}.{suffix}", stem.as_deref().unwrap_or("groupcast"));
+    pid_file.with_file_name(name)
+}
+
+/// The TOML file as written: every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    workers: Option<usize>,
+    pid_file: Option<PathBuf>,
+    backlog: Option<u32>,
+    status_timeout_ms: Option<u64>,
+    channel: Option<FileChannel>,
+    log: Option<FileLog>,
+    limits: Option<FileLimits>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileChannel {
+    listen: Option<String>,
+    max_frame: Option<usize>,
+    peer_buffer_limit: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLog {
+    level: Option<String>,
+    syslog_socket: Option<PathBuf>,
+    syslog_facility: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    max_message_size: Option<usize>,
+    max_group_id_len: Option<usize>,
+    max_groups_per_connection: Option<usize>,
+    send_buffer_limit: Option<usize>,
+}
+
+/// Command-line values that override the file (from `groupcast start` and friends).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub pid_file: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub workers: Option<usize>,
+    pub channel_listen: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Defaults, then the file at `path` (if any), then `overrides`; validated.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let file = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: e.to_string().trim_end().to_owned(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        let mut config = Config::default();
+        let mut channel_listen_set = false;
+        let listen = overrides.listen.clone().or(file.listen);
+        if let Some(listen) = listen {
+            config.listen = listen
+                .parse()
+                .map_err(|e| invalid("listen", format!("{listen:?} is not HOST:PORT ({e})")))?;
+        }
+        if let Some(workers) = overrides.workers.or(file.workers) {
+            config.workers = workers;
+        }
+        if let Some(pid_file) = overrides.pid_file.clone().or(file.pid_file) {
+            config.pid_file = pid_file;
+        }
+        if let Some(backlog) = file.backlog {
+            config.backlog = backlog;
+        }
+        let channel = file.channel.unwrap_or_default();
+        if let Some(addr) = overrides.channel_listen.clone().or(channel.listen) {
+            config.channel_listen = addr.parse().map_err(|e| invalid("channel.listen", e))?;
+            channel_listen_set = true;
+        }
+        if let Some(v) = channel.max_frame {
+            config.channel_max_frame = v;
+        }
+        if let Some(v) = channel.peer_buffer_limit {
+            config.channel_peer_buffer_limit = v;
+        }
+        let log = file.log.unwrap_or_default();
+        if let Some(level) = log.level {
+            config.log_level = level;
+        }
+        if let Some(socket) = log.syslog_socket {
+            config.syslog_socket = socket;
+        }
+        if let Some(facility) = log.syslog_facility {
+            config.syslog_facility = facility;
+        }
+        let limits = file.limits.unwrap_or_default();
+        if let Some(v) = limits.max_message_size {
+            config.limits.max_message_size = v;
+        }
+        if let Some(v) = limits.max_group_id_len {
+            config.limits.max_group_id_len = v;
+        }
+        if let Some(v) = limits.max_groups_per_connection {
+            config.limits.max_groups_per_connection = v;
+        }
+        if let Some(v) = limits.send_buffer_limit {
+            config.limits.send_buffer_limit = v;
+        }
+        if let Some(v) = file.status_timeout_ms {
+            config.status_timeout_ms = v;
+        }
+        // Paths must survive the daemon's chdir("/"), so they are made absolute here, once.
+        config.pid_file = absolute(&config.pid_file, "pid_file")?;
+        if !channel_listen_set {
+            config.channel_listen =
+                ChannelAddr::Unix(sibling_path(&config.pid_file, "channel.sock"));
+        } else if let ChannelAddr::Unix(p) = &config.channel_listen {
+            config.channel_listen = ChannelAddr::Unix(absolute(p, "channel.listen")?);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.workers == 0 || self.workers > 1024 {
+            return Err(invalid(
+                "workers",
+                format!("{} is not in 1..=1024", self.workers),
+            ));
+        }
+        if self.backlog == 0 {
+            return Err(invalid("backlog", "must be at least 1"));
+        }
+        if log_level_filter(&self.log_level).is_none() {
+            return Err(invalid(
+                "log.level",
+                format!(
+                    "{:?} is not one of error, warn, info, debug, trace",
+                    self.log_level
+                ),
+            ));
+        }
+        if crate::logging::facility(&self.syslog_facility).is_none() {
+            return Err(invalid(
+                "log.syslog_facility",
+                format!(
+                    "{:?} is not a syslog facility (daemon, user, local0..local7)",
+                    self.syslog_facility
+                ),
+            ));
+        }
+        let l = &self.limits;
+        if l.max_message_size < 16 {
+            return Err(invalid(
+                "limits.max_message_size",
+                "must be at least 16 bytes",
+            ));
+        }
+        if l.max_group_id_len == 0 {
+            return Err(invalid("limits.max_group_id_len", "must be at least 1"));
+        }
+        if l.max_groups_per_connection == 0 {
+            return Err(invalid(
+                "limits.max_groups_per_connection",
+                "must be at least 1",
+            ));
+        }
+        if l.send_buffer_limit < 1024 {
+            return Err(invalid(
+                "limits.send_buffer_limit",
+                "must be at least 1024 bytes",
+            ));
+        }
+        if self.channel_max_frame < 1024 {
+            return Err(invalid("channel.max_frame", "must be at least 1024 bytes"));
+        }
+        Ok(())
+    }
+
+    /// The master's control socket, beside the pid file.
+    pub fn control_socket(&self) -> PathBuf {
+        sibling_path(&self.pid_file, "ctl.sock")
+    }
+}
+
+pub fn log_level_filter(level: &str) -> Option<log::LevelFilter> {
+    level.parse().ok()
+}
+
+fn absolute(path: &Path, key: &'static str) -> Result<PathBuf, ConfigError> {
+    std::path::absolute(path).map_err(|e| invalid(key, format!("{}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_seed() {
+        let c = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(c.listen.port(), 1234);
+        assert_eq!(
+            c.channel_listen,
+            ChannelAddr::Unix("/tmp/groupcast.channel.sock".into())
+        );
+        assert!(c.workers >= 1);
+    }
+
+    #[test]
+    fn channel_addr_forms() {
+        assert_eq!(
+            "unix:/a/b".parse::<ChannelAddr>().unwrap(),
+            ChannelAddr::Unix("/a/b".into())
+        );
+        assert!(matches!(
+            "127.0.0.1:2206".parse::<ChannelAddr>().unwrap(),
+            ChannelAddr::Tcp(_)
+        ));
+        assert!("nonsense".parse::<ChannelAddr>().is_err());
+    }
+}

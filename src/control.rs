@@ -1,0 +1,176 @@
+//! The status link between the master and each child: a Unix socket pair created at spawn
+//! (the child's end is descriptor 4). Newline-delimited text: the child first writes `ready`,
+//! then answers each `stats` line from the master with one JSON `ProcessStats` line.
+//! Figures therefore always come live from the running processes, never from a file.
+
+use std::io::{self, Read, Write};
+
+use mio::net::UnixStream;
+use mio::{Interest, Registry, Token};
+use serde::{Deserialize, Serialize};
+
+/// Descriptor number at which a child finds its end of the status link.
+pub const CHILD_LINK_FD: i32 = 4;
+/// Descriptor number at which a child finds the listener the master bound for it.
+pub const CHILD_LISTENER_FD: i32 = 3;
+/// Environment variable carrying the resolved config (JSON) from master to child.
+pub const CONFIG_ENV: &str = "GROUPCAST_CHILD_CONFIG";
+
+/// Live figures of one process, as `status` shows them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProcessStats {
+    /// `master`, `channel` or `worker`.
+    pub role: String,
+    /// Worker index 0..N-1, stable across respawns.
+    pub index: Option<usize>,
+    pub pid: u32,
+    /// `running`, `starting` (spawned, not answering yet) or `down` (waiting to be restarted).
+    pub state: String,
+    /// Resident memory in KiB (read by the master from /proc).
+    pub rss_kib: u64,
+    /// Times the master has started this slot again after it died.
+    pub restarts: u32,
+    /// Open WebSocket connections (worker) or channel peers (channel).
+    pub connections: u64,
+    /// Groups with at least one local member (worker) or one subscriber (channel).
+    pub groups: u64,
+    /// Group memberships (worker) or subscriptions (channel).
+    pub memberships: u64,
+    /// Commands received from clients (worker) or frames from peers (channel).
+    pub messages_in: u64,
+    /// Frames queued to clients (worker) or to peers (channel).
+    pub messages_out: u64,
+    /// Publishes sent to the channel (worker) or forwarded (channel).
+    pub published: u64,
+    /// Writes that failed, ending the connection.
+    pub send_failures: u64,
+    /// Commands answered with an error frame.
+    pub bad_requests: u64,
+    /// Connections closed by the server for a protocol violation.
+    pub protocol_errors: u64,
+    /// Clients cut off because their send buffer passed `limits.send_buffer_limit`.
+    pub slow_closed: u64,
+    /// Whether the worker's channel client is connected.
+    pub channel_connected: bool,
+    /// Publishes dropped because the channel was unreachable.
+    pub channel_dropped: u64,
+}
+
+/// The child's end of the status link, driven by the child's own event loop.
+pub struct ChildLink {
+    stream: UnixStream,
+    inbuf: Vec<u8>,
+    outbuf: Vec<u8>,
+}
+
+/// What the master asked for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Request {
+    Stats,
+}
+
+impl ChildLink {
+    /// Adopts descriptor 4 and registers it; queues the `ready` line.
+    pub fn inherit(registry: &Registry, token: Token) -> io::Result<ChildLink> {
+        let fd = crate::sys::adopt_inherited_fd(CHILD_LINK_FD)?;
+        let std_stream = std::os::unix::net::UnixStream::from(fd);
+        std_stream.set_nonblocking(true)?;
+        let mut stream = UnixStream::from_std(std_stream);
+        registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
+        let mut link = ChildLink {
+            stream,
+            inbuf: Vec::new(),
+            outbuf: Vec::new(),
+        };
+        link.outbuf.extend_from_slice(b"ready\n");
+        link.flush()?;
+        Ok(link)
+    }
+
+    /// Reads what the master sent. `Ok(None)` at end of stream: the master is gone.
+    pub fn read_requests(&mut self) -> io::Result<Option<Vec<Request>>> {
+        let mut buf = [0u8; 512];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Ok(None),
+                Ok(n) => self.inbuf.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let mut requests = Vec::new();
+        while let Some(nl) = self.inbuf.iter().position(|&b| b == b'\n') {
+            if &self.inbuf[..nl] == b"stats" {
+                requests.push(Request::Stats);
+            }
+            self.inbuf.drain(..=nl);
+        }
+        if self.inbuf.len() > 4096 {
+            self.inbuf.clear();
+        }
+        Ok(Some(requests))
+    }
+
+    pub fn send_stats(&mut self, stats: &ProcessStats) -> io::Result<()> {
+        serde_json::to_writer(&mut self.outbuf, stats).map_err(io::Error::other)?;
+        self.outbuf.push(b'\n');
+        self.flush()
+    }
+
+    /// Writes what is queued; the rest waits for the next writable event.
+    pub fn flush(&mut self) -> io::Result<()> {
+        while !self.outbuf.is_empty() {
+            match self.stream.write(&self.outbuf) {
+                Ok(n) => {
+                    self.outbuf.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the resolved config the master put in the environment.
+pub fn child_config() -> anyhow::Result<crate::config::Config> {
+    use anyhow::Context;
+    let json = std::env::var(CONFIG_ENV).with_context(|| {
+        format!("{CONFIG_ENV} is not set: this subcommand is started by the master")
+    })?;
+    serde_json::from_str(&json).context("config passed by the master does not parse")
+}
+
+/// The master's answer to `status`: instance figures plus one row per process.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StatusReport {
+    pub version: String,
+    pub master_pid: u32,
+    pub uptime_secs: u64,
+    /// The WebSocket address actually bound (useful with port 0).
+    pub listen: String,
+    pub channel: String,
+    pub workers: usize,
+    /// 1, 5 and 15 minute load averages of the host.
+    pub load: [f64; 3],
+    pub processes: Vec<ProcessStats>,
+    pub totals: Totals,
+}
+
+/// Sums over the workers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Totals {
+    pub connections: u64,
+    pub memberships: u64,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub published: u64,
+    pub send_failures: u64,
+    pub bad_requests: u64,
+    pub restarts: u64,
+}

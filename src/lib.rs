@@ -1,0 +1,29 @@
+//! groupcast: a pre-forking, multi-process WebSocket group-push daemon.
+//!
+//! One master supervises a channel server (pub/sub broker) and N workers; clients join groups
+//! on any worker and a message sent to a group reaches every member on every worker.
+//! See docs/architecture.md.
+#![deny(unsafe_code)]
+
+/// Operator commands run from the shell: stop, status (talk to a running master).
+pub mod admin;
+/// The channel: broker process, worker-side client, wire format.
+pub mod channel;
+/// Command-line parsing.
+pub mod cli;
+/// Configuration: defaults, TOML file, flags.
+pub mod config;
+/// The master <-> child status link.
+pub mod control;
+/// The `log` backend: stderr or syslog, role and pid on every line.
+pub mod logging;
+/// The master: daemonizing, pid file, binding, spawning and supervising children.
+pub mod master;
+/// Client commands (JSON) and their replies.
+pub mod protocol;
+/// The only unsafe code: inherited descriptors and the fork/exec hook.
+pub mod sys;
+/// A worker process: event loop, connections, local groups.
+pub mod worker;
+/// WebSocket handshake and frames.
+pub mod ws;

@@ -1,0 +1,42 @@
+//! The `groupcast` binary: parse the command line, run the subcommand, map errors to an exit
+//! code (1 for every failure, printed with its chain of causes).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use groupcast::cli::{Cli, Command};
+use groupcast::config::{log_level_filter, Config};
+use groupcast::{admin, channel, logging, master, worker};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e:#}");
+            eprintln!("groupcast: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Worker { index } => return worker::run(*index),
+        Command::ChannelChild => return channel::server::run_child(),
+        _ => {}
+    }
+    let config = Config::load(cli.config.as_deref(), &cli.overrides())?;
+    match cli.command {
+        Command::Start(args) => {
+            logging::init(
+                "master",
+                log_level_filter(&config.log_level).unwrap_or(log::LevelFilter::Info),
+            );
+            master::start(config, args.daemon)
+        }
+        Command::Stop => admin::stop(&config),
+        Command::Status { json } => admin::status(&config, json),
+        Command::Worker { .. } | Command::ChannelChild => unreachable!("handled above"),
+    }
+}

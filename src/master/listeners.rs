@@ -1,0 +1,54 @@
+//! Sockets the master binds before forking, so they outlive any child: one WebSocket
+//! listener per worker index (SO_REUSEPORT, so the kernel spreads connections evenly and a
+//! respawned worker finds the connections that queued while it was down), and the control
+//! socket that `status` talks to.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Binds `count` listeners on `addr` (port 0 picks one port for all) and returns them with
+/// the address actually bound.
+pub fn bind_worker_listeners(
+    addr: SocketAddr,
+    count: usize,
+    backlog: u32,
+) -> io::Result<(Vec<OwnedFd>, SocketAddr)> {
+    // A plain bind first: SO_REUSEPORT alone would let a second instance on the same port
+    // silently share its connections with us instead of failing.
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into())?;
+    let bound = probe.local_addr()?.as_socket().unwrap_or(addr);
+    drop(probe);
+    let mut listeners = Vec::with_capacity(count);
+    for _ in 0..count {
+        let socket = Socket::new(
+            Domain::for_address(bound),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&bound.into())?;
+        socket.listen(backlog as i32)?;
+        listeners.push(OwnedFd::from(socket));
+    }
+    Ok((listeners, bound))
+}
+
+/// Binds the control socket at `path`; the caller holds the pid lock, so a file already there
+/// is left over from a crash and is replaced.
+pub fn bind_control_socket(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}

@@ -1,0 +1,287 @@
+//! The client wire protocol: one JSON object per text frame, parsed into a `Request`.
+//!
+//! Owned by the worker. Parsing borrows from the frame's bytes wherever the JSON has no escapes,
+//! so the common command costs no allocation. Error codes and replies are documented in
+//! docs/protocol.md; keep the two in step.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::config::Limits;
+
+/// A command a client may send.
+#[derive(Debug, PartialEq)]
+pub enum Command<'a> {
+    AddGroup {
+        group: Cow<'a, str>,
+    },
+    LeaveGroup {
+        group: Cow<'a, str>,
+    },
+    /// `message` is the text every member receives: a JSON string unescaped, anything else as
+    /// its compact JSON text.
+    SendToGroup {
+        group: Cow<'a, str>,
+        message: Cow<'a, str>,
+    },
+}
+
+/// A parsed command plus the optional `id` that asks for a reply.
+#[derive(Debug)]
+pub struct Request<'a> {
+    pub command: Command<'a>,
+    /// Raw JSON of the client's `id`, echoed in the reply; `None`: the client wants silence.
+    pub id: Option<&'a RawValue>,
+}
+
+/// Why a text frame was refused; each becomes an error frame with `code()`.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    #[error("not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("the frame must hold a JSON object")]
+    NotAnObject,
+    #[error("missing field `{0}`")]
+    MissingField(&'static str),
+    #[error("field `{field}` {reason}")]
+    InvalidField { field: &'static str, reason: String },
+    #[error("unknown cmd {0:?} (expected add_group, send_to_group or leave_group)")]
+    UnknownCmd(String),
+    #[error("this connection is already in {0} groups, the most allowed")]
+    TooManyGroups(usize),
+}
+
+impl RequestError {
+    /// The stable, machine-readable code sent in the error frame's `error` field.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RequestError::InvalidJson(_) => "invalid_json",
+            RequestError::NotAnObject => "not_an_object",
+            RequestError::MissingField(_) => "missing_field",
+            RequestError::InvalidField { .. } => "invalid_field",
+            RequestError::UnknownCmd(_) => "unknown_cmd",
+            RequestError::TooManyGroups(_) => "too_many_groups",
+        }
+    }
+}
+
+/// The object's fields as raw JSON; unknown fields are ignored, as the seed does.
+#[derive(Deserialize)]
+struct RawRequest<'a> {
+    #[serde(borrow)]
+    cmd: Option<&'a RawValue>,
+    #[serde(borrow)]
+    group_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    message: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+}
+
+/// Parses one text frame. On error, also returns the request's `id` when it could be read, so
+/// the error frame can carry it.
+pub fn parse_request<'a>(
+    text: &'a str,
+    limits: &Limits,
+) -> Result<Request<'a>, (RequestError, Option<&'a RawValue>)> {
+    let raw: RawRequest<'a> = match serde_json::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let is_object = text.trim_start().starts_with('{');
+            let valid_json = serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok();
+            let err = if valid_json && !is_object {
+                RequestError::NotAnObject
+            } else {
+                RequestError::InvalidJson(e.to_string())
+            };
+            return Err((err, None));
+        }
+    };
+    let id = raw.id;
+    parse_command(&raw, limits)
+        .map(|command| Request { command, id })
+        .map_err(|e| (e, id))
+}
+
+fn parse_command<'a>(raw: &RawRequest<'a>, limits: &Limits) -> Result<Command<'a>, RequestError> {
+    let cmd = raw.cmd.ok_or(RequestError::MissingField("cmd"))?;
+    let cmd = json_string(cmd).ok_or_else(|| RequestError::InvalidField {
+        field: "cmd",
+        reason: "must be a string".into(),
+    })?;
+    match cmd.as_ref() {
+        "add_group" => Ok(Command::AddGroup {
+            group: group_id(raw.group_id, limits)?,
+        }),
+        "leave_group" => Ok(Command::LeaveGroup {
+            group: group_id(raw.group_id, limits)?,
+        }),
+        "send_to_group" => {
+            let group = group_id(raw.group_id, limits)?;
+            let message = raw.message.ok_or(RequestError::MissingField("message"))?;
+            Ok(Command::SendToGroup {
+                group,
+                message: message_text(message)?,
+            })
+        }
+        other => Err(RequestError::UnknownCmd(other.chars().take(64).collect())),
+    }
+}
+
+/// A JSON string's value, borrowed when it has no escapes.
+fn json_string(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let text = raw.get();
+    if !text.starts_with('"') {
+        return None;
+    }
+    if let Ok(s) = serde_json::from_str::<&str>(text) {
+        return Some(Cow::Borrowed(s));
+    }
+    serde_json::from_str::<String>(text).ok().map(Cow::Owned)
+}
+
+/// A group id: a non-empty string or an integer, both as text, so `123` and `"123"` are one
+/// group (PHP array keys merge them in the seed).
+fn group_id<'a>(raw: Option<&'a RawValue>, limits: &Limits) -> Result<Cow<'a, str>, RequestError> {
+    let raw = raw.ok_or(RequestError::MissingField("group_id"))?;
+    let group = if let Some(s) = json_string(raw) {
+        s
+    } else if let Ok(n) = raw.get().parse::<i64>() {
+        Cow::Owned(n.to_string())
+    } else if let Ok(n) = raw.get().parse::<u64>() {
+        Cow::Owned(n.to_string())
+    } else {
+        return Err(RequestError::InvalidField {
+            field: "group_id",
+            reason: "must be a string or an integer".into(),
+        });
+    };
+    if group.is_empty() {
+        return Err(RequestError::InvalidField {
+            field: "group_id",
+            reason: "must not be empty".into(),
+        });
+    }
+    if group.len() > limits.max_group_id_len {
+        return Err(RequestError::InvalidField {
+            field: "group_id",
+            reason: format!("is longer than {} bytes", limits.max_group_id_len),
+        });
+    }
+    Ok(group)
+}
+
+/// The text delivered for `message`: a string as is, any other JSON value compacted.
+fn message_text(raw: &RawValue) -> Result<Cow<'_, str>, RequestError> {
+    if let Some(s) = json_string(raw) {
+        return Ok(s);
+    }
+    let value: serde_json::Value =
+        serde_json::from_str(raw.get()).map_err(|e| RequestError::InvalidField {
+            field: "message",
+            reason: e.to_string(),
+        })?;
+    Ok(Cow::Owned(value.to_string()))
+}
+
+/// `{"id":<id>,"ok":true}`: the opt-in success reply.
+pub fn ok_reply(id: &RawValue) -> Vec<u8> {
+    format!("{{\"id\":{},\"ok\":true}}", id.get()).into_bytes()
+}
+
+/// `{"error":"<code>","detail":"<text>"[,"id":<id>]}`.
+pub fn error_reply(error: &RequestError, id: Option<&RawValue>) -> Vec<u8> {
+    let mut out = serde_json::json!({ "error": error.code(), "detail": error.to_string() });
+    if let (Some(id), Some(obj)) = (id, out.as_object_mut()) {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(id.get()) {
+            obj.insert("id".into(), v);
+        }
+    }
+    out.to_string().into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Command<'_>, RequestError> {
+        parse_request(text, &Limits::default())
+            .map(|r| r.command)
+            .map_err(|(e, _)| e)
+    }
+
+    #[test]
+    fn seed_commands() {
+        assert_eq!(
+            parse(r#"{"cmd":"add_group","group_id":"123"}"#),
+            Ok(Command::AddGroup {
+                group: "123".into()
+            })
+        );
+        assert_eq!(
+            parse(r#"{"cmd":"add_group","group_id":123}"#),
+            Ok(Command::AddGroup {
+                group: "123".into()
+            })
+        );
+        assert_eq!(
+            parse(r#"{"cmd":"send_to_group","group_id":"g","message":{"a": [1, 2]}}"#),
+            Ok(Command::SendToGroup {
+                group: "g".into(),
+                message: r#"{"a":[1,2]}"#.into()
+            })
+        );
+        assert_eq!(
+            parse(r#"{"cmd":"send_to_group","group_id":"g","message":"h\u00e9\"llo"}"#),
+            Ok(Command::SendToGroup {
+                group: "g".into(),
+                message: "hé\"llo".into()
+            })
+        );
+    }
+
+    #[test]
+    fn bad_input_codes() {
+        assert_eq!(parse("nope").unwrap_err().code(), "invalid_json");
+        assert_eq!(parse("[1,2]").unwrap_err().code(), "not_an_object");
+        assert_eq!(parse(r#"{"cmd":"x"}"#).unwrap_err().code(), "unknown_cmd");
+        assert_eq!(
+            parse(r#"{"group_id":"1"}"#).unwrap_err(),
+            RequestError::MissingField("cmd")
+        );
+        assert_eq!(
+            parse(r#"{"cmd":"add_group"}"#).unwrap_err(),
+            RequestError::MissingField("group_id")
+        );
+        assert_eq!(
+            parse(r#"{"cmd":"add_group","group_id":1.5}"#)
+                .unwrap_err()
+                .code(),
+            "invalid_field"
+        );
+        assert_eq!(
+            parse(r#"{"cmd":"add_group","group_id":""}"#)
+                .unwrap_err()
+                .code(),
+            "invalid_field"
+        );
+        assert_eq!(
+            parse(r#"{"cmd":"send_to_group","group_id":"1"}"#).unwrap_err(),
+            RequestError::MissingField("message")
+        );
+        assert_eq!(
+            parse(r#"{"cmd":7,"group_id":"1"}"#).unwrap_err().code(),
+            "invalid_field"
+        );
+    }
+
+    #[test]
+    fn replies_echo_the_id() {
+        let r = parse_request(r#"{"cmd":"nope","id":{"k":1}}"#, &Limits::default()).unwrap_err();
+        let reply: serde_json::Value = serde_json::from_slice(&error_reply(&r.0, r.1)).unwrap();
+        assert_eq!(reply["id"]["k"], 1);
+        assert_eq!(reply["error"], "unknown_cmd");
+    }
+}

@@ -1,0 +1,80 @@
+//! The only `unsafe` in groupcast: adopting inherited descriptors and preparing a child
+//! between fork and exec. Everything else goes through safe std/nix/mio calls.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+
+/// Lowest descriptor used for the temporary copies made before a spawn, so they never collide
+/// with the small target numbers (3, 4, ...) a child expects its inheritance at.
+const HIGH_FD: RawFd = 64;
+
+/// Takes ownership of descriptor `fd`, which the master passed down across exec.
+///
+/// Fails instead of adopting a number that is not open, so a child started by hand (without
+/// the master) gets an error rather than closing someone else's descriptor later.
+pub fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD only reads flags; it is valid for any integer and fails with EBADF if
+    // `fd` is not open.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("descriptor {fd} was not inherited (is this process started by the master?)"),
+        ));
+    }
+    // SAFETY: the descriptor is open (checked above) and, by the master/child contract, handed
+    // to this process for it alone; nothing else in this process owns or closes it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Keep it from leaking into anything this process might exec later.
+    fcntl(owned.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    Ok(owned)
+}
+
+/// Spawns `command` (fork + exec) with each `(fd, target)` of `fds` available in the child as
+/// descriptor number `target`, and with the child asked to receive SIGTERM if the master dies,
+/// so no worker outlives its supervisor.
+pub fn spawn_with_fds(command: &mut Command, fds: &[(BorrowedFd<'_>, RawFd)]) -> io::Result<Child> {
+    // Copies at high numbers, close-on-exec, so dup2 in the child never clobbers a source that
+    // is itself a target of another pair. They close when `copies` drops after the spawn.
+    let mut copies: Vec<(OwnedFd, RawFd)> = Vec::with_capacity(fds.len());
+    for (fd, target) in fds {
+        let high = fcntl(fd.as_raw_fd(), FcntlArg::F_DUPFD_CLOEXEC(HIGH_FD))?;
+        // SAFETY: fcntl just returned this new descriptor; we are its only owner.
+        copies.push((unsafe { OwnedFd::from_raw_fd(high) }, *target));
+    }
+    let pairs: Vec<(RawFd, RawFd)> = copies
+        .iter()
+        .map(|(fd, t)| (fd.as_fd().as_raw_fd(), *t))
+        .collect();
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
+    // calls are allowed: dup2, prctl, getppid and _exit are, and the closure allocates nothing
+    // (`pairs` was built before the fork). The master is single-threaded, so no lock can be
+    // held by a vanished thread.
+    unsafe {
+        command.pre_exec(move || {
+            for &(src, target) in &pairs {
+                // dup2 gives `target` a copy without FD_CLOEXEC: exactly the inheritance we want.
+                if libc::dup2(src, target) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The master may have died before prctl took effect; then nobody would tell us.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn();
+    drop(copies);
+    child
+}

@@ -1,0 +1,793 @@
+//! A worker process: one mio event loop that accepts on the listener the master bound for it,
+//! speaks WebSocket to its clients, keeps the local group map, and exchanges group messages
+//! with the other workers through its channel client.
+//!
+//! The delivery path is a straight line: a client's `send_to_group` is delivered at once to
+//! local members and published to the broker, which skips this worker when forwarding; a
+//! message from the broker is encoded as a WebSocket frame once and the same bytes queued to
+//! every local member. Every connection touched in a loop turn is flushed once, at the end of
+//! the turn, with one writev (corking).
+
+pub mod conn;
+pub mod groups;
+pub mod outqueue;
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io::{self, Read};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use log::{debug, error, info, trace, warn};
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+
+use crate::channel::client::ChannelClient;
+use crate::channel::wire;
+use crate::config::Config;
+use crate::control::{self, ChildLink, ProcessStats};
+use crate::protocol::{self, Command, RequestError};
+use crate::ws::close_code;
+use crate::ws::frame::{self, Frame, Kind};
+use crate::ws::handshake::{self, Handshake};
+use conn::{AfterFlush, Conn, ConnState, Fragment};
+use groups::{Groups, Joined};
+use outqueue::{Chunk, Flushed};
+
+const LISTENER: Token = Token(0);
+const CHANNEL: Token = Token(1);
+const CONTROL: Token = Token(2);
+const SIGNALS: Token = Token(3);
+/// Connection tokens are slab keys shifted past the fixed tokens above.
+const FIRST_CONN: usize = 16;
+
+/// Size of the worker-wide read buffer every connection reads into.
+const READ_BUF: usize = 64 * 1024;
+/// Reads per connection per readiness event before others get a turn.
+const READS_PER_TURN: usize = 16;
+/// How long a client may take to complete the HTTP upgrade.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long we wait for the peer's close frame after sending ours.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest sleep of the loop, so timers are checked at least this often.
+const MAX_WAIT: Duration = Duration::from_millis(500);
+
+/// Whether the connection survives what just happened.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    /// Stop reading this connection; it is closing or gone.
+    Stop,
+}
+
+pub struct Worker {
+    index: usize,
+    config: Config,
+    poll: Poll,
+    listener: TcpListener,
+    conns: Slab<Conn>,
+    groups: Groups,
+    channel: ChannelClient,
+    control: ChildLink,
+    signals: Signals,
+    /// Shared by every connection: data is copied to a connection's own buffer only when a
+    /// frame is incomplete.
+    read_buf: Vec<u8>,
+    /// Connections with output queued this turn, flushed once at the end of it.
+    dirty: Vec<usize>,
+    /// Connections that hit the per-turn read budget and still have data.
+    read_again: Vec<usize>,
+    /// (deadline, slab key, connection id): handshake and close timeouts.
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    next_conn_id: u64,
+    /// Retry accepting after running out of descriptors.
+    accept_paused_until: Option<Instant>,
+    stats: ProcessStats,
+    stopping: bool,
+}
+
+/// Entry point of `groupcast worker --index N`, exec'd by the master.
+pub fn run(index: usize) -> anyhow::Result<()> {
+    let config = control::child_config()?;
+    crate::logging::init(
+        &format!("worker-{index}"),
+        crate::config::log_level_filter(&config.log_level).unwrap_or(log::LevelFilter::Info),
+    );
+    if config.syslog {
+        if let Err(e) = crate::logging::use_syslog(&config.syslog_socket, &config.syslog_facility) {
+            warn!("{e}");
+        }
+    }
+    let mut worker = Worker::new(index, config).context("worker setup failed")?;
+    info!("worker {index} started");
+    worker.run()
+}
+
+impl Worker {
+    fn new(index: usize, config: Config) -> anyhow::Result<Worker> {
+        let poll = Poll::new().context("cannot create the event loop")?;
+        let fd = crate::sys::adopt_inherited_fd(control::CHILD_LISTENER_FD)
+            .context("no listener from the master")?;
+        let std_listener = std::net::TcpListener::from(fd);
+        std_listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(std_listener);
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let control = ChildLink::inherit(poll.registry(), CONTROL)
+            .context("no status link from the master")?;
+        let mut signals =
+            Signals::new([SIGTERM, SIGINT, SIGQUIT]).context("cannot install signal handlers")?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let pid = std::process::id() as u64;
+        let origin = (pid << 16) | index as u64;
+        let channel = ChannelClient::new(
+            config.channel_listen.clone(),
+            CHANNEL,
+            origin,
+            format!("worker-{index}"),
+        );
+        let stats = ProcessStats {
+            role: "worker".into(),
+            index: Some(index),
+            pid: pid as u32,
+            ..Default::default()
+        };
+        Ok(Worker {
+            index,
+            config,
+            poll,
+            listener,
+            conns: Slab::new(),
+            groups: Groups::default(),
+            channel,
+            control,
+            signals,
+            read_buf: vec![0; READ_BUF],
+            dirty: Vec::new(),
+            read_again: Vec::new(),
+            timers: BinaryHeap::new(),
+            next_conn_id: 1,
+            accept_paused_until: None,
+            stats,
+            stopping: false,
+        })
+    }
+
+    fn run(&mut self) -> anyhow::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        self.channel
+            .maybe_connect(self.poll.registry(), self.groups.names());
+        loop {
+            let timeout = self.next_wait();
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e).context("event loop failed");
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_all(),
+                    CHANNEL => self.channel_ready(),
+                    CONTROL => self.control_ready(),
+                    SIGNALS => self.signals_ready(),
+                    Token(t) => {
+                        let key = t - FIRST_CONN;
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.conn_readable(key);
+                        }
+                        if event.is_writable() {
+                            self.mark_dirty(key);
+                        }
+                    }
+                }
+            }
+            for key in std::mem::take(&mut self.read_again) {
+                self.conn_readable(key);
+            }
+            self.end_of_turn();
+            if self.stopping && self.conns.is_empty() {
+                info!("worker {} stopped", self.index);
+                return Ok(());
+            }
+        }
+    }
+
+    fn next_wait(&self) -> Duration {
+        if !self.read_again.is_empty() {
+            return Duration::ZERO;
+        }
+        let now = Instant::now();
+        let mut wake = now + MAX_WAIT;
+        if let Some(Reverse((at, _, _))) = self.timers.peek() {
+            wake = wake.min(*at);
+        }
+        if let Some(at) = self.channel.next_retry() {
+            wake = wake.min(at);
+        }
+        if let Some(at) = self.accept_paused_until {
+            wake = wake.min(at);
+        }
+        wake.saturating_duration_since(now)
+    }
+
+    /// Work done once per loop turn, after every event was handled.
+    fn end_of_turn(&mut self) {
+        if let Err(e) = self.channel.flush() {
+            self.channel
+                .disconnect(self.poll.registry(), &e.to_string());
+        }
+        self.flush_dirty();
+        self.expire_timers();
+        self.channel
+            .maybe_connect(self.poll.registry(), self.groups.names());
+        if self
+            .accept_paused_until
+            .is_some_and(|t| Instant::now() >= t)
+        {
+            self.accept_paused_until = None;
+            self.accept_all();
+        }
+    }
+
+    // ---- accepting -------------------------------------------------------------------------
+
+    fn accept_all(&mut self) {
+        if self.stopping || self.accept_paused_until.is_some() {
+            return;
+        }
+        loop {
+            match self.listener.accept() {
+                Ok((mut stream, peer)) => {
+                    // Group messages are small and latency matters more than packet count;
+                    // corking already batches frames per writev.
+                    let _ = stream.set_nodelay(true);
+                    let entry = self.conns.vacant_entry();
+                    let key = entry.key();
+                    let token = Token(key + FIRST_CONN);
+                    if let Err(e) = self.poll.registry().register(
+                        &mut stream,
+                        token,
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        warn!("cannot register connection from {peer}: {e}");
+                        continue;
+                    }
+                    let id = self.next_conn_id;
+                    self.next_conn_id += 1;
+                    entry.insert(Conn::new(stream, id, peer));
+                    self.timers
+                        .push(Reverse((Instant::now() + HANDSHAKE_TIMEOUT, key, id)));
+                    debug!("connection {id} from {peer}");
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    ) =>
+                {
+                    warn!("cannot accept: {e}; pausing accept for 100 ms");
+                    self.accept_paused_until = Some(Instant::now() + Duration::from_millis(100));
+                    return;
+                }
+                Err(e) => {
+                    // ECONNABORTED and the like concern one connection only.
+                    debug!("accept failed: {e}");
+                }
+            }
+        }
+    }
+
+    // ---- reading ---------------------------------------------------------------------------
+
+    fn conn_readable(&mut self, key: usize) {
+        for _ in 0..READS_PER_TURN {
+            let Some(conn) = self.conns.get_mut(key) else {
+                return;
+            };
+            let mut buf = std::mem::take(&mut self.read_buf);
+            let result = conn.stream.read(&mut buf);
+            let flow = match result {
+                Ok(0) => {
+                    self.read_buf = buf;
+                    self.drop_conn(key, "peer closed the connection");
+                    return;
+                }
+                Ok(n) => self.ingest(key, &mut buf, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.read_buf = buf;
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => Flow::Continue,
+                Err(e) => {
+                    self.read_buf = buf;
+                    self.drop_conn(key, &format!("read failed: {e}"));
+                    return;
+                }
+            };
+            self.read_buf = buf;
+            if flow == Flow::Stop {
+                return;
+            }
+        }
+        // Budget used up with data still waiting: come back next turn (edge-triggered).
+        self.read_again.push(key);
+    }
+
+    /// Processes `buf[..n]`, freshly read, together with what the connection had buffered.
+    fn ingest(&mut self, key: usize, buf: &mut [u8], n: usize) -> Flow {
+        let conn = &mut self.conns[key];
+        if conn.inbuf.is_empty() {
+            let (used, flow) = self.process(key, &mut buf[..n]);
+            if let Some(conn) = self.conns.get_mut(key) {
+                if used < n && !matches!(conn.state, ConnState::Closing(AfterFlush::Drop)) {
+                    conn.inbuf.extend_from_slice(&buf[used..n]);
+                }
+            }
+            flow
+        } else {
+            conn.inbuf.extend_from_slice(&buf[..n]);
+            let mut pending = std::mem::take(&mut conn.inbuf);
+            let (used, flow) = self.process(key, &mut pending);
+            if let Some(conn) = self.conns.get_mut(key) {
+                pending.drain(..used);
+                if !pending.is_empty() {
+                    conn.inbuf = pending;
+                }
+            }
+            flow
+        }
+    }
+
+    /// Consumes whole handshakes and frames from `data`; returns how many bytes it used.
+    fn process(&mut self, key: usize, data: &mut [u8]) -> (usize, Flow) {
+        let mut pos = 0;
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else {
+                return (pos, Flow::Stop);
+            };
+            match conn.state {
+                ConnState::Closing(AfterFlush::Drop) => return (data.len(), Flow::Stop),
+                ConnState::Handshaking => match handshake::process(&data[pos..]) {
+                    Handshake::Incomplete => return (pos, Flow::Continue),
+                    Handshake::Upgrade { response, consumed } => {
+                        conn.send_raw(response);
+                        conn.state = ConnState::Open;
+                        pos += consumed;
+                        self.mark_dirty(key);
+                    }
+                    Handshake::Reply { response, reason } => {
+                        debug!("connection {}: {reason}", conn.id);
+                        conn.send_raw(response);
+                        conn.state = ConnState::Closing(AfterFlush::Drop);
+                        self.mark_dirty(key);
+                        return (data.len(), Flow::Stop);
+                    }
+                },
+                ConnState::Open | ConnState::Closing(AfterFlush::AwaitPeer) => {
+                    let max = self.config.limits.max_message_size;
+                    match frame::parse(&mut data[pos..], max) {
+                        Ok(None) => return (pos, Flow::Continue),
+                        Ok(Some((frame, used))) => {
+                            pos += used;
+                            if self.handle_frame(key, frame) == Flow::Stop {
+                                return (pos, Flow::Stop);
+                            }
+                        }
+                        Err(e) => {
+                            self.stats.protocol_errors += 1;
+                            self.close_conn(key, e.code, e.reason);
+                            return (data.len(), Flow::Stop);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle_frame(&mut self, key: usize, frame: Frame<'_>) -> Flow {
+        let conn = &mut self.conns[key];
+        if conn.state != ConnState::Open {
+            // Closing: only the peer's close frame matters now.
+            if frame.kind == Kind::Close {
+                self.drop_conn(key, "close handshake complete");
+                return Flow::Stop;
+            }
+            return Flow::Continue;
+        }
+        match frame.kind {
+            Kind::Text | Kind::Binary if conn.fragment.is_some() => self.protocol_violation(
+                key,
+                close_code::PROTOCOL_ERROR,
+                "new message inside a fragmented one",
+            ),
+            Kind::Binary => self.protocol_violation(
+                key,
+                close_code::UNSUPPORTED_DATA,
+                "binary frames are not supported",
+            ),
+            Kind::Text if frame.fin => self.handle_text(key, frame.payload),
+            Kind::Text => {
+                conn.fragment = Some(Box::new(Fragment {
+                    text: true,
+                    data: frame.payload.to_vec(),
+                }));
+                Flow::Continue
+            }
+            Kind::Continuation => {
+                let Some(fragment) = conn.fragment.as_mut() else {
+                    return self.protocol_violation(
+                        key,
+                        close_code::PROTOCOL_ERROR,
+                        "continuation without a start",
+                    );
+                };
+                if fragment.data.len() + frame.payload.len() > self.config.limits.max_message_size {
+                    return self.protocol_violation(
+                        key,
+                        close_code::MESSAGE_TOO_BIG,
+                        "message larger than the limit",
+                    );
+                }
+                fragment.data.extend_from_slice(frame.payload);
+                if !frame.fin {
+                    return Flow::Continue;
+                }
+                let Some(whole) = conn.fragment.take() else {
+                    return Flow::Continue;
+                };
+                if whole.text {
+                    self.handle_text(key, &whole.data)
+                } else {
+                    Flow::Continue
+                }
+            }
+            Kind::Ping => {
+                let mut pong = Vec::with_capacity(2 + frame.payload.len());
+                frame::encode(&mut pong, Kind::Pong, frame.payload);
+                conn.send_raw(pong);
+                self.mark_dirty(key);
+                Flow::Continue
+            }
+            Kind::Pong => Flow::Continue,
+            Kind::Close => {
+                // Echo the peer's code, then close the TCP connection once the echo is out.
+                let code = match frame.payload {
+                    [] => None,
+                    [a, b, ..] => Some(u16::from_be_bytes([*a, *b])),
+                    [_] => Some(close_code::PROTOCOL_ERROR),
+                };
+                let mut reply = Vec::with_capacity(4);
+                frame::encode(
+                    &mut reply,
+                    Kind::Close,
+                    &code.map(u16::to_be_bytes).unwrap_or_default()[..code.map_or(0, |_| 2)],
+                );
+                conn.send_raw(reply);
+                conn.state = ConnState::Closing(AfterFlush::Drop);
+                self.mark_dirty(key);
+                Flow::Stop
+            }
+        }
+    }
+
+    fn protocol_violation(&mut self, key: usize, code: u16, reason: &str) -> Flow {
+        self.stats.protocol_errors += 1;
+        self.close_conn(key, code, reason);
+        Flow::Stop
+    }
+
+    fn handle_text(&mut self, key: usize, payload: &[u8]) -> Flow {
+        let Ok(text) = std::str::from_utf8(payload) else {
+            return self.protocol_violation(
+                key,
+                close_code::INVALID_PAYLOAD,
+                "text frame is not valid UTF-8",
+            );
+        };
+        self.stats.messages_in += 1;
+        trace!("connection {key}: {text}");
+        let request = match protocol::parse_request(text, &self.config.limits) {
+            Ok(r) => r,
+            Err((e, id)) => {
+                self.reply_error(key, &e, id);
+                return Flow::Continue;
+            }
+        };
+        let outcome = match request.command {
+            Command::AddGroup { group } => self.join(key, &group),
+            Command::LeaveGroup { group } => {
+                self.leave(key, &group);
+                Ok(())
+            }
+            Command::SendToGroup { group, message } => {
+                self.deliver_local(&group, message.as_bytes());
+                self.channel.publish(&group, message.as_bytes());
+                self.stats.published += 1;
+                Ok(())
+            }
+        };
+        match (outcome, request.id) {
+            (Err(e), id) => self.reply_error(key, &e, id),
+            (Ok(()), Some(id)) => {
+                if let Some(conn) = self.conns.get_mut(key) {
+                    conn.send_text(&protocol::ok_reply(id));
+                    self.mark_dirty(key);
+                }
+            }
+            (Ok(()), None) => {}
+        }
+        Flow::Continue
+    }
+
+    fn reply_error(
+        &mut self,
+        key: usize,
+        error: &RequestError,
+        id: Option<&serde_json::value::RawValue>,
+    ) {
+        self.stats.bad_requests += 1;
+        debug!("connection {key}: bad request: {error}");
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.send_text(&protocol::error_reply(error, id));
+            self.mark_dirty(key);
+        }
+    }
+
+    // ---- groups ----------------------------------------------------------------------------
+
+    fn join(&mut self, key: usize, group: &str) -> Result<(), RequestError> {
+        let limit = self.config.limits.max_groups_per_connection;
+        let conn = &mut self.conns[key];
+        if conn.groups.len() >= limit
+            && self
+                .groups
+                .lookup(group)
+                .is_none_or(|id| !conn.groups.contains(&id))
+        {
+            return Err(RequestError::TooManyGroups(limit));
+        }
+        if let Joined::New { id, first } = self.groups.join(group, key) {
+            conn.groups.push(id);
+            if first {
+                self.channel.subscribe(group);
+            }
+        }
+        Ok(())
+    }
+
+    fn leave(&mut self, key: usize, group: &str) {
+        let Some(id) = self.groups.lookup(group) else {
+            return;
+        };
+        let conn = &mut self.conns[key];
+        let Some(at) = conn.groups.iter().position(|&g| g == id) else {
+            return;
+        };
+        conn.groups.swap_remove(at);
+        if let Some(name) = self.groups.leave(id, key) {
+            self.channel.unsubscribe(&name);
+        }
+    }
+
+    /// Encodes the frame once and queues the same bytes to every local member.
+    fn deliver_local(&mut self, group: &str, payload: &[u8]) {
+        let Some(id) = self.groups.lookup(group) else {
+            return;
+        };
+        let shared: Rc<[u8]> = Rc::from(frame::text(payload));
+        let limit = self.config.limits.send_buffer_limit;
+        for member in self.groups.members(id) {
+            let Some(conn) = self.conns.get_mut(member) else {
+                continue;
+            };
+            if !conn.state.is_open() {
+                continue;
+            }
+            conn.out.push(Chunk::Shared(shared.clone()));
+            self.stats.messages_out += 1;
+            if conn.out.bytes() > limit {
+                // A reader that does not keep up is cut off rather than allowed to grow.
+                warn!(
+                    "connection {} from {} is too slow ({} bytes queued); closing it",
+                    conn.id,
+                    conn.peer,
+                    conn.out.bytes()
+                );
+                self.stats.slow_closed += 1;
+                conn.out.discard_unsent();
+                conn.start_close(
+                    close_code::POLICY_VIOLATION,
+                    "send buffer full: client too slow",
+                );
+                self.timers
+                    .push(Reverse((Instant::now() + CLOSE_TIMEOUT, member, conn.id)));
+            }
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(member);
+            }
+        }
+    }
+
+    // ---- the channel -----------------------------------------------------------------------
+
+    fn channel_ready(&mut self) {
+        if let Err(e) = self.channel.on_ready(&mut self.read_buf) {
+            self.channel
+                .disconnect(self.poll.registry(), &e.to_string());
+            return;
+        }
+        let input = self.channel.take_input();
+        let mut pos = 0;
+        let max = self.config.channel_max_frame;
+        loop {
+            match wire::decode(&input[pos..], max) {
+                Ok(Some((frame, used))) => {
+                    pos += used;
+                    if let wire::Frame::Message { group, payload, .. } = frame {
+                        self.deliver_local(group, payload);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    error!("channel sent a bad frame: {e}");
+                    self.channel.restore_input(input, 0);
+                    self.channel.disconnect(self.poll.registry(), "bad frame");
+                    return;
+                }
+            }
+        }
+        self.channel.restore_input(input, pos);
+    }
+
+    // ---- writing and closing ---------------------------------------------------------------
+
+    fn mark_dirty(&mut self, key: usize) {
+        if let Some(conn) = self.conns.get_mut(key) {
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(key);
+            }
+        }
+    }
+
+    fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for key in dirty.drain(..) {
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            conn.dirty = false;
+            match conn.out.write_to(&mut conn.stream) {
+                Ok(Flushed::All) => match conn.state {
+                    ConnState::Closing(AfterFlush::Drop) => {
+                        self.drop_conn(key, "closed by the server")
+                    }
+                    ConnState::Closing(AfterFlush::AwaitPeer) => {
+                        let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                    }
+                    _ => {}
+                },
+                Ok(Flushed::Blocked) => {}
+                Err(e) => {
+                    self.stats.send_failures += 1;
+                    self.drop_conn(key, &format!("write failed: {e}"));
+                }
+            }
+        }
+        self.dirty = dirty;
+    }
+
+    /// Server-initiated close with a WebSocket close code.
+    fn close_conn(&mut self, key: usize, code: u16, reason: &str) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        debug!("connection {}: closing with {code}: {reason}", conn.id);
+        if conn.start_close(code, reason) {
+            let id = conn.id;
+            self.timers
+                .push(Reverse((Instant::now() + CLOSE_TIMEOUT, key, id)));
+            self.mark_dirty(key);
+        }
+    }
+
+    /// Forgets a connection: socket closed, every group membership removed.
+    fn drop_conn(&mut self, key: usize, why: &str) {
+        if !self.conns.contains(key) {
+            return;
+        }
+        let mut conn = self.conns.remove(key);
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        for id in conn.groups.drain(..) {
+            if let Some(name) = self.groups.leave(id, key) {
+                self.channel.unsubscribe(&name);
+            }
+        }
+        debug!("connection {} from {} gone: {why}", conn.id, conn.peer);
+    }
+
+    fn expire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, key, id))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(conn) = self.conns.get(key) else {
+                continue;
+            };
+            if conn.id != id {
+                continue;
+            }
+            match conn.state {
+                ConnState::Handshaking => self.drop_conn(key, "handshake timed out"),
+                ConnState::Closing(_) => self.drop_conn(key, "close timed out"),
+                ConnState::Open => {}
+            }
+        }
+    }
+
+    // ---- master and signals ----------------------------------------------------------------
+
+    fn control_ready(&mut self) {
+        match self.control.read_requests() {
+            Ok(Some(requests)) => {
+                for _ in requests {
+                    let stats = self.snapshot();
+                    if let Err(e) = self.control.send_stats(&stats) {
+                        warn!("cannot answer the master: {e}");
+                    }
+                }
+                let _ = self.control.flush();
+            }
+            Ok(None) | Err(_) => {
+                error!("lost the link to the master; stopping");
+                self.stop();
+            }
+        }
+    }
+
+    fn snapshot(&self) -> ProcessStats {
+        let mut s = self.stats.clone();
+        s.connections = self.conns.len() as u64;
+        s.groups = self.groups.len() as u64;
+        s.memberships = self.groups.memberships() as u64;
+        s.channel_connected = self.channel.is_connected();
+        s.channel_dropped = self.channel.dropped;
+        s
+    }
+
+    fn signals_ready(&mut self) {
+        let mut stop = false;
+        for signal in self.signals.pending() {
+            info!("signal {signal} received");
+            stop = true;
+        }
+        if stop {
+            self.stop();
+        }
+    }
+
+    /// Tells every client we are going away (1001) and leaves the loop once they are gone or
+    /// their close deadline passed.
+    fn stop(&mut self) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        let _ = self.poll.registry().deregister(&mut self.listener);
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.close_conn(key, close_code::GOING_AWAY, "server shutting down");
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! A connection's outgoing bytes: a queue of whole frames, shared ones (a group message encoded
+//! once per worker, referenced by every member) and owned ones (replies, close frames).
+//! Flushed with one writev per loop turn, so a busy connection gets many frames per syscall.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+use std::ops::Deref;
+use std::rc::Rc;
+
+/// Most frames handed to one writev.
+const MAX_IOV: usize = 64;
+/// A drained queue keeps at most this many slots, so a burst does not pin memory forever.
+const KEEP_SLOTS: usize = 16;
+
+pub enum Chunk {
+    Shared(Rc<[u8]>),
+    Owned(Box<[u8]>),
+}
+
+impl Deref for Chunk {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Chunk::Shared(b) => b,
+            Chunk::Owned(b) => b,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct OutQueue {
+    chunks: VecDeque<Chunk>,
+    /// Bytes of the front chunk already written.
+    offset: usize,
+    /// Unwritten bytes in the queue.
+    bytes: usize,
+}
+
+/// How a flush ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flushed {
+    All,
+    /// The socket is full; the rest waits for the next writable event.
+    Blocked,
+}
+
+impl OutQueue {
+    pub fn push(&mut self, chunk: Chunk) {
+        self.bytes += chunk.len();
+        self.chunks.push_back(chunk);
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    /// Drops every frame not yet started, keeping a partly written one so the stream stays
+    /// well-formed (used before queueing a close frame for a client that fell behind).
+    pub fn discard_unsent(&mut self) {
+        let keep = usize::from(self.offset > 0);
+        self.chunks.truncate(keep);
+        self.bytes = self.chunks.front().map_or(0, |c| c.len() - self.offset);
+    }
+
+    pub fn write_to(&mut self, out: &mut impl Write) -> io::Result<Flushed> {
+        while !self.chunks.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
+            for (i, chunk) in self.chunks.iter().take(MAX_IOV).enumerate() {
+                let start = if i == 0 { self.offset } else { 0 };
+                slices[i] = IoSlice::new(&chunk[start..]);
+                n += 1;
+            }
+            match out.write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => self.advance(written),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flushed::Blocked),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.chunks.capacity() > KEEP_SLOTS {
+            self.chunks = VecDeque::new();
+        }
+        Ok(Flushed::All)
+    }
+
+    fn advance(&mut self, mut written: usize) {
+        self.bytes -= written;
+        while let Some(front) = self.chunks.front() {
+            let left = front.len() - self.offset;
+            if written < left {
+                self.offset += written;
+                return;
+            }
+            written -= left;
+            self.offset = 0;
+            self.chunks.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Accepts at most `limit` bytes per call, then WouldBlock once it has `cap` in total.
+    struct Trickle {
+        got: Vec<u8>,
+        limit: usize,
+        cap: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.got.len() >= self.cap {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.limit).min(self.cap - self.got.len());
+            self.got.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn partial_writes_resume_where_they_stopped() {
+        let shared: Rc<[u8]> = Rc::from(&b"abcdef"[..]);
+        let mut q = OutQueue::default();
+        q.push(Chunk::Shared(shared.clone()));
+        q.push(Chunk::Owned(b"XYZ".to_vec().into_boxed_slice()));
+        q.push(Chunk::Shared(shared));
+        let mut sink = Trickle {
+            got: Vec::new(),
+            limit: 4,
+            cap: 7,
+        };
+        assert_eq!(q.write_to(&mut sink).unwrap(), Flushed::Blocked);
+        assert_eq!(q.bytes(), 8);
+        q.discard_unsent();
+        assert_eq!(q.bytes(), 2, "the partly written frame stays");
+        sink.cap = 100;
+        assert_eq!(q.write_to(&mut sink).unwrap(), Flushed::All);
+        assert_eq!(sink.got, b"abcdefXYZ");
+    }
+}

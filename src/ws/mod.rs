@@ -1,0 +1,18 @@
+//! WebSocket pieces the worker needs, without tungstenite's per-connection `WebSocket` object
+//! (whose eager 128 KiB read buffer would cost more than a whole idle connection is allowed):
+//! the HTTP upgrade (`handshake`) and frame parse/encode (`frame`), built on tungstenite's
+//! accept-key derivation and `FrameHeader`.
+
+pub mod frame;
+pub mod handshake;
+
+/// Close codes groupcast sends (RFC 6455 section 7.4.1); documented in docs/protocol.md.
+pub mod close_code {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    pub const POLICY_VIOLATION: u16 = 1008;
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+}

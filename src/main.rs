@@ -10,10 +10,15 @@ use groupcast::{admin, channel, logging, master, worker};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Children have no terminal in daemon mode: their failures must reach the log.
+    let is_child = matches!(cli.command, Command::Worker { .. } | Command::ChannelChild);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(e) if is_child => {
             log::error!("{e:#}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
             eprintln!("groupcast: {e:#}");
             ExitCode::from(1)
         }

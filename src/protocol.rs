@@ -193,13 +193,15 @@ pub fn ok_reply(id: &RawValue) -> Vec<u8> {
 
 /// `{"error":"<code>","detail":"<text>"[,"id":<id>]}`.
 pub fn error_reply(error: &RequestError, id: Option<&RawValue>) -> Vec<u8> {
-    let mut out = serde_json::json!({ "error": error.code(), "detail": error.to_string() });
-    if let (Some(id), Some(obj)) = (id, out.as_object_mut()) {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(id.get()) {
-            obj.insert("id".into(), v);
-        }
+    // Built by hand so `error` comes first; the strings are escaped by serde_json.
+    let detail = serde_json::to_string(&error.to_string()).unwrap_or_else(|_| "\"\"".into());
+    let mut out = format!("{{\"error\":\"{}\",\"detail\":{detail}", error.code());
+    if let Some(id) = id {
+        out.push_str(",\"id\":");
+        out.push_str(id.get());
     }
-    out.to_string().into_bytes()
+    out.push('}');
+    out.into_bytes()
 }
 
 #[cfg(test)]

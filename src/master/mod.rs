@@ -100,18 +100,20 @@ pub fn start(mut config: Config, daemon: bool) -> anyhow::Result<()> {
             // The daemon holds the pid lock through its copy of the descriptor; dropping ours
             // would unlock it for both (flock locks belong to the shared open file).
             std::mem::forget(bound);
-            let mut answer = String::new();
-            let _ = ready_rx.read_to_string(&mut answer);
-            match answer.strip_prefix("ok ") {
-                Some(pid) => {
-                    println!("groupcast started as a daemon (pid {})", pid.trim());
-                    Ok(())
+            let mut failure = None;
+            // Line by line: the daemon keeps its end open while it runs, so there is no EOF
+            // to wait for on success.
+            for line in BufReader::new(&mut ready_rx).lines().map_while(Result::ok) {
+                if let Some(pid) = line.strip_prefix("ok ") {
+                    println!("groupcast started as a daemon (pid {pid})");
+                    return Ok(());
+                } else if let Some(warning) = line.strip_prefix("warning ") {
+                    eprintln!("groupcast: warning: {warning}");
+                } else {
+                    failure = Some(line.to_owned());
                 }
-                None if answer.is_empty() => {
-                    bail!("the daemon exited before it was ready (see syslog)")
-                }
-                None => bail!("{}", answer.trim()),
             }
+            bail!("{}", failure.unwrap_or_else(|| "the daemon exited before it was ready (see syslog)".into()))
         }
         daemonize::Outcome::Parent(Err(e)) => bail!("cannot daemonize: {e}"),
         daemonize::Outcome::Child(Ok(_)) => {
@@ -122,9 +124,13 @@ pub fn start(mut config: Config, daemon: bool) -> anyhow::Result<()> {
                 // Nowhere better to say it: stderr is /dev/null now.
                 let _ = writeln!(&ready_tx, "warning {e}");
             }
+            let report = ready_tx.try_clone().ok();
             let result = run(config, exe, bound, Some(ready_tx));
             if let Err(e) = &result {
                 error!("{e:#}");
+                if let Some(mut report) = report {
+                    let _ = writeln!(report, "{e:#}");
+                }
             }
             result
         }

@@ -11,6 +11,7 @@ mod scenarios;
 mod sys;
 mod tracker;
 mod wire;
+mod ws;
 
 use std::net::SocketAddr;
 use std::time::Instant;

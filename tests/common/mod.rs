@@ -1,0 +1,996 @@
+//! Helpers shared by the integration tests: start the real `groupcast` binary in a private temp
+//! dir, wait for it with a deadline, read `status --json`, and talk WebSocket to it.
+//!
+//! Every server is owned by a guard (`Server`) that kills the whole instance on drop, panics
+//! included: SIGTERM to the master, then SIGKILL to the master and to every child pid ever seen
+//! in `status` (checked to still belong to this instance, since pids get reused).
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tungstenite::protocol::WebSocket;
+use tungstenite::Message;
+
+/// Deadline for the instance to come up, for a frame to arrive, for status to settle.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+/// Interval between two polls of a condition (polling, not synchronising by sleeping).
+const POLL: Duration = Duration::from_millis(25);
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_groupcast")
+}
+
+// ---- temp dirs -----------------------------------------------------------------------------
+
+/// A directory of its own for one test, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "gc-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+// ---- processes -----------------------------------------------------------------------------
+
+/// Runs `groupcast ARGS` to completion.
+pub fn groupcast(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run groupcast")
+}
+
+/// The outcome of a command run with `run_timed`.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code; `None` if it had to be killed at the deadline (or died by a signal).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `groupcast ARGS` with its output in files under `dir` (a daemon may keep pipes open),
+/// killing it if it has not exited after `TIMEOUT`.
+pub fn run_timed(args: &[&str], dir: &Path) -> Run {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let out_path = dir.join(format!("cmd-{n}.out"));
+    let err_path = dir.join(format!("cmd-{n}.err"));
+    let mut child = Command::new(bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .expect("run groupcast");
+    let deadline = Instant::now() + TIMEOUT;
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        sleep(POLL);
+    };
+    Run {
+        code,
+        stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
+        stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The state letter of `/proc/PID/stat` (R, S, Z, ...), `None` when there is no such process.
+pub fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) S ...": comm may contain spaces and parentheses; the state follows the last ')'.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next())
+}
+
+/// Whether `pid` is a live process (a zombie has exited: it only waits to be reaped).
+pub fn alive(pid: u32) -> bool {
+    matches!(proc_state(pid), Some(s) if s != 'Z' && s != 'X')
+}
+
+/// Whether live process `pid` belongs to the instance with this pid file: the master has the
+/// path in its command line, children in the config the master put in their environment.
+pub fn belongs_to(pid: u32, pid_file: &Path) -> bool {
+    let needle = pid_file.to_string_lossy();
+    ["cmdline", "environ"].iter().any(|f| {
+        std::fs::read(format!("/proc/{pid}/{f}"))
+            .map(|b| String::from_utf8_lossy(&b).contains(&*needle))
+            .unwrap_or(false)
+    })
+}
+
+pub fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) has no memory effects; callers pass pids of this test's instance only.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        sleep(POLL);
+    }
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("probe a free port")
+        .port()
+}
+
+// ---- the server guard ----------------------------------------------------------------------
+
+/// How to start an instance.
+#[derive(Clone, Debug)]
+pub struct Opts {
+    pub workers: Option<usize>,
+    /// `--listen`; `None` leaves it to the config file.
+    pub listen: Option<String>,
+    /// TOML written to `DIR/g.toml` and passed with `-c`.
+    pub config: Option<String>,
+    pub extra: Vec<String>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            workers: Some(2),
+            listen: Some("127.0.0.1:0".into()),
+            config: None,
+            extra: Vec::new(),
+        }
+    }
+}
+
+impl Opts {
+    pub fn workers(n: usize) -> Opts {
+        Opts {
+            workers: Some(n),
+            ..Opts::default()
+        }
+    }
+}
+
+/// A running instance started by this test; killed on drop.
+pub struct Server {
+    pub dir: TempDir,
+    pub pid_file: PathBuf,
+    /// The foreground master, when this test spawned it (not for daemons).
+    child: Option<Child>,
+    pub master_pid: u32,
+    pub addr: SocketAddr,
+    pub workers: usize,
+    /// Every child pid seen in a status report, for the kill on drop.
+    seen: Mutex<BTreeSet<u32>>,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Server::start_with(Opts::default())
+    }
+
+    /// Starts `groupcast start` in the foreground and waits until every process runs.
+    pub fn start_with(opts: Opts) -> Server {
+        let dir = TempDir::new("srv");
+        let pid_file = dir.join("g.pid");
+        let args = start_args(&dir, &pid_file, &opts);
+        let log = std::fs::File::create(dir.join("stderr.log")).expect("create log");
+        let out = std::fs::File::create(dir.join("stdout.log")).expect("create log");
+        let child = Command::new(bin())
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(log)
+            .spawn()
+            .expect("spawn groupcast start");
+        let master_pid = child.id();
+        let mut server = Server {
+            dir,
+            pid_file,
+            child: Some(child),
+            master_pid,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            workers: 0,
+            seen: Mutex::new(BTreeSet::new()),
+        };
+        server.wait_ready(opts.workers);
+        server
+    }
+
+    /// Adopts an instance started with `start -d` (its master is not our child).
+    pub fn adopt_daemon(dir: TempDir, pid_file: PathBuf, workers: Option<usize>) -> Server {
+        let mut server = Server {
+            dir,
+            pid_file,
+            child: None,
+            master_pid: 0,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            workers: 0,
+            seen: Mutex::new(BTreeSet::new()),
+        };
+        server.wait_ready(workers);
+        server
+    }
+
+    fn wait_ready(&mut self, workers: Option<usize>) {
+        let deadline = Instant::now() + TIMEOUT;
+        let report = loop {
+            if self.child.is_none() && self.master_pid == 0 {
+                // A daemon: know its pid early, so the guard can kill it if it never gets ready.
+                if let Some(pid) = std::fs::read_to_string(&self.pid_file)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                {
+                    self.master_pid = pid;
+                }
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "groupcast start exited with {status} before it was ready:\n{}",
+                        self.log()
+                    );
+                }
+            }
+            if let Ok(r) = self.try_status() {
+                let ws = worker_rows(&r);
+                let all_running = r["processes"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().all(|p| p["state"] == "running"));
+                let connected = ws.iter().all(|w| w["channel_connected"] == true);
+                let count_ok = workers.is_none_or(|n| ws.len() == n);
+                if all_running && connected && count_ok && !ws.is_empty() {
+                    break r;
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "groupcast did not become ready in {TIMEOUT:?}:\n{}",
+                    self.log()
+                );
+            }
+            sleep(POLL);
+        };
+        self.master_pid = report["master_pid"].as_u64().unwrap() as u32;
+        if let Some(child) = &self.child {
+            assert_eq!(self.master_pid, child.id(), "status names another master");
+        }
+        self.addr = report["listen"].as_str().unwrap().parse().unwrap();
+        self.workers = report["workers"].as_u64().unwrap() as usize;
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn pid_file_arg(&self) -> String {
+        self.pid_file.to_string_lossy().into_owned()
+    }
+
+    /// `groupcast status --json`, parsed; records the pids it names.
+    pub fn try_status(&self) -> Result<Value, String> {
+        let pid_file = self.pid_file_arg();
+        let out = groupcast(&["status", "--pid-file", &pid_file, "--json"]);
+        if !out.status.success() {
+            return Err(format!("status failed: {}", stderr(&out)));
+        }
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("status --json is not JSON ({e}): {}", stdout(&out)))?;
+        let mut seen = self.seen.lock().unwrap();
+        for p in report["processes"].as_array().into_iter().flatten() {
+            if let Some(pid) = p["pid"].as_u64().filter(|&p| p > 0) {
+                seen.insert(pid as u32);
+            }
+        }
+        Ok(report)
+    }
+
+    pub fn status(&self) -> Value {
+        self.try_status()
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.log()))
+    }
+
+    /// Polls status until `pred` holds; panics with the last report otherwise.
+    pub fn wait_status(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let r = self.status();
+            if pred(&r) {
+                return r;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "timed out waiting for {what}; last status:\n{}",
+                    serde_json::to_string_pretty(&r).unwrap()
+                );
+            }
+            sleep(POLL);
+        }
+    }
+
+    /// Waits until the workers hold `memberships` in total and the channel server has exactly
+    /// one subscription per (worker, group with local members): from then on a publish reaches
+    /// every member.
+    pub fn wait_subscriptions(&self, memberships: u64) -> Value {
+        self.wait_status(
+            &format!("{memberships} memberships with their channel subscriptions"),
+            |r| {
+                let groups: u64 = worker_rows(r)
+                    .iter()
+                    .map(|w| w["groups"].as_u64().unwrap())
+                    .sum();
+                r["totals"]["memberships"] == memberships
+                    && channel_row(r)["memberships"] == groups
+                    && worker_rows(r)
+                        .iter()
+                        .all(|w| w["channel_connected"] == true)
+            },
+        )
+    }
+
+    /// Every pid seen so far in status, the master's included.
+    pub fn seen_pids(&self) -> Vec<u32> {
+        self.seen.lock().unwrap().iter().copied().collect()
+    }
+
+    /// Pids of the children (channel server, workers) seen so far in status.
+    pub fn child_pids(&self) -> Vec<u32> {
+        let master = self.master_pid;
+        self.seen_pids()
+            .into_iter()
+            .filter(|&p| p != master)
+            .collect()
+    }
+
+    /// The foreground master's `Child`, to wait for it.
+    pub fn take_child(&mut self) -> Option<Child> {
+        self.child.take()
+    }
+
+    /// Index of the worker holding the server side of each client's connection, read from
+    /// /proc: the server socket's inode (in /proc/net/tcp) among the worker's descriptors.
+    pub fn workers_of(&self, clients: &[&Client]) -> Vec<usize> {
+        let ports: Vec<u16> = clients.iter().map(|c| c.port).collect();
+        self.workers_of_ports(&ports)
+    }
+
+    /// `workers_of` for connections named by their client-side port.
+    pub fn workers_of_ports(&self, ports: &[u16]) -> Vec<usize> {
+        let report = self.status();
+        let mut inode_owner: HashMap<u64, usize> = HashMap::new();
+        for w in worker_rows(&report) {
+            let index = w["index"].as_u64().unwrap() as usize;
+            let pid = w["pid"].as_u64().unwrap();
+            let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+                continue;
+            };
+            for fd in fds.flatten() {
+                if let Ok(target) = std::fs::read_link(fd.path()) {
+                    let t = target.to_string_lossy();
+                    if let Some(inode) = t
+                        .strip_prefix("socket:[")
+                        .and_then(|s| s.strip_suffix(']'))
+                        .and_then(|s| s.parse().ok())
+                    {
+                        inode_owner.insert(inode, index);
+                    }
+                }
+            }
+        }
+        let server_port = self.addr.port();
+        // client port -> inode of the server-side socket
+        let mut by_peer: HashMap<u16, u64> = HashMap::new();
+        let tcp = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+        for line in tcp.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 {
+                continue;
+            }
+            let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).unwrap();
+            if port(f[1]) == server_port {
+                by_peer.insert(port(f[2]), f[9].parse().unwrap());
+            }
+        }
+        ports
+            .iter()
+            .map(|port| {
+                let inode = by_peer
+                    .get(port)
+                    .unwrap_or_else(|| panic!("no server socket for client port {port}"));
+                *inode_owner
+                    .get(inode)
+                    .unwrap_or_else(|| panic!("no worker holds client port {port}"))
+            })
+            .collect()
+    }
+
+    /// Connects clients until every worker holds at least `per_worker` of them; returns the
+    /// clients and the worker index of each.
+    pub fn connect_spread(&self, per_worker: usize) -> (Vec<Client>, Vec<usize>) {
+        let mut clients = Vec::new();
+        for _ in 0..64 {
+            for _ in 0..4 {
+                clients.push(Client::connect(self.addr));
+            }
+            let refs: Vec<&Client> = clients.iter().collect();
+            let on = self.workers_of(&refs);
+            if (0..self.workers).all(|w| on.iter().filter(|&&x| x == w).count() >= per_worker) {
+                return (clients, on);
+            }
+        }
+        panic!(
+            "256 connections did not reach every one of {} workers",
+            self.workers
+        );
+    }
+
+    /// Stops the instance and forgets it (used by tests that check the stop itself).
+    pub fn kill_now(&mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        if let Some(mut child) = self.child.take() {
+            if let Ok(None) = child.try_wait() {
+                signal(child.id(), libc::SIGTERM);
+                while Instant::now() < deadline {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        break;
+                    }
+                    sleep(POLL);
+                }
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        } else if self.master_pid > 0
+            && alive(self.master_pid)
+            && belongs_to(self.master_pid, &self.pid_file)
+        {
+            signal(self.master_pid, libc::SIGTERM);
+            while Instant::now() < deadline && alive(self.master_pid) {
+                sleep(POLL);
+            }
+            if alive(self.master_pid) && belongs_to(self.master_pid, &self.pid_file) {
+                signal(self.master_pid, libc::SIGKILL);
+            }
+        }
+        for pid in self.seen_pids() {
+            if alive(pid) && belongs_to(pid, &self.pid_file) {
+                signal(pid, libc::SIGKILL);
+            }
+        }
+        self.master_pid = 0;
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+fn start_args(dir: &TempDir, pid_file: &Path, opts: &Opts) -> Vec<String> {
+    let mut args = vec!["start".to_string()];
+    if let Some(listen) = &opts.listen {
+        args.extend(["--listen".into(), listen.clone()]);
+    }
+    if let Some(n) = opts.workers {
+        args.extend(["--workers".into(), n.to_string()]);
+    }
+    args.extend(["--pid-file".into(), pid_file.to_string_lossy().into_owned()]);
+    if let Some(config) = &opts.config {
+        let path = dir.join("g.toml");
+        std::fs::write(&path, config).expect("write config");
+        args.extend(["-c".into(), path.to_string_lossy().into_owned()]);
+    }
+    args.extend(opts.extra.iter().cloned());
+    args
+}
+
+// ---- status helpers ------------------------------------------------------------------------
+
+/// The worker rows of a status report, by index.
+pub fn worker_rows(r: &Value) -> Vec<Value> {
+    let mut rows: Vec<Value> = r["processes"]
+        .as_array()
+        .map(|p| {
+            p.iter()
+                .filter(|p| p["role"] == "worker")
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    rows.sort_by_key(|w| w["index"].as_u64());
+    rows
+}
+
+pub fn channel_row(r: &Value) -> Value {
+    r["processes"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["role"] == "channel").cloned())
+        .expect("status has a channel row")
+}
+
+pub fn field(row: &Value, name: &str) -> u64 {
+    row[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no integer `{name}` in {row}"))
+}
+
+// ---- WebSocket clients ---------------------------------------------------------------------
+
+/// A well-behaved client: tungstenite over a blocking socket with read timeouts.
+pub struct Client {
+    ws: WebSocket<TcpStream>,
+    /// Local port, which identifies the connection on the server side.
+    pub port: u16,
+    next_id: u64,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).expect("connect to groupcast");
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(TIMEOUT)).unwrap();
+        let port = stream.local_addr().unwrap().port();
+        let url = format!("ws://{addr}/");
+        let mut attempt = tungstenite::client::client(url.as_str(), stream);
+        let deadline = Instant::now() + TIMEOUT;
+        let ws = loop {
+            match attempt {
+                Ok((ws, _response)) => break ws,
+                Err(tungstenite::HandshakeError::Interrupted(mid)) if Instant::now() < deadline => {
+                    attempt = mid.handshake();
+                }
+                Err(e) => panic!("WebSocket handshake failed: {e}"),
+            }
+        };
+        Client {
+            ws,
+            port,
+            next_id: 0,
+        }
+    }
+
+    pub fn send(&mut self, text: &str) {
+        self.ws
+            .send(Message::text(text))
+            .unwrap_or_else(|e| panic!("send {text:?}: {e}"));
+    }
+
+    pub fn send_json(&mut self, v: &Value) {
+        self.send(&v.to_string());
+    }
+
+    pub fn add_group(&mut self, group: &Value) {
+        self.send_json(&json!({"cmd":"add_group","group_id":group}));
+    }
+
+    pub fn leave_group(&mut self, group: &Value) {
+        self.send_json(&json!({"cmd":"leave_group","group_id":group}));
+    }
+
+    pub fn send_to_group(&mut self, group: &Value, message: &str) {
+        self.send_json(&json!({"cmd":"send_to_group","group_id":group,"message":message}));
+    }
+
+    /// The next message of any kind, or `None` if nothing came within `timeout`.
+    pub fn next_message(&mut self, timeout: Duration) -> Option<Message> {
+        self.ws
+            .get_mut()
+            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+            .unwrap();
+        let result = self.ws.read();
+        self.ws.get_mut().set_read_timeout(Some(TIMEOUT)).unwrap();
+        match result {
+            Ok(m) => Some(m),
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+            {
+                None
+            }
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+
+    /// The next text frame (pings are skipped); panics after `TIMEOUT`.
+    pub fn recv(&mut self) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_message(left) {
+                Some(Message::Text(t)) => return t.as_str().to_owned(),
+                Some(Message::Ping(_) | Message::Pong(_)) => continue,
+                Some(other) => panic!("expected a text frame, got {other:?}"),
+                None => panic!("no frame within {TIMEOUT:?}"),
+            }
+        }
+    }
+
+    /// Sends `{"cmd":"leave_group","group_id":"__probe__","id":"probe-N"}` (a no-op asking for a
+    /// reply) and returns every text frame received before that reply.
+    pub fn sync(&mut self) -> Vec<String> {
+        self.next_id += 1;
+        let id = format!("probe-{}-{}", self.port, self.next_id);
+        self.send_json(&json!({"cmd":"leave_group","group_id":"__probe__","id":id}));
+        let expected = json!({"id": id, "ok": true});
+        let mut before = Vec::new();
+        loop {
+            let text = self.recv();
+            if serde_json::from_str::<Value>(&text).ok().as_ref() == Some(&expected) {
+                return before;
+            }
+            before.push(text);
+        }
+    }
+
+    /// `sync`, asserting nothing arrived before the reply.
+    pub fn sync_quiet(&mut self) {
+        let before = self.sync();
+        assert!(before.is_empty(), "unexpected frames: {before:?}");
+    }
+
+    /// Closes with the WebSocket close handshake: our close frame, the server's echo, EOF.
+    pub fn close(&mut self) {
+        self.ws.close(None).expect("send close frame");
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            match self.ws.read() {
+                Ok(_) => {}
+                Err(tungstenite::Error::ConnectionClosed) => return,
+                Err(e) => panic!("close handshake failed: {e}"),
+            }
+            assert!(Instant::now() < deadline, "close handshake did not finish");
+        }
+    }
+
+    /// The server ended the connection without a close handshake (its process died).
+    pub fn expect_dropped(&mut self) {
+        match self.ws.read() {
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof
+                ) => {}
+            Err(tungstenite::Error::Protocol(
+                tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+            )) => {}
+            other => panic!("expected the connection to drop, got {other:?}"),
+        }
+    }
+
+    /// Reads until the server's close frame; returns its code.
+    pub fn expect_close(&mut self) -> u16 {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_message(left) {
+                Some(Message::Close(Some(frame))) => return u16::from(frame.code),
+                Some(Message::Close(None)) => return 1005,
+                Some(_) => continue,
+                None => panic!("no close frame within {TIMEOUT:?}"),
+            }
+        }
+    }
+}
+
+/// A client that writes raw bytes after a hand-made handshake, for the protocol violations
+/// tungstenite refuses to produce.
+pub struct RawWs {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawWs {
+    pub fn connect(addr: SocketAddr) -> RawWs {
+        let mut stream = TcpStream::connect(addr).expect("connect to groupcast");
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        stream
+            .write_all(
+                b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            )
+            .unwrap();
+        let mut raw = RawWs {
+            stream,
+            buf: Vec::new(),
+        };
+        let head_end = loop {
+            if let Some(i) = raw.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            raw.fill();
+        };
+        let head = String::from_utf8_lossy(&raw.buf[..head_end]).into_owned();
+        assert!(
+            head.starts_with("HTTP/1.1 101 "),
+            "handshake refused: {head}"
+        );
+        assert!(
+            head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            "bad accept key: {head}"
+        );
+        raw.buf.drain(..head_end);
+        raw
+    }
+
+    fn fill(&mut self) -> usize {
+        let mut chunk = [0u8; 4096];
+        match self.stream.read(&mut chunk) {
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                n
+            }
+            Err(e) => panic!("read failed (timeout {TIMEOUT:?}): {e}"),
+        }
+    }
+
+    /// Writes one frame: `first` is FIN/RSV/opcode, masked unless `masked` is false.
+    pub fn write_frame(&mut self, first: u8, payload: &[u8], masked: bool) {
+        self.stream
+            .write_all(&encode_frame(first, payload, masked))
+            .unwrap();
+    }
+
+    /// The next frame from the server: (first byte, payload); `None` at end of stream.
+    pub fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if self.buf.len() >= 2 {
+                let (len, head) = match self.buf[1] & 0x7f {
+                    126 if self.buf.len() >= 4 => {
+                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+                    }
+                    127 if self.buf.len() >= 10 => (
+                        u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
+                        10,
+                    ),
+                    126 | 127 => (usize::MAX, 0),
+                    n => (n as usize, 2),
+                };
+                assert_eq!(self.buf[1] & 0x80, 0, "server frames must not be masked");
+                if len != usize::MAX && self.buf.len() >= head + len {
+                    let first = self.buf[0];
+                    let payload = self.buf[head..head + len].to_vec();
+                    self.buf.drain(..head + len);
+                    return Some((first, payload));
+                }
+            }
+            if self.fill() == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// Reads frames until a close frame; returns its code. Panics if the stream ends first.
+    pub fn expect_close(&mut self) -> u16 {
+        loop {
+            match self.read_frame() {
+                Some((first, payload)) if first & 0x0f == 0x8 => {
+                    assert!(first & 0x80 != 0, "close frame must be final");
+                    assert!(payload.len() >= 2, "close frame without a code");
+                    return u16::from_be_bytes([payload[0], payload[1]]);
+                }
+                Some(_) => continue,
+                None => panic!("connection ended without a close frame"),
+            }
+        }
+    }
+
+    /// After the close frame: the server closes the TCP connection (EOF, or a reset).
+    pub fn expect_eof(&mut self) {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut chunk = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return,
+                Err(e) => panic!("expected the server to close the connection: {e}"),
+            }
+            assert!(Instant::now() < deadline, "server kept the connection open");
+        }
+    }
+}
+
+pub fn encode_frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mask_bit = if masked { 0x80 } else { 0 };
+    let mut out = vec![first];
+    match payload.len() {
+        n if n < 126 => out.push(mask_bit | n as u8),
+        n if n <= 0xffff => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+/// Sends raw `request` bytes and returns everything the server answers until it closes.
+pub fn http_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset && !out.is_empty() => break,
+            Err(e) => panic!("reading the HTTP answer: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+// ---- traffic with an exactly-once check ----------------------------------------------------
+
+/// One sender's stream of messages to one group: `count` numbered messages, then a fence.
+#[derive(Clone, Debug)]
+pub struct Flow {
+    pub sender: usize,
+    /// Canonical group name (what the server uses: `123` and `"123"` are both "123").
+    pub group: String,
+    /// The `group_id` JSON the sender uses in its commands.
+    pub group_id: Value,
+}
+
+/// Plays `flows` (`count` messages each, interleaved, then one fence per flow) and checks that
+/// every client received, from each flow to a group it is a member of (`member_of[client]`),
+/// exactly the `count` messages in order, then the fence; and nothing from any other group.
+/// Returns the number of group frames delivered.
+pub fn exchange(
+    clients: &mut [Client],
+    member_of: &[HashSet<String>],
+    flows: &[Flow],
+    count: usize,
+    tag: &str,
+) -> u64 {
+    assert_eq!(clients.len(), member_of.len());
+    for seq in 0..count {
+        for f in flows {
+            clients[f.sender].send_to_group(
+                &f.group_id,
+                &format!("{tag}|{}|{}|{seq}", f.sender, f.group),
+            );
+        }
+    }
+    for f in flows {
+        clients[f.sender].send_to_group(
+            &f.group_id,
+            &format!("{tag}|{}|{}|fence", f.sender, f.group),
+        );
+    }
+    let mut delivered = 0u64;
+    for (c, client) in clients.iter_mut().enumerate() {
+        let expected: BTreeSet<(usize, String)> = flows
+            .iter()
+            .filter(|f| member_of[c].contains(&f.group))
+            .map(|f| (f.sender, f.group.clone()))
+            .collect();
+        let mut got: BTreeMap<(usize, String), Vec<usize>> = BTreeMap::new();
+        let mut fenced: BTreeSet<(usize, String)> = BTreeSet::new();
+        while fenced.len() < expected.len() {
+            let text = client.recv();
+            let parts: Vec<&str> = text.split('|').collect();
+            assert!(
+                parts.len() == 4 && parts[0] == tag,
+                "client {c}: unexpected frame {text:?}"
+            );
+            let key = (parts[1].parse::<usize>().unwrap(), parts[2].to_owned());
+            assert!(
+                member_of[c].contains(&key.1),
+                "client {c} received {text:?} from group {} it is not a member of",
+                key.1
+            );
+            assert!(expected.contains(&key), "client {c}: {text:?} from no flow");
+            assert!(
+                !fenced.contains(&key),
+                "client {c}: {text:?} after its fence"
+            );
+            delivered += 1;
+            if parts[3] == "fence" {
+                fenced.insert(key);
+            } else {
+                got.entry(key).or_default().push(parts[3].parse().unwrap());
+            }
+        }
+        for key in &expected {
+            let seqs = got.remove(key).unwrap_or_default();
+            assert_eq!(
+                seqs,
+                (0..count).collect::<Vec<_>>(),
+                "client {c}: messages of sender {} to group {} (missing, duplicated or out of order)",
+                key.0,
+                key.1
+            );
+        }
+    }
+    delivered
+}
+
+/// A deterministic pseudo-random sequence (xorshift), so failures reproduce.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}

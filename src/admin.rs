@@ -1,5 +1,6 @@
-//! Operator commands that talk to a running instance from the shell: `stop` (signal the
-//! master, wait until it is gone) and `status` (ask the master over its control socket).
+//! Operator commands that talk to a running instance from the shell: `stop`, `reload` (signal
+//! the master, then wait for and report the outcome), `status` and `connections` (ask the
+//! master over its control socket).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -10,74 +11,156 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::config::Config;
-use crate::control::StatusReport;
+use crate::control::{ConnectionList, StatusReport};
 use crate::master::pidfile;
 
-/// How long `stop` waits for the instance to be gone.
+/// How long `stop` waits for the instance to be gone, beyond a graceful drain.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `groupcast stop`: SIGTERM to the master, then wait until its pid-file lock is released
-/// (which happens only when the master process has exited).
-pub fn stop(config: &Config) -> anyhow::Result<()> {
+fn running_master(config: &Config) -> anyhow::Result<u32> {
     let path = &config.pid_file;
-    let Some(pid) =
-        pidfile::running_pid(path).with_context(|| format!("cannot read {}", path.display()))?
-    else {
-        bail!(
-            "groupcast is not running (no live pid file at {})",
-            path.display()
-        );
-    };
-    if pid == 0 {
-        bail!("pid file {} is locked but holds no pid", path.display());
+    match pidfile::running_pid(path).with_context(|| format!("cannot read {}", path.display()))? {
+        None => bail!("groupcast is not running (no live pid file at {})", path.display()),
+        Some(0) => bail!("pid file {} is locked but holds no pid", path.display()),
+        Some(pid) => Ok(pid),
     }
-    kill(Pid::from_raw(pid as i32), Signal::SIGTERM)
-        .with_context(|| format!("cannot signal pid {pid}"))?;
-    let deadline = Instant::now() + STOP_TIMEOUT;
+}
+
+/// `groupcast stop [-g]`: SIGTERM (or SIGQUIT, graceful) to the master, then wait until its
+/// pid-file lock is released, which happens only when the master process has exited.
+pub fn stop(config: &Config, graceful: bool) -> anyhow::Result<()> {
+    let pid = running_master(config)?;
+    let (signal, limit) = if graceful {
+        // Ask the running instance: its graceful timeout may differ from this config's.
+        let drain = fetch_status(config).map_or(config.graceful_timeout_ms, |r| r.graceful_timeout_ms);
+        (Signal::SIGQUIT, Duration::from_millis(drain) + STOP_TIMEOUT)
+    } else {
+        (Signal::SIGTERM, STOP_TIMEOUT)
+    };
+    kill(Pid::from_raw(pid as i32), signal).with_context(|| format!("cannot signal pid {pid}"))?;
+    let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
-        if pidfile::running_pid(path)?.is_none() {
+        if pidfile::running_pid(&config.pid_file)?.is_none() {
             println!("groupcast stopped (pid {pid})");
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    bail!(
-        "groupcast (pid {pid}) did not stop within {}s",
-        STOP_TIMEOUT.as_secs()
-    )
+    bail!("groupcast (pid {pid}) did not stop within {}s", limit.as_secs())
 }
 
-/// Asks the master for its live status report.
-pub fn fetch_status(config: &Config) -> anyhow::Result<StatusReport> {
-    let path = config.control_socket();
-    let stream = UnixStream::connect(&path).with_context(|| {
-        format!(
-            "groupcast is not running (no control socket at {})",
-            path.display()
-        )
-    })?;
-    let timeout = Duration::from_millis(config.status_timeout_ms * 2 + 2000);
-    stream.set_read_timeout(Some(timeout))?;
-    (&stream).write_all(b"status\n")?;
-    let mut line = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut line)
-        .context("no answer from the master")?;
-    serde_json::from_str(&line).context("the master's answer does not parse")
-}
-
-/// `groupcast status [--json]`.
-pub fn status(config: &Config, json: bool) -> anyhow::Result<()> {
-    let report = fetch_status(config)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", render_table(&report));
+/// For `restart`: stop the instance if one runs.
+pub fn stop_if_running(config: &Config, graceful: bool) -> anyhow::Result<()> {
+    if pidfile::running_pid(&config.pid_file)?.is_some() {
+        stop(config, graceful)?;
     }
     Ok(())
 }
 
-fn render_table(r: &StatusReport) -> String {
+/// `groupcast reload [-g]`: SIGUSR1 (or SIGUSR2, graceful) to the master, then wait until the
+/// reload it starts has ended and report how.
+pub fn reload(config: &Config, graceful: bool) -> anyhow::Result<()> {
+    let pid = running_master(config)?;
+    let before = fetch_status(config)?;
+    let generation = before.reloads + 1;
+    let signal = if graceful { Signal::SIGUSR2 } else { Signal::SIGUSR1 };
+    kill(Pid::from_raw(pid as i32), signal).with_context(|| format!("cannot signal pid {pid}"))?;
+    // Each worker may take the ready timeout and, graceful, the drain time; plus margin.
+    let per_worker = crate::master::READY_TIMEOUT
+        + if graceful { Duration::from_millis(before.graceful_timeout_ms) } else { Duration::ZERO };
+    let deadline = Instant::now() + per_worker * before.workers as u32 + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let Ok(report) = fetch_status(config) else { continue };
+        if report.master_pid != pid {
+            bail!("the instance was restarted during the reload");
+        }
+        match report.last_reload {
+            Some(last) if last.generation >= generation => {
+                if last.ok {
+                    println!("groupcast reloaded: {}", last.message);
+                    return Ok(());
+                }
+                bail!("{}", last.message);
+            }
+            _ => {}
+        }
+    }
+    bail!("the reload did not finish in time (see the log)")
+}
+
+fn ask(config: &Config, request: &str) -> anyhow::Result<String> {
+    let path = config.control_socket();
+    let stream = UnixStream::connect(&path)
+        .with_context(|| format!("groupcast is not running (no control socket at {})", path.display()))?;
+    stream.set_read_timeout(Some(Duration::from_millis(config.status_timeout_ms * 2 + 5000)))?;
+    (&stream).write_all(format!("{request}\n").as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).context("no answer from the master")?;
+    Ok(line)
+}
+
+/// Asks the master for its live status report.
+pub fn fetch_status(config: &Config) -> anyhow::Result<StatusReport> {
+    serde_json::from_str(&ask(config, "status")?).context("the master's answer does not parse")
+}
+
+/// `groupcast status [--json] [-d]`.
+pub fn status(config: &Config, json: bool, refresh: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&fetch_status(config)?)?);
+        return Ok(());
+    }
+    if !refresh {
+        print!("{}", render_status(&fetch_status(config)?));
+        return Ok(());
+    }
+    loop {
+        let table = render_status(&fetch_status(config)?);
+        // Home the cursor and clear the screen, then draw: the table refreshes in place.
+        println!("\x1b[H\x1b[2J{table}(refreshing every second; Ctrl-C to leave)");
+        std::io::stdout().flush()?;
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// `groupcast connections [--json]`.
+pub fn connections(config: &Config, json: bool) -> anyhow::Result<()> {
+    let list: ConnectionList =
+        serde_json::from_str(&ask(config, "connections")?).context("the master's answer does not parse")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:>8} {:>6} {:>8} {:<22} {:<8} {:>7} {:>10} {:>10} {:>8} {:>8} {:>8}  groups",
+        "id", "worker", "pid", "peer", "state", "age", "bytes in", "bytes out", "msgs in", "msgs out", "sendbuf"
+    );
+    for c in &list.connections {
+        println!(
+            "{:>8} {:>6} {:>8} {:<22} {:<8} {:>6}s {:>10} {:>10} {:>8} {:>8} {:>8}  {}",
+            c.id,
+            c.worker,
+            c.worker_pid,
+            c.peer,
+            c.state,
+            c.age_secs,
+            c.bytes_in,
+            c.bytes_out,
+            c.messages_in,
+            c.messages_out,
+            c.send_buffer,
+            c.groups.join(",")
+        );
+    }
+    println!("{} connections", list.connections.len());
+    if !list.missing_workers.is_empty() {
+        println!("workers that did not answer: {:?}", list.missing_workers);
+    }
+    Ok(())
+}
+
+fn render_status(r: &StatusReport) -> String {
     let mut out = String::new();
     let t = &r.totals;
     out += &format!(
@@ -89,19 +172,22 @@ fn render_table(r: &StatusReport) -> String {
         r.load[1],
         r.load[2]
     );
-    out += &format!(
-        "listen {}  channel {}  workers {}\n",
-        r.listen, r.channel, r.workers
-    );
+    out += &format!("listen {}  channel {}  workers {}  reloads {}", r.listen, r.channel, r.workers, r.reloads);
+    if let Some(last) = &r.last_reload {
+        out += &format!(" (last: {})", if last.ok { "ok" } else { "FAILED" });
+    }
+    out += if r.reloading { "  RELOADING\n" } else { "\n" };
     out += &format!(
         "connections {}  memberships {}  messages in {}  out {}  published {}  send failures {}  bad requests {}  restarts {}\n\n",
         t.connections, t.memberships, t.messages_in, t.messages_out, t.published, t.send_failures, t.bad_requests, t.restarts
     );
     out += &format!(
-        "{:<10} {:>8} {:<9} {:>9} {:>7} {:>7} {:>8} {:>10} {:>10} {:>9} {:>9} {:>8}\n",
+        "{:<10} {:>8} {:<9} {:<8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>10} {:>10} {:>9} {:>8} {:>8}\n",
         "role",
         "pid",
         "state",
+        "version",
+        "uptime",
         "memory",
         "conns",
         "groups",
@@ -118,10 +204,12 @@ fn render_table(r: &StatusReport) -> String {
             None => p.role.clone(),
         };
         out += &format!(
-            "{:<10} {:>8} {:<9} {:>7.1}M {:>7} {:>7} {:>8} {:>10} {:>10} {:>9} {:>9} {:>8}\n",
+            "{:<10} {:>8} {:<9} {:<8} {:>7}s {:>8.1}M {:>7} {:>7} {:>8} {:>10} {:>10} {:>9} {:>8} {:>8}\n",
             role,
             p.pid,
             p.state,
+            p.version,
+            p.uptime_secs,
             p.rss_kib as f64 / 1024.0,
             p.connections,
             p.groups,

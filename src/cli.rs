@@ -1,7 +1,7 @@
 //! Command-line interface: the subcommands and flags of the `groupcast` binary (clap).
 //!
-//! Operator subcommands mirror Workerman (`start -d`, `stop`, `status`); `worker` and
-//! `channel-child` are hidden: the master execs them to start its children.
+//! Operator subcommands mirror Workerman (`start -d`, `stop -g`, `reload`, `status -d`);
+//! `worker` and `channel-child` are hidden: the master execs them to start its children.
 
 use std::path::PathBuf;
 
@@ -10,11 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::Overrides;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "groupcast",
-    version,
-    about = "Pre-forking WebSocket group-push daemon"
-)]
+#[command(name = "groupcast", version, about = "Pre-forking WebSocket group-push daemon")]
 pub struct Cli {
     /// TOML config file; without one, embedded defaults apply.
     #[arg(short = 'c', long = "config", global = true, value_name = "FILE")]
@@ -31,9 +27,36 @@ pub enum Command {
     /// Start an instance (foreground unless -d).
     Start(StartArgs),
     /// Stop the running instance and wait until it is gone.
-    Stop,
+    Stop {
+        /// Graceful: let clients close (up to graceful_timeout_ms) before stopping.
+        #[arg(short = 'g', long = "graceful")]
+        graceful: bool,
+    },
+    /// Stop the running instance (if any), then start it again.
+    Restart {
+        /// Stop gracefully.
+        #[arg(short = 'g', long = "graceful")]
+        graceful: bool,
+        #[command(flatten)]
+        start: StartArgs,
+    },
+    /// Replace the workers one at a time with freshly started ones (new binary, re-read config).
+    Reload {
+        /// Graceful: wait for each old worker's clients to close before replacing the next.
+        #[arg(short = 'g', long = "graceful")]
+        graceful: bool,
+    },
     /// Show live figures of every process of the running instance.
     Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Refresh the table in place every second until interrupted.
+        #[arg(short = 'd', long = "refresh", conflicts_with = "json")]
+        refresh: bool,
+    },
+    /// List every client connection of the running instance.
+    Connections {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -49,7 +72,7 @@ pub enum Command {
     ChannelChild,
 }
 
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Args, Default, Clone)]
 pub struct StartArgs {
     /// Run as a daemon (detach, log to syslog).
     #[arg(short = 'd', long = "daemon")]
@@ -68,11 +91,8 @@ pub struct StartArgs {
 impl Cli {
     /// The flag values that override the config file.
     pub fn overrides(&self) -> Overrides {
-        let mut o = Overrides {
-            pid_file: self.pid_file.clone(),
-            ..Overrides::default()
-        };
-        if let Command::Start(start) = &self.command {
+        let mut o = Overrides { pid_file: self.pid_file.clone(), ..Overrides::default() };
+        if let Command::Start(start) | Command::Restart { start, .. } = &self.command {
             o.listen = start.listen.clone();
             o.workers = start.workers;
             o.channel_listen = start.channel_listen.clone();

@@ -33,6 +33,8 @@ pub const DEFAULT_CHANNEL_PEER_BUFFER_LIMIT: usize = 256 << 20;
 pub const DEFAULT_CHANNEL_MAX_FRAME: usize = 16 << 20;
 /// How long a worker may take to answer the master's status query, in milliseconds.
 pub const DEFAULT_STATUS_TIMEOUT_MS: u64 = 2000;
+/// How long a graceful stop or reload waits for clients to close, in milliseconds.
+pub const DEFAULT_GRACEFUL_TIMEOUT_MS: u64 = 30_000;
 
 /// Where a channel server listens or a channel client connects: `HOST:PORT` or `unix:PATH`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +132,12 @@ pub struct Config {
     pub syslog_facility: String,
     /// How long the master waits for each process's status answer, ms (default 2000).
     pub status_timeout_ms: u64,
+    /// How long `stop -g` / `reload -g` let clients close before forcing, ms (default 30000).
+    pub graceful_timeout_ms: u64,
+    /// User to run as after binding, when started as root (default: stay as started).
+    pub user: Option<String>,
+    /// Group to run as after binding (default: the user's primary group).
+    pub group: Option<String>,
     pub limits: Limits,
 }
 
@@ -137,9 +145,7 @@ impl Default for Config {
     fn default() -> Self {
         let pid_file = PathBuf::from(DEFAULT_PID_FILE);
         Config {
-            listen: DEFAULT_LISTEN
-                .parse()
-                .expect("default listen address parses"),
+            listen: DEFAULT_LISTEN.parse().expect("default listen address parses"),
             workers: default_workers(),
             channel_listen: ChannelAddr::Unix(sibling_path(&pid_file, "channel.sock")),
             pid_file,
@@ -151,22 +157,21 @@ impl Default for Config {
             syslog_socket: PathBuf::from("/dev/log"),
             syslog_facility: "daemon".into(),
             status_timeout_ms: DEFAULT_STATUS_TIMEOUT_MS,
+            graceful_timeout_ms: DEFAULT_GRACEFUL_TIMEOUT_MS,
+            user: None,
+            group: None,
             limits: Limits::default(),
         }
     }
 }
 
 fn default_workers() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// `/run/x/groupcast.pid` + `ctl.sock` -> `/run/x/groupcast.ctl.sock`.
 pub fn sibling_path(pid_file: &Path, suffix: &str) -> PathBuf {
-    let stem = pid_file
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned());
+    let stem = pid_file.file_stem().map(|s| s.to_string_lossy().into_owned());
     let name = format!("{}.{suffix}", stem.as_deref().unwrap_or("groupcast"));
     pid_file.with_file_name(name)
 }
@@ -180,6 +185,9 @@ struct FileConfig {
     pid_file: Option<PathBuf>,
     backlog: Option<u32>,
     status_timeout_ms: Option<u64>,
+    graceful_timeout_ms: Option<u64>,
+    user: Option<String>,
+    group: Option<String>,
     channel: Option<FileChannel>,
     log: Option<FileLog>,
     limits: Option<FileLimits>,
@@ -222,10 +230,7 @@ pub struct Overrides {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid value for `{key}`: {message}")]
@@ -233,10 +238,7 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        message: message.into(),
-    }
+    ConfigError::Invalid { key, message: message.into() }
 }
 
 impl Config {
@@ -244,10 +246,8 @@ impl Config {
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
         let file = match path {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                })?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
                 toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
                     path: path.to_owned(),
                     message: e.to_string().trim_end().to_owned(),
@@ -259,9 +259,8 @@ impl Config {
         let mut channel_listen_set = false;
         let listen = overrides.listen.clone().or(file.listen);
         if let Some(listen) = listen {
-            config.listen = listen
-                .parse()
-                .map_err(|e| invalid("listen", format!("{listen:?} is not HOST:PORT ({e})")))?;
+            config.listen =
+                listen.parse().map_err(|e| invalid("listen", format!("{listen:?} is not HOST:PORT ({e})")))?;
         }
         if let Some(workers) = overrides.workers.or(file.workers) {
             config.workers = workers;
@@ -309,11 +308,15 @@ impl Config {
         if let Some(v) = file.status_timeout_ms {
             config.status_timeout_ms = v;
         }
+        if let Some(v) = file.graceful_timeout_ms {
+            config.graceful_timeout_ms = v;
+        }
+        config.user = file.user;
+        config.group = file.group;
         // Paths must survive the daemon's chdir("/"), so they are made absolute here, once.
         config.pid_file = absolute(&config.pid_file, "pid_file")?;
         if !channel_listen_set {
-            config.channel_listen =
-                ChannelAddr::Unix(sibling_path(&config.pid_file, "channel.sock"));
+            config.channel_listen = ChannelAddr::Unix(sibling_path(&config.pid_file, "channel.sock"));
         } else if let ChannelAddr::Unix(p) = &config.channel_listen {
             config.channel_listen = ChannelAddr::Unix(absolute(p, "channel.listen")?);
         }
@@ -324,10 +327,7 @@ impl Config {
     /// Checks the values that parse but make no sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.workers == 0 || self.workers > 1024 {
-            return Err(invalid(
-                "workers",
-                format!("{} is not in 1..=1024", self.workers),
-            ));
+            return Err(invalid("workers", format!("{} is not in 1..=1024", self.workers)));
         }
         if self.backlog == 0 {
             return Err(invalid("backlog", "must be at least 1"));
@@ -335,47 +335,73 @@ impl Config {
         if log_level_filter(&self.log_level).is_none() {
             return Err(invalid(
                 "log.level",
-                format!(
-                    "{:?} is not one of error, warn, info, debug, trace",
-                    self.log_level
-                ),
+                format!("{:?} is not one of error, warn, info, debug, trace", self.log_level),
             ));
         }
         if crate::logging::facility(&self.syslog_facility).is_none() {
             return Err(invalid(
                 "log.syslog_facility",
-                format!(
-                    "{:?} is not a syslog facility (daemon, user, local0..local7)",
-                    self.syslog_facility
-                ),
+                format!("{:?} is not a syslog facility (daemon, user, local0..local7)", self.syslog_facility),
             ));
         }
         let l = &self.limits;
         if l.max_message_size < 16 {
-            return Err(invalid(
-                "limits.max_message_size",
-                "must be at least 16 bytes",
-            ));
+            return Err(invalid("limits.max_message_size", "must be at least 16 bytes"));
         }
         if l.max_group_id_len == 0 {
             return Err(invalid("limits.max_group_id_len", "must be at least 1"));
         }
         if l.max_groups_per_connection == 0 {
-            return Err(invalid(
-                "limits.max_groups_per_connection",
-                "must be at least 1",
-            ));
+            return Err(invalid("limits.max_groups_per_connection", "must be at least 1"));
         }
         if l.send_buffer_limit < 1024 {
-            return Err(invalid(
-                "limits.send_buffer_limit",
-                "must be at least 1024 bytes",
-            ));
+            return Err(invalid("limits.send_buffer_limit", "must be at least 1024 bytes"));
+        }
+        if self.graceful_timeout_ms == 0 {
+            return Err(invalid("graceful_timeout_ms", "must be at least 1"));
         }
         if self.channel_max_frame < 1024 {
             return Err(invalid("channel.max_frame", "must be at least 1024 bytes"));
         }
         Ok(())
+    }
+
+    /// Settings a reload cannot change (they are bound or fixed at start), each named for the
+    /// operator; the reloaded config keeps the running values for them.
+    pub fn fixed_settings_changed(&self, new: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut check = |name, differs: bool| {
+            if differs {
+                changed.push(name);
+            }
+        };
+        check("listen", self.listen != new.listen);
+        check("workers", self.workers != new.workers);
+        check("pid_file", self.pid_file != new.pid_file);
+        check("backlog", self.backlog != new.backlog);
+        check("channel.listen", self.channel_listen != new.channel_listen);
+        check("user", self.user != new.user);
+        check("group", self.group != new.group);
+        check("log.syslog_socket", self.syslog_socket != new.syslog_socket);
+        check("log.syslog_facility", self.syslog_facility != new.syslog_facility);
+        changed
+    }
+
+    /// `new` with the settings a reload cannot change taken from `self`.
+    pub fn reloaded(&self, new: Config) -> Config {
+        Config {
+            listen: self.listen,
+            workers: self.workers,
+            pid_file: self.pid_file.clone(),
+            backlog: self.backlog,
+            channel_listen: self.channel_listen.clone(),
+            user: self.user.clone(),
+            group: self.group.clone(),
+            syslog: self.syslog,
+            syslog_socket: self.syslog_socket.clone(),
+            syslog_facility: self.syslog_facility.clone(),
+            ..new
+        }
     }
 
     /// The master's control socket, beside the pid file.
@@ -400,23 +426,14 @@ mod tests {
     fn defaults_follow_the_seed() {
         let c = Config::load(None, &Overrides::default()).unwrap();
         assert_eq!(c.listen.port(), 1234);
-        assert_eq!(
-            c.channel_listen,
-            ChannelAddr::Unix("/tmp/groupcast.channel.sock".into())
-        );
+        assert_eq!(c.channel_listen, ChannelAddr::Unix("/tmp/groupcast.channel.sock".into()));
         assert!(c.workers >= 1);
     }
 
     #[test]
     fn channel_addr_forms() {
-        assert_eq!(
-            "unix:/a/b".parse::<ChannelAddr>().unwrap(),
-            ChannelAddr::Unix("/a/b".into())
-        );
-        assert!(matches!(
-            "127.0.0.1:2206".parse::<ChannelAddr>().unwrap(),
-            ChannelAddr::Tcp(_)
-        ));
+        assert_eq!("unix:/a/b".parse::<ChannelAddr>().unwrap(), ChannelAddr::Unix("/a/b".into()));
+        assert!(matches!("127.0.0.1:2206".parse::<ChannelAddr>().unwrap(), ChannelAddr::Tcp(_)));
         assert!("nonsense".parse::<ChannelAddr>().is_err());
     }
 }

@@ -1,6 +1,8 @@
 //! The status link between the master and each child: a Unix socket pair created at spawn
-//! (the child's end is descriptor 4). Newline-delimited text: the child first writes `ready`,
-//! then answers each `stats` line from the master with one JSON `ProcessStats` line.
+//! (the child's end is descriptor 4). Newline-delimited text: the child first writes `ready`;
+//! the master sends `stats` (answered by one JSON `ProcessStats` line), `connections`
+//! (answered by one JSON `ConnectionList` line) and `shutdown CODE DRAIN_MS` (no answer: the
+//! child closes its clients with CODE, waits up to DRAIN_MS for them, and exits).
 //! Figures therefore always come live from the running processes, never from a file.
 
 use std::io::{self, Read, Write};
@@ -25,8 +27,16 @@ pub struct ProcessStats {
     /// Worker index 0..N-1, stable across respawns.
     pub index: Option<usize>,
     pub pid: u32,
-    /// `running`, `starting` (spawned, not answering yet) or `down` (waiting to be restarted).
+    /// `running`, `starting` (spawned, not answering yet), `down` (waiting to be restarted)
+    /// or `retiring` (replaced by a reload, closing its clients).
     pub state: String,
+    /// groupcast version of the binary this process runs.
+    pub version: String,
+    /// Modification time (Unix seconds) of the binary this process was started from, so an
+    /// upgrade shows which processes run the new file.
+    pub binary_mtime: u64,
+    /// Seconds since this process started.
+    pub uptime_secs: u64,
     /// Resident memory in KiB (read by the master from /proc).
     pub rss_kib: u64,
     /// Times the master has started this slot again after it died.
@@ -68,6 +78,58 @@ pub struct ChildLink {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Request {
     Stats,
+    Connections,
+    /// Close every client with `code`, wait up to `drain_ms` for them to go, then exit.
+    Shutdown {
+        code: u16,
+        drain_ms: u64,
+    },
+}
+
+impl Request {
+    fn parse(line: &[u8]) -> Option<Request> {
+        let line = std::str::from_utf8(line).ok()?;
+        let mut words = line.split_whitespace();
+        match words.next()? {
+            "stats" => Some(Request::Stats),
+            "connections" => Some(Request::Connections),
+            "shutdown" => {
+                let code = words.next()?.parse().ok()?;
+                let drain_ms = words.next()?.parse().ok()?;
+                Some(Request::Shutdown { code, drain_ms })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// One client connection, as `groupcast connections` lists it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ConnectionInfo {
+    /// Unique within its worker's life.
+    pub id: u64,
+    pub worker: usize,
+    pub worker_pid: u32,
+    pub peer: String,
+    pub state: String,
+    pub groups: Vec<String>,
+    pub age_secs: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    /// Bytes queued for the client, not yet written.
+    pub send_buffer: u64,
+}
+
+/// A worker's answer to `connections`, and the master's merged answer to the CLI.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ConnectionList {
+    pub connections: Vec<ConnectionInfo>,
+    /// Workers that did not answer in time (their connections are missing from the list).
+    pub missing_workers: Vec<usize>,
 }
 
 impl ChildLink {
@@ -78,11 +140,7 @@ impl ChildLink {
         std_stream.set_nonblocking(true)?;
         let mut stream = UnixStream::from_std(std_stream);
         registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
-        let mut link = ChildLink {
-            stream,
-            inbuf: Vec::new(),
-            outbuf: Vec::new(),
-        };
+        let mut link = ChildLink { stream, inbuf: Vec::new(), outbuf: Vec::new() };
         link.outbuf.extend_from_slice(b"ready\n");
         link.flush()?;
         Ok(link)
@@ -102,8 +160,8 @@ impl ChildLink {
         }
         let mut requests = Vec::new();
         while let Some(nl) = self.inbuf.iter().position(|&b| b == b'\n') {
-            if &self.inbuf[..nl] == b"stats" {
-                requests.push(Request::Stats);
+            if let Some(request) = Request::parse(&self.inbuf[..nl]) {
+                requests.push(request);
             }
             self.inbuf.drain(..=nl);
         }
@@ -113,8 +171,9 @@ impl ChildLink {
         Ok(Some(requests))
     }
 
-    pub fn send_stats(&mut self, stats: &ProcessStats) -> io::Result<()> {
-        serde_json::to_writer(&mut self.outbuf, stats).map_err(io::Error::other)?;
+    /// Sends one JSON line (a `ProcessStats` or a `ConnectionList`).
+    pub fn send_json(&mut self, value: &impl Serialize) -> io::Result<()> {
+        serde_json::to_writer(&mut self.outbuf, value).map_err(io::Error::other)?;
         self.outbuf.push(b'\n');
         self.flush()
     }
@@ -138,9 +197,8 @@ impl ChildLink {
 /// Reads the resolved config the master put in the environment.
 pub fn child_config() -> anyhow::Result<crate::config::Config> {
     use anyhow::Context;
-    let json = std::env::var(CONFIG_ENV).with_context(|| {
-        format!("{CONFIG_ENV} is not set: this subcommand is started by the master")
-    })?;
+    let json = std::env::var(CONFIG_ENV)
+        .with_context(|| format!("{CONFIG_ENV} is not set: this subcommand is started by the master"))?;
     serde_json::from_str(&json).context("config passed by the master does not parse")
 }
 
@@ -159,6 +217,34 @@ pub struct StatusReport {
     pub load: [f64; 3],
     pub processes: Vec<ProcessStats>,
     pub totals: Totals,
+    /// Reloads started since the master started (a CLI `reload` waits for the next one to end).
+    pub reloads: u64,
+    /// Whether a reload is replacing workers right now.
+    pub reloading: bool,
+    pub last_reload: Option<ReloadOutcome>,
+    /// How long a graceful stop waits for clients, so `stop -g` knows how long to wait.
+    pub graceful_timeout_ms: u64,
+}
+
+/// How the most recent reload ended.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReloadOutcome {
+    /// Its number: the value of `reloads` when it started.
+    pub generation: u64,
+    pub ok: bool,
+    pub message: String,
+    pub graceful: bool,
+}
+
+/// Version and binary identity of the running process, for `ProcessStats`.
+pub fn binary_identity() -> (String, u64) {
+    let mtime = std::fs::metadata("/proc/self/exe")
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    (env!("CARGO_PKG_VERSION").to_owned(), mtime)
 }
 
 /// Sums over the workers.

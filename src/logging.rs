@@ -24,10 +24,7 @@ struct ProcessLogger {
 static LOGGER: OnceLock<ProcessLogger> = OnceLock::new();
 
 fn logger() -> &'static ProcessLogger {
-    LOGGER.get_or_init(|| ProcessLogger {
-        role: Mutex::new("groupcast".into()),
-        sink: Mutex::new(Sink::Stderr),
-    })
+    LOGGER.get_or_init(|| ProcessLogger { role: Mutex::new("groupcast".into()), sink: Mutex::new(Sink::Stderr) })
 }
 
 /// Installs the logger (once per process) writing to stderr, tagged with `role`.
@@ -53,14 +50,8 @@ pub fn facility(name: &str) -> Option<Facility> {
 
 /// Sends every further line to the syslog socket at `socket`.
 pub fn use_syslog(socket: &Path, facility_name: &str) -> Result<(), String> {
-    let facility = facility(facility_name)
-        .ok_or_else(|| format!("unknown syslog facility {facility_name:?}"))?;
-    let formatter = Formatter3164 {
-        facility,
-        hostname: None,
-        process: "groupcast".into(),
-        pid: std::process::id(),
-    };
+    let facility = facility(facility_name).ok_or_else(|| format!("unknown syslog facility {facility_name:?}"))?;
+    let formatter = Formatter3164 { facility, hostname: None, process: "groupcast".into(), pid: std::process::id() };
     let writer = syslog::unix_custom(formatter, socket)
         .map_err(|e| format!("cannot connect to syslog at {}: {e}", socket.display()))?;
     if let Ok(mut sink) = logger().sink.lock() {
@@ -86,11 +77,7 @@ impl Log for ProcessLogger {
         match &mut *sink {
             Sink::Stderr => {
                 let now = humantime::format_rfc3339_millis(std::time::SystemTime::now());
-                let line = format!(
-                    "{now} {:<5} {role}[{pid}] {}\n",
-                    record.level(),
-                    record.args()
-                );
+                let line = format!("{now} {:<5} {role}[{pid}] {}\n", record.level(), record.args());
                 // One write per line so lines of different processes do not interleave.
                 let _ = std::io::stderr().lock().write_all(line.as_bytes());
             }

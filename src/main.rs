@@ -1,11 +1,12 @@
 //! The `groupcast` binary: parse the command line, run the subcommand, map errors to an exit
-//! code (1 for every failure, printed with its chain of causes).
+//! code (1 for every failure, printed with its chain of causes; clap uses 2 for usage errors).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use groupcast::cli::{Cli, Command};
 use groupcast::config::{log_level_filter, Config};
+use groupcast::master::ConfigSource;
 use groupcast::{admin, channel, logging, master, worker};
 
 fn main() -> ExitCode {
@@ -31,17 +32,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ChannelChild => return channel::server::run_child(),
         _ => {}
     }
-    let config = Config::load(cli.config.as_deref(), &cli.overrides())?;
+    let overrides = cli.overrides();
+    let config = Config::load(cli.config.as_deref(), &overrides)?;
+    let source = ConfigSource { path: cli.config.clone(), overrides };
+    let start = |config: Config, source, daemon| {
+        logging::init("master", log_level_filter(&config.log_level).unwrap_or(log::LevelFilter::Info));
+        master::start(config, source, daemon)
+    };
     match cli.command {
-        Command::Start(args) => {
-            logging::init(
-                "master",
-                log_level_filter(&config.log_level).unwrap_or(log::LevelFilter::Info),
-            );
-            master::start(config, args.daemon)
+        Command::Start(args) => start(config, source, args.daemon),
+        Command::Restart { graceful, start: args } => {
+            admin::stop_if_running(&config, graceful)?;
+            start(config, source, args.daemon)
         }
-        Command::Stop => admin::stop(&config),
-        Command::Status { json } => admin::status(&config, json),
+        Command::Stop { graceful } => admin::stop(&config, graceful),
+        Command::Reload { graceful } => admin::reload(&config, graceful),
+        Command::Status { json, refresh } => admin::status(&config, json, refresh),
+        Command::Connections { json } => admin::connections(&config, json),
         Command::Worker { .. } | Command::ChannelChild => unreachable!("handled above"),
     }
 }

@@ -82,10 +82,7 @@ struct RawRequest<'a> {
 
 /// Parses one text frame. On error, also returns the request's `id` when it could be read, so
 /// the error frame can carry it.
-pub fn parse_request<'a>(
-    text: &'a str,
-    limits: &Limits,
-) -> Result<Request<'a>, (RequestError, Option<&'a RawValue>)> {
+pub fn parse_request<'a>(text: &'a str, limits: &Limits) -> Result<Request<'a>, (RequestError, Option<&'a RawValue>)> {
     let raw: RawRequest<'a> = match serde_json::from_str(text) {
         Ok(raw) => raw,
         Err(e) => {
@@ -100,31 +97,20 @@ pub fn parse_request<'a>(
         }
     };
     let id = raw.id;
-    parse_command(&raw, limits)
-        .map(|command| Request { command, id })
-        .map_err(|e| (e, id))
+    parse_command(&raw, limits).map(|command| Request { command, id }).map_err(|e| (e, id))
 }
 
 fn parse_command<'a>(raw: &RawRequest<'a>, limits: &Limits) -> Result<Command<'a>, RequestError> {
     let cmd = raw.cmd.ok_or(RequestError::MissingField("cmd"))?;
-    let cmd = json_string(cmd).ok_or_else(|| RequestError::InvalidField {
-        field: "cmd",
-        reason: "must be a string".into(),
-    })?;
+    let cmd = json_string(cmd)
+        .ok_or_else(|| RequestError::InvalidField { field: "cmd", reason: "must be a string".into() })?;
     match cmd.as_ref() {
-        "add_group" => Ok(Command::AddGroup {
-            group: group_id(raw.group_id, limits)?,
-        }),
-        "leave_group" => Ok(Command::LeaveGroup {
-            group: group_id(raw.group_id, limits)?,
-        }),
+        "add_group" => Ok(Command::AddGroup { group: group_id(raw.group_id, limits)? }),
+        "leave_group" => Ok(Command::LeaveGroup { group: group_id(raw.group_id, limits)? }),
         "send_to_group" => {
             let group = group_id(raw.group_id, limits)?;
             let message = raw.message.ok_or(RequestError::MissingField("message"))?;
-            Ok(Command::SendToGroup {
-                group,
-                message: message_text(message)?,
-            })
+            Ok(Command::SendToGroup { group, message: message_text(message)? })
         }
         other => Err(RequestError::UnknownCmd(other.chars().take(64).collect())),
     }
@@ -153,16 +139,10 @@ fn group_id<'a>(raw: Option<&'a RawValue>, limits: &Limits) -> Result<Cow<'a, st
     } else if let Ok(n) = raw.get().parse::<u64>() {
         Cow::Owned(n.to_string())
     } else {
-        return Err(RequestError::InvalidField {
-            field: "group_id",
-            reason: "must be a string or an integer".into(),
-        });
+        return Err(RequestError::InvalidField { field: "group_id", reason: "must be a string or an integer".into() });
     };
     if group.is_empty() {
-        return Err(RequestError::InvalidField {
-            field: "group_id",
-            reason: "must not be empty".into(),
-        });
+        return Err(RequestError::InvalidField { field: "group_id", reason: "must not be empty".into() });
     }
     if group.len() > limits.max_group_id_len {
         return Err(RequestError::InvalidField {
@@ -178,11 +158,8 @@ fn message_text(raw: &RawValue) -> Result<Cow<'_, str>, RequestError> {
     if let Some(s) = json_string(raw) {
         return Ok(s);
     }
-    let value: serde_json::Value =
-        serde_json::from_str(raw.get()).map_err(|e| RequestError::InvalidField {
-            field: "message",
-            reason: e.to_string(),
-        })?;
+    let value: serde_json::Value = serde_json::from_str(raw.get())
+        .map_err(|e| RequestError::InvalidField { field: "message", reason: e.to_string() })?;
     Ok(Cow::Owned(value.to_string()))
 }
 
@@ -209,38 +186,20 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Command<'_>, RequestError> {
-        parse_request(text, &Limits::default())
-            .map(|r| r.command)
-            .map_err(|(e, _)| e)
+        parse_request(text, &Limits::default()).map(|r| r.command).map_err(|(e, _)| e)
     }
 
     #[test]
     fn seed_commands() {
-        assert_eq!(
-            parse(r#"{"cmd":"add_group","group_id":"123"}"#),
-            Ok(Command::AddGroup {
-                group: "123".into()
-            })
-        );
-        assert_eq!(
-            parse(r#"{"cmd":"add_group","group_id":123}"#),
-            Ok(Command::AddGroup {
-                group: "123".into()
-            })
-        );
+        assert_eq!(parse(r#"{"cmd":"add_group","group_id":"123"}"#), Ok(Command::AddGroup { group: "123".into() }));
+        assert_eq!(parse(r#"{"cmd":"add_group","group_id":123}"#), Ok(Command::AddGroup { group: "123".into() }));
         assert_eq!(
             parse(r#"{"cmd":"send_to_group","group_id":"g","message":{"a": [1, 2]}}"#),
-            Ok(Command::SendToGroup {
-                group: "g".into(),
-                message: r#"{"a":[1,2]}"#.into()
-            })
+            Ok(Command::SendToGroup { group: "g".into(), message: r#"{"a":[1,2]}"#.into() })
         );
         assert_eq!(
             parse(r#"{"cmd":"send_to_group","group_id":"g","message":"h\u00e9\"llo"}"#),
-            Ok(Command::SendToGroup {
-                group: "g".into(),
-                message: "hé\"llo".into()
-            })
+            Ok(Command::SendToGroup { group: "g".into(), message: "hé\"llo".into() })
         );
     }
 
@@ -249,34 +208,15 @@ mod tests {
         assert_eq!(parse("nope").unwrap_err().code(), "invalid_json");
         assert_eq!(parse("[1,2]").unwrap_err().code(), "not_an_object");
         assert_eq!(parse(r#"{"cmd":"x"}"#).unwrap_err().code(), "unknown_cmd");
-        assert_eq!(
-            parse(r#"{"group_id":"1"}"#).unwrap_err(),
-            RequestError::MissingField("cmd")
-        );
-        assert_eq!(
-            parse(r#"{"cmd":"add_group"}"#).unwrap_err(),
-            RequestError::MissingField("group_id")
-        );
-        assert_eq!(
-            parse(r#"{"cmd":"add_group","group_id":1.5}"#)
-                .unwrap_err()
-                .code(),
-            "invalid_field"
-        );
-        assert_eq!(
-            parse(r#"{"cmd":"add_group","group_id":""}"#)
-                .unwrap_err()
-                .code(),
-            "invalid_field"
-        );
+        assert_eq!(parse(r#"{"group_id":"1"}"#).unwrap_err(), RequestError::MissingField("cmd"));
+        assert_eq!(parse(r#"{"cmd":"add_group"}"#).unwrap_err(), RequestError::MissingField("group_id"));
+        assert_eq!(parse(r#"{"cmd":"add_group","group_id":1.5}"#).unwrap_err().code(), "invalid_field");
+        assert_eq!(parse(r#"{"cmd":"add_group","group_id":""}"#).unwrap_err().code(), "invalid_field");
         assert_eq!(
             parse(r#"{"cmd":"send_to_group","group_id":"1"}"#).unwrap_err(),
             RequestError::MissingField("message")
         );
-        assert_eq!(
-            parse(r#"{"cmd":7,"group_id":"1"}"#).unwrap_err().code(),
-            "invalid_field"
-        );
+        assert_eq!(parse(r#"{"cmd":7,"group_id":"1"}"#).unwrap_err().code(), "invalid_field");
     }
 
     #[test]

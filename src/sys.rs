@@ -47,10 +47,7 @@ pub fn spawn_with_fds(command: &mut Command, fds: &[(BorrowedFd<'_>, RawFd)]) ->
         // SAFETY: fcntl just returned this new descriptor; we are its only owner.
         copies.push((unsafe { OwnedFd::from_raw_fd(high) }, *target));
     }
-    let pairs: Vec<(RawFd, RawFd)> = copies
-        .iter()
-        .map(|(fd, t)| (fd.as_fd().as_raw_fd(), *t))
-        .collect();
+    let pairs: Vec<(RawFd, RawFd)> = copies.iter().map(|(fd, t)| (fd.as_fd().as_raw_fd(), *t)).collect();
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
     // calls are allowed: dup2, prctl, getppid and _exit are, and the closure allocates nothing

@@ -106,25 +106,24 @@ pub async fn establish(
     tracker: &Arc<Tracker>,
     concurrency: usize,
 ) -> Result<(Vec<Writer>, Vec<JoinHandle<()>>)> {
-    let opened: Vec<Result<(usize, Writer, JoinHandle<()>)>> =
-        futures_util::stream::iter(groups.iter().enumerate())
-            .map(|(idx, gs)| {
-                let tracker = tracker.clone();
-                async move {
-                    let (r, w) = connect(t, idx).await.with_context(|| format!("connect #{idx}"))?;
-                    let reader = spawn_reader(idx, r, w.clone(), tracker);
-                    let mut cmds = Vec::new();
-                    for (k, g) in gs.iter().enumerate() {
-                        let id = (k + 1 == gs.len()).then_some(idx as u64);
-                        ws::encode_text(&wire::add_group(*g, id), &mut cmds);
-                    }
-                    ws::send(&w, &cmds).await?;
-                    Ok((idx, w, reader))
+    let opened: Vec<Result<(usize, Writer, JoinHandle<()>)>> = futures_util::stream::iter(groups.iter().enumerate())
+        .map(|(idx, gs)| {
+            let tracker = tracker.clone();
+            async move {
+                let (r, w) = connect(t, idx).await.with_context(|| format!("connect #{idx}"))?;
+                let reader = spawn_reader(idx, r, w.clone(), tracker);
+                let mut cmds = Vec::new();
+                for (k, g) in gs.iter().enumerate() {
+                    let id = (k + 1 == gs.len()).then_some(idx as u64);
+                    ws::encode_text(&wire::add_group(*g, id), &mut cmds);
                 }
-            })
-            .buffer_unordered(concurrency.max(1))
-            .collect()
-            .await;
+                ws::send(&w, &cmds).await?;
+                Ok((idx, w, reader))
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
     let mut slots: Vec<Option<(Writer, JoinHandle<()>)>> = (0..groups.len()).map(|_| None).collect();
     for r in opened {
         let (idx, w, reader) = r?;

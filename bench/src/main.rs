@@ -22,10 +22,7 @@ use serde_json::json;
 use scenarios::{Ctx, Overrides};
 
 #[derive(Parser, Debug)]
-#[command(
-    version,
-    about = "Load generator for the groupcast benchmark scenarios S1..S7"
-)]
+#[command(version, about = "Load generator for the groupcast benchmark scenarios S1..S7")]
 struct Args {
     /// Scenario: s1 latency, s2 fan-out, s3 idle memory, s4 exactly-once, s5 connect rate,
     /// s6 write() floor, s7 large messages.
@@ -76,10 +73,7 @@ fn main() {
     let args = Args::parse();
     let nofile = sys::raise_nofile_limit();
     let ctx = Ctx {
-        target: args.addr.map(|addr| conn::Target {
-            addr,
-            source_ips: args.source_ips.max(1),
-        }),
+        target: args.addr.map(|addr| conn::Target { addr, source_ips: args.source_ips.max(1) }),
         server: procfs::Server(args.server_pid),
         smoke: args.smoke,
         o: Overrides {
@@ -101,10 +95,7 @@ fn main() {
         .expect("tokio runtime");
     let (cpu0, t0) = (sys::self_cpu_us(), Instant::now());
     sys::now_ns();
-    eprintln!(
-        "groupcast-bench {} against {:?} (nofile {nofile})",
-        args.scenario, args.addr
-    );
+    eprintln!("groupcast-bench {} against {:?} (nofile {nofile})", args.scenario, args.addr);
     let res = rt.block_on(scenarios::run(&args.scenario, &ctx));
     let mut out = json!({
         "scenario": args.scenario.to_uppercase(),

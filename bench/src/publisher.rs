@@ -55,12 +55,7 @@ async fn paced(w: &Writer, plan: &Plan, start: Instant, out: &mut Outcome) -> Re
         while out.total < batch_end {
             let group = plan.groups[(out.total % plan.groups.len() as u64) as usize];
             let seq = out.sent.entry(group).or_insert(0);
-            let p = Payload {
-                publisher: plan.id,
-                seq: *seq,
-                send_ns: now_ns(),
-                group,
-            };
+            let p = Payload { publisher: plan.id, seq: *seq, send_ns: now_ns(), group };
             ws::encode_text(&wire::send_to_group(group, &p.encode(plan.size)), &mut batch);
             *seq += 1;
             out.total += 1;

@@ -114,18 +114,10 @@ fn new_hist() -> Histogram<u64> {
 impl Tracker {
     /// `groups[i]` are the groups connection `i` joins (empty for publishers).
     pub fn new(groups: &[Vec<u32>]) -> Tracker {
-        let mut shards: Vec<Shard> = (0..SHARDS)
-            .map(|_| Shard {
-                conns: Vec::new(),
-                hist: new_hist(),
-                c: Counters::default(),
-            })
-            .collect();
+        let mut shards: Vec<Shard> =
+            (0..SHARDS).map(|_| Shard { conns: Vec::new(), hist: new_hist(), c: Counters::default() }).collect();
         for (i, g) in groups.iter().enumerate() {
-            shards[i % SHARDS].conns.push(Conn {
-                groups: g.clone(),
-                seen: HashMap::new(),
-            });
+            shards[i % SHARDS].conns.push(Conn { groups: g.clone(), seen: HashMap::new() });
         }
         Tracker {
             shards: shards.into_iter().map(Mutex::new).collect(),
@@ -267,16 +259,10 @@ impl Tracker {
                         r.expected += n;
                         let got = conn.seen.get(&(p, *g)).map_or(0, |seen| {
                             let full = (n / 64) as usize;
-                            let mut ones: u64 = seen
-                                .bits
-                                .iter()
-                                .take(full)
-                                .map(|w| w.count_ones() as u64)
-                                .sum();
+                            let mut ones: u64 = seen.bits.iter().take(full).map(|w| w.count_ones() as u64).sum();
                             if n % 64 != 0 {
                                 let mask = (1u64 << (n % 64)) - 1;
-                                ones += (seen.bits.get(full).copied().unwrap_or(0) & mask)
-                                    .count_ones() as u64;
+                                ones += (seen.bits.get(full).copied().unwrap_or(0) & mask).count_ones() as u64;
                             }
                             ones
                         });
@@ -298,12 +284,8 @@ impl Tracker {
         r.stale = c.stale;
         r.malformed = c.malformed;
         if !hist.is_empty() {
-            r.lat_us = [
-                hist.value_at_quantile(0.50),
-                hist.value_at_quantile(0.90),
-                hist.value_at_quantile(0.99),
-                hist.max(),
-            ];
+            r.lat_us =
+                [hist.value_at_quantile(0.50), hist.value_at_quantile(0.90), hist.value_at_quantile(0.99), hist.max()];
         }
         r
     }

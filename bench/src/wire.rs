@@ -29,11 +29,7 @@ impl Payload {
     /// Encode, padded with `x` to `size` bytes (longer if the header alone exceeds it).
     pub fn encode(&self, size: usize) -> String {
         let mut s = String::with_capacity(size.max(48));
-        let _ = write!(
-            s,
-            "{}:{}:{}:{}:",
-            self.publisher, self.seq, self.send_ns, self.group
-        );
+        let _ = write!(s, "{}:{}:{}:{}:", self.publisher, self.seq, self.send_ns, self.group);
         while s.len() < size {
             s.push('x');
         }
@@ -48,12 +44,7 @@ impl Payload {
         let send_ns = it.next()?.parse().ok()?;
         let group = it.next()?.parse().ok()?;
         it.next()?;
-        Some(Payload {
-            publisher,
-            seq,
-            send_ns,
-            group,
-        })
+        Some(Payload { publisher, seq, send_ns, group })
     }
 }
 
@@ -63,12 +54,7 @@ mod tests {
 
     #[test]
     fn roundtrip_and_size() {
-        let p = Payload {
-            publisher: 1002,
-            seq: 7,
-            send_ns: 123_456_789,
-            group: 19,
-        };
+        let p = Payload { publisher: 1002, seq: 7, send_ns: 123_456_789, group: 19 };
         let s = p.encode(64);
         assert_eq!(s.len(), 64);
         assert_eq!(Payload::decode(&s), Some(p));

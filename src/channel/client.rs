@@ -21,10 +21,7 @@ const OUT_LIMIT: usize = 64 << 20;
 
 enum Link {
     /// Connect in progress (TCP) or established.
-    Up {
-        stream: ChannelStream,
-        connected: bool,
-    },
+    Up { stream: ChannelStream, connected: bool },
     /// Next attempt at `retry_at`.
     Down { retry_at: Instant },
 }
@@ -51,9 +48,7 @@ impl ChannelClient {
             token,
             origin,
             name,
-            link: Link::Down {
-                retry_at: Instant::now(),
-            },
+            link: Link::Down { retry_at: Instant::now() },
             backoff: MIN_BACKOFF,
             seq: 0,
             inbuf: Vec::new(),
@@ -63,13 +58,7 @@ impl ChannelClient {
     }
 
     pub fn is_connected(&self) -> bool {
-        matches!(
-            self.link,
-            Link::Up {
-                connected: true,
-                ..
-            }
-        )
+        matches!(self.link, Link::Up { connected: true, .. })
     }
 
     /// When the loop must wake up to retry the connection, if it is down.
@@ -81,11 +70,7 @@ impl ChannelClient {
     }
 
     /// Connects if down and due; on success queues HELLO and a SUBSCRIBE per local group.
-    pub fn maybe_connect<'a>(
-        &mut self,
-        registry: &Registry,
-        groups: impl Iterator<Item = &'a str>,
-    ) {
+    pub fn maybe_connect<'a>(&mut self, registry: &Registry, groups: impl Iterator<Item = &'a str>) {
         let Link::Down { retry_at } = self.link else {
             return;
         };
@@ -94,16 +79,9 @@ impl ChannelClient {
         }
         let mut stream = match ChannelStream::connect(&self.addr) {
             Ok(s) => s,
-            Err(e) => {
-                return self
-                    .schedule_retry(&format!("cannot connect to channel {}: {e}", self.addr))
-            }
+            Err(e) => return self.schedule_retry(&format!("cannot connect to channel {}: {e}", self.addr)),
         };
-        if let Err(e) = registry.register(
-            &mut stream,
-            self.token,
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
+        if let Err(e) = registry.register(&mut stream, self.token, Interest::READABLE | Interest::WRITABLE) {
             return self.schedule_retry(&format!("cannot register channel socket: {e}"));
         }
         self.outbuf.clear();
@@ -124,19 +102,14 @@ impl ChannelClient {
 
     fn on_connected(&mut self, _groups: usize) {
         if self.backoff > MIN_BACKOFF {
-            info!(
-                "channel {} connected again; re-subscribed local groups",
-                self.addr
-            );
+            info!("channel {} connected again; re-subscribed local groups", self.addr);
         }
         self.backoff = MIN_BACKOFF;
     }
 
     fn schedule_retry(&mut self, why: &str) {
         warn!("{why}; retrying in {:?}", self.backoff);
-        self.link = Link::Down {
-            retry_at: Instant::now() + self.backoff,
-        };
+        self.link = Link::Down { retry_at: Instant::now() + self.backoff };
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
         self.outbuf.clear();
         self.inbuf.clear();
@@ -190,12 +163,7 @@ impl ChannelClient {
         };
         loop {
             match stream.read(scratch) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "closed by the broker",
-                    ))
-                }
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed by the broker")),
                 Ok(n) => self.inbuf.extend_from_slice(&scratch[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -217,11 +185,7 @@ impl ChannelClient {
 
     /// Writes what is queued; called once at the end of each loop turn.
     pub fn flush(&mut self) -> io::Result<()> {
-        let Link::Up {
-            stream,
-            connected: true,
-        } = &mut self.link
-        else {
+        let Link::Up { stream, connected: true } = &mut self.link else {
             return Ok(());
         };
         let mut written = 0;

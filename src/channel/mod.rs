@@ -150,11 +150,7 @@ impl ChannelListener {
 pub fn bind_listener(addr: &ChannelAddr, backlog: u32) -> io::Result<OwnedFd> {
     match addr {
         ChannelAddr::Tcp(a) => {
-            let socket = socket2::Socket::new(
-                socket2::Domain::for_address(*a),
-                socket2::Type::STREAM,
-                None,
-            )?;
+            let socket = socket2::Socket::new(socket2::Domain::for_address(*a), socket2::Type::STREAM, None)?;
             socket.set_reuse_address(true)?;
             socket.bind(&(*a).into())?;
             socket.listen(backlog as i32)?;

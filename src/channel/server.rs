@@ -48,6 +48,7 @@ pub struct Broker {
     max_frame: usize,
     peer_buffer_limit: usize,
     stats: ProcessStats,
+    started: std::time::Instant,
 }
 
 /// Entry point of `groupcast channel-child`, exec'd by the master.
@@ -62,8 +63,8 @@ pub fn run_child() -> anyhow::Result<()> {
             warn!("{e}");
         }
     }
-    let fd = crate::sys::adopt_inherited_fd(control::CHILD_LISTENER_FD)
-        .context("no channel listener from the master")?;
+    let fd =
+        crate::sys::adopt_inherited_fd(control::CHILD_LISTENER_FD).context("no channel listener from the master")?;
     let listener = ChannelListener::from_fd(fd, &config.channel_listen)?;
     let mut broker = Broker::new(listener, &config)?;
     info!("channel server listening on {}", config.channel_listen);
@@ -74,11 +75,9 @@ impl Broker {
     fn new(mut listener: ChannelListener, config: &Config) -> anyhow::Result<Broker> {
         let poll = Poll::new().context("cannot create the event loop")?;
         listener.register(poll.registry(), LISTENER)?;
-        let control = ChildLink::inherit(poll.registry(), CONTROL)
-            .context("no status link from the master")?;
+        let control = ChildLink::inherit(poll.registry(), CONTROL).context("no status link from the master")?;
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT])?;
-        poll.registry()
-            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
         Ok(Broker {
             poll,
             listener,
@@ -90,11 +89,8 @@ impl Broker {
             dirty: Vec::new(),
             max_frame: config.channel_max_frame,
             peer_buffer_limit: config.channel_peer_buffer_limit,
-            stats: ProcessStats {
-                role: "channel".into(),
-                pid: std::process::id(),
-                ..Default::default()
-            },
+            stats: ProcessStats { role: "channel".into(), pid: std::process::id(), ..Default::default() },
+            started: std::time::Instant::now(),
         })
     }
 
@@ -143,11 +139,9 @@ impl Broker {
                 Ok(mut stream) => {
                     let entry = self.peers.vacant_entry();
                     let token = Token(entry.key() + FIRST_PEER);
-                    if let Err(e) = self.poll.registry().register(
-                        &mut stream,
-                        token,
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
+                    if let Err(e) =
+                        self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                    {
                         warn!("cannot register a channel peer: {e}");
                         continue;
                     }
@@ -204,11 +198,7 @@ impl Broker {
             pos += used;
             self.stats.messages_in += 1;
             match frame {
-                wire::Frame::Hello {
-                    version,
-                    origin,
-                    name,
-                } => {
+                wire::Frame::Hello { version, origin, name } => {
                     if version != wire::VERSION {
                         break Err(wire::WireError::Malformed("hello (unsupported version)"));
                     }
@@ -263,10 +253,7 @@ impl Broker {
             }
         }
         for to in cut {
-            self.drop_peer(
-                to,
-                "stopped reading: its buffer passed channel.peer_buffer_limit",
-            );
+            self.drop_peer(to, "stopped reading: its buffer passed channel.peer_buffer_limit");
         }
     }
 
@@ -347,7 +334,12 @@ impl Broker {
                     s.connections = self.peers.len() as u64;
                     s.groups = self.subscribers.len() as u64;
                     s.memberships = self.subscribers.values().map(|v| v.len() as u64).sum();
-                    let _ = self.control.send_stats(&s);
+                    let (version, binary_mtime) = crate::control::binary_identity();
+                    s.version = version;
+                    s.binary_mtime = binary_mtime;
+                    s.uptime_secs = self.started.elapsed().as_secs();
+                    s.state = "running".into();
+                    let _ = self.control.send_json(&s);
                 }
                 true
             }

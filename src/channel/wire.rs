@@ -72,28 +72,15 @@ pub fn decode(buf: &[u8], max_frame: usize) -> Result<Option<(Frame<'_>, usize)>
             let version = r.u8().ok_or(WireError::Malformed("hello"))?;
             let origin = r.u64().ok_or(WireError::Malformed("hello"))?;
             let name = r.str().ok_or(WireError::Malformed("hello"))?;
-            Frame::Hello {
-                version,
-                origin,
-                name,
-            }
+            Frame::Hello { version, origin, name }
         }
-        SUBSCRIBE => Frame::Subscribe {
-            group: r.str().ok_or(WireError::Malformed("subscribe"))?,
-        },
-        UNSUBSCRIBE => Frame::Unsubscribe {
-            group: r.str().ok_or(WireError::Malformed("unsubscribe"))?,
-        },
+        SUBSCRIBE => Frame::Subscribe { group: r.str().ok_or(WireError::Malformed("subscribe"))? },
+        UNSUBSCRIBE => Frame::Unsubscribe { group: r.str().ok_or(WireError::Malformed("unsubscribe"))? },
         MESSAGE => {
             let origin = r.u64().ok_or(WireError::Malformed("message"))?;
             let seq = r.u64().ok_or(WireError::Malformed("message"))?;
             let group = r.str().ok_or(WireError::Malformed("message"))?;
-            Frame::Message {
-                origin,
-                seq,
-                group,
-                payload: r.buf,
-            }
+            Frame::Message { origin, seq, group, payload: r.buf }
         }
         other => return Err(WireError::UnknownType(other)),
     };
@@ -114,13 +101,10 @@ impl<'a> Reader<'a> {
         self.take(1).map(|b| b[0])
     }
     fn u64(&mut self) -> Option<u64> {
-        self.take(8)
-            .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+        self.take(8).map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
     }
     fn str(&mut self) -> Option<&'a str> {
-        let len = self
-            .take(2)
-            .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)?;
+        let len = self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)?;
         std::str::from_utf8(self.take(len)?).ok()
     }
 }
@@ -184,23 +168,8 @@ mod tests {
             at += n;
         }
         assert_eq!(at, buf.len());
-        assert_eq!(
-            frames[0],
-            Frame::Hello {
-                version: VERSION,
-                origin: 7,
-                name: "worker-0"
-            }
-        );
-        assert_eq!(
-            frames[3],
-            Frame::Message {
-                origin: 7,
-                seq: 42,
-                group: "g1",
-                payload: "héllo".as_bytes()
-            }
-        );
+        assert_eq!(frames[0], Frame::Hello { version: VERSION, origin: 7, name: "worker-0" });
+        assert_eq!(frames[3], Frame::Message { origin: 7, seq: 42, group: "g1", payload: "héllo".as_bytes() });
     }
 
     #[test]
@@ -209,13 +178,7 @@ mod tests {
         encode_message(&mut buf, 1, 1, "g", b"payload");
         assert_eq!(decode(&buf[..buf.len() - 1], 1 << 20), Ok(None));
         assert_eq!(decode(&buf, 8), Err(WireError::TooLarge(buf.len() - 4)));
-        assert_eq!(
-            decode(&[0, 0, 0, 1, 99], 1 << 20),
-            Err(WireError::UnknownType(99))
-        );
-        assert_eq!(
-            decode(&[0, 0, 0, 2, SUBSCRIBE, 0], 1 << 20),
-            Err(WireError::Malformed("subscribe"))
-        );
+        assert_eq!(decode(&[0, 0, 0, 1, 99], 1 << 20), Err(WireError::UnknownType(99)));
+        assert_eq!(decode(&[0, 0, 0, 2, SUBSCRIBE, 0], 1 << 20), Err(WireError::Malformed("subscribe")));
     }
 }

@@ -1,16 +1,19 @@
-//! The master's children: one slot per role (the channel server, worker 0..N-1), each started
-//! by fork + exec of the binary at the path the master was started from, with its listener and
-//! status link inherited. A slot outlives its processes: when one dies, the next takes its place
-//! with the same index.
+//! The master's children. A `Slot` is a role (the channel server, worker 0..N-1) that outlives
+//! its processes: when its `ChildProc` dies, the next one takes its place with the same index.
+//! A `ChildProc` is one process started by fork + exec of the binary at the path the master
+//! was started from, with its listener (descriptor 3) and status link (descriptor 4) inherited.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::control::{ProcessStats, CHILD_LINK_FD, CHILD_LISTENER_FD, CONFIG_ENV};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::control::{CHILD_LINK_FD, CHILD_LISTENER_FD, CONFIG_ENV};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -25,20 +28,174 @@ impl Role {
             Role::Worker(i) => format!("worker-{i}"),
         }
     }
+
+    pub fn index(self) -> Option<usize> {
+        match self {
+            Role::Channel => None,
+            Role::Worker(i) => Some(i),
+        }
+    }
 }
 
 /// A child that lived less than this counts as a crash loop and is restarted with back-off.
 const STABLE_AFTER: Duration = Duration::from_secs(5);
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// One running child process and the master's end of its status link.
+pub struct ChildProc {
+    child: Child,
+    link: Option<UnixStream>,
+    /// Bytes read from the link that do not form a whole line yet.
+    linebuf: Vec<u8>,
+    pub started_at: Instant,
+    /// The child has said `ready`.
+    ready: bool,
+}
+
+impl ChildProc {
+    /// Starts `role` from `exe` with `listener` as descriptor 3 and a fresh link as 4.
+    pub fn spawn(role: Role, exe: &Path, config_json: &str, listener: BorrowedFd<'_>) -> io::Result<ChildProc> {
+        let (ours, theirs) = UnixStream::pair()?;
+        let mut command = Command::new(exe);
+        match role {
+            Role::Channel => command.arg("channel-child"),
+            Role::Worker(i) => command.arg("worker").arg("--index").arg(i.to_string()),
+        };
+        // NOTIFY_SOCKET is the master's alone: systemd takes readiness from the main process.
+        command.env(CONFIG_ENV, config_json).env_remove("NOTIFY_SOCKET").stdin(Stdio::null());
+        let child = crate::sys::spawn_with_fds(
+            &mut command,
+            &[(listener, CHILD_LISTENER_FD), (theirs.as_fd(), CHILD_LINK_FD)],
+        )?;
+        Ok(ChildProc { child, link: Some(ours), linebuf: Vec::new(), started_at: Instant::now(), ready: false })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Reaps the process if it has exited.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        match self.child.try_wait() {
+            Ok(status) => status,
+            // ECHILD: already reaped; treat as gone.
+            Err(_) => Some(ExitStatus::default()),
+        }
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        let _ = kill(Pid::from_raw(self.pid() as i32), signal);
+    }
+
+    pub fn kill_and_wait(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends one request line; false if the link is gone.
+    pub fn send(&mut self, line: &str) -> bool {
+        let Some(link) = self.link.as_mut() else { return false };
+        if link.set_nonblocking(false).is_err() || link.write_all(format!("{line}\n").as_bytes()).is_err() {
+            self.link = None;
+            return false;
+        }
+        true
+    }
+
+    /// Sends a request that expects an answer, first dropping answers to earlier requests that
+    /// timed out so they are not taken for this one's.
+    pub fn request(&mut self, line: &str) -> bool {
+        if let Some(link) = self.link.as_mut() {
+            if link.set_nonblocking(true).is_ok() {
+                let mut scratch = [0u8; 4096];
+                while let Ok(n @ 1..) = link.read(&mut scratch) {
+                    self.linebuf.extend_from_slice(&scratch[..n]);
+                }
+            }
+            self.ready |= self.linebuf.split(|&b| b == b'\n').any(|l| l == b"ready");
+            self.linebuf.clear();
+        }
+        self.send(line)
+    }
+
+    /// Reads the answer to `request` (skipping `ready`), waiting until `deadline`.
+    pub fn read_answer(&mut self, deadline: Instant) -> Option<String> {
+        loop {
+            let line = self.read_line(Some(deadline)).ok()??;
+            if line == "ready" {
+                self.ready = true;
+                continue;
+            }
+            return Some(line);
+        }
+    }
+
+    /// Waits until the child says `ready`, or `deadline`.
+    pub fn wait_ready(&mut self, deadline: Instant) -> io::Result<()> {
+        while !self.ready {
+            match self.read_line(Some(deadline))? {
+                Some(line) if line == "ready" => self.ready = true,
+                Some(_) => {}
+                None => return Err(io::Error::new(io::ErrorKind::TimedOut, "did not become ready in time")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Non-blocking readiness check for reloads: `Ok(true)` once `ready` was read, `Err` if
+    /// the process closed its link (it died).
+    pub fn poll_ready(&mut self) -> io::Result<bool> {
+        while !self.ready {
+            match self.read_line(None)? {
+                Some(line) if line == "ready" => self.ready = true,
+                Some(_) => {}
+                None => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads one line: blocking until `deadline`, or without blocking when `None`.
+    fn read_line(&mut self, deadline: Option<Instant>) -> io::Result<Option<String>> {
+        let Some(link) = self.link.as_mut() else {
+            return Err(io::Error::new(io::ErrorKind::NotConnected, "no link to the process"));
+        };
+        loop {
+            if let Some(nl) = self.linebuf.iter().position(|&b| b == b'\n') {
+                let line = String::from_utf8_lossy(&self.linebuf[..nl]).into_owned();
+                self.linebuf.drain(..=nl);
+                return Ok(Some(line));
+            }
+            match deadline {
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(None);
+                    }
+                    link.set_nonblocking(false)?;
+                    link.set_read_timeout(Some(left))?;
+                }
+                None => link.set_nonblocking(true)?,
+            }
+            let mut buf = [0u8; 16 * 1024];
+            match link.read(&mut buf) {
+                Ok(0) => {
+                    self.link = None;
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the process closed its link"));
+                }
+                Ok(n) => self.linebuf.extend_from_slice(&buf[..n]),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
 
 pub struct Slot {
     pub role: Role,
-    pub child: Option<Child>,
-    /// Master's end of the status link.
-    link: Option<UnixStream>,
-    /// Bytes read from the link that do not yet form a line.
-    linebuf: Vec<u8>,
-    pub started_at: Instant,
+    pub proc: Option<ChildProc>,
     /// Respawns after the first start.
     pub restarts: u32,
     /// Consecutive deaths shortly after start; drives the back-off.
@@ -48,178 +205,49 @@ pub struct Slot {
 
 impl Slot {
     pub fn new(role: Role) -> Slot {
-        Slot {
-            role,
-            child: None,
-            link: None,
-            linebuf: Vec::new(),
-            started_at: Instant::now(),
-            restarts: 0,
-            quick_deaths: 0,
-            respawn_at: None,
-        }
+        Slot { role, proc: None, restarts: 0, quick_deaths: 0, respawn_at: None }
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.proc.as_ref().map(ChildProc::pid)
     }
 
-    /// Starts this slot's process with `listener` as descriptor 3 and the link as 4.
-    pub fn spawn(
-        &mut self,
-        exe: &Path,
-        config_json: &str,
-        listener: BorrowedFd<'_>,
-    ) -> io::Result<u32> {
-        let (ours, theirs) = UnixStream::pair()?;
-        let mut command = Command::new(exe);
-        match self.role {
-            Role::Channel => command.arg("channel-child"),
-            Role::Worker(i) => command.arg("worker").arg("--index").arg(i.to_string()),
-        };
-        command.env(CONFIG_ENV, config_json).stdin(Stdio::null());
-        let child = crate::sys::spawn_with_fds(
-            &mut command,
-            &[
-                (listener, CHILD_LISTENER_FD),
-                (theirs.as_fd(), CHILD_LINK_FD),
-            ],
-        )?;
-        let pid = child.id();
-        self.child = Some(child);
-        self.link = Some(ours);
-        self.linebuf.clear();
-        self.started_at = Instant::now();
-        self.respawn_at = None;
-        Ok(pid)
-    }
-
-    /// If the process has exited, reaps it and returns how; schedules the respawn.
+    /// If the process has exited, reaps it, schedules its replacement and says how it ended.
     pub fn reap(&mut self) -> Option<String> {
-        let child = self.child.as_mut()?;
-        let status = match child.try_wait() {
-            Ok(Some(status)) => status,
-            Ok(None) => return None,
-            Err(e) => return Some(format!("cannot be waited for: {e}")),
-        };
-        self.child = None;
-        self.link = None;
-        let lived = self.started_at.elapsed();
+        let proc = self.proc.as_mut()?;
+        let status = proc.try_exit()?;
+        let lived = proc.started_at.elapsed();
+        self.proc = None;
         if lived < STABLE_AFTER {
             self.quick_deaths += 1;
         } else {
             self.quick_deaths = 0;
         }
-        let delay = if self.quick_deaths <= 1 {
-            Duration::ZERO
-        } else {
-            (Duration::from_millis(100) * 2u32.saturating_pow(self.quick_deaths - 2))
-                .min(MAX_BACKOFF)
+        // The first quick death restarts at once; a crash loop backs off 0.1 s, 0.2 s, ... 10 s.
+        let delay = match self.quick_deaths {
+            0 | 1 => Duration::ZERO,
+            n => (FIRST_BACKOFF * 2u32.saturating_pow(n - 2)).min(MAX_BACKOFF),
         };
         self.respawn_at = Some(Instant::now() + delay);
-        Some(describe_exit(status, lived, delay))
-    }
-
-    /// Waits until the child says `ready` on its link, or `deadline`.
-    pub fn wait_ready(&mut self, deadline: Instant) -> io::Result<()> {
-        match self.read_line(deadline)? {
-            Some(line) if line == "ready" => Ok(()),
-            Some(other) => Err(io::Error::other(format!("unexpected first line {other:?}"))),
-            None => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "did not become ready in time",
-            )),
-        }
-    }
-
-    /// Sends a stats request; the answer is collected by `collect_stats`.
-    pub fn request_stats(&mut self) {
-        let Some(link) = self.link.as_mut() else {
-            return;
-        };
-        // Drop answers to earlier requests that timed out, so they are not taken for this one.
-        if link.set_nonblocking(true).is_ok() {
-            let mut scratch = [0u8; 4096];
-            while let Ok(n) = link.read(&mut scratch) {
-                if n == 0 {
-                    break;
-                }
-            }
-            let _ = link.set_nonblocking(false);
-        }
-        self.linebuf.clear();
-        if link.write_all(b"stats\n").is_err() {
-            self.link = None;
-        }
-    }
-
-    /// Reads the answer to `request_stats`, skipping the `ready` line, until `deadline`.
-    pub fn collect_stats(&mut self, deadline: Instant) -> Option<ProcessStats> {
-        loop {
-            let line = self.read_line(deadline).ok()??;
-            if line == "ready" {
-                continue;
-            }
-            return serde_json::from_str(&line).ok();
-        }
-    }
-
-    fn read_line(&mut self, deadline: Instant) -> io::Result<Option<String>> {
-        let Some(link) = self.link.as_mut() else {
-            return Ok(None);
-        };
-        loop {
-            if let Some(nl) = self.linebuf.iter().position(|&b| b == b'\n') {
-                let line = String::from_utf8_lossy(&self.linebuf[..nl]).into_owned();
-                self.linebuf.drain(..=nl);
-                return Ok(Some(line));
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(None);
-            }
-            link.set_read_timeout(Some(left))?;
-            let mut buf = [0u8; 4096];
-            match link.read(&mut buf) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the process closed its link",
-                    ))
-                }
-                Ok(n) => self.linebuf.extend_from_slice(&buf[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Ok(None)
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        Some(format!(
+            "{} after {:.1}s; restarting in {:.1}s",
+            describe_exit(status),
+            lived.as_secs_f64(),
+            delay.as_secs_f64()
+        ))
     }
 }
 
-fn describe_exit(status: std::process::ExitStatus, lived: Duration, delay: Duration) -> String {
+/// "exited with status 3" or "was killed by signal 9 (SIGKILL)".
+pub fn describe_exit(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
-    let how = match (status.code(), status.signal()) {
+    match (status.code(), status.signal()) {
         (Some(code), _) => format!("exited with status {code}"),
-        (None, Some(sig)) => format!(
-            "was killed by signal {sig} ({})",
-            nix::sys::signal::Signal::try_from(sig)
-                .map(|s| s.as_str())
-                .unwrap_or("unknown")
-        ),
+        (None, Some(sig)) => {
+            format!("was killed by signal {sig} ({})", Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("unknown"))
+        }
         _ => "ended".to_owned(),
-    };
-    format!(
-        "{how} after {:.1}s; restarting in {:.1}s",
-        lived.as_secs_f64(),
-        delay.as_secs_f64()
-    )
+    }
 }
 
 /// Resident memory of `pid` in KiB, from /proc.

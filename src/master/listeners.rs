@@ -12,11 +12,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 /// Binds `count` listeners on `addr` (port 0 picks one port for all) and returns them with
 /// the address actually bound.
-pub fn bind_worker_listeners(
-    addr: SocketAddr,
-    count: usize,
-    backlog: u32,
-) -> io::Result<(Vec<OwnedFd>, SocketAddr)> {
+pub fn bind_worker_listeners(addr: SocketAddr, count: usize, backlog: u32) -> io::Result<(Vec<OwnedFd>, SocketAddr)> {
     // A plain bind first: SO_REUSEPORT alone would let a second instance on the same port
     // silently share its connections with us instead of failing.
     let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -26,11 +22,7 @@ pub fn bind_worker_listeners(
     drop(probe);
     let mut listeners = Vec::with_capacity(count);
     for _ in 0..count {
-        let socket = Socket::new(
-            Domain::for_address(bound),
-            Type::STREAM,
-            Some(Protocol::TCP),
-        )?;
+        let socket = Socket::new(Domain::for_address(bound), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
         socket.bind(&bound.into())?;

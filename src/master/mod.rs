@@ -1,16 +1,21 @@
 //! The master process: takes the pid file, binds every listener before forking, optionally
-//! daemonizes, starts the channel server and the workers, then only supervises: reaps and
-//! restarts children (with back-off in a crash loop), handles signals, and answers `status`
-//! on its control socket. It stays single-threaded, because it forks.
+//! daemonizes, drops privileges, starts the channel server and the workers, then only
+//! supervises: reaps and restarts children (with back-off in a crash loop), handles signals
+//! (stop, graceful stop, reload), and answers `status`/`connections` on its control socket.
+//! It stays single-threaded, because it forks. The life cycle is drawn in LIFECYCLE.md.
 
 pub mod children;
 pub mod listeners;
+pub mod notify;
 pub mod pidfile;
+mod privileges;
+mod reload;
+mod status;
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -18,28 +23,47 @@ use anyhow::{bail, Context};
 use log::{error, info, warn};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 
-use crate::config::{ChannelAddr, Config};
-use crate::control::{ProcessStats, StatusReport, Totals};
-use children::{Role, Slot};
+use crate::config::{ChannelAddr, Config, Overrides};
+use crate::control::ReloadOutcome;
+use crate::ws::close_code;
+use children::{ChildProc, Role, Slot};
 use pidfile::PidFile;
 
 const SIGNALS: Token = Token(0);
 const CONTROL: Token = Token(1);
-/// How long children get to exit after SIGTERM before SIGKILL.
+/// How long children get to exit after being told to stop, beyond any drain time, before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long a freshly started child may take to report ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(15);
+pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Where the configuration came from, so a reload can read it again.
+pub struct ConfigSource {
+    pub path: Option<PathBuf>,
+    pub overrides: Overrides,
+}
+
+/// A process replaced by a reload, closing its clients; killed if still there at `kill_at`.
+struct Retiring {
+    role: Role,
+    proc: ChildProc,
+    kill_at: Instant,
+}
+
+/// What the supervise loop was asked to do next.
+enum Exit {
+    Stop { graceful: bool },
+}
 
 pub struct Master {
     config: Config,
     config_json: String,
+    source: ConfigSource,
     /// The binary children are exec'd from: the path this master was started from, so a
-    /// binary installed there later is what new children run.
+    /// binary installed there later is what new children run (the upgrade path of reload).
     exe: PathBuf,
     started: Instant,
     listen: SocketAddr,
@@ -47,6 +71,8 @@ pub struct Master {
     channel_listener: OwnedFd,
     control: UnixListener,
     slots: Vec<Slot>,
+    retiring: Vec<Retiring>,
+    reload: reload::ReloadState,
     pidfile: Option<PidFile>,
 }
 
@@ -61,34 +87,22 @@ struct Bound {
 
 fn bind_all(config: &Config) -> anyhow::Result<Bound> {
     let pidfile = PidFile::acquire(&config.pid_file)?;
-    let (worker_listeners, listen) =
-        listeners::bind_worker_listeners(config.listen, config.workers, config.backlog)
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let (worker_listeners, listen) = listeners::bind_worker_listeners(config.listen, config.workers, config.backlog)
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
     let channel_listener = crate::channel::bind_listener(&config.channel_listen, config.backlog)
-        .with_context(|| {
-            format!(
-                "cannot bind the channel server to {}",
-                config.channel_listen
-            )
-        })?;
+        .with_context(|| format!("cannot bind the channel server to {}", config.channel_listen))?;
     let control_path = config.control_socket();
     let control = listeners::bind_control_socket(&control_path)
         .with_context(|| format!("cannot bind the control socket {}", control_path.display()))?;
-    Ok(Bound {
-        pidfile,
-        worker_listeners,
-        listen,
-        channel_listener,
-        control,
-    })
+    Ok(Bound { pidfile, worker_listeners, listen, channel_listener, control })
 }
 
 /// `groupcast start [-d]`.
-pub fn start(mut config: Config, daemon: bool) -> anyhow::Result<()> {
+pub fn start(mut config: Config, source: ConfigSource, daemon: bool) -> anyhow::Result<()> {
     let exe = current_exe()?;
     let bound = bind_all(&config)?;
     if !daemon {
-        return run(config, exe, bound, None);
+        return run(config, source, exe, bound, None);
     }
     config.syslog = true;
     // The daemon reports readiness (or why it failed) through this pipe, so `start -d`
@@ -110,7 +124,7 @@ pub fn start(mut config: Config, daemon: bool) -> anyhow::Result<()> {
                 } else if let Some(warning) = line.strip_prefix("warning ") {
                     eprintln!("groupcast: warning: {warning}");
                 } else {
-                    failure = Some(line.to_owned());
+                    failure = Some(line);
                 }
             }
             bail!("{}", failure.unwrap_or_else(|| "the daemon exited before it was ready (see syslog)".into()))
@@ -118,14 +132,12 @@ pub fn start(mut config: Config, daemon: bool) -> anyhow::Result<()> {
         daemonize::Outcome::Parent(Err(e)) => bail!("cannot daemonize: {e}"),
         daemonize::Outcome::Child(Ok(_)) => {
             drop(ready_rx);
-            if let Err(e) =
-                crate::logging::use_syslog(&config.syslog_socket, &config.syslog_facility)
-            {
+            if let Err(e) = crate::logging::use_syslog(&config.syslog_socket, &config.syslog_facility) {
                 // Nowhere better to say it: stderr is /dev/null now.
                 let _ = writeln!(&ready_tx, "warning {e}");
             }
             let report = ready_tx.try_clone().ok();
-            let result = run(config, exe, bound, Some(ready_tx));
+            let result = run(config, source, exe, bound, Some(ready_tx));
             if let Err(e) = &result {
                 error!("{e:#}");
                 if let Some(mut report) = report {
@@ -145,24 +157,26 @@ fn current_exe() -> anyhow::Result<PathBuf> {
 
 fn run(
     config: Config,
+    source: ConfigSource,
     exe: PathBuf,
     bound: Bound,
     ready: Option<io::PipeWriter>,
 ) -> anyhow::Result<()> {
-    let Bound {
-        mut pidfile,
-        worker_listeners,
-        listen,
-        channel_listener,
-        control,
-    } = bound;
+    let Bound { mut pidfile, worker_listeners, listen, channel_listener, control } = bound;
     pidfile.write_pid().context("cannot write the pid file")?;
+    let mut owned = vec![config.pid_file.clone(), config.control_socket()];
+    if let ChannelAddr::Unix(path) = &config.channel_listen {
+        owned.push(path.clone());
+    }
+    let owned: Vec<&std::path::Path> = owned.iter().map(PathBuf::as_path).collect();
+    privileges::drop_privileges(config.user.as_deref(), config.group.as_deref(), &owned)?;
     let config_json = serde_json::to_string(&config).context("cannot serialize the config")?;
     let mut slots = vec![Slot::new(Role::Channel)];
     slots.extend((0..config.workers).map(|i| Slot::new(Role::Worker(i))));
     let mut master = Master {
         config,
         config_json,
+        source,
         exe,
         started: Instant::now(),
         listen,
@@ -170,6 +184,8 @@ fn run(
         channel_listener,
         control,
         slots,
+        retiring: Vec::new(),
+        reload: reload::ReloadState::default(),
         pidfile: Some(pidfile),
     };
     let result = master.start_children().and_then(|()| {
@@ -180,58 +196,69 @@ fn run(
             master.listen,
             master.config.channel_listen
         );
+        notify::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
         if let Some(mut ready) = ready {
             let _ = writeln!(ready, "ok {}", std::process::id());
         }
         master.supervise()
     });
-    master.shutdown();
-    result
+    let graceful = matches!(result, Ok(Exit::Stop { graceful: true }));
+    master.stop(graceful);
+    result.map(|_| ())
 }
 
 impl Master {
     fn start_children(&mut self) -> anyhow::Result<()> {
         for i in 0..self.slots.len() {
-            self.spawn(i)?;
+            self.spawn_slot(i)?;
         }
         let deadline = Instant::now() + READY_TIMEOUT;
         for slot in &mut self.slots {
-            slot.wait_ready(deadline)
-                .with_context(|| format!("{} failed to start", slot.role.name()))?;
+            if let Some(proc) = slot.proc.as_mut() {
+                proc.wait_ready(deadline).with_context(|| format!("{} failed to start", slot.role.name()))?;
+            }
         }
         Ok(())
     }
 
-    fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
-        let role = self.slots[i].role;
-        let listener = match role {
+    fn listener_for(&self, role: Role) -> std::os::fd::BorrowedFd<'_> {
+        match role {
             Role::Channel => self.channel_listener.as_fd(),
             Role::Worker(w) => self.worker_listeners[w].as_fd(),
-        };
-        let pid = self.slots[i]
-            .spawn(&self.exe, &self.config_json, listener)
+        }
+    }
+
+    fn spawn_proc(&self, role: Role) -> anyhow::Result<ChildProc> {
+        let proc = ChildProc::spawn(role, &self.exe, &self.config_json, self.listener_for(role))
             .with_context(|| format!("cannot start {} from {}", role.name(), self.exe.display()))?;
-        info!("started {} (pid {pid})", role.name());
+        info!("started {} (pid {})", role.name(), proc.pid());
+        Ok(proc)
+    }
+
+    fn spawn_slot(&mut self, i: usize) -> anyhow::Result<()> {
+        let proc = self.spawn_proc(self.slots[i].role)?;
+        self.slots[i].proc = Some(proc);
+        self.slots[i].respawn_at = None;
         Ok(())
     }
 
-    fn supervise(&mut self) -> anyhow::Result<()> {
+    fn supervise(&mut self) -> anyhow::Result<Exit> {
         let mut poll = Poll::new().context("cannot create the event loop")?;
-        let mut signals =
-            Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2])
-                .context("cannot install signal handlers")?;
-        poll.registry()
-            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let mut signals = Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2])
+            .context("cannot install signal handlers")?;
+        poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
         let control_fd = self.control.as_raw_fd();
-        poll.registry()
-            .register(&mut SourceFd(&control_fd), CONTROL, Interest::READABLE)?;
+        poll.registry().register(&mut SourceFd(&control_fd), CONTROL, Interest::READABLE)?;
         let mut events = Events::with_capacity(16);
         loop {
-            let timeout = self.next_respawn().map_or(Duration::from_secs(1), |at| {
-                at.saturating_duration_since(Instant::now())
-                    .min(Duration::from_secs(1))
-            });
-            if let Err(e) = poll.poll(&mut events, Some(timeout)) {
+            let mut wait = Duration::from_secs(1);
+            if let Some(at) = self.slots.iter().filter_map(|s| s.respawn_at).min() {
+                wait = wait.min(at.saturating_duration_since(Instant::now()));
+            }
+            if self.reload.busy() || !self.retiring.is_empty() {
+                wait = wait.min(Duration::from_millis(20));
+            }
+            if let Err(e) = poll.poll(&mut events, Some(wait)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(e).context("event loop failed");
                 }
@@ -240,13 +267,8 @@ impl Master {
                 match event.token() {
                     SIGNALS => {
                         for signal in signals.pending() {
-                            match signal {
-                                SIGCHLD => {}
-                                SIGTERM | SIGINT | SIGQUIT => {
-                                    info!("signal {signal}: stopping");
-                                    return Ok(());
-                                }
-                                _ => warn!("signal {signal}: reload is not supported by this version; ignored"),
+                            if let Some(exit) = self.on_signal(signal) {
+                                return Ok(exit);
                             }
                         }
                     }
@@ -256,19 +278,57 @@ impl Master {
             }
             self.reap_children();
             self.respawn_due();
+            self.advance_reload();
         }
     }
 
-    fn next_respawn(&self) -> Option<Instant> {
-        self.slots.iter().filter_map(|s| s.respawn_at).min()
+    fn on_signal(&mut self, signal: i32) -> Option<Exit> {
+        match signal {
+            SIGCHLD => None,
+            SIGTERM | SIGINT => {
+                info!("signal {signal}: stopping");
+                Some(Exit::Stop { graceful: false })
+            }
+            SIGQUIT => {
+                info!("signal {signal}: stopping gracefully (up to {} ms)", self.config.graceful_timeout_ms);
+                Some(Exit::Stop { graceful: true })
+            }
+            SIGHUP | SIGUSR1 => {
+                self.request_reload(false);
+                None
+            }
+            SIGUSR2 => {
+                self.request_reload(true);
+                None
+            }
+            _ => None,
+        }
     }
 
     fn reap_children(&mut self) {
-        for slot in &mut self.slots {
+        let in_reload = self.reload.slot_being_replaced();
+        for (i, slot) in self.slots.iter_mut().enumerate() {
             if let Some(how) = slot.reap() {
                 error!("{} {how}", slot.role.name());
+                if in_reload == Some(i) {
+                    // Its replacement is starting already; no second one.
+                    slot.respawn_at = None;
+                }
             }
         }
+        let now = Instant::now();
+        self.retiring.retain_mut(|r| {
+            if let Some(status) = r.proc.try_exit() {
+                info!("retired {} (pid {}) {}", r.role.name(), r.proc.pid(), children::describe_exit(status));
+                return false;
+            }
+            if now >= r.kill_at {
+                warn!("retired {} (pid {}) did not exit in time; killing it", r.role.name(), r.proc.pid());
+                r.proc.kill_and_wait();
+                return false;
+            }
+            true
+        });
     }
 
     fn respawn_due(&mut self) {
@@ -276,7 +336,7 @@ impl Master {
         for i in 0..self.slots.len() {
             if self.slots[i].respawn_at.is_some_and(|at| at <= now) {
                 self.slots[i].restarts += 1;
-                if let Err(e) = self.spawn(i) {
+                if let Err(e) = self.spawn_slot(i) {
                     error!("{e:#}");
                     self.slots[i].respawn_at = Some(now + Duration::from_secs(1));
                 }
@@ -284,142 +344,37 @@ impl Master {
         }
     }
 
-    // ---- the control socket ----------------------------------------------------------------
-
-    fn serve_control(&mut self) {
-        loop {
-            match self.control.accept() {
-                Ok((stream, _)) => {
-                    if let Err(e) = self.answer(stream) {
-                        warn!("control request failed: {e}");
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    warn!("control accept failed: {e}");
-                    return;
-                }
-            }
-        }
-    }
-
-    /// One request line, one answer, then the connection closes.
-    fn answer(&mut self, stream: UnixStream) -> io::Result<()> {
-        stream.set_nonblocking(false)?;
-        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-        stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-        let mut line = String::new();
-        BufReader::new(&stream).take(1024).read_line(&mut line)?;
-        let mut out = &stream;
-        match line.trim() {
-            "status" => {
-                let report = self.status_report();
-                serde_json::to_writer(&mut out, &report).map_err(io::Error::other)?;
-                out.write_all(b"\n")
-            }
-            "ping" => out.write_all(b"pong\n"),
-            other => writeln!(out, "error unknown request {other:?}"),
-        }
-    }
-
-    fn status_report(&mut self) -> StatusReport {
-        for slot in &mut self.slots {
-            slot.request_stats();
-        }
-        let deadline = Instant::now() + Duration::from_millis(self.config.status_timeout_ms);
-        let master_pid = std::process::id();
-        let mut processes = vec![ProcessStats {
-            role: "master".into(),
-            pid: master_pid,
-            state: "running".into(),
-            rss_kib: children::rss_kib(master_pid),
-            ..Default::default()
-        }];
-        let mut totals = Totals::default();
-        for slot in &mut self.slots {
-            let (role, index) = match slot.role {
-                Role::Channel => ("channel", None),
-                Role::Worker(i) => ("worker", Some(i)),
-            };
-            let mut stats = match slot.pid() {
-                Some(_) => slot.collect_stats(deadline).map_or_else(
-                    || ProcessStats {
-                        state: "starting".into(),
-                        ..Default::default()
-                    },
-                    |s| ProcessStats {
-                        state: "running".into(),
-                        ..s
-                    },
-                ),
-                None => ProcessStats {
-                    state: "down".into(),
-                    ..Default::default()
-                },
-            };
-            stats.role = role.into();
-            stats.index = index;
-            stats.pid = slot.pid().unwrap_or(0);
-            stats.restarts = slot.restarts;
-            stats.rss_kib = slot.pid().map_or(0, children::rss_kib);
-            totals.restarts += u64::from(slot.restarts);
-            if index.is_some() {
-                totals.connections += stats.connections;
-                totals.memberships += stats.memberships;
-                totals.messages_in += stats.messages_in;
-                totals.messages_out += stats.messages_out;
-                totals.published += stats.published;
-                totals.send_failures += stats.send_failures;
-                totals.bad_requests += stats.bad_requests;
-            }
-            processes.push(stats);
-        }
-        StatusReport {
-            version: env!("CARGO_PKG_VERSION").into(),
-            master_pid,
-            uptime_secs: self.started.elapsed().as_secs(),
-            listen: self.listen.to_string(),
-            channel: self.config.channel_listen.to_string(),
-            workers: self.config.workers,
-            load: load_average(),
-            processes,
-            totals,
-        }
-    }
-
     // ---- stopping --------------------------------------------------------------------------
 
-    /// Stops every child (SIGTERM, then SIGKILL after the grace period) and removes the files
-    /// this instance created.
-    fn shutdown(&mut self) {
+    /// Stops every child and removes the files this instance created. Workers close their
+    /// clients with 1001; graceful: they wait up to `graceful_timeout_ms` for clients to close.
+    /// Whatever is still running after the drain plus `STOP_GRACE` is killed.
+    fn stop(&mut self, graceful: bool) {
+        notify::notify("STOPPING=1");
+        self.reload.abort();
+        let drain_ms = if graceful { self.config.graceful_timeout_ms } else { 0 };
+        let shutdown = format!("shutdown {} {drain_ms}", close_code::GOING_AWAY);
+        let mut workers: Vec<(Role, ChildProc)> = Vec::new();
         for slot in &mut self.slots {
             slot.respawn_at = None;
-            if let Some(pid) = slot.pid() {
-                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            if let (Role::Worker(_), Some(proc)) = (slot.role, slot.proc.take()) {
+                workers.push((slot.role, proc));
             }
         }
-        let deadline = Instant::now() + STOP_GRACE;
-        while self.slots.iter().any(|s| s.child.is_some()) && Instant::now() < deadline {
-            for slot in &mut self.slots {
-                if slot.reap().is_some() {
-                    info!("{} stopped", slot.role.name());
-                }
+        workers.extend(self.retiring.drain(..).map(|r| (r.role, r.proc)));
+        for (_, proc) in &mut workers {
+            if !proc.send(&shutdown) {
+                proc.signal(Signal::SIGTERM);
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        for slot in &mut self.slots {
-            if let Some(child) = slot.child.as_mut() {
-                warn!(
-                    "{} did not stop in {:?}; killing it",
-                    slot.role.name(),
-                    STOP_GRACE
-                );
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-            slot.child = None;
+        wait_or_kill(&mut workers, Duration::from_millis(drain_ms) + STOP_GRACE);
+        // The broker goes last, so workers draining gracefully can still deliver.
+        let mut channel: Vec<(Role, ChildProc)> =
+            self.slots.iter_mut().filter_map(|s| s.proc.take().map(|p| (s.role, p))).collect();
+        for (_, proc) in &channel {
+            proc.signal(Signal::SIGTERM);
         }
+        wait_or_kill(&mut channel, STOP_GRACE);
         let _ = std::fs::remove_file(self.config.control_socket());
         if let ChannelAddr::Unix(path) = &self.config.channel_listen {
             let _ = std::fs::remove_file(path);
@@ -429,14 +384,29 @@ impl Master {
         }
         info!("groupcast stopped");
     }
+
+    /// Outcome of the last reload, for the status report.
+    fn last_reload(&self) -> Option<ReloadOutcome> {
+        self.reload.last.clone()
+    }
 }
 
-fn load_average() -> [f64; 3] {
-    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let mut parts = text.split_whitespace().map(|p| p.parse().unwrap_or(0.0));
-    [
-        parts.next().unwrap_or(0.0),
-        parts.next().unwrap_or(0.0),
-        parts.next().unwrap_or(0.0),
-    ]
+/// Waits until every process in `procs` has exited, killing what is left after `limit`.
+fn wait_or_kill(procs: &mut Vec<(Role, ChildProc)>, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !procs.is_empty() && Instant::now() < deadline {
+        procs.retain_mut(|(role, proc)| match proc.try_exit() {
+            Some(status) => {
+                info!("{} (pid {}) {}", role.name(), proc.pid(), children::describe_exit(status));
+                false
+            }
+            None => true,
+        });
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (role, proc) in procs.iter_mut() {
+        warn!("{} (pid {}) did not stop in {:?}; killing it", role.name(), proc.pid(), limit);
+        proc.kill_and_wait();
+    }
+    procs.clear();
 }

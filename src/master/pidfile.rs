@@ -35,27 +35,15 @@ impl PidFile {
             .create(true)
             .truncate(false)
             .open(path)
-            .map_err(|source| PidFileError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
+            .map_err(|source| PidFileError::Open { path: path.to_owned(), source })?;
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => Ok(PidFile {
-                path: path.to_owned(),
-                lock,
-            }),
+            Ok(lock) => Ok(PidFile { path: path.to_owned(), lock }),
             Err((mut file, nix::Error::EWOULDBLOCK)) => {
                 let mut pid = String::new();
                 let _ = file.read_to_string(&mut pid);
-                Err(PidFileError::AlreadyRunning {
-                    pid: pid.trim().to_owned(),
-                    path: path.to_owned(),
-                })
+                Err(PidFileError::AlreadyRunning { pid: pid.trim().to_owned(), path: path.to_owned() })
             }
-            Err((_, source)) => Err(PidFileError::Lock {
-                path: path.to_owned(),
-                source,
-            }),
+            Err((_, source)) => Err(PidFileError::Lock { path: path.to_owned(), source }),
         }
     }
 

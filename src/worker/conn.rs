@@ -58,6 +58,11 @@ pub struct Conn {
     pub groups: Vec<GroupId>,
     /// Already in the worker's list of connections to flush this turn.
     pub dirty: bool,
+    pub bytes_in: u64,
+    /// Commands received.
+    pub messages_in: u64,
+    /// Frames queued: deliveries and replies.
+    pub messages_out: u64,
 }
 
 impl Conn {
@@ -73,13 +78,15 @@ impl Conn {
             out: OutQueue::default(),
             groups: Vec::new(),
             dirty: false,
+            bytes_in: 0,
+            messages_in: 0,
+            messages_out: 0,
         }
     }
 
     /// Queues a text frame built for this connection alone.
     pub fn send_text(&mut self, payload: &[u8]) {
-        self.out
-            .push(Chunk::Owned(frame::text(payload).into_boxed_slice()));
+        self.out.push(Chunk::Owned(frame::text(payload).into_boxed_slice()));
     }
 
     pub fn send_raw(&mut self, bytes: Vec<u8>) {

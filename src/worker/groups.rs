@@ -40,10 +40,7 @@ impl Groups {
             Some(&id) => (id, false),
             None => {
                 let name: Rc<str> = Rc::from(name);
-                let id = self.groups.insert(Group {
-                    name: name.clone(),
-                    members: HashSet::new(),
-                });
+                let id = self.groups.insert(Group { name: name.clone(), members: HashSet::new() });
                 self.by_name.insert(name, id);
                 (id, true)
             }
@@ -76,10 +73,7 @@ impl Groups {
     }
 
     pub fn members(&self, id: GroupId) -> impl Iterator<Item = usize> + '_ {
-        self.groups
-            .get(id)
-            .into_iter()
-            .flat_map(|g| g.members.iter().copied())
+        self.groups.get(id).into_iter().flat_map(|g| g.members.iter().copied())
     }
 
     pub fn name(&self, id: GroupId) -> Option<&str> {
@@ -110,9 +104,7 @@ mod tests {
     #[test]
     fn groups_vanish_with_their_last_member() {
         let mut g = Groups::default();
-        let Joined::New { id, first: true } = g.join("a", 1) else {
-            panic!()
-        };
+        let Joined::New { id, first: true } = g.join("a", 1) else { panic!() };
         assert_eq!(g.join("a", 2), Joined::New { id, first: false });
         assert_eq!(g.join("a", 2), Joined::AlreadyMember);
         assert_eq!(g.leave(id, 1), None);

@@ -10,6 +10,7 @@
 
 pub mod conn;
 pub mod groups;
+mod lifecycle;
 pub mod outqueue;
 
 use std::cmp::Reverse;
@@ -87,7 +88,9 @@ pub struct Worker {
     /// Retry accepting after running out of descriptors.
     accept_paused_until: Option<Instant>,
     stats: ProcessStats,
-    stopping: bool,
+    /// Set once the worker was told to stop: no more accepting, clients closing.
+    stopping: Option<lifecycle::Stopping>,
+    started: Instant,
 }
 
 /// Entry point of `groupcast worker --index N`, exec'd by the master.
@@ -110,33 +113,18 @@ pub fn run(index: usize) -> anyhow::Result<()> {
 impl Worker {
     fn new(index: usize, config: Config) -> anyhow::Result<Worker> {
         let poll = Poll::new().context("cannot create the event loop")?;
-        let fd = crate::sys::adopt_inherited_fd(control::CHILD_LISTENER_FD)
-            .context("no listener from the master")?;
+        let fd = crate::sys::adopt_inherited_fd(control::CHILD_LISTENER_FD).context("no listener from the master")?;
         let std_listener = std::net::TcpListener::from(fd);
         std_listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(std_listener);
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
-        let control = ChildLink::inherit(poll.registry(), CONTROL)
-            .context("no status link from the master")?;
-        let mut signals =
-            Signals::new([SIGTERM, SIGINT, SIGQUIT]).context("cannot install signal handlers")?;
-        poll.registry()
-            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        let control = ChildLink::inherit(poll.registry(), CONTROL).context("no status link from the master")?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT]).context("cannot install signal handlers")?;
+        poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
         let pid = std::process::id() as u64;
         let origin = (pid << 16) | index as u64;
-        let channel = ChannelClient::new(
-            config.channel_listen.clone(),
-            CHANNEL,
-            origin,
-            format!("worker-{index}"),
-        );
-        let stats = ProcessStats {
-            role: "worker".into(),
-            index: Some(index),
-            pid: pid as u32,
-            ..Default::default()
-        };
+        let channel = ChannelClient::new(config.channel_listen.clone(), CHANNEL, origin, format!("worker-{index}"));
+        let stats = ProcessStats { role: "worker".into(), index: Some(index), pid: pid as u32, ..Default::default() };
         Ok(Worker {
             index,
             config,
@@ -154,14 +142,14 @@ impl Worker {
             next_conn_id: 1,
             accept_paused_until: None,
             stats,
-            stopping: false,
+            stopping: None,
+            started: Instant::now(),
         })
     }
 
     fn run(&mut self) -> anyhow::Result<()> {
         let mut events = Events::with_capacity(1024);
-        self.channel
-            .maybe_connect(self.poll.registry(), self.groups.names());
+        self.channel.maybe_connect(self.poll.registry(), self.groups.names());
         loop {
             let timeout = self.next_wait();
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
@@ -191,8 +179,8 @@ impl Worker {
                 self.conn_readable(key);
             }
             self.end_of_turn();
-            if self.stopping && self.conns.is_empty() {
-                info!("worker {} stopped", self.index);
+            if self.stopping.as_ref().is_some_and(|s| self.conns.is_empty() || Instant::now() >= s.deadline) {
+                info!("worker {} stopped ({} connections left)", self.index, self.conns.len());
                 return Ok(());
             }
         }
@@ -219,17 +207,12 @@ impl Worker {
     /// Work done once per loop turn, after every event was handled.
     fn end_of_turn(&mut self) {
         if let Err(e) = self.channel.flush() {
-            self.channel
-                .disconnect(self.poll.registry(), &e.to_string());
+            self.channel.disconnect(self.poll.registry(), &e.to_string());
         }
         self.flush_dirty();
         self.expire_timers();
-        self.channel
-            .maybe_connect(self.poll.registry(), self.groups.names());
-        if self
-            .accept_paused_until
-            .is_some_and(|t| Instant::now() >= t)
-        {
+        self.channel.maybe_connect(self.poll.registry(), self.groups.names());
+        if self.accept_paused_until.is_some_and(|t| Instant::now() >= t) {
             self.accept_paused_until = None;
             self.accept_all();
         }
@@ -238,7 +221,7 @@ impl Worker {
     // ---- accepting -------------------------------------------------------------------------
 
     fn accept_all(&mut self) {
-        if self.stopping || self.accept_paused_until.is_some() {
+        if self.stopping.is_some() || self.accept_paused_until.is_some() {
             return;
         }
         loop {
@@ -250,28 +233,22 @@ impl Worker {
                     let entry = self.conns.vacant_entry();
                     let key = entry.key();
                     let token = Token(key + FIRST_CONN);
-                    if let Err(e) = self.poll.registry().register(
-                        &mut stream,
-                        token,
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
+                    if let Err(e) =
+                        self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                    {
                         warn!("cannot register connection from {peer}: {e}");
                         continue;
                     }
                     let id = self.next_conn_id;
                     self.next_conn_id += 1;
                     entry.insert(Conn::new(stream, id, peer));
-                    self.timers
-                        .push(Reverse((Instant::now() + HANDSHAKE_TIMEOUT, key, id)));
+                    self.timers.push(Reverse((Instant::now() + HANDSHAKE_TIMEOUT, key, id)));
                     debug!("connection {id} from {peer}");
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-                    ) =>
+                    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) =>
                 {
                     warn!("cannot accept: {e}; pausing accept for 100 ms");
                     self.accept_paused_until = Some(Instant::now() + Duration::from_millis(100));
@@ -300,7 +277,10 @@ impl Worker {
                     self.drop_conn(key, "peer closed the connection");
                     return;
                 }
-                Ok(n) => self.ingest(key, &mut buf, n),
+                Ok(n) => {
+                    conn.bytes_in += n as u64;
+                    self.ingest(key, &mut buf, n)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.read_buf = buf;
                     return;
@@ -362,6 +342,13 @@ impl Worker {
                         conn.state = ConnState::Open;
                         pos += consumed;
                         self.mark_dirty(key);
+                        if let Some(stopping) = &self.stopping {
+                            // Accepted just before the stop: complete the handshake, then say
+                            // why we close, so the client knows to come back.
+                            let (code, deadline) = (stopping.code, stopping.deadline);
+                            self.close_conn_until(key, code, "server restarting", deadline);
+                            return (data.len(), Flow::Stop);
+                        }
                     }
                     Handshake::Reply { response, reason } => {
                         debug!("connection {}: {reason}", conn.id);
@@ -403,38 +390,23 @@ impl Worker {
             return Flow::Continue;
         }
         match frame.kind {
-            Kind::Text | Kind::Binary if conn.fragment.is_some() => self.protocol_violation(
-                key,
-                close_code::PROTOCOL_ERROR,
-                "new message inside a fragmented one",
-            ),
-            Kind::Binary => self.protocol_violation(
-                key,
-                close_code::UNSUPPORTED_DATA,
-                "binary frames are not supported",
-            ),
+            Kind::Text | Kind::Binary if conn.fragment.is_some() => {
+                self.protocol_violation(key, close_code::PROTOCOL_ERROR, "new message inside a fragmented one")
+            }
+            Kind::Binary => {
+                self.protocol_violation(key, close_code::UNSUPPORTED_DATA, "binary frames are not supported")
+            }
             Kind::Text if frame.fin => self.handle_text(key, frame.payload),
             Kind::Text => {
-                conn.fragment = Some(Box::new(Fragment {
-                    text: true,
-                    data: frame.payload.to_vec(),
-                }));
+                conn.fragment = Some(Box::new(Fragment { text: true, data: frame.payload.to_vec() }));
                 Flow::Continue
             }
             Kind::Continuation => {
                 let Some(fragment) = conn.fragment.as_mut() else {
-                    return self.protocol_violation(
-                        key,
-                        close_code::PROTOCOL_ERROR,
-                        "continuation without a start",
-                    );
+                    return self.protocol_violation(key, close_code::PROTOCOL_ERROR, "continuation without a start");
                 };
                 if fragment.data.len() + frame.payload.len() > self.config.limits.max_message_size {
-                    return self.protocol_violation(
-                        key,
-                        close_code::MESSAGE_TOO_BIG,
-                        "message larger than the limit",
-                    );
+                    return self.protocol_violation(key, close_code::MESSAGE_TOO_BIG, "message larger than the limit");
                 }
                 fragment.data.extend_from_slice(frame.payload);
                 if !frame.fin {
@@ -486,13 +458,12 @@ impl Worker {
 
     fn handle_text(&mut self, key: usize, payload: &[u8]) -> Flow {
         let Ok(text) = std::str::from_utf8(payload) else {
-            return self.protocol_violation(
-                key,
-                close_code::INVALID_PAYLOAD,
-                "text frame is not valid UTF-8",
-            );
+            return self.protocol_violation(key, close_code::INVALID_PAYLOAD, "text frame is not valid UTF-8");
         };
         self.stats.messages_in += 1;
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.messages_in += 1;
+        }
         trace!("connection {key}: {text}");
         let request = match protocol::parse_request(text, &self.config.limits) {
             Ok(r) => r,
@@ -527,12 +498,7 @@ impl Worker {
         Flow::Continue
     }
 
-    fn reply_error(
-        &mut self,
-        key: usize,
-        error: &RequestError,
-        id: Option<&serde_json::value::RawValue>,
-    ) {
+    fn reply_error(&mut self, key: usize, error: &RequestError, id: Option<&serde_json::value::RawValue>) {
         self.stats.bad_requests += 1;
         debug!("connection {key}: bad request: {error}");
         if let Some(conn) = self.conns.get_mut(key) {
@@ -546,12 +512,7 @@ impl Worker {
     fn join(&mut self, key: usize, group: &str) -> Result<(), RequestError> {
         let limit = self.config.limits.max_groups_per_connection;
         let conn = &mut self.conns[key];
-        if conn.groups.len() >= limit
-            && self
-                .groups
-                .lookup(group)
-                .is_none_or(|id| !conn.groups.contains(&id))
-        {
+        if conn.groups.len() >= limit && self.groups.lookup(group).is_none_or(|id| !conn.groups.contains(&id)) {
             return Err(RequestError::TooManyGroups(limit));
         }
         if let Joined::New { id, first } = self.groups.join(group, key) {
@@ -592,6 +553,7 @@ impl Worker {
                 continue;
             }
             conn.out.push(Chunk::Shared(shared.clone()));
+            conn.messages_out += 1;
             self.stats.messages_out += 1;
             if conn.out.bytes() > limit {
                 // A reader that does not keep up is cut off rather than allowed to grow.
@@ -603,12 +565,8 @@ impl Worker {
                 );
                 self.stats.slow_closed += 1;
                 conn.out.discard_unsent();
-                conn.start_close(
-                    close_code::POLICY_VIOLATION,
-                    "send buffer full: client too slow",
-                );
-                self.timers
-                    .push(Reverse((Instant::now() + CLOSE_TIMEOUT, member, conn.id)));
+                conn.start_close(close_code::POLICY_VIOLATION, "send buffer full: client too slow");
+                self.timers.push(Reverse((Instant::now() + CLOSE_TIMEOUT, member, conn.id)));
             }
             if !conn.dirty {
                 conn.dirty = true;
@@ -621,8 +579,7 @@ impl Worker {
 
     fn channel_ready(&mut self) {
         if let Err(e) = self.channel.on_ready(&mut self.read_buf) {
-            self.channel
-                .disconnect(self.poll.registry(), &e.to_string());
+            self.channel.disconnect(self.poll.registry(), &e.to_string());
             return;
         }
         let input = self.channel.take_input();
@@ -668,9 +625,7 @@ impl Worker {
             conn.dirty = false;
             match conn.out.write_to(&mut conn.stream) {
                 Ok(Flushed::All) => match conn.state {
-                    ConnState::Closing(AfterFlush::Drop) => {
-                        self.drop_conn(key, "closed by the server")
-                    }
+                    ConnState::Closing(AfterFlush::Drop) => self.drop_conn(key, "closed by the server"),
                     ConnState::Closing(AfterFlush::AwaitPeer) => {
                         let _ = conn.stream.shutdown(std::net::Shutdown::Write);
                     }
@@ -688,14 +643,16 @@ impl Worker {
 
     /// Server-initiated close with a WebSocket close code.
     fn close_conn(&mut self, key: usize, code: u16, reason: &str) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
+        self.close_conn_until(key, code, reason, Instant::now() + CLOSE_TIMEOUT);
+    }
+
+    /// Like `close_conn`, waiting for the client's close frame until `deadline`.
+    fn close_conn_until(&mut self, key: usize, code: u16, reason: &str, deadline: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
         debug!("connection {}: closing with {code}: {reason}", conn.id);
         if conn.start_close(code, reason) {
             let id = conn.id;
-            self.timers
-                .push(Reverse((Instant::now() + CLOSE_TIMEOUT, key, id)));
+            self.timers.push(Reverse((deadline, key, id)));
             self.mark_dirty(key);
         }
     }
@@ -733,61 +690,6 @@ impl Worker {
                 ConnState::Closing(_) => self.drop_conn(key, "close timed out"),
                 ConnState::Open => {}
             }
-        }
-    }
-
-    // ---- master and signals ----------------------------------------------------------------
-
-    fn control_ready(&mut self) {
-        match self.control.read_requests() {
-            Ok(Some(requests)) => {
-                for _ in requests {
-                    let stats = self.snapshot();
-                    if let Err(e) = self.control.send_stats(&stats) {
-                        warn!("cannot answer the master: {e}");
-                    }
-                }
-                let _ = self.control.flush();
-            }
-            Ok(None) | Err(_) => {
-                error!("lost the link to the master; stopping");
-                self.stop();
-            }
-        }
-    }
-
-    fn snapshot(&self) -> ProcessStats {
-        let mut s = self.stats.clone();
-        s.connections = self.conns.len() as u64;
-        s.groups = self.groups.len() as u64;
-        s.memberships = self.groups.memberships() as u64;
-        s.channel_connected = self.channel.is_connected();
-        s.channel_dropped = self.channel.dropped;
-        s
-    }
-
-    fn signals_ready(&mut self) {
-        let mut stop = false;
-        for signal in self.signals.pending() {
-            info!("signal {signal} received");
-            stop = true;
-        }
-        if stop {
-            self.stop();
-        }
-    }
-
-    /// Tells every client we are going away (1001) and leaves the loop once they are gone or
-    /// their close deadline passed.
-    fn stop(&mut self) {
-        if self.stopping {
-            return;
-        }
-        self.stopping = true;
-        let _ = self.poll.registry().deregister(&mut self.listener);
-        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
-        for key in keys {
-            self.close_conn(key, close_code::GOING_AWAY, "server shutting down");
         }
     }
 }

@@ -34,6 +34,8 @@ pub struct OutQueue {
     offset: usize,
     /// Unwritten bytes in the queue.
     bytes: usize,
+    /// Bytes written over the connection's life.
+    written: u64,
 }
 
 /// How a flush ended.
@@ -52,6 +54,10 @@ impl OutQueue {
 
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    pub fn total_written(&self) -> u64 {
+        self.written
     }
 
     pub fn is_empty(&self) -> bool {
@@ -91,6 +97,7 @@ impl OutQueue {
 
     fn advance(&mut self, mut written: usize) {
         self.bytes -= written;
+        self.written += written as u64;
         while let Some(front) = self.chunks.front() {
             let left = front.len() - self.offset;
             if written < left {
@@ -136,11 +143,7 @@ mod tests {
         q.push(Chunk::Shared(shared.clone()));
         q.push(Chunk::Owned(b"XYZ".to_vec().into_boxed_slice()));
         q.push(Chunk::Shared(shared));
-        let mut sink = Trickle {
-            got: Vec::new(),
-            limit: 4,
-            cap: 7,
-        };
+        let mut sink = Trickle { got: Vec::new(), limit: 4, cap: 7 };
         assert_eq!(q.write_to(&mut sink).unwrap(), Flushed::Blocked);
         assert_eq!(q.bytes(), 8);
         q.discard_unsent();

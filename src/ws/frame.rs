@@ -36,10 +36,7 @@ pub struct FrameError {
 }
 
 fn protocol_error(reason: &'static str) -> FrameError {
-    FrameError {
-        code: close_code::PROTOCOL_ERROR,
-        reason,
-    }
+    FrameError { code: close_code::PROTOCOL_ERROR, reason }
 }
 
 /// Parses the frame at the start of `buf`, unmasking its payload in place.
@@ -63,24 +60,17 @@ pub fn parse(buf: &mut [u8], max_payload: usize) -> Result<Option<(Frame<'_>, us
         _ => return Err(protocol_error("reserved opcode")),
     };
     if header.rsv1 || header.rsv2 || header.rsv3 {
-        return Err(protocol_error(
-            "reserved bits set (no extension was negotiated)",
-        ));
+        return Err(protocol_error("reserved bits set (no extension was negotiated)"));
     }
     let Some(mask) = header.mask else {
         return Err(protocol_error("client frames must be masked"));
     };
     let is_control = matches!(kind, Kind::Close | Kind::Ping | Kind::Pong);
     if is_control && (len > 125 || !header.is_final) {
-        return Err(protocol_error(
-            "control frames must be final and at most 125 bytes",
-        ));
+        return Err(protocol_error("control frames must be final and at most 125 bytes"));
     }
     if len > max_payload as u64 {
-        return Err(FrameError {
-            code: close_code::MESSAGE_TOO_BIG,
-            reason: "frame larger than the message limit",
-        });
+        return Err(FrameError { code: close_code::MESSAGE_TOO_BIG, reason: "frame larger than the message limit" });
     }
     let len = len as usize;
     let total = head_len + len;
@@ -89,26 +79,16 @@ pub fn parse(buf: &mut [u8], max_payload: usize) -> Result<Option<(Frame<'_>, us
     }
     let payload = &mut buf[head_len..total];
     unmask(payload, mask);
-    Ok(Some((
-        Frame {
-            kind,
-            fin: header.is_final,
-            payload,
-        },
-        total,
-    )))
+    Ok(Some((Frame { kind, fin: header.is_final, payload }, total)))
 }
 
 /// XORs `data` with the 4-byte `mask`, eight bytes at a time where it can.
 fn unmask(data: &mut [u8], mask: [u8; 4]) {
-    let wide = u64::from_ne_bytes([
-        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
-    ]);
+    let wide = u64::from_ne_bytes([mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3]]);
     let mut chunks = data.chunks_exact_mut(8);
     for chunk in &mut chunks {
-        let v = u64::from_ne_bytes([
-            chunk[0], chunk[1], chunk[2], chunk[3], chunk[4], chunk[5], chunk[6], chunk[7],
-        ]) ^ wide;
+        let v =
+            u64::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3], chunk[4], chunk[5], chunk[6], chunk[7]]) ^ wide;
         chunk.copy_from_slice(&v.to_ne_bytes());
     }
     for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
@@ -126,14 +106,7 @@ pub fn encode(out: &mut Vec<u8>, kind: Kind, payload: &[u8]) {
         Kind::Ping => OpCode::Control(Control::Ping),
         Kind::Pong => OpCode::Control(Control::Pong),
     };
-    let header = FrameHeader {
-        is_final: true,
-        rsv1: false,
-        rsv2: false,
-        rsv3: false,
-        opcode,
-        mask: None,
-    };
+    let header = FrameHeader { is_final: true, rsv1: false, rsv2: false, rsv3: false, opcode, mask: None };
     out.reserve(header.len(payload.len() as u64) + payload.len());
     // Writing into a Vec cannot fail.
     let _ = header.format(payload.len() as u64, out);
@@ -177,10 +150,7 @@ mod tests {
         let mut f = masked(0x81, b"hello world, unmasked");
         let n = f.len();
         let (frame, used) = parse(&mut f, 1024).unwrap().unwrap();
-        assert_eq!(
-            (frame.kind, frame.payload, used),
-            (Kind::Text, &b"hello world, unmasked"[..], n)
-        );
+        assert_eq!((frame.kind, frame.payload, used), (Kind::Text, &b"hello world, unmasked"[..], n));
         let mut part = masked(0x81, b"hello")[..5].to_vec();
         assert!(parse(&mut part, 1024).unwrap().is_none());
     }
@@ -188,25 +158,13 @@ mod tests {
     #[test]
     fn refuses_what_rfc6455_forbids() {
         let mut unmasked = vec![0x81, 0x02, b'h', b'i'];
-        assert_eq!(
-            parse(&mut unmasked, 1024).unwrap_err().code,
-            close_code::PROTOCOL_ERROR
-        );
+        assert_eq!(parse(&mut unmasked, 1024).unwrap_err().code, close_code::PROTOCOL_ERROR);
         let mut fragmented_ping = masked(0x09, b"x");
-        assert_eq!(
-            parse(&mut fragmented_ping, 1024).unwrap_err().code,
-            close_code::PROTOCOL_ERROR
-        );
+        assert_eq!(parse(&mut fragmented_ping, 1024).unwrap_err().code, close_code::PROTOCOL_ERROR);
         let mut big = masked(0x81, &[b'a'; 100]);
-        assert_eq!(
-            parse(&mut big, 10).unwrap_err().code,
-            close_code::MESSAGE_TOO_BIG
-        );
+        assert_eq!(parse(&mut big, 10).unwrap_err().code, close_code::MESSAGE_TOO_BIG);
         let mut rsv = masked(0xC1, b"x");
-        assert_eq!(
-            parse(&mut rsv, 1024).unwrap_err().code,
-            close_code::PROTOCOL_ERROR
-        );
+        assert_eq!(parse(&mut rsv, 1024).unwrap_err().code, close_code::PROTOCOL_ERROR);
     }
 
     #[test]

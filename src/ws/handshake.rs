@@ -15,10 +15,7 @@ pub enum Handshake {
     /// Send `response` (101) and continue as WebSocket; `consumed` bytes were the request head.
     Upgrade { response: Vec<u8>, consumed: usize },
     /// Send `response` and close: a plain HTTP request or a malformed one.
-    Reply {
-        response: Vec<u8>,
-        reason: &'static str,
-    },
+    Reply { response: Vec<u8>, reason: &'static str },
 }
 
 pub fn process(buf: &[u8]) -> Handshake {
@@ -26,51 +23,24 @@ pub fn process(buf: &[u8]) -> Handshake {
     let mut req = httparse::Request::new(&mut headers);
     let consumed = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST_HEAD => {
-            return Handshake::Incomplete
-        }
+        Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST_HEAD => return Handshake::Incomplete,
         Ok(httparse::Status::Partial) => {
-            return reply(
-                431,
-                "Request Header Fields Too Large",
-                "request head too large\n",
-                "request head too large",
-            )
+            return reply(431, "Request Header Fields Too Large", "request head too large\n", "request head too large")
         }
         Err(httparse::Error::TooManyHeaders) => {
-            return reply(
-                431,
-                "Request Header Fields Too Large",
-                "too many headers\n",
-                "too many headers",
-            )
+            return reply(431, "Request Header Fields Too Large", "too many headers\n", "too many headers")
         }
-        Err(_) => {
-            return reply(
-                400,
-                "Bad Request",
-                "not an HTTP request\n",
-                "garbage instead of a handshake",
-            )
-        }
+        Err(_) => return reply(400, "Bad Request", "not an HTTP request\n", "garbage instead of a handshake"),
     };
     let header = |name: &str| {
-        req.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
+        req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).and_then(|h| std::str::from_utf8(h.value).ok())
     };
     let has_token = |name: &str, token: &str| {
         header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     };
     let path = req.path.unwrap_or("/");
     if req.method != Some("GET") {
-        return reply(
-            405,
-            "Method Not Allowed",
-            "only GET\n",
-            "method not allowed",
-        );
+        return reply(405, "Method Not Allowed", "only GET\n", "method not allowed");
     }
     if !has_token("Upgrade", "websocket") {
         if path == "/health" {
@@ -87,34 +57,16 @@ pub fn process(buf: &[u8]) -> Handshake {
         };
     }
     if !has_token("Connection", "upgrade") {
-        return reply(
-            400,
-            "Bad Request",
-            "Connection: Upgrade missing\n",
-            "no Connection: Upgrade",
-        );
+        return reply(400, "Bad Request", "Connection: Upgrade missing\n", "no Connection: Upgrade");
     }
     if header("Sec-WebSocket-Version").map(str::trim) != Some("13") {
         return Handshake::Reply {
-            response: response(
-                426,
-                "Upgrade Required",
-                "Sec-WebSocket-Version: 13\r\n",
-                "WebSocket version 13 only\n",
-            ),
+            response: response(426, "Upgrade Required", "Sec-WebSocket-Version: 13\r\n", "WebSocket version 13 only\n"),
             reason: "unsupported WebSocket version",
         };
     }
-    let Some(key) = header("Sec-WebSocket-Key")
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
-    else {
-        return reply(
-            400,
-            "Bad Request",
-            "Sec-WebSocket-Key missing\n",
-            "no Sec-WebSocket-Key",
-        );
+    let Some(key) = header("Sec-WebSocket-Key").map(str::trim).filter(|k| !k.is_empty()) else {
+        return reply(400, "Bad Request", "Sec-WebSocket-Key missing\n", "no Sec-WebSocket-Key");
     };
     let accept = derive_accept_key(key.as_bytes());
     let response = format!(
@@ -125,10 +77,7 @@ pub fn process(buf: &[u8]) -> Handshake {
 }
 
 fn reply(status: u16, text: &str, body: &str, reason: &'static str) -> Handshake {
-    Handshake::Reply {
-        response: response(status, text, "", body),
-        reason,
-    }
+    Handshake::Reply { response: response(status, text, "", body), reason }
 }
 
 fn response(status: u16, text: &str, extra_headers: &str, body: &str) -> Vec<u8> {
@@ -158,22 +107,12 @@ mod tests {
 
     #[test]
     fn partial_plain_and_garbage() {
-        assert_eq!(
-            process(b"GET / HTTP/1.1\r\nHost: x\r\n"),
-            Handshake::Incomplete
-        );
-        let Handshake::Reply { response, .. } = process(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        else {
-            panic!()
-        };
+        assert_eq!(process(b"GET / HTTP/1.1\r\nHost: x\r\n"), Handshake::Incomplete);
+        let Handshake::Reply { response, .. } = process(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") else { panic!() };
         assert!(response.starts_with(b"HTTP/1.1 426 "));
-        let Handshake::Reply { response, .. } = process(b"GET /health HTTP/1.1\r\n\r\n") else {
-            panic!()
-        };
+        let Handshake::Reply { response, .. } = process(b"GET /health HTTP/1.1\r\n\r\n") else { panic!() };
         assert!(response.starts_with(b"HTTP/1.1 200 "));
-        let Handshake::Reply { response, .. } = process(b"\x16\x03\x01garbage\r\n\r\n") else {
-            panic!()
-        };
+        let Handshake::Reply { response, .. } = process(b"\x16\x03\x01garbage\r\n\r\n") else { panic!() };
         assert!(response.starts_with(b"HTTP/1.1 400 "));
     }
 }

@@ -15,4 +15,5 @@ pub mod close_code {
     pub const INVALID_PAYLOAD: u16 = 1007;
     pub const POLICY_VIOLATION: u16 = 1008;
     pub const MESSAGE_TOO_BIG: u16 = 1009;
+    pub const SERVICE_RESTART: u16 = 1012;
 }

@@ -39,11 +39,8 @@ pub async fn s5(ctx: &Ctx) -> Result<Outcome> {
     let groups = ctx.pick(&ctx.o.groups, 100, 5);
     let (cpu0, srv0) = (self_cpu_us(), ctx.server.cpu_us());
     let start = Instant::now();
-    let results: Vec<Result<(Duration, Duration, Writer)>> = futures_util::stream::iter(0..n)
-        .map(|i| one(t, i, groups))
-        .buffer_unordered(conc)
-        .collect()
-        .await;
+    let results: Vec<Result<(Duration, Duration, Writer)>> =
+        futures_util::stream::iter(0..n).map(|i| one(t, i, groups)).buffer_unordered(conc).collect().await;
     let elapsed = start.elapsed();
     let (cpu1, srv1) = (self_cpu_us(), ctx.server.cpu_us());
     let mut hs = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;

@@ -31,24 +31,17 @@ fn measure(len: usize, iters: u64) -> Result<(f64, f64)> {
     }
     let writer_us = thread_cpu_us() - cpu0;
     drop(w);
-    let reader_us = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
-    Ok((
-        writer_us as f64 / iters as f64,
-        reader_us as f64 / iters as f64,
-    ))
+    let reader_us = reader.join().map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
+    Ok((writer_us as f64 / iters as f64, reader_us as f64 / iters as f64))
 }
 
 fn entry(frames: usize, len: usize, iters: u64) -> Result<Value> {
     measure(len, iters / 10 + 1)?; // warm-up: page in, settle the CPU frequency
     let (w, r) = measure(len, iters)?;
     let round = |x: f64| (x * 1000.0).round() / 1000.0;
-    Ok(
-        json!({ "frames_per_write": frames, "bytes_per_write": len, "writes": iters,
+    Ok(json!({ "frames_per_write": frames, "bytes_per_write": len, "writes": iters,
                "writer_cpu_us_per_write": round(w), "reader_cpu_us_per_write": round(r),
-               "writer_cpu_us_per_frame": round(w / frames as f64) }),
-    )
+               "writer_cpu_us_per_frame": round(w / frames as f64) }))
 }
 
 /// S6: 66-byte frames (64-byte payload + 2-byte WebSocket header), alone and ten per write.
@@ -58,8 +51,5 @@ pub async fn s6(ctx: &Ctx) -> Result<Outcome> {
         Ok((entry(1, 66, iters)?, entry(10, 660, iters)?))
     })
     .await??;
-    Ok(Outcome {
-        ok: true,
-        body: json!({ "result": { "single": single, "ten": batch } }),
-    })
+    Ok(Outcome { ok: true, body: json!({ "result": { "single": single, "ten": batch } }) })
 }

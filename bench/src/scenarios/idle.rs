@@ -21,9 +21,7 @@ pub async fn s3(ctx: &Ctx) -> Result<Outcome> {
     let swarm = Swarm::open(ctx.target()?, spec.clone(), ctx.concurrency()).await?;
     tokio::time::sleep(Duration::from_secs(if ctx.smoke { 1 } else { 3 })).await;
     let after = ctx.server.pss_bytes();
-    let per_conn = before
-        .zip(after)
-        .map(|(b, a)| (a.saturating_sub(b) as f64 / spec.members as f64).round());
+    let per_conn = before.zip(after).map(|(b, a)| (a.saturating_sub(b) as f64 / spec.members as f64).round());
     let failures = swarm.tracker.conn_failures() + swarm.tracker.errors();
     Ok(Outcome {
         ok: failures == 0,

@@ -18,12 +18,7 @@ const WINDOW: u64 = 16;
 
 /// S7: one publisher, 100 members of group 0, 64 KiB payloads, 10 s.
 pub async fn s7(ctx: &Ctx) -> Result<Outcome> {
-    let spec = Spec {
-        members: ctx.pick(&ctx.o.connections, 100, 10),
-        groups: 1,
-        per_conn: 1,
-        publishers: 1,
-    };
+    let spec = Spec { members: ctx.pick(&ctx.o.connections, 100, 10), groups: 1, per_conn: 1, publishers: 1 };
     let size = ctx.pick(&ctx.o.size, 64 * 1024, 64 * 1024);
     let duration = ctx.duration(10.0, 1.5);
     let swarm = Swarm::open(ctx.target()?, spec.clone(), ctx.concurrency()).await?;
@@ -37,27 +32,17 @@ pub async fn s7(ctx: &Ctx) -> Result<Outcome> {
     let mut frame = Vec::new();
     let mut stalled_since = Instant::now();
     while start.elapsed() < duration {
-        let slowest = (0..spec.members)
-            .map(|i| tracker.progress(i))
-            .min()
-            .unwrap_or(0);
+        let slowest = (0..spec.members).map(|i| tracker.progress(i)).min().unwrap_or(0);
         if sent >= slowest + WINDOW {
             if stalled_since.elapsed() > Duration::from_secs(5) {
-                error = Some(format!(
-                    "no progress for 5 s ({sent} sent, slowest member has {slowest})"
-                ));
+                error = Some(format!("no progress for 5 s ({sent} sent, slowest member has {slowest})"));
                 break;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
             continue;
         }
         stalled_since = Instant::now();
-        let p = Payload {
-            publisher: id,
-            seq: sent,
-            send_ns: now_ns(),
-            group: 0,
-        };
+        let p = Payload { publisher: id, seq: sent, send_ns: now_ns(), group: 0 };
         frame.clear();
         ws::encode_text(&wire::send_to_group(0, &p.encode(size)), &mut frame);
         if let Err(e) = ws::send(&sink, &frame).await {
@@ -68,9 +53,7 @@ pub async fn s7(ctx: &Ctx) -> Result<Outcome> {
     }
     // Drain: wait for the window to empty (max 10 s).
     let drain_start = Instant::now();
-    while (0..spec.members).any(|i| tracker.progress(i) < sent)
-        && drain_start.elapsed() < Duration::from_secs(10)
-    {
+    while (0..spec.members).any(|i| tracker.progress(i) < sent) && drain_start.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let elapsed = start.elapsed();

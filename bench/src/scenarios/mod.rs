@@ -40,14 +40,11 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn target(&self) -> Result<&Target> {
-        self.target
-            .as_ref()
-            .context("--addr is required for this scenario")
+        self.target.as_ref().context("--addr is required for this scenario")
     }
     /// Pick the override, else the smoke default, else the full default.
     pub fn pick<T: Clone>(&self, over: &Option<T>, full: T, smoke: T) -> T {
-        over.clone()
-            .unwrap_or(if self.smoke { smoke } else { full })
+        over.clone().unwrap_or(if self.smoke { smoke } else { full })
     }
     pub fn duration(&self, full_s: f64, smoke_s: f64) -> Duration {
         Duration::from_secs_f64(self.pick(&self.o.duration_s, full_s, smoke_s))
@@ -73,9 +70,6 @@ pub async fn run(name: &str, ctx: &Ctx) -> Result<Outcome> {
         "s5" => connect::s5(ctx).await,
         "s6" => floor::s6(ctx).await,
         "s7" => large::s7(ctx).await,
-        other => Ok(Outcome {
-            ok: false,
-            body: json!({ "error": format!("unknown scenario {other}") }),
-        }),
+        other => Ok(Outcome { ok: false, body: json!({ "error": format!("unknown scenario {other}") }) }),
     }
 }

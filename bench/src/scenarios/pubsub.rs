@@ -58,11 +58,7 @@ pub async fn s2(ctx: &Ctx) -> Result<Outcome> {
         per_conn: 1,
         publishers: ctx.pick(&o.publishers, 2, 2),
     };
-    let steps = ctx.pick(
-        &o.steps,
-        vec![100.0, 1000.0, 2000.0, 5000.0, 10000.0, 15000.0, 20000.0],
-        vec![100.0, 500.0],
-    );
+    let steps = ctx.pick(&o.steps, vec![100.0, 1000.0, 2000.0, 5000.0, 10000.0, 15000.0, 20000.0], vec![100.0, 500.0]);
     let size = ctx.pick(&o.size, SIZE, SIZE);
     let duration = ctx.duration(10.0, 1.5);
     let mut swarm = Swarm::open(ctx.target()?, spec.clone(), ctx.concurrency()).await?;

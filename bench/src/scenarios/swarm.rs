@@ -10,11 +10,11 @@ use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
 use crate::conn::{self, Target};
-use crate::ws::Writer;
 use crate::procfs::Server;
 use crate::publisher::{self, Plan};
 use crate::sys::self_cpu_us;
 use crate::tracker::{PhaseReport, Tracker, EPOCH_STRIDE};
+use crate::ws::Writer;
 
 /// Shape of a swarm.
 #[derive(Clone, Debug)]
@@ -95,25 +95,11 @@ impl Swarm {
         let pubs = sinks.split_off(spec.members);
         // Joins were acknowledged; give cross-process subscriptions a moment to settle.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        Ok(Swarm {
-            spec,
-            tracker,
-            pubs,
-            _members: sinks,
-            readers,
-            group_size,
-            setup: start.elapsed(),
-        })
+        Ok(Swarm { spec, tracker, pubs, _members: sinks, readers, group_size, setup: start.elapsed() })
     }
 
     /// Publish `rate` msg/s in total for `duration`, drain, and account.
-    pub async fn phase(
-        &mut self,
-        rate: f64,
-        duration: Duration,
-        size: usize,
-        server: Server,
-    ) -> Phase {
+    pub async fn phase(&mut self, rate: f64, duration: Duration, size: usize, server: Server) -> Phase {
         let epoch = self.tracker.epoch();
         let (cpu0, srv0, del0) = (self_cpu_us(), server.cpu_us(), self.tracker.delivered());
         let start = Instant::now();
@@ -123,13 +109,7 @@ impl Swarm {
             let mut groups: Vec<u32> = (0..self.spec.groups as u32).collect();
             let shift = p % groups.len().max(1);
             groups.rotate_left(shift);
-            let plan = Plan {
-                id: epoch * EPOCH_STRIDE + p as u32,
-                groups,
-                rate: rate / n as f64,
-                duration,
-                size,
-            };
+            let plan = Plan { id: epoch * EPOCH_STRIDE + p as u32, groups, rate: rate / n as f64, duration, size };
             tasks.push(tokio::spawn(async move {
                 let out = publisher::run(&sink, &plan).await;
                 (sink, plan.id, out)
@@ -152,10 +132,7 @@ impl Swarm {
                 Err(e) => errors.push(format!("publisher task: {e}")),
             }
         }
-        let expected: u64 = sent
-            .iter()
-            .map(|((_, g), k)| k * self.group_size.get(g).copied().unwrap_or(0))
-            .sum();
+        let expected: u64 = sent.iter().map(|((_, g), k)| k * self.group_size.get(g).copied().unwrap_or(0)).sum();
         self.drain(del0 + expected).await;
         let elapsed = start.elapsed();
         let (cpu1, srv1) = (self_cpu_us(), server.cpu_us());

@@ -1,0 +1,177 @@
+//! The master's control socket: one request line (`status`, `connections`, `ping`), one JSON
+//! answer line, then the connection closes. Figures are gathered live from each child over its
+//! status link, within `status_timeout_ms`.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use log::warn;
+
+use super::children::{rss_kib, ChildProc, Role};
+use super::Master;
+use crate::control::{binary_identity, ConnectionList, ProcessStats, StatusReport, Totals};
+
+impl Master {
+    pub(super) fn serve_control(&mut self) {
+        loop {
+            match self.control.accept() {
+                Ok((stream, _)) => {
+                    if let Err(e) = self.answer(stream) {
+                        warn!("control request failed: {e}");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!("control accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn answer(&mut self, stream: UnixStream) -> io::Result<()> {
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+        let mut line = String::new();
+        BufReader::new(&stream).take(1024).read_line(&mut line)?;
+        let mut out = &stream;
+        match line.trim() {
+            "status" => {
+                let report = self.status_report();
+                serde_json::to_writer(&mut out, &report).map_err(io::Error::other)?;
+                out.write_all(b"\n")
+            }
+            "connections" => {
+                let list = self.connection_list();
+                serde_json::to_writer(&mut out, &list).map_err(io::Error::other)?;
+                out.write_all(b"\n")
+            }
+            "ping" => out.write_all(b"pong\n"),
+            other => writeln!(out, "error unknown request {other:?}"),
+        }
+    }
+
+    fn status_report(&mut self) -> StatusReport {
+        for slot in &mut self.slots {
+            if let Some(proc) = slot.proc.as_mut() {
+                proc.request("stats");
+            }
+        }
+        for r in &mut self.retiring {
+            r.proc.request("stats");
+        }
+        let deadline = Instant::now() + Duration::from_millis(self.config.status_timeout_ms);
+        let master_pid = std::process::id();
+        let (version, binary_mtime) = binary_identity();
+        let mut processes = vec![ProcessStats {
+            role: "master".into(),
+            pid: master_pid,
+            state: "running".into(),
+            version,
+            binary_mtime,
+            uptime_secs: self.started.elapsed().as_secs(),
+            rss_kib: rss_kib(master_pid),
+            ..Default::default()
+        }];
+        let mut totals = Totals::default();
+        for slot in &mut self.slots {
+            let mut stats = row(slot.role, slot.proc.as_mut(), deadline);
+            stats.restarts = slot.restarts;
+            totals.restarts += u64::from(slot.restarts);
+            processes.push(stats);
+        }
+        for r in &mut self.retiring {
+            let mut stats = row(r.role, Some(&mut r.proc), deadline);
+            stats.state = "retiring".into();
+            processes.push(stats);
+        }
+        for p in processes.iter().filter(|p| p.role == "worker") {
+            totals.connections += p.connections;
+            totals.memberships += p.memberships;
+            totals.messages_in += p.messages_in;
+            totals.messages_out += p.messages_out;
+            totals.published += p.published;
+            totals.send_failures += p.send_failures;
+            totals.bad_requests += p.bad_requests;
+        }
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION").into(),
+            master_pid,
+            uptime_secs: self.started.elapsed().as_secs(),
+            listen: self.listen.to_string(),
+            channel: self.config.channel_listen.to_string(),
+            workers: self.config.workers,
+            load: load_average(),
+            processes,
+            totals,
+            reloads: self.reload.started,
+            reloading: self.reload.in_progress(),
+            last_reload: self.last_reload(),
+            graceful_timeout_ms: self.config.graceful_timeout_ms,
+        }
+    }
+
+    fn connection_list(&mut self) -> ConnectionList {
+        let mut asked = Vec::new();
+        for slot in &mut self.slots {
+            if let (Role::Worker(i), Some(proc)) = (slot.role, slot.proc.as_mut()) {
+                if proc.request("connections") {
+                    asked.push(i);
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_millis(self.config.status_timeout_ms);
+        let mut list = ConnectionList::default();
+        for slot in &mut self.slots {
+            let Role::Worker(i) = slot.role else { continue };
+            let answer = slot
+                .proc
+                .as_mut()
+                .filter(|_| asked.contains(&i))
+                .and_then(|p| p.read_answer(deadline))
+                .and_then(|line| serde_json::from_str::<ConnectionList>(&line).ok());
+            match answer {
+                Some(part) => list.connections.extend(part.connections),
+                None => list.missing_workers.push(i),
+            }
+        }
+        list
+    }
+}
+
+/// One process's row: its own figures if it answered in time, else just what the master knows.
+fn row(role: Role, proc: Option<&mut ChildProc>, deadline: Instant) -> ProcessStats {
+    let mut stats = match proc {
+        Some(proc) => {
+            let pid = proc.pid();
+            let mut s =
+                proc.read_answer(deadline).and_then(|l| serde_json::from_str::<ProcessStats>(&l).ok()).map_or_else(
+                    || ProcessStats { state: "starting".into(), ..Default::default() },
+                    |s| ProcessStats {
+                        state: if s.state.is_empty() { "running".into() } else { s.state.clone() },
+                        ..s
+                    },
+                );
+            s.pid = pid;
+            s.rss_kib = rss_kib(pid);
+            s.uptime_secs = proc.started_at.elapsed().as_secs();
+            s
+        }
+        None => ProcessStats { state: "down".into(), ..Default::default() },
+    };
+    stats.role = match role {
+        Role::Channel => "channel".into(),
+        Role::Worker(_) => "worker".into(),
+    };
+    stats.index = role.index();
+    stats
+}
+
+fn load_average() -> [f64; 3] {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut parts = text.split_whitespace().map(|p| p.parse().unwrap_or(0.0));
+    [parts.next().unwrap_or(0.0), parts.next().unwrap_or(0.0), parts.next().unwrap_or(0.0)]
+}

@@ -1,0 +1,134 @@
+//! A worker's dealings with its master and with signals: answering `stats` and `connections`
+//! over the status link, and stopping, immediately or after letting clients drain.
+
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+
+use super::conn::ConnState;
+use super::Worker;
+use crate::control::{binary_identity, ConnectionInfo, ConnectionList, ProcessStats, Request};
+use crate::ws::close_code;
+
+/// How the worker is stopping.
+pub struct Stopping {
+    /// Close code sent to every client: 1001 for a stop, 1012 when replaced by a reload.
+    pub code: u16,
+    /// Clients still connected then are dropped and the process exits.
+    pub deadline: Instant,
+}
+
+impl Worker {
+    pub(super) fn control_ready(&mut self) {
+        match self.control.read_requests() {
+            Ok(Some(requests)) => {
+                for request in requests {
+                    let sent = match request {
+                        Request::Stats => {
+                            let stats = self.snapshot();
+                            self.control.send_json(&stats)
+                        }
+                        Request::Connections => {
+                            let list = self.connection_list();
+                            self.control.send_json(&list)
+                        }
+                        Request::Shutdown { code, drain_ms } => {
+                            self.shut_down(code, Duration::from_millis(drain_ms));
+                            Ok(())
+                        }
+                    };
+                    if let Err(e) = sent {
+                        warn!("cannot answer the master: {e}");
+                    }
+                }
+                let _ = self.control.flush();
+            }
+            Ok(None) | Err(_) => {
+                error!("lost the link to the master; stopping");
+                self.shut_down(close_code::GOING_AWAY, Duration::from_secs(2));
+            }
+        }
+    }
+
+    fn snapshot(&self) -> ProcessStats {
+        let (version, binary_mtime) = binary_identity();
+        let mut s = self.stats.clone();
+        s.version = version;
+        s.binary_mtime = binary_mtime;
+        s.uptime_secs = self.started.elapsed().as_secs();
+        s.state = if self.stopping.is_some() { "retiring".into() } else { "running".into() };
+        s.connections = self.conns.len() as u64;
+        s.groups = self.groups.len() as u64;
+        s.memberships = self.groups.memberships() as u64;
+        s.channel_connected = self.channel.is_connected();
+        s.channel_dropped = self.channel.dropped;
+        s
+    }
+
+    fn connection_list(&self) -> ConnectionList {
+        let pid = std::process::id();
+        let connections = self
+            .conns
+            .iter()
+            .map(|(_, c)| ConnectionInfo {
+                id: c.id,
+                worker: self.index,
+                worker_pid: pid,
+                peer: c.peer.to_string(),
+                state: match c.state {
+                    ConnState::Handshaking => "handshaking",
+                    ConnState::Open => "open",
+                    ConnState::Closing(_) => "closing",
+                }
+                .into(),
+                groups: c.groups.iter().filter_map(|&g| self.groups.name(g).map(str::to_owned)).collect(),
+                age_secs: c.opened.elapsed().as_secs(),
+                bytes_in: c.bytes_in,
+                bytes_out: c.out.total_written(),
+                messages_in: c.messages_in,
+                messages_out: c.messages_out,
+                send_buffer: c.out.bytes() as u64,
+            })
+            .collect();
+        ConnectionList { connections, missing_workers: Vec::new() }
+    }
+
+    pub(super) fn signals_ready(&mut self) {
+        use signal_hook::consts::SIGQUIT;
+        let mut stop = None;
+        for signal in self.signals.pending() {
+            info!("signal {signal} received");
+            let drain =
+                if signal == SIGQUIT { Duration::from_millis(self.config.graceful_timeout_ms) } else { Duration::ZERO };
+            stop = Some(drain);
+        }
+        if let Some(drain) = stop {
+            self.shut_down(close_code::GOING_AWAY, drain);
+        }
+    }
+
+    /// Stops accepting and closes every client with `code`; the loop ends once they are all
+    /// gone or `drain` has passed. With a zero drain the close frames are written once and
+    /// the worker exits at the end of the turn.
+    pub(super) fn shut_down(&mut self, code: u16, drain: Duration) {
+        let deadline = Instant::now() + drain;
+        if let Some(stopping) = &mut self.stopping {
+            // A second, more urgent request shortens the wait.
+            stopping.deadline = stopping.deadline.min(deadline);
+            return;
+        }
+        info!(
+            "worker {} stopping: closing {} connections with {code}, waiting up to {:?}",
+            self.index,
+            self.conns.len(),
+            drain
+        );
+        self.stopping = Some(Stopping { code, deadline });
+        let _ = self.poll.registry().deregister(&mut self.listener);
+        let reason = if code == close_code::SERVICE_RESTART { "server restarting" } else { "server shutting down" };
+        let open: Vec<usize> = self.conns.iter().filter(|(_, c)| c.state == ConnState::Open).map(|(k, _)| k).collect();
+        for key in open {
+            self.close_conn_until(key, code, reason, deadline);
+        }
+    }
+}

@@ -65,6 +65,8 @@ pub struct ProcessStats {
     pub channel_connected: bool,
     /// Publishes dropped because the channel was unreachable.
     pub channel_dropped: u64,
+    /// Log lines lost because syslog was full or unreachable.
+    pub log_dropped: u64,
 }
 
 /// The child's end of the status link, driven by the child's own event loop.

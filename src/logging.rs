@@ -2,9 +2,12 @@
 //! when daemonized. Every line carries the process role (`master`, `channel`, `worker-3`) and
 //! pid, because every process of an instance writes to the same place.
 
-use std::io::Write;
+use std::io::{BufWriter, Write};
+use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use syslog::{Facility, Formatter3164, LoggerBackend};
@@ -49,16 +52,42 @@ pub fn facility(name: &str) -> Option<Facility> {
 }
 
 /// Sends every further line to the syslog socket at `socket`.
+///
+/// The socket is non-blocking: when syslogd falls behind (Linux queues only
+/// `net.unix.max_dgram_qlen` datagrams, often 10), a line is dropped and counted rather than
+/// freezing the event loop of the process that logs it.
 pub fn use_syslog(socket: &Path, facility_name: &str) -> Result<(), String> {
     let facility = facility(facility_name).ok_or_else(|| format!("unknown syslog facility {facility_name:?}"))?;
     let formatter = Formatter3164 { facility, hostname: None, process: "groupcast".into(), pid: std::process::id() };
-    let writer = syslog::unix_custom(formatter, socket)
-        .map_err(|e| format!("cannot connect to syslog at {}: {e}", socket.display()))?;
+    let connect = || -> std::io::Result<LoggerBackend> {
+        let datagram = UnixDatagram::unbound()?;
+        match datagram.connect(socket) {
+            Ok(()) => {
+                datagram.set_nonblocking(true)?;
+                Ok(LoggerBackend::Unix(datagram))
+            }
+            // Some syslog daemons listen on a stream socket instead.
+            Err(e) if e.raw_os_error() == Some(libc::EPROTOTYPE) => {
+                let stream = UnixStream::connect(socket)?;
+                stream.set_write_timeout(Some(Duration::from_millis(100)))?;
+                Ok(LoggerBackend::UnixStream(BufWriter::new(stream)))
+            }
+            Err(e) => Err(e),
+        }
+    };
+    let backend = connect().map_err(|e| format!("cannot connect to syslog at {}: {e}", socket.display()))?;
     if let Ok(mut sink) = logger().sink.lock() {
-        *sink = Sink::Syslog(writer);
+        *sink = Sink::Syslog(syslog::Logger { formatter, backend });
     }
     Ok(())
 }
+
+/// Lines that could not be written to syslog (it was full or gone).
+pub fn dropped_lines() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+static DROPPED: AtomicU64 = AtomicU64::new(0);
 
 impl Log for ProcessLogger {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
@@ -83,13 +112,16 @@ impl Log for ProcessLogger {
             }
             Sink::Syslog(writer) => {
                 let msg = format!("{role}[{pid}]: {}", record.args());
-                // A lost syslog line must never take a process down.
-                let _ = match record.level() {
+                // A lost syslog line must never take a process down or stall it.
+                let sent = match record.level() {
                     Level::Error => writer.err(msg),
                     Level::Warn => writer.warning(msg),
                     Level::Info => writer.info(msg),
                     Level::Debug | Level::Trace => writer.debug(msg),
                 };
+                if sent.is_err() {
+                    DROPPED.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }

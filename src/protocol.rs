@@ -67,35 +67,36 @@ impl RequestError {
     }
 }
 
-/// The object's fields as raw JSON; unknown fields are ignored, as the seed does.
+/// The object's fields as raw JSON; unknown fields are ignored, as the seed does. A field that
+/// is present is `Some` even when it is `null` (serde's `Option` would make that `None`).
 #[derive(Deserialize)]
 struct RawRequest<'a> {
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     cmd: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     group_id: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     message: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     id: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// Parses one text frame. On error, also returns the request's `id` when it could be read, so
 /// the error frame can carry it.
 pub fn parse_request<'a>(text: &'a str, limits: &Limits) -> Result<Request<'a>, (RequestError, Option<&'a RawValue>)> {
-    let raw: RawRequest<'a> = match serde_json::from_str(text) {
-        Ok(raw) => raw,
-        Err(e) => {
-            let is_object = text.trim_start().starts_with('{');
-            let valid_json = serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok();
-            let err = if valid_json && !is_object {
-                RequestError::NotAnObject
-            } else {
-                RequestError::InvalidJson(e.to_string())
-            };
-            return Err((err, None));
-        }
-    };
+    // Checked first: serde would also accept an array as the struct's fields in order.
+    if !text.trim_start().starts_with('{') {
+        return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Ok(_) => (RequestError::NotAnObject, None),
+            Err(e) => (RequestError::InvalidJson(e.to_string()), None),
+        });
+    }
+    let raw: RawRequest<'a> =
+        serde_json::from_str(text).map_err(|e| (RequestError::InvalidJson(e.to_string()), None))?;
     let id = raw.id;
     parse_command(&raw, limits).map(|command| Request { command, id }).map_err(|e| (e, id))
 }
@@ -198,6 +199,10 @@ mod tests {
             Ok(Command::SendToGroup { group: "g".into(), message: r#"{"a":[1,2]}"#.into() })
         );
         assert_eq!(
+            parse(r#"{"cmd":"send_to_group","group_id":"g","message":null}"#),
+            Ok(Command::SendToGroup { group: "g".into(), message: "null".into() })
+        );
+        assert_eq!(
             parse(r#"{"cmd":"send_to_group","group_id":"g","message":"h\u00e9\"llo"}"#),
             Ok(Command::SendToGroup { group: "g".into(), message: "hé\"llo".into() })
         );
@@ -217,6 +222,8 @@ mod tests {
             RequestError::MissingField("message")
         );
         assert_eq!(parse(r#"{"cmd":7,"group_id":"1"}"#).unwrap_err().code(), "invalid_field");
+        assert_eq!(parse(r#"{"cmd":null,"group_id":"1"}"#).unwrap_err().code(), "invalid_field");
+        assert_eq!(parse(r#"{"cmd":"add_group","group_id":null}"#).unwrap_err().code(), "invalid_field");
     }
 
     #[test]

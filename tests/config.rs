@@ -17,11 +17,7 @@ fn check_delivery(server: &Server) {
     }
     server.wait_subscriptions(clients.len() as u64);
     let flows: Vec<Flow> = (0..server.workers)
-        .map(|w| Flow {
-            sender: on.iter().position(|&x| x == w).unwrap(),
-            group: "c".into(),
-            group_id: json!("c"),
-        })
+        .map(|w| Flow { sender: on.iter().position(|&x| x == w).unwrap(), group: "c".into(), group_id: json!("c") })
         .collect();
     let members: Vec<HashSet<String>> = vec![["c".to_string()].into(); clients.len()];
     exchange(&mut clients, &members, &flows, 5, "cfg");
@@ -40,11 +36,7 @@ fn file_values_are_applied() {
         extra: Vec::new(),
     });
     let report = server.status();
-    assert_eq!(
-        report["listen"],
-        format!("127.0.0.1:{port}"),
-        "listen from the file"
-    );
+    assert_eq!(report["listen"], format!("127.0.0.1:{port}"), "listen from the file");
     assert_eq!(report["workers"], 3);
     let rows = worker_rows(&report);
     assert_eq!(rows.len(), 3, "three worker rows");
@@ -54,9 +46,7 @@ fn file_values_are_applied() {
     }
     check_delivery(&server);
     // log.level = debug: the workers log each connection.
-    wait_for("debug lines in the log", TIMEOUT, || {
-        server.log().contains(" DEBUG ").then_some(())
-    });
+    wait_for("debug lines in the log", TIMEOUT, || server.log().contains(" DEBUG ").then_some(()));
     // limits.max_message_size = 4096: 4097 bytes are refused with 1009.
     let mut c = Client::connect(server.addr);
     c.send(&" ".repeat(4097));
@@ -68,18 +58,11 @@ fn flags_override_the_file() {
     let server = Server::start_with(Opts {
         workers: Some(1),
         listen: Some("127.0.0.1:0".into()),
-        config: Some(format!(
-            "listen = \"127.0.0.1:{}\"\nworkers = 3\n",
-            free_port()
-        )),
+        config: Some(format!("listen = \"127.0.0.1:{}\"\nworkers = 3\n", free_port())),
         extra: Vec::new(),
     });
     let report = server.status();
-    assert_eq!(
-        worker_rows(&report).len(),
-        1,
-        "--workers 1 wins over workers = 3"
-    );
+    assert_eq!(worker_rows(&report).len(), 1, "--workers 1 wins over workers = 3");
     assert_eq!(report["workers"], 1);
     assert_eq!(report["listen"], server.addr.to_string());
     assert_ne!(server.addr.port(), 0);
@@ -89,28 +72,13 @@ fn flags_override_the_file() {
 fn refused(config: &str, key: &str) {
     let dir = TempDir::new("badcfg");
     let path = dir.join("g.toml");
-    let text = if config.starts_with("listen") {
-        config.to_string()
-    } else {
-        format!("listen = \"127.0.0.1:0\"\n{config}")
-    };
+    let text =
+        if config.starts_with("listen") { config.to_string() } else { format!("listen = \"127.0.0.1:0\"\n{config}") };
     std::fs::write(&path, text).unwrap();
     let pid_file = dir.join("g.pid");
-    let run = run_timed(
-        &[
-            "start",
-            "--pid-file",
-            pid_file.to_str().unwrap(),
-            "-c",
-            path.to_str().unwrap(),
-        ],
-        dir.path(),
-    );
+    let run = run_timed(&["start", "--pid-file", pid_file.to_str().unwrap(), "-c", path.to_str().unwrap()], dir.path());
     assert_eq!(run.code, Some(1), "config {config:?}: {run:?}");
-    assert!(
-        run.stderr.contains(key),
-        "config {config:?}: stderr does not name {key:?}: {run:?}"
-    );
+    assert!(run.stderr.contains(key), "config {config:?}: stderr does not name {key:?}: {run:?}");
     assert!(!pid_file.exists(), "a refused config left a pid file");
     assert!(!dir.join("g.ctl.sock").exists());
 }
@@ -118,14 +86,8 @@ fn refused(config: &str, key: &str) {
 #[test]
 fn unknown_keys_are_refused() {
     refused("workers = 2\nbogus = 1\n", "unknown field `bogus`");
-    refused(
-        "[limits]\nmax_mesage_size = 10\n",
-        "unknown field `max_mesage_size`",
-    );
-    refused(
-        "[channel]\nconnect = \"127.0.0.1:1\"\n",
-        "unknown field `connect`",
-    );
+    refused("[limits]\nmax_mesage_size = 10\n", "unknown field `max_mesage_size`");
+    refused("[channel]\nconnect = \"127.0.0.1:1\"\n", "unknown field `connect`");
     refused("[nonsense]\nx = 1\n", "unknown field `nonsense`");
 }
 
@@ -135,23 +97,11 @@ fn bad_values_are_refused() {
     refused("listen = \"nonsense\"\n", "invalid value for `listen`");
     refused("listen = \"127.0.0.1\"\n", "invalid value for `listen`");
     refused("backlog = 0\n", "invalid value for `backlog`");
-    refused(
-        "[channel]\nlisten = \"nowhere\"\n",
-        "invalid value for `channel.listen`",
-    );
+    refused("[channel]\nlisten = \"nowhere\"\n", "invalid value for `channel.listen`");
     refused("[log]\nlevel = \"loud\"\n", "invalid value for `log.level`");
-    refused(
-        "[log]\nsyslog_facility = \"kitchen\"\n",
-        "invalid value for `log.syslog_facility`",
-    );
-    refused(
-        "[limits]\nmax_message_size = 0\n",
-        "invalid value for `limits.max_message_size`",
-    );
-    refused(
-        "[limits]\nmax_groups_per_connection = 0\n",
-        "invalid value for `limits.max_groups_per_connection`",
-    );
+    refused("[log]\nsyslog_facility = \"kitchen\"\n", "invalid value for `log.syslog_facility`");
+    refused("[limits]\nmax_message_size = 0\n", "invalid value for `limits.max_message_size`");
+    refused("[limits]\nmax_groups_per_connection = 0\n", "invalid value for `limits.max_groups_per_connection`");
     // Wrong TOML types name the key too.
     refused("workers = \"two\"\n", "workers");
     refused("workers = -1\n", "workers");
@@ -160,13 +110,7 @@ fn bad_values_are_refused() {
     let dir = TempDir::new("nocfg");
     let missing = dir.join("missing.toml");
     let run = run_timed(
-        &[
-            "start",
-            "-c",
-            missing.to_str().unwrap(),
-            "--pid-file",
-            dir.join("g.pid").to_str().unwrap(),
-        ],
+        &["start", "-c", missing.to_str().unwrap(), "--pid-file", dir.join("g.pid").to_str().unwrap()],
         dir.path(),
     );
     assert_eq!(run.code, Some(1), "{run:?}");
@@ -179,30 +123,15 @@ fn bad_flag_values_are_refused() {
     let pid_file = dir.join("g.pid");
     let pid_file = pid_file.to_str().unwrap();
     for (args, key) in [
-        (
-            vec!["start", "--workers", "0", "--listen", "127.0.0.1:0"],
-            "workers",
-        ),
+        (vec!["start", "--workers", "0", "--listen", "127.0.0.1:0"], "workers"),
         (vec!["start", "--listen", "nonsense"], "listen"),
-        (
-            vec![
-                "start",
-                "--listen",
-                "127.0.0.1:0",
-                "--channel-listen",
-                "nowhere",
-            ],
-            "channel.listen",
-        ),
+        (vec!["start", "--listen", "127.0.0.1:0", "--channel-listen", "nowhere"], "channel.listen"),
     ] {
         let mut args = args;
         args.extend(["--pid-file", pid_file]);
         let run = run_timed(&args, dir.path());
         assert_eq!(run.code, Some(1), "{args:?}: {run:?}");
-        assert!(
-            run.stderr.contains(&format!("invalid value for `{key}`")),
-            "{args:?}: {run:?}"
-        );
+        assert!(run.stderr.contains(&format!("invalid value for `{key}`")), "{args:?}: {run:?}");
     }
 }
 
@@ -210,21 +139,11 @@ fn bad_flag_values_are_refused() {
 fn channel_over_tcp() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let server = Server::start_with(Opts {
-        extra: vec!["--channel-listen".into(), addr.clone()],
-        ..Opts::workers(2)
-    });
+    let server = Server::start_with(Opts { extra: vec!["--channel-listen".into(), addr.clone()], ..Opts::workers(2) });
     let report = server.status();
     assert_eq!(report["channel"], addr);
-    assert_eq!(
-        field(&channel_row(&report), "connections"),
-        2,
-        "both workers connected over TCP"
-    );
-    assert!(
-        !server.pid_file.with_file_name("g.channel.sock").exists(),
-        "no Unix channel socket"
-    );
+    assert_eq!(field(&channel_row(&report), "connections"), 2, "both workers connected over TCP");
+    assert!(!server.pid_file.with_file_name("g.channel.sock").exists(), "no Unix channel socket");
     // The broker really listens there.
     std::net::TcpStream::connect(&addr).expect("channel server on its TCP port");
     check_delivery(&server);
@@ -238,10 +157,7 @@ fn channel_over_a_unix_path_from_the_file() {
         config: Some(format!("[channel]\nlisten = \"unix:{}\"\n", sock.display())),
         ..Opts::workers(2)
     });
-    assert_eq!(
-        server.status()["channel"],
-        format!("unix:{}", sock.display())
-    );
+    assert_eq!(server.status()["channel"], format!("unix:{}", sock.display()));
     assert!(sock.exists());
     check_delivery(&server);
 }

@@ -78,37 +78,18 @@ fn groups_across_workers_deliver_exactly_once() {
         let groups: BTreeSet<&String> = mine.iter().flat_map(|&c| &member_of[c]).collect();
         let members: usize = mine.iter().map(|&c| member_of[c].len()).sum();
         assert!(!mine.is_empty(), "worker {w} got no connection: {on:?}");
-        assert_eq!(
-            field(row, "connections"),
-            mine.len() as u64,
-            "worker {w} connections"
-        );
-        assert_eq!(
-            field(row, "groups"),
-            groups.len() as u64,
-            "worker {w} groups"
-        );
-        assert_eq!(
-            field(row, "memberships"),
-            members as u64,
-            "worker {w} memberships"
-        );
+        assert_eq!(field(row, "connections"), mine.len() as u64, "worker {w} connections");
+        assert_eq!(field(row, "groups"), groups.len() as u64, "worker {w} groups");
+        assert_eq!(field(row, "memberships"), members as u64, "worker {w} memberships");
         assert_eq!(row["state"], "running");
         worker_groups.push(groups.len() as u64);
     }
     assert_eq!(field(&report["totals"], "connections"), CLIENTS as u64);
     assert_eq!(field(&report["totals"], "memberships"), memberships as u64);
     let channel = channel_row(&report);
-    assert_eq!(
-        field(&channel, "connections"),
-        2,
-        "both workers connected to the channel"
-    );
+    assert_eq!(field(&channel, "connections"), 2, "both workers connected to the channel");
     assert_eq!(field(&channel, "groups"), GROUPS as u64);
-    assert_eq!(
-        field(&channel, "memberships"),
-        worker_groups.iter().sum::<u64>()
-    );
+    assert_eq!(field(&channel, "memberships"), worker_groups.iter().sum::<u64>());
 
     // Every client sends to one of its own groups (it must get its own messages back) and to
     // one random group (often one it is not in: then it must get nothing back).
@@ -120,19 +101,13 @@ fn groups_across_workers_deliver_exactly_once() {
             if k == 1 && g == own {
                 continue;
             }
-            flows.push(Flow {
-                sender: c,
-                group: canon(g),
-                group_id: group_id(g, c + k + 1),
-            });
+            flows.push(Flow { sender: c, group: canon(g), group_id: group_id(g, c + k + 1) });
         }
     }
     let senders_on: BTreeSet<usize> = flows.iter().map(|f| on[f.sender]).collect();
     assert_eq!(senders_on.len(), 2, "senders on both workers");
     assert!(
-        flows
-            .iter()
-            .any(|f| !member_of[f.sender].contains(&f.group)),
+        flows.iter().any(|f| !member_of[f.sender].contains(&f.group)),
         "some senders are not members of their target group"
     );
     assert!(
@@ -141,18 +116,15 @@ fn groups_across_workers_deliver_exactly_once() {
     );
 
     let delivered = exchange(&mut clients, &member_of, &flows, PER_FLOW, "x");
-    let expected: usize = flows
-        .iter()
-        .map(|f| member_of.iter().filter(|m| m.contains(&f.group)).count() * (PER_FLOW + 1))
-        .sum();
+    let expected: usize =
+        flows.iter().map(|f| member_of.iter().filter(|m| m.contains(&f.group)).count() * (PER_FLOW + 1)).sum();
     assert_eq!(delivered, expected as u64);
 
     // The servers' own account: each group frame queued once per member, each publish seen
     // once by the broker.
     let sends = (flows.len() * (PER_FLOW + 1)) as u64;
-    let report = server.wait_status("the broker to count every publish", |r| {
-        field(&channel_row(r), "published") >= sends
-    });
+    let report =
+        server.wait_status("the broker to count every publish", |r| field(&channel_row(r), "published") >= sends);
     assert_eq!(field(&report["totals"], "published"), sends);
     assert_eq!(field(&channel_row(&report), "published"), sends);
     assert_eq!(field(&report["totals"], "messages_out"), expected as u64);

@@ -42,23 +42,13 @@ fn leave_group_stops_delivery() {
     let total: usize = member_of.iter().map(HashSet::len).sum();
     let before = server.wait_subscriptions(total as u64);
     for w in 0..2 {
-        assert_eq!(
-            field(&worker_rows(&before)[w], "groups"),
-            2,
-            "A and one solo group"
-        );
+        assert_eq!(field(&worker_rows(&before)[w], "groups"), 2, "A and one solo group");
     }
     assert_eq!(field(&channel_row(&before), "groups"), 3);
 
     // Everyone gets a first round, leavers included.
-    let flows: Vec<Flow> = senders
-        .iter()
-        .map(|&s| Flow {
-            sender: s,
-            group: "A".into(),
-            group_id: json!("A"),
-        })
-        .collect();
+    let flows: Vec<Flow> =
+        senders.iter().map(|&s| Flow { sender: s, group: "A".into(), group_id: json!("A") }).collect();
     exchange(&mut clients, &member_of, &flows, 2, "before");
 
     for &l in &leavers {
@@ -74,16 +64,9 @@ fn leave_group_stops_delivery() {
     for w in 0..2 {
         let row = &worker_rows(&after)[w];
         assert_eq!(field(row, "groups"), 1, "solo group gone from worker {w}");
-        assert_eq!(
-            field(row, "connections"),
-            on.iter().filter(|&&x| x == w).count() as u64
-        );
+        assert_eq!(field(row, "connections"), on.iter().filter(|&&x| x == w).count() as u64);
     }
-    assert_eq!(
-        field(&channel_row(&after), "groups"),
-        1,
-        "solo subscriptions dropped"
-    );
+    assert_eq!(field(&channel_row(&after), "groups"), 1, "solo subscriptions dropped");
     assert_eq!(field(&channel_row(&after), "memberships"), 2);
 
     // Second round: the witnesses on both workers receive everything (exchange checks it),
@@ -91,10 +74,7 @@ fn leave_group_stops_delivery() {
     exchange(&mut clients, &member_of, &flows, 5, "after");
     for &l in &leavers {
         let got = clients[l].sync();
-        assert!(
-            got.is_empty(),
-            "client {l} left A but still received {got:?}"
-        );
+        assert!(got.is_empty(), "client {l} left A but still received {got:?}");
     }
 }
 
@@ -147,11 +127,7 @@ fn disconnect_drops_memberships() {
     for (w, row) in worker_rows(&after).iter().enumerate() {
         let left = on.iter().filter(|&&x| x == w).count() as u64 - 1;
         assert_eq!(field(row, "connections"), left, "worker {w}");
-        assert_eq!(
-            field(row, "memberships"),
-            left,
-            "worker {w}: only A is left"
-        );
+        assert_eq!(field(row, "memberships"), left, "worker {w}: only A is left");
         assert_eq!(field(row, "groups"), 1, "worker {w}: B and only-* are gone");
     }
     assert_eq!(field(&channel_row(&after), "memberships"), 2);
@@ -159,18 +135,11 @@ fn disconnect_drops_memberships() {
     // The others still get everything, from senders on both workers.
     let refs: Vec<&Client> = clients.iter().collect();
     let on = server.workers_of(&refs);
-    let senders = [
-        on.iter().position(|&w| w == 0).unwrap(),
-        on.iter().position(|&w| w == 1).unwrap(),
-    ];
+    let senders = [on.iter().position(|&w| w == 0).unwrap(), on.iter().position(|&w| w == 1).unwrap()];
     let flows: Vec<Flow> = senders
         .iter()
         .flat_map(|&s| {
-            [("A", json!("A")), ("B", json!("B"))].map(|(g, id)| Flow {
-                sender: s,
-                group: g.into(),
-                group_id: id,
-            })
+            [("A", json!("A")), ("B", json!("B"))].map(|(g, id)| Flow { sender: s, group: g.into(), group_id: id })
         })
         .collect();
     exchange(&mut clients, &member_of, &flows, 4, "left");

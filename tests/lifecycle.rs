@@ -19,11 +19,7 @@ fn p(path: &Path) -> &str {
 
 /// The files a running instance keeps beside its pid file.
 fn instance_files(pid_file: &Path) -> [std::path::PathBuf; 3] {
-    [
-        pid_file.to_path_buf(),
-        pid_file.with_file_name("g.ctl.sock"),
-        pid_file.with_file_name("g.channel.sock"),
-    ]
+    [pid_file.to_path_buf(), pid_file.with_file_name("g.ctl.sock"), pid_file.with_file_name("g.channel.sock")]
 }
 
 /// After a stop: no file of the instance, no process of it.
@@ -36,9 +32,7 @@ fn assert_gone(pid_file: &Path, master: u32, children: &[u32]) {
         assert!(!alive(pid), "child {pid} survived the stop");
     }
     // The master itself may need a moment to finish exiting after releasing its lock.
-    wait_for("the master to exit", Duration::from_secs(10), || {
-        (!alive(master)).then_some(())
-    });
+    wait_for("the master to exit", Duration::from_secs(10), || (!alive(master)).then_some(()));
 }
 
 /// A client joins a group and gets its own message back: the instance serves.
@@ -60,9 +54,7 @@ struct Syslog {
 impl Syslog {
     fn bind(path: &Path) -> Syslog {
         let socket = UnixDatagram::bind(path).expect("bind the test's syslog socket");
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -77,11 +69,7 @@ impl Syslog {
                 }
             })
         };
-        Syslog {
-            lines,
-            stop,
-            thread: Some(thread),
-        }
+        Syslog { lines, stop, thread: Some(thread) }
     }
 
     fn lines(&self) -> Vec<String> {
@@ -100,10 +88,7 @@ impl Drop for Syslog {
 
 fn already_running(run: &Run) {
     assert_eq!(run.code, Some(1), "second start: {run:?}");
-    assert!(
-        run.stderr.contains("already running"),
-        "second start: {run:?}"
-    );
+    assert!(run.stderr.contains("already running"), "second start: {run:?}");
 }
 
 #[test]
@@ -113,39 +98,18 @@ fn daemon_start_status_stop() {
     let log_sock = dir.join("log.sock");
     let syslog = Syslog::bind(&log_sock);
     let config = dir.join("g.toml");
-    std::fs::write(
-        &config,
-        format!("[log]\nsyslog_socket = \"{}\"\n", p(&log_sock)),
-    )
-    .unwrap();
+    std::fs::write(&config, format!("[log]\nsyslog_socket = \"{}\"\n", p(&log_sock))).unwrap();
 
     let start = run_timed(
-        &[
-            "start",
-            "-d",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-            "--pid-file",
-            p(&pid_file),
-            "-c",
-            p(&config),
-        ],
+        &["start", "-d", "--listen", "127.0.0.1:0", "--workers", "2", "--pid-file", p(&pid_file), "-c", p(&config)],
         dir.path(),
     );
     // Own the instance before asserting anything, so a failure still kills it.
     let server = Server::adopt_daemon(TempDir::new("daemon-guard"), pid_file.clone(), Some(2));
     assert_eq!(start.code, Some(0), "start -d: {start:?}");
     let announced = format!("groupcast started as a daemon (pid {})", server.master_pid);
-    assert!(
-        start.stdout.contains(&announced),
-        "start -d said {start:?}, expected {announced:?}"
-    );
-    assert_eq!(
-        std::fs::read_to_string(&pid_file).unwrap().trim(),
-        server.master_pid.to_string()
-    );
+    assert!(start.stdout.contains(&announced), "start -d said {start:?}, expected {announced:?}");
+    assert_eq!(std::fs::read_to_string(&pid_file).unwrap().trim(), server.master_pid.to_string());
     for f in instance_files(&pid_file) {
         assert!(f.exists(), "{} missing while running", f.display());
     }
@@ -153,19 +117,11 @@ fn daemon_start_status_stop() {
     // Its log lines go to the configured syslog socket, tagged groupcast, each naming the
     // process that wrote it.
     wait_for("a ready line in syslog", TIMEOUT, || {
-        syslog
-            .lines()
-            .iter()
-            .any(|l| l.contains("groupcast") && l.contains("ready"))
-            .then_some(())
+        syslog.lines().iter().any(|l| l.contains("groupcast") && l.contains("ready")).then_some(())
     });
     for who in ["master[", "channel[", "worker-0[", "worker-1["] {
         wait_for(&format!("syslog lines of {who}"), TIMEOUT, || {
-            syslog
-                .lines()
-                .iter()
-                .any(|l| l.contains("groupcast") && l.contains(who))
-                .then_some(())
+            syslog.lines().iter().any(|l| l.contains("groupcast") && l.contains(who)).then_some(())
         });
     }
 
@@ -176,55 +132,25 @@ fn daemon_start_status_stop() {
     let report = server.status();
     assert_eq!(field(&report, "master_pid"), u64::from(server.master_pid));
     assert_eq!(report["workers"], 2);
-    assert_eq!(
-        report["channel"],
-        format!("unix:{}", p(&pid_file.with_file_name("g.channel.sock")))
-    );
+    assert_eq!(report["channel"], format!("unix:{}", p(&pid_file.with_file_name("g.channel.sock"))));
     assert!(report["version"].as_str().is_some_and(|v| !v.is_empty()));
     assert!(report["load"].as_array().is_some_and(|l| l.len() == 3));
-    let roles: Vec<&str> = report["processes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["role"].as_str().unwrap())
-        .collect();
+    let roles: Vec<&str> =
+        report["processes"].as_array().unwrap().iter().map(|p| p["role"].as_str().unwrap()).collect();
     assert_eq!(roles, ["master", "channel", "worker", "worker"]);
     for proc in report["processes"].as_array().unwrap() {
         assert_eq!(proc["state"], "running");
-        assert!(
-            field(proc, "pid") > 0 && field(proc, "rss_kib") > 0,
-            "{proc}"
-        );
+        assert!(field(proc, "pid") > 0 && field(proc, "rss_kib") > 0, "{proc}");
         assert!(alive(field(proc, "pid") as u32));
     }
     assert_serves(&server);
 
     // A second start of the same instance is refused, daemon or not.
-    let args = [
-        "start",
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "1",
-        "--pid-file",
-        p(&pid_file),
-    ];
+    let args = ["start", "--listen", "127.0.0.1:0", "--workers", "1", "--pid-file", p(&pid_file)];
     already_running(&run_timed(&args, dir.path()));
-    let args = [
-        "start",
-        "-d",
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "1",
-        "--pid-file",
-        p(&pid_file),
-    ];
+    let args = ["start", "-d", "--listen", "127.0.0.1:0", "--workers", "1", "--pid-file", p(&pid_file)];
     already_running(&run_timed(&args, dir.path()));
-    assert_eq!(
-        field(&server.status(), "master_pid"),
-        u64::from(server.master_pid)
-    );
+    assert_eq!(field(&server.status(), "master_pid"), u64::from(server.master_pid));
     assert_serves(&server);
 
     let children = server.child_pids();
@@ -234,28 +160,15 @@ fn daemon_start_status_stop() {
     assert!(stop.stdout.contains("groupcast stopped"), "stop: {stop:?}");
     assert_gone(&pid_file, server.master_pid, &children);
     wait_for("the stop logged in syslog", TIMEOUT, || {
-        syslog
-            .lines()
-            .iter()
-            .any(|l| l.contains("groupcast stopped"))
-            .then_some(())
+        syslog.lines().iter().any(|l| l.contains("groupcast stopped")).then_some(())
     });
-    assert!(
-        std::net::TcpStream::connect(server.addr).is_err(),
-        "the WebSocket port still accepts connections"
-    );
+    assert!(std::net::TcpStream::connect(server.addr).is_err(), "the WebSocket port still accepts connections");
 
     // Nothing runs any more.
     let again = run_timed(&["stop", "--pid-file", p(&pid_file)], dir.path());
     assert_eq!(again.code, Some(1), "second stop: {again:?}");
-    assert!(
-        again.stderr.contains("not running"),
-        "second stop: {again:?}"
-    );
-    let status = run_timed(
-        &["status", "--pid-file", p(&pid_file), "--json"],
-        dir.path(),
-    );
+    assert!(again.stderr.contains("not running"), "second stop: {again:?}");
+    let status = run_timed(&["status", "--pid-file", p(&pid_file), "--json"], dir.path());
     assert_eq!(status.code, Some(1), "status after stop: {status:?}");
     assert!(status.stdout.is_empty(), "status after stop: {status:?}");
 }
@@ -266,41 +179,16 @@ fn daemon_without_syslog_warns_and_serves() {
     let pid_file = dir.join("g.pid");
     let config = dir.join("g.toml");
     let missing = dir.join("no-such-syslog.sock");
-    std::fs::write(
-        &config,
-        format!("[log]\nsyslog_socket = \"{}\"\n", p(&missing)),
-    )
-    .unwrap();
+    std::fs::write(&config, format!("[log]\nsyslog_socket = \"{}\"\n", p(&missing))).unwrap();
     // Global flags before the subcommand work too.
     let start = run_timed(
-        &[
-            "-c",
-            p(&config),
-            "--pid-file",
-            p(&pid_file),
-            "start",
-            "-d",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-        ],
+        &["-c", p(&config), "--pid-file", p(&pid_file), "start", "-d", "--listen", "127.0.0.1:0", "--workers", "1"],
         dir.path(),
     );
-    let server = Server::adopt_daemon(
-        TempDir::new("daemon-nolog-guard"),
-        pid_file.clone(),
-        Some(1),
-    );
+    let server = Server::adopt_daemon(TempDir::new("daemon-nolog-guard"), pid_file.clone(), Some(1));
     assert_eq!(start.code, Some(0), "start -d: {start:?}");
-    assert!(
-        start.stderr.contains("warning"),
-        "no warning about syslog: {start:?}"
-    );
-    assert!(
-        start.stderr.contains(p(&missing)),
-        "warning names the socket: {start:?}"
-    );
+    assert!(start.stderr.contains("warning"), "no warning about syslog: {start:?}");
+    assert!(start.stderr.contains(p(&missing)), "warning names the socket: {start:?}");
     assert_serves(&server);
     let children = server.child_pids();
     let stop = run_timed(&["--pid-file", p(&pid_file), "stop"], dir.path());
@@ -313,34 +201,13 @@ fn foreground_start_refuses_a_second_start_and_stops() {
     let mut server = Server::start_with(Opts::workers(2));
     let pid_file = server.pid_file.clone();
     let dir = server.dir.path().to_path_buf();
-    let args = [
-        "start",
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "1",
-        "--pid-file",
-        p(&pid_file),
-    ];
+    let args = ["start", "--listen", "127.0.0.1:0", "--workers", "1", "--pid-file", p(&pid_file)];
     already_running(&run_timed(&args, &dir));
-    let args = [
-        "start",
-        "-d",
-        "--listen",
-        "127.0.0.1:0",
-        "--pid-file",
-        p(&pid_file),
-    ];
+    let args = ["start", "-d", "--listen", "127.0.0.1:0", "--pid-file", p(&pid_file)];
     already_running(&run_timed(&args, &dir));
     // The refused starts did not disturb the running instance or its files.
-    assert_eq!(
-        std::fs::read_to_string(&pid_file).unwrap().trim(),
-        server.master_pid.to_string()
-    );
-    assert_eq!(
-        field(&server.status(), "master_pid"),
-        u64::from(server.master_pid)
-    );
+    assert_eq!(std::fs::read_to_string(&pid_file).unwrap().trim(), server.master_pid.to_string());
+    assert_eq!(field(&server.status(), "master_pid"), u64::from(server.master_pid));
     assert_serves(&server);
 
     let children = server.child_pids();
@@ -351,11 +218,7 @@ fn foreground_start_refuses_a_second_start_and_stops() {
     // Our child: reap it (a zombie until then) and see it exited cleanly.
     let mut child = server.take_child().unwrap();
     let status = wait_for("the master to exit", TIMEOUT, || child.try_wait().unwrap());
-    assert!(
-        status.success(),
-        "master exited with {status}\n{}",
-        server.log()
-    );
+    assert!(status.success(), "master exited with {status}\n{}", server.log());
     assert_gone(&pid_file, master, &children);
 }
 
@@ -367,11 +230,7 @@ fn sigint_stops_a_foreground_instance() {
     signal(master, libc::SIGINT);
     let mut child = server.take_child().unwrap();
     let status = wait_for("the master to exit", TIMEOUT, || child.try_wait().unwrap());
-    assert!(
-        status.success(),
-        "master exited with {status}\n{}",
-        server.log()
-    );
+    assert!(status.success(), "master exited with {status}\n{}", server.log());
     assert_gone(&server.pid_file, master, &children);
 }
 
@@ -382,10 +241,7 @@ fn stop_and_status_when_nothing_runs() {
     let stop = run_timed(&["stop", "--pid-file", p(&pid_file)], dir.path());
     assert_eq!(stop.code, Some(1), "{stop:?}");
     assert!(stop.stderr.contains("not running"), "{stop:?}");
-    for args in [
-        &["status", "--pid-file", p(&pid_file)][..],
-        &["status", "--pid-file", p(&pid_file), "--json"],
-    ] {
+    for args in [&["status", "--pid-file", p(&pid_file)][..], &["status", "--pid-file", p(&pid_file), "--json"]] {
         let status = run_timed(args, dir.path());
         assert_eq!(status.code, Some(1), "{status:?}");
         assert!(status.stderr.contains("not running"), "{status:?}");
@@ -394,35 +250,22 @@ fn stop_and_status_when_nothing_runs() {
     // A stale pid file and control socket (left by a crash) mean "not running" too, and do
     // not stop a new start.
     std::fs::write(&pid_file, "999999\n").unwrap();
-    let stale =
-        std::os::unix::net::UnixListener::bind(pid_file.with_file_name("g.ctl.sock")).unwrap();
+    let stale = std::os::unix::net::UnixListener::bind(pid_file.with_file_name("g.ctl.sock")).unwrap();
     drop(stale);
     let stop = run_timed(&["stop", "--pid-file", p(&pid_file)], dir.path());
     assert_eq!(stop.code, Some(1), "{stop:?}");
     assert!(stop.stderr.contains("not running"), "{stop:?}");
-    let status = run_timed(
-        &["status", "--pid-file", p(&pid_file), "--json"],
-        dir.path(),
-    );
+    let status = run_timed(&["status", "--pid-file", p(&pid_file), "--json"], dir.path());
     assert_eq!(status.code, Some(1), "{status:?}");
 
     let mut child = std::process::Command::new(bin())
-        .args([
-            "start",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-            "--pid-file",
-            p(&pid_file),
-        ])
+        .args(["start", "--listen", "127.0.0.1:0", "--workers", "1", "--pid-file", p(&pid_file)])
         .stderr(std::fs::File::create(dir.join("stale-start.log")).unwrap())
         .spawn()
         .unwrap();
     // The instance this start creates is owned by a guard as soon as it answers.
-    let server = std::panic::catch_unwind(|| {
-        Server::adopt_daemon(TempDir::new("stale-guard"), pid_file.clone(), Some(1))
-    });
+    let server =
+        std::panic::catch_unwind(|| Server::adopt_daemon(TempDir::new("stale-guard"), pid_file.clone(), Some(1)));
     let server = match server {
         Ok(s) => s,
         Err(e) => {

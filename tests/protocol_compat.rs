@@ -44,11 +44,7 @@ fn messages_are_delivered_as_sent() {
     assert!(on.contains(&1), "members on the other worker: {on:?}");
 
     // Strings as is (escapes decoded), whatever the spelling of the command.
-    deliver(
-        &mut clients,
-        r#"{"cmd":"send_to_group","group_id":"compat","message":"hello"}"#,
-        "hello",
-    );
+    deliver(&mut clients, r#"{"cmd":"send_to_group","group_id":"compat","message":"hello"}"#, "hello");
     deliver(
         &mut clients,
         r#"{ "message" : "quote \" backslash \\ newline \n tab \t é \u00e9 \ud83c\udf89" , "group_id":"compat", "cmd" : "send_to_group" }"#,
@@ -65,55 +61,27 @@ fn messages_are_delivered_as_sent() {
         &json!({"cmd":"send_to_group","group_id":"compat","message":"{\"a\": [1, 2]}"}).to_string(),
         "{\"a\": [1, 2]}",
     );
-    deliver(
-        &mut clients,
-        r#"{"cmd":"send_to_group","group_id":"compat","message":""}"#,
-        "",
-    );
+    deliver(&mut clients, r#"{"cmd":"send_to_group","group_id":"compat","message":""}"#, "");
     // Anything else: its compact JSON text.
-    deliver(
-        &mut clients,
-        r#"{"cmd":"send_to_group","group_id":"compat","message":{"a": [1, 2]}}"#,
-        r#"{"a":[1,2]}"#,
-    );
+    deliver(&mut clients, r#"{"cmd":"send_to_group","group_id":"compat","message":{"a": [1, 2]}}"#, r#"{"a":[1,2]}"#);
     deliver(
         &mut clients,
         r#"{"cmd":"send_to_group","group_id":"compat","message": [ 1 , "✓" , { } ] }"#,
         r#"[1,"✓",{}]"#,
     );
-    deliver(
-        &mut clients,
-        r#"{"cmd":"send_to_group","group_id":"compat","message":42}"#,
-        "42",
-    );
-    deliver(
-        &mut clients,
-        r#"{"cmd":"send_to_group","group_id":"compat","message":-7}"#,
-        "-7",
-    );
-    deliver(
-        &mut clients,
-        r#"{"cmd":"send_to_group","group_id":"compat","message":true}"#,
-        "true",
-    );
+    deliver(&mut clients, r#"{"cmd":"send_to_group","group_id":"compat","message":42}"#, "42");
+    deliver(&mut clients, r#"{"cmd":"send_to_group","group_id":"compat","message":-7}"#, "-7");
+    deliver(&mut clients, r#"{"cmd":"send_to_group","group_id":"compat","message":true}"#, "true");
     deliver(
         &mut clients,
         r#"{"cmd":"send_to_group","group_id":"compat","message":{"k": "héllo ✓ 你好", "n": {"deep": [true, false]}}}"#,
         r#"{"k":"héllo ✓ 你好","n":{"deep":[true,false]}}"#,
     );
     // Unknown fields are ignored, as the seed does.
-    deliver(
-        &mut clients,
-        r#"{"cmd":"send_to_group","group_id":"compat","message":"x","extra":[1]}"#,
-        "x",
-    );
+    deliver(&mut clients, r#"{"cmd":"send_to_group","group_id":"compat","message":"x","extra":[1]}"#, "x");
     // A large message crosses the broker intact.
     let big: String = "0123456789abcdef✓".repeat(4096);
-    deliver(
-        &mut clients,
-        &json!({"cmd":"send_to_group","group_id":"compat","message":big}).to_string(),
-        &big,
-    );
+    deliver(&mut clients, &json!({"cmd":"send_to_group","group_id":"compat","message":big}).to_string(), &big);
     for c in &mut clients {
         c.sync_quiet();
     }
@@ -164,10 +132,7 @@ fn integer_and_string_group_ids_are_one_group() {
     for (i, c) in clients.iter_mut().enumerate() {
         let mut got = c.recv();
         if i == s1 {
-            assert!(
-                got.contains("invalid_field"),
-                "123.0 is not an integer id: {got}"
-            );
+            assert!(got.contains("invalid_field"), "123.0 is not an integer id: {got}");
             got = c.recv();
         }
         assert_eq!(got, "fence", "client {i}");
@@ -178,14 +143,8 @@ fn integer_and_string_group_ids_are_one_group() {
 fn replies_only_when_asked_with_an_id() {
     let server = Server::start_with(Opts::workers(2));
     let mut clients = setup(&server, "r");
-    let ids = [
-        json!("req-1"),
-        json!(17),
-        json!(-3.5),
-        json!({"k": ["nested", 1], "u": "✓"}),
-        json!([1, "two"]),
-        json!(""),
-    ];
+    let ids =
+        [json!("req-1"), json!(17), json!(-3.5), json!({"k": ["nested", 1], "u": "✓"}), json!([1, "two"]), json!("")];
     for id in &ids {
         for cmd in [
             json!({"cmd":"add_group","group_id":"other","id":id}),
@@ -206,10 +165,7 @@ fn replies_only_when_asked_with_an_id() {
     clients[0].send_json(&json!({"cmd":"send_to_group","group_id":"r","message":"with id","id":9}));
     let mut got = vec![clients[0].recv(), clients[0].recv()];
     got.sort();
-    assert_eq!(
-        got,
-        ["with id".to_string(), r#"{"id":9,"ok":true}"#.to_string()]
-    );
+    assert_eq!(got, ["with id".to_string(), r#"{"id":9,"ok":true}"#.to_string()]);
     for c in &mut clients[1..] {
         assert_eq!(c.recv(), "with id", "no reply goes to the other members");
     }

@@ -13,14 +13,7 @@ fn in_group(n: usize, g: &str) -> Vec<HashSet<String>> {
 }
 
 fn flows_from(senders: &[usize], g: &str) -> Vec<Flow> {
-    senders
-        .iter()
-        .map(|&s| Flow {
-            sender: s,
-            group: g.into(),
-            group_id: json!(g),
-        })
-        .collect()
+    senders.iter().map(|&s| Flow { sender: s, group: g.into(), group_id: json!(g) }).collect()
 }
 
 #[test]
@@ -55,29 +48,17 @@ fn killed_worker_is_restarted_and_others_keep_receiving() {
     // The survivors keep receiving from each other all along, whatever the state of worker 0.
     let members = in_group(survivors.len(), "r");
     let senders: Vec<usize> = (0..survivors.len()).collect();
-    exchange(
-        &mut survivors,
-        &members,
-        &flows_from(&senders, "r"),
-        3,
-        "during",
-    );
+    exchange(&mut survivors, &members, &flows_from(&senders, "r"), 3, "during");
 
     let after = server.wait_status("worker 0 to be restarted", |r| {
         let rows = worker_rows(r);
-        rows[0]["state"] == "running"
-            && field(&rows[0], "pid") as u32 != old0
-            && rows[0]["channel_connected"] == true
+        rows[0]["state"] == "running" && field(&rows[0], "pid") as u32 != old0 && rows[0]["channel_connected"] == true
     });
     let rows = worker_rows(&after);
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["index"], 0);
     assert_eq!(field(&rows[0], "restarts"), 1, "{}", rows[0]);
-    assert_eq!(
-        field(&rows[0], "connections"),
-        0,
-        "the new worker starts empty"
-    );
+    assert_eq!(field(&rows[0], "connections"), 0, "the new worker starts empty");
     assert_eq!(field(&rows[1], "pid") as u32, old1, "worker 1 untouched");
     assert_eq!(field(&rows[1], "restarts"), 0);
     assert_eq!(field(&after["totals"], "restarts"), 1);
@@ -102,17 +83,8 @@ fn killed_worker_is_restarted_and_others_keep_receiving() {
     assert_eq!(field(&rows[0], "memberships"), fresh_on_0);
     let refs: Vec<&Client> = clients.iter().collect();
     let on = server.workers_of(&refs);
-    let senders = [
-        on.iter().position(|&w| w == 0).unwrap(),
-        on.iter().position(|&w| w == 1).unwrap(),
-    ];
+    let senders = [on.iter().position(|&w| w == 0).unwrap(), on.iter().position(|&w| w == 1).unwrap()];
     let members = in_group(clients.len(), "r");
-    exchange(
-        &mut clients,
-        &members,
-        &flows_from(&senders, "r"),
-        5,
-        "after",
-    );
+    exchange(&mut clients, &members, &flows_from(&senders, "r"), 5, "after");
     assert_eq!(field(&server.status()["totals"], "restarts"), 1);
 }

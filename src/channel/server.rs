@@ -339,6 +339,7 @@ impl Broker {
                     s.binary_mtime = binary_mtime;
                     s.uptime_secs = self.started.elapsed().as_secs();
                     s.state = "running".into();
+                    s.log_dropped = crate::logging::dropped_lines();
                     let _ = self.control.send_json(&s);
                 }
                 true

@@ -55,9 +55,12 @@ impl PidFile {
         self.lock.sync_data()
     }
 
-    /// Removes the file while still holding the lock; the lock goes when `self` drops.
+    /// Removes the file while still holding the lock. The lock is deliberately not released
+    /// here: it goes with the process, so `stop` (which waits for the lock) returns only once
+    /// the master has really exited.
     pub fn remove(self) {
         let _ = std::fs::remove_file(&self.path);
+        std::mem::forget(self.lock);
     }
 }
 

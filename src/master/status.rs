@@ -74,6 +74,7 @@ impl Master {
             binary_mtime,
             uptime_secs: self.started.elapsed().as_secs(),
             rss_kib: rss_kib(master_pid),
+            log_dropped: crate::logging::dropped_lines(),
             ..Default::default()
         }];
         let mut totals = Totals::default();

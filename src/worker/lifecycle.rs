@@ -62,6 +62,7 @@ impl Worker {
         s.memberships = self.groups.memberships() as u64;
         s.channel_connected = self.channel.is_connected();
         s.channel_dropped = self.channel.dropped;
+        s.log_dropped = crate::logging::dropped_lines();
         s
     }
 

@@ -66,11 +66,7 @@ impl Drop for TempDir {
 
 /// Runs `groupcast ARGS` to completion.
 pub fn groupcast(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run groupcast")
+    Command::new(bin()).args(args).stdin(Stdio::null()).output().expect("run groupcast")
 }
 
 /// The outcome of a command run with `run_timed`.
@@ -127,8 +123,7 @@ pub fn stderr(o: &Output) -> String {
 pub fn proc_state(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // "pid (comm) S ...": comm may contain spaces and parentheses; the state follows the last ')'.
-    stat.rsplit_once(')')
-        .and_then(|(_, rest)| rest.trim_start().chars().next())
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next())
 }
 
 /// Whether `pid` is a live process (a zombie has exited: it only waits to be reaped).
@@ -170,10 +165,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("probe a free port")
-        .port()
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("probe a free port").port()
 }
 
 // ---- the server guard ----------------------------------------------------------------------
@@ -191,21 +183,13 @@ pub struct Opts {
 
 impl Default for Opts {
     fn default() -> Self {
-        Opts {
-            workers: Some(2),
-            listen: Some("127.0.0.1:0".into()),
-            config: None,
-            extra: Vec::new(),
-        }
+        Opts { workers: Some(2), listen: Some("127.0.0.1:0".into()), config: None, extra: Vec::new() }
     }
 }
 
 impl Opts {
     pub fn workers(n: usize) -> Opts {
-        Opts {
-            workers: Some(n),
-            ..Opts::default()
-        }
+        Opts { workers: Some(n), ..Opts::default() }
     }
 }
 
@@ -275,26 +259,18 @@ impl Server {
         let report = loop {
             if self.child.is_none() && self.master_pid == 0 {
                 // A daemon: know its pid early, so the guard can kill it if it never gets ready.
-                if let Some(pid) = std::fs::read_to_string(&self.pid_file)
-                    .ok()
-                    .and_then(|s| s.trim().parse().ok())
-                {
+                if let Some(pid) = std::fs::read_to_string(&self.pid_file).ok().and_then(|s| s.trim().parse().ok()) {
                     self.master_pid = pid;
                 }
             }
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
-                        "groupcast start exited with {status} before it was ready:\n{}",
-                        self.log()
-                    );
+                    panic!("groupcast start exited with {status} before it was ready:\n{}", self.log());
                 }
             }
             if let Ok(r) = self.try_status() {
                 let ws = worker_rows(&r);
-                let all_running = r["processes"]
-                    .as_array()
-                    .is_some_and(|p| p.iter().all(|p| p["state"] == "running"));
+                let all_running = r["processes"].as_array().is_some_and(|p| p.iter().all(|p| p["state"] == "running"));
                 let connected = ws.iter().all(|w| w["channel_connected"] == true);
                 let count_ok = workers.is_none_or(|n| ws.len() == n);
                 if all_running && connected && count_ok && !ws.is_empty() {
@@ -302,10 +278,7 @@ impl Server {
                 }
             }
             if Instant::now() >= deadline {
-                panic!(
-                    "groupcast did not become ready in {TIMEOUT:?}:\n{}",
-                    self.log()
-                );
+                panic!("groupcast did not become ready in {TIMEOUT:?}:\n{}", self.log());
             }
             sleep(POLL);
         };
@@ -344,8 +317,7 @@ impl Server {
     }
 
     pub fn status(&self) -> Value {
-        self.try_status()
-            .unwrap_or_else(|e| panic!("{e}\n{}", self.log()))
+        self.try_status().unwrap_or_else(|e| panic!("{e}\n{}", self.log()))
     }
 
     /// Polls status until `pred` holds; panics with the last report otherwise.
@@ -357,10 +329,7 @@ impl Server {
                 return r;
             }
             if Instant::now() >= deadline {
-                panic!(
-                    "timed out waiting for {what}; last status:\n{}",
-                    serde_json::to_string_pretty(&r).unwrap()
-                );
+                panic!("timed out waiting for {what}; last status:\n{}", serde_json::to_string_pretty(&r).unwrap());
             }
             sleep(POLL);
         }
@@ -370,20 +339,12 @@ impl Server {
     /// one subscription per (worker, group with local members): from then on a publish reaches
     /// every member.
     pub fn wait_subscriptions(&self, memberships: u64) -> Value {
-        self.wait_status(
-            &format!("{memberships} memberships with their channel subscriptions"),
-            |r| {
-                let groups: u64 = worker_rows(r)
-                    .iter()
-                    .map(|w| w["groups"].as_u64().unwrap())
-                    .sum();
-                r["totals"]["memberships"] == memberships
-                    && channel_row(r)["memberships"] == groups
-                    && worker_rows(r)
-                        .iter()
-                        .all(|w| w["channel_connected"] == true)
-            },
-        )
+        self.wait_status(&format!("{memberships} memberships with their channel subscriptions"), |r| {
+            let groups: u64 = worker_rows(r).iter().map(|w| w["groups"].as_u64().unwrap()).sum();
+            r["totals"]["memberships"] == memberships
+                && channel_row(r)["memberships"] == groups
+                && worker_rows(r).iter().all(|w| w["channel_connected"] == true)
+        })
     }
 
     /// Every pid seen so far in status, the master's included.
@@ -394,10 +355,7 @@ impl Server {
     /// Pids of the children (channel server, workers) seen so far in status.
     pub fn child_pids(&self) -> Vec<u32> {
         let master = self.master_pid;
-        self.seen_pids()
-            .into_iter()
-            .filter(|&p| p != master)
-            .collect()
+        self.seen_pids().into_iter().filter(|&p| p != master).collect()
     }
 
     /// The foreground master's `Child`, to wait for it.
@@ -425,10 +383,8 @@ impl Server {
             for fd in fds.flatten() {
                 if let Ok(target) = std::fs::read_link(fd.path()) {
                     let t = target.to_string_lossy();
-                    if let Some(inode) = t
-                        .strip_prefix("socket:[")
-                        .and_then(|s| s.strip_suffix(']'))
-                        .and_then(|s| s.parse().ok())
+                    if let Some(inode) =
+                        t.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')).and_then(|s| s.parse().ok())
                     {
                         inode_owner.insert(inode, index);
                     }
@@ -452,12 +408,8 @@ impl Server {
         ports
             .iter()
             .map(|port| {
-                let inode = by_peer
-                    .get(port)
-                    .unwrap_or_else(|| panic!("no server socket for client port {port}"));
-                *inode_owner
-                    .get(inode)
-                    .unwrap_or_else(|| panic!("no worker holds client port {port}"))
+                let inode = by_peer.get(port).unwrap_or_else(|| panic!("no server socket for client port {port}"));
+                *inode_owner.get(inode).unwrap_or_else(|| panic!("no worker holds client port {port}"))
             })
             .collect()
     }
@@ -476,10 +428,7 @@ impl Server {
                 return (clients, on);
             }
         }
-        panic!(
-            "256 connections did not reach every one of {} workers",
-            self.workers
-        );
+        panic!("256 connections did not reach every one of {} workers", self.workers);
     }
 
     /// Stops the instance and forgets it (used by tests that check the stop itself).
@@ -501,10 +450,7 @@ impl Server {
                 let _ = child.kill();
             }
             let _ = child.wait();
-        } else if self.master_pid > 0
-            && alive(self.master_pid)
-            && belongs_to(self.master_pid, &self.pid_file)
-        {
+        } else if self.master_pid > 0 && alive(self.master_pid) && belongs_to(self.master_pid, &self.pid_file) {
             signal(self.master_pid, libc::SIGTERM);
             while Instant::now() < deadline && alive(self.master_pid) {
                 sleep(POLL);
@@ -552,12 +498,7 @@ fn start_args(dir: &TempDir, pid_file: &Path, opts: &Opts) -> Vec<String> {
 pub fn worker_rows(r: &Value) -> Vec<Value> {
     let mut rows: Vec<Value> = r["processes"]
         .as_array()
-        .map(|p| {
-            p.iter()
-                .filter(|p| p["role"] == "worker")
-                .cloned()
-                .collect()
-        })
+        .map(|p| p.iter().filter(|p| p["role"] == "worker").cloned().collect())
         .unwrap_or_default();
     rows.sort_by_key(|w| w["index"].as_u64());
     rows
@@ -571,9 +512,7 @@ pub fn channel_row(r: &Value) -> Value {
 }
 
 pub fn field(row: &Value, name: &str) -> u64 {
-    row[name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no integer `{name}` in {row}"))
+    row[name].as_u64().unwrap_or_else(|| panic!("no integer `{name}` in {row}"))
 }
 
 // ---- WebSocket clients ---------------------------------------------------------------------
@@ -604,17 +543,11 @@ impl Client {
                 Err(e) => panic!("WebSocket handshake failed: {e}"),
             }
         };
-        Client {
-            ws,
-            port,
-            next_id: 0,
-        }
+        Client { ws, port, next_id: 0 }
     }
 
     pub fn send(&mut self, text: &str) {
-        self.ws
-            .send(Message::text(text))
-            .unwrap_or_else(|e| panic!("send {text:?}: {e}"));
+        self.ws.send(Message::text(text)).unwrap_or_else(|e| panic!("send {text:?}: {e}"));
     }
 
     pub fn send_json(&mut self, v: &Value) {
@@ -635,19 +568,12 @@ impl Client {
 
     /// The next message of any kind, or `None` if nothing came within `timeout`.
     pub fn next_message(&mut self, timeout: Duration) -> Option<Message> {
-        self.ws
-            .get_mut()
-            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
-            .unwrap();
+        self.ws.get_mut().set_read_timeout(Some(timeout.max(Duration::from_millis(1)))).unwrap();
         let result = self.ws.read();
         self.ws.get_mut().set_read_timeout(Some(TIMEOUT)).unwrap();
         match result {
             Ok(m) => Some(m),
-            Err(tungstenite::Error::Io(e))
-                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-            {
-                None
-            }
+            Err(tungstenite::Error::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => None,
             Err(e) => panic!("read failed: {e}"),
         }
     }
@@ -707,13 +633,8 @@ impl Client {
     pub fn expect_dropped(&mut self) {
         match self.ws.read() {
             Err(tungstenite::Error::Io(e))
-                if matches!(
-                    e.kind(),
-                    ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof
-                ) => {}
-            Err(tungstenite::Error::Protocol(
-                tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-            )) => {}
+                if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof) => {}
+            Err(tungstenite::Error::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake)) => {}
             other => panic!("expected the connection to drop, got {other:?}"),
         }
     }
@@ -750,10 +671,7 @@ impl RawWs {
                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
             )
             .unwrap();
-        let mut raw = RawWs {
-            stream,
-            buf: Vec::new(),
-        };
+        let mut raw = RawWs { stream, buf: Vec::new() };
         let head_end = loop {
             if let Some(i) = raw.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break i + 4;
@@ -761,14 +679,8 @@ impl RawWs {
             raw.fill();
         };
         let head = String::from_utf8_lossy(&raw.buf[..head_end]).into_owned();
-        assert!(
-            head.starts_with("HTTP/1.1 101 "),
-            "handshake refused: {head}"
-        );
-        assert!(
-            head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
-            "bad accept key: {head}"
-        );
+        assert!(head.starts_with("HTTP/1.1 101 "), "handshake refused: {head}");
+        assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "bad accept key: {head}");
         raw.buf.drain(..head_end);
         raw
     }
@@ -786,9 +698,7 @@ impl RawWs {
 
     /// Writes one frame: `first` is FIN/RSV/opcode, masked unless `masked` is false.
     pub fn write_frame(&mut self, first: u8, payload: &[u8], masked: bool) {
-        self.stream
-            .write_all(&encode_frame(first, payload, masked))
-            .unwrap();
+        self.stream.write_all(&encode_frame(first, payload, masked)).unwrap();
     }
 
     /// The next frame from the server: (first byte, payload); `None` at end of stream.
@@ -796,13 +706,10 @@ impl RawWs {
         loop {
             if self.buf.len() >= 2 {
                 let (len, head) = match self.buf[1] & 0x7f {
-                    126 if self.buf.len() >= 4 => {
-                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+                    126 if self.buf.len() >= 4 => (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4),
+                    127 if self.buf.len() >= 10 => {
+                        (u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize, 10)
                     }
-                    127 if self.buf.len() >= 10 => (
-                        u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
-                        10,
-                    ),
                     126 | 127 => (usize::MAX, 0),
                     n => (n as usize, 2),
                 };
@@ -909,44 +816,26 @@ pub struct Flow {
 /// every client received, from each flow to a group it is a member of (`member_of[client]`),
 /// exactly the `count` messages in order, then the fence; and nothing from any other group.
 /// Returns the number of group frames delivered.
-pub fn exchange(
-    clients: &mut [Client],
-    member_of: &[HashSet<String>],
-    flows: &[Flow],
-    count: usize,
-    tag: &str,
-) -> u64 {
+pub fn exchange(clients: &mut [Client], member_of: &[HashSet<String>], flows: &[Flow], count: usize, tag: &str) -> u64 {
     assert_eq!(clients.len(), member_of.len());
     for seq in 0..count {
         for f in flows {
-            clients[f.sender].send_to_group(
-                &f.group_id,
-                &format!("{tag}|{}|{}|{seq}", f.sender, f.group),
-            );
+            clients[f.sender].send_to_group(&f.group_id, &format!("{tag}|{}|{}|{seq}", f.sender, f.group));
         }
     }
     for f in flows {
-        clients[f.sender].send_to_group(
-            &f.group_id,
-            &format!("{tag}|{}|{}|fence", f.sender, f.group),
-        );
+        clients[f.sender].send_to_group(&f.group_id, &format!("{tag}|{}|{}|fence", f.sender, f.group));
     }
     let mut delivered = 0u64;
     for (c, client) in clients.iter_mut().enumerate() {
-        let expected: BTreeSet<(usize, String)> = flows
-            .iter()
-            .filter(|f| member_of[c].contains(&f.group))
-            .map(|f| (f.sender, f.group.clone()))
-            .collect();
+        let expected: BTreeSet<(usize, String)> =
+            flows.iter().filter(|f| member_of[c].contains(&f.group)).map(|f| (f.sender, f.group.clone())).collect();
         let mut got: BTreeMap<(usize, String), Vec<usize>> = BTreeMap::new();
         let mut fenced: BTreeSet<(usize, String)> = BTreeSet::new();
         while fenced.len() < expected.len() {
             let text = client.recv();
             let parts: Vec<&str> = text.split('|').collect();
-            assert!(
-                parts.len() == 4 && parts[0] == tag,
-                "client {c}: unexpected frame {text:?}"
-            );
+            assert!(parts.len() == 4 && parts[0] == tag, "client {c}: unexpected frame {text:?}");
             let key = (parts[1].parse::<usize>().unwrap(), parts[2].to_owned());
             assert!(
                 member_of[c].contains(&key.1),
@@ -954,10 +843,7 @@ pub fn exchange(
                 key.1
             );
             assert!(expected.contains(&key), "client {c}: {text:?} from no flow");
-            assert!(
-                !fenced.contains(&key),
-                "client {c}: {text:?} after its fence"
-            );
+            assert!(!fenced.contains(&key), "client {c}: {text:?} after its fence");
             delivered += 1;
             if parts[3] == "fence" {
                 fenced.insert(key);

@@ -178,8 +178,37 @@ fn render_status(r: &StatusReport) -> String {
     }
     out += if r.reloading { "  RELOADING\n" } else { "\n" };
     out += &format!(
-        "connections {}  memberships {}  messages in {}  out {}  published {}  send failures {}  bad requests {}  restarts {}\n\n",
+        "connections {}  memberships {}  messages in {}  out {}  published {}  send failures {}  bad requests {}  restarts {}\n",
         t.connections, t.memberships, t.messages_in, t.messages_out, t.published, t.send_failures, t.bad_requests, t.restarts
+    );
+    let l = &r.limits;
+    out += &format!(
+        "limits: conns {}/worker (total {})  frame {}  message {}  groups/conn {}  group id {}  send buffer {} ({:?})\n        handshake {}ms  ping {}ms  idle {}ms  commands {}/s burst {}\n",
+        l.max_connections_per_worker,
+        l.max_connections,
+        l.max_frame_size,
+        l.max_message_size,
+        l.max_groups_per_connection,
+        l.max_group_id_len,
+        l.send_buffer_limit,
+        l.slow_client,
+        l.handshake_timeout_ms,
+        l.ping_interval_ms,
+        l.idle_timeout_ms,
+        l.commands_per_second,
+        l.commands_burst
+    );
+    out += &format!(
+        "limit hits: refused conns {}  oversized {}  too many groups {}  rate limited {}  slow closed {}  slow dropped {}  handshake timeouts {}  idle timeouts {}  protocol errors {}\n\n",
+        t.rejected_connections,
+        t.oversized,
+        t.too_many_groups,
+        t.rate_limited,
+        t.slow_closed,
+        t.slow_dropped,
+        t.handshake_timeouts,
+        t.idle_timeouts,
+        t.protocol_errors
     );
     out += &format!(
         "{:<10} {:>8} {:<9} {:<8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>10} {:>10} {:>9} {:>8} {:>8}\n",

@@ -27,6 +27,13 @@ pub const DEFAULT_MAX_GROUP_ID_LEN: usize = 256;
 pub const DEFAULT_MAX_GROUPS_PER_CONNECTION: usize = 1024;
 /// Bytes queued for one slow client before it is disconnected.
 pub const DEFAULT_SEND_BUFFER_LIMIT: usize = 4 << 20;
+pub const DEFAULT_MAX_CONNECTIONS_PER_WORKER: usize = 65536;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1 << 20;
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_PING_INTERVAL_MS: u64 = 30_000;
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 75_000;
+pub const DEFAULT_COMMANDS_PER_SECOND: u32 = 200;
+pub const DEFAULT_COMMANDS_BURST: u32 = 400;
 /// Bytes the broker queues for one channel peer before it cuts that peer off.
 pub const DEFAULT_CHANNEL_PEER_BUFFER_LIMIT: usize = 256 << 20;
 /// Largest channel frame accepted from a peer, in bytes.
@@ -81,27 +88,101 @@ impl fmt::Display for ChannelAddr {
     }
 }
 
-/// Client-facing limits; each has a counter in `status` when it is hit.
+/// What happens to a client whose send buffer passes `send_buffer_limit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlowClient {
+    /// Close it with 1008 (the default): it reconnects and catches up from the application.
+    Close,
+    /// Drop its oldest queued group messages; if it asked for replies, tell it how many it
+    /// missed once it has caught up.
+    Drop,
+}
+
+/// Client-facing limits; each has a counter in `status` when it is hit. Written as the
+/// `[limits]` table of the config file; a missing key keeps its default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Largest client message in bytes (default 1 MiB); larger ones close with 1009.
+    /// Open connections per worker (default 65536); more are answered 503 and closed.
+    pub max_connections_per_worker: usize,
+    /// Open connections of the whole instance (default 1048576), enforced as an equal share
+    /// per worker (the kernel spreads connections evenly over the workers).
+    pub max_connections: usize,
+    /// Largest single WebSocket frame in bytes (default 1 MiB); larger ones close with 1009.
+    pub max_frame_size: usize,
+    /// Largest client message in bytes, after reassembling fragments (default 1 MiB); 1009.
     pub max_message_size: usize,
     /// Longest group id in bytes (default 256).
     pub max_group_id_len: usize,
     /// Most groups per connection (default 1024).
     pub max_groups_per_connection: usize,
-    /// Bytes queued for one client before it is disconnected as too slow (default 4 MiB).
+    /// Bytes queued for one client before `slow_client` applies (default 4 MiB).
     pub send_buffer_limit: usize,
+    /// Policy for clients that do not read fast enough (default close).
+    pub slow_client: SlowClient,
+    /// Time to complete the HTTP upgrade, ms (default 10000): slowloris protection.
+    pub handshake_timeout_ms: u64,
+    /// Silence after which the server pings a client, ms (default 30000).
+    pub ping_interval_ms: u64,
+    /// Silence after which a client is closed with 1001, ms (default 75000; 0 disables).
+    pub idle_timeout_ms: u64,
+    /// Commands a client may send per second on average (default 200).
+    pub commands_per_second: u32,
+    /// Commands a client may send at once above that rate (default 400).
+    pub commands_burst: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
+            max_connections_per_worker: DEFAULT_MAX_CONNECTIONS_PER_WORKER,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_frame_size: DEFAULT_MAX_MESSAGE_SIZE,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             max_group_id_len: DEFAULT_MAX_GROUP_ID_LEN,
             max_groups_per_connection: DEFAULT_MAX_GROUPS_PER_CONNECTION,
             send_buffer_limit: DEFAULT_SEND_BUFFER_LIMIT,
+            slow_client: SlowClient::Close,
+            handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
+            ping_interval_ms: DEFAULT_PING_INTERVAL_MS,
+            idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+            commands_per_second: DEFAULT_COMMANDS_PER_SECOND,
+            commands_burst: DEFAULT_COMMANDS_BURST,
         }
+    }
+}
+
+impl Limits {
+    /// Connections one of `workers` workers may hold: its share of the total, at most the
+    /// per-worker limit.
+    pub fn connections_per_worker(&self, workers: usize) -> usize {
+        self.max_connections_per_worker.min(self.max_connections.div_ceil(workers.max(1)))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let at_least = |key: &'static str, value: u64, min: u64, unit: &str| {
+            if value < min {
+                Err(invalid(key, format!("{value} is below the minimum of {min}{unit}")))
+            } else {
+                Ok(())
+            }
+        };
+        at_least("limits.max_connections_per_worker", self.max_connections_per_worker as u64, 1, "")?;
+        at_least("limits.max_connections", self.max_connections as u64, 1, "")?;
+        at_least("limits.max_frame_size", self.max_frame_size as u64, 16, " bytes")?;
+        at_least("limits.max_message_size", self.max_message_size as u64, 16, " bytes")?;
+        at_least("limits.max_group_id_len", self.max_group_id_len as u64, 1, " bytes")?;
+        at_least("limits.max_groups_per_connection", self.max_groups_per_connection as u64, 1, "")?;
+        at_least("limits.send_buffer_limit", self.send_buffer_limit as u64, 1024, " bytes")?;
+        at_least("limits.handshake_timeout_ms", self.handshake_timeout_ms, 100, " ms")?;
+        at_least("limits.ping_interval_ms", self.ping_interval_ms, 100, " ms")?;
+        at_least("limits.commands_per_second", u64::from(self.commands_per_second), 1, "")?;
+        at_least("limits.commands_burst", u64::from(self.commands_burst), 1, "")?;
+        if self.idle_timeout_ms != 0 && self.idle_timeout_ms <= self.ping_interval_ms {
+            return Err(invalid("limits.idle_timeout_ms", "must be 0 (off) or longer than limits.ping_interval_ms"));
+        }
+        Ok(())
     }
 }
 
@@ -190,7 +271,7 @@ struct FileConfig {
     group: Option<String>,
     channel: Option<FileChannel>,
     log: Option<FileLog>,
-    limits: Option<FileLimits>,
+    limits: Option<Limits>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -207,15 +288,6 @@ struct FileLog {
     level: Option<String>,
     syslog_socket: Option<PathBuf>,
     syslog_facility: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileLimits {
-    max_message_size: Option<usize>,
-    max_group_id_len: Option<usize>,
-    max_groups_per_connection: Option<usize>,
-    send_buffer_limit: Option<usize>,
 }
 
 /// Command-line values that override the file (from `groupcast start` and friends).
@@ -292,18 +364,8 @@ impl Config {
         if let Some(facility) = log.syslog_facility {
             config.syslog_facility = facility;
         }
-        let limits = file.limits.unwrap_or_default();
-        if let Some(v) = limits.max_message_size {
-            config.limits.max_message_size = v;
-        }
-        if let Some(v) = limits.max_group_id_len {
-            config.limits.max_group_id_len = v;
-        }
-        if let Some(v) = limits.max_groups_per_connection {
-            config.limits.max_groups_per_connection = v;
-        }
-        if let Some(v) = limits.send_buffer_limit {
-            config.limits.send_buffer_limit = v;
+        if let Some(limits) = file.limits {
+            config.limits = limits;
         }
         if let Some(v) = file.status_timeout_ms {
             config.status_timeout_ms = v;
@@ -344,19 +406,7 @@ impl Config {
                 format!("{:?} is not a syslog facility (daemon, user, local0..local7)", self.syslog_facility),
             ));
         }
-        let l = &self.limits;
-        if l.max_message_size < 16 {
-            return Err(invalid("limits.max_message_size", "must be at least 16 bytes"));
-        }
-        if l.max_group_id_len == 0 {
-            return Err(invalid("limits.max_group_id_len", "must be at least 1"));
-        }
-        if l.max_groups_per_connection == 0 {
-            return Err(invalid("limits.max_groups_per_connection", "must be at least 1"));
-        }
-        if l.send_buffer_limit < 1024 {
-            return Err(invalid("limits.send_buffer_limit", "must be at least 1024 bytes"));
-        }
+        self.limits.validate()?;
         if self.graceful_timeout_ms == 0 {
             return Err(invalid("graceful_timeout_ms", "must be at least 1"));
         }

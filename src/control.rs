@@ -61,6 +61,22 @@ pub struct ProcessStats {
     pub protocol_errors: u64,
     /// Clients cut off because their send buffer passed `limits.send_buffer_limit`.
     pub slow_closed: u64,
+    /// Group messages dropped for slow clients (`slow_client = "drop"`).
+    pub slow_dropped: u64,
+    /// Connections refused with 503 because the worker was at its connection limit.
+    pub rejected_connections: u64,
+    /// Frames or messages over `max_frame_size` / `max_message_size` (closed with 1009).
+    pub oversized: u64,
+    /// `add_group` refused by `max_groups_per_connection`.
+    pub too_many_groups: u64,
+    /// Commands refused by the per-connection rate limit.
+    pub rate_limited: u64,
+    /// Connections that did not complete the handshake in time.
+    pub handshake_timeouts: u64,
+    /// Connections closed after `idle_timeout_ms` of silence.
+    pub idle_timeouts: u64,
+    /// Pings sent to silent clients.
+    pub pings_sent: u64,
     /// Whether the worker's channel client is connected.
     pub channel_connected: bool,
     /// Publishes dropped because the channel was unreachable.
@@ -226,6 +242,8 @@ pub struct StatusReport {
     pub last_reload: Option<ReloadOutcome>,
     /// How long a graceful stop waits for clients, so `stop -g` knows how long to wait.
     pub graceful_timeout_ms: u64,
+    /// The client limits in force (of the running config).
+    pub limits: crate::config::Limits,
 }
 
 /// How the most recent reload ended.
@@ -261,4 +279,13 @@ pub struct Totals {
     pub send_failures: u64,
     pub bad_requests: u64,
     pub restarts: u64,
+    pub protocol_errors: u64,
+    pub slow_closed: u64,
+    pub slow_dropped: u64,
+    pub rejected_connections: u64,
+    pub oversized: u64,
+    pub too_many_groups: u64,
+    pub rate_limited: u64,
+    pub handshake_timeouts: u64,
+    pub idle_timeouts: u64,
 }

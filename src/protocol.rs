@@ -51,6 +51,8 @@ pub enum RequestError {
     UnknownCmd(String),
     #[error("this connection is already in {0} groups, the most allowed")]
     TooManyGroups(usize),
+    #[error("more than {0} commands per second: command refused")]
+    RateLimited(u32),
 }
 
 impl RequestError {
@@ -63,6 +65,7 @@ impl RequestError {
             RequestError::InvalidField { .. } => "invalid_field",
             RequestError::UnknownCmd(_) => "unknown_cmd",
             RequestError::TooManyGroups(_) => "too_many_groups",
+            RequestError::RateLimited(_) => "rate_limited",
         }
     }
 }

@@ -100,6 +100,7 @@ fn bind_all(config: &Config) -> anyhow::Result<Bound> {
 /// `groupcast start [-d]`.
 pub fn start(mut config: Config, source: ConfigSource, daemon: bool) -> anyhow::Result<()> {
     let exe = current_exe()?;
+    raise_open_file_limit(&config);
     let bound = bind_all(&config)?;
     if !daemon {
         return run(config, source, exe, bound, None);
@@ -147,6 +148,24 @@ pub fn start(mut config: Config, source: ConfigSource, daemon: bool) -> anyhow::
             result
         }
         daemonize::Outcome::Child(Err(e)) => bail!("cannot daemonize: {e}"),
+    }
+}
+
+/// One descriptor per client: raise the soft limit to the hard one (children inherit it) and
+/// say so if the connection limits cannot be reached under it.
+fn raise_open_file_limit(config: &Config) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+        warn!("cannot raise the open-file limit from {soft} to {hard}");
+    }
+    let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s);
+    let wanted = config.limits.connections_per_worker(config.workers) as u64 + 64;
+    if wanted > limit {
+        warn!(
+            "open-file limit {limit} is below the {wanted} descriptors a worker may need for \
+             limits.max_connections_per_worker; accept will pause when it runs out (raise LimitNOFILE / ulimit -n)"
+        );
     }
 }
 

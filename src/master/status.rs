@@ -97,6 +97,15 @@ impl Master {
             totals.published += p.published;
             totals.send_failures += p.send_failures;
             totals.bad_requests += p.bad_requests;
+            totals.protocol_errors += p.protocol_errors;
+            totals.slow_closed += p.slow_closed;
+            totals.slow_dropped += p.slow_dropped;
+            totals.rejected_connections += p.rejected_connections;
+            totals.oversized += p.oversized;
+            totals.too_many_groups += p.too_many_groups;
+            totals.rate_limited += p.rate_limited;
+            totals.handshake_timeouts += p.handshake_timeouts;
+            totals.idle_timeouts += p.idle_timeouts;
         }
         StatusReport {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -112,6 +121,7 @@ impl Master {
             reloading: self.reload.in_progress(),
             last_reload: self.last_reload(),
             graceful_timeout_ms: self.config.graceful_timeout_ms,
+            limits: self.config.limits.clone(),
         }
     }
 

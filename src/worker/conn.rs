@@ -20,6 +20,20 @@ pub enum AfterFlush {
     AwaitPeer,
 }
 
+#[cfg(test)]
+mod tests {
+    use super::CommandBudget;
+
+    #[test]
+    fn budget_allows_the_burst_then_the_rate() {
+        let mut b = CommandBudget::new(3, 0);
+        assert!((0..3).all(|_| b.take(0, 10, 3)));
+        assert!(!b.take(0, 10, 3));
+        assert!(b.take(100, 10, 3), "10/s refills one token in 100 ms");
+        assert!(!b.take(100, 10, 3));
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnState {
     /// Waiting for (the rest of) the HTTP upgrade request.
@@ -63,10 +77,48 @@ pub struct Conn {
     pub messages_in: u64,
     /// Frames queued: deliveries and replies.
     pub messages_out: u64,
+    /// Worker clock (seconds) when the client last sent anything: drives pings and the idle
+    /// timeout.
+    pub last_seen: u32,
+    /// A ping was sent and nothing came back since.
+    pub ping_outstanding: bool,
+    /// The client sent a command with an `id`: it wants to hear about dropped messages too.
+    pub wants_replies: bool,
+    /// Group messages dropped by the `drop` slow-client policy, not yet reported.
+    pub missed: u32,
+    pub budget: CommandBudget,
+}
+
+/// Token bucket for the per-connection command rate (`limits.commands_per_second`, burst
+/// `limits.commands_burst`).
+#[derive(Debug, Clone, Copy)]
+pub struct CommandBudget {
+    tokens: f32,
+    /// Worker clock (milliseconds, wrapping) of the last refill.
+    at_ms: u32,
+}
+
+impl CommandBudget {
+    pub fn new(burst: u32, now_ms: u32) -> CommandBudget {
+        CommandBudget { tokens: burst as f32, at_ms: now_ms }
+    }
+
+    /// Takes one command's token; false when the client is over its rate.
+    pub fn take(&mut self, now_ms: u32, per_second: u32, burst: u32) -> bool {
+        let elapsed = now_ms.wrapping_sub(self.at_ms);
+        self.at_ms = now_ms;
+        self.tokens = (self.tokens + elapsed as f32 * per_second as f32 / 1000.0).min(burst as f32);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, id: u64, peer: SocketAddr) -> Conn {
+    pub fn new(stream: TcpStream, id: u64, peer: SocketAddr, now_secs: u32, budget: CommandBudget) -> Conn {
         Conn {
             stream,
             id,
@@ -81,6 +133,11 @@ impl Conn {
             bytes_in: 0,
             messages_in: 0,
             messages_out: 0,
+            last_seen: now_secs,
+            ping_outstanding: false,
+            wants_replies: false,
+            missed: 0,
+            budget,
         }
     }
 

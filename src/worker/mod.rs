@@ -11,6 +11,7 @@
 pub mod conn;
 pub mod groups;
 mod lifecycle;
+mod limits;
 pub mod outqueue;
 
 use std::cmp::Reverse;
@@ -35,7 +36,7 @@ use crate::protocol::{self, Command, RequestError};
 use crate::ws::close_code;
 use crate::ws::frame::{self, Frame, Kind};
 use crate::ws::handshake::{self, Handshake};
-use conn::{AfterFlush, Conn, ConnState, Fragment};
+use conn::{AfterFlush, CommandBudget, Conn, ConnState, Fragment};
 use groups::{Groups, Joined};
 use outqueue::{Chunk, Flushed};
 
@@ -50,8 +51,6 @@ const FIRST_CONN: usize = 16;
 const READ_BUF: usize = 64 * 1024;
 /// Reads per connection per readiness event before others get a turn.
 const READS_PER_TURN: usize = 16;
-/// How long a client may take to complete the HTTP upgrade.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long we wait for the peer's close frame after sending ours.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest sleep of the loop, so timers are checked at least this often.
@@ -90,7 +89,12 @@ pub struct Worker {
     stats: ProcessStats,
     /// Set once the worker was told to stop: no more accepting, clients closing.
     stopping: Option<lifecycle::Stopping>,
+    /// Origin of the worker clock (`clock_secs`, `clock_ms`) kept per connection.
     started: Instant,
+    /// Connections this worker may hold (`limits.connections_per_worker`).
+    max_conns: usize,
+    /// When the next idle/ping sweep over all connections is due.
+    next_sweep: Instant,
 }
 
 /// Entry point of `groupcast worker --index N`, exec'd by the master.
@@ -127,7 +131,6 @@ impl Worker {
         let stats = ProcessStats { role: "worker".into(), index: Some(index), pid: pid as u32, ..Default::default() };
         Ok(Worker {
             index,
-            config,
             poll,
             listener,
             conns: Slab::new(),
@@ -144,6 +147,9 @@ impl Worker {
             stats,
             stopping: None,
             started: Instant::now(),
+            max_conns: config.limits.connections_per_worker(config.workers),
+            next_sweep: Instant::now(),
+            config,
         })
     }
 
@@ -211,6 +217,7 @@ impl Worker {
         }
         self.flush_dirty();
         self.expire_timers();
+        self.sweep_idle();
         self.channel.maybe_connect(self.poll.registry(), self.groups.names());
         if self.accept_paused_until.is_some_and(|t| Instant::now() >= t) {
             self.accept_paused_until = None;
@@ -230,6 +237,11 @@ impl Worker {
                     // Group messages are small and latency matters more than packet count;
                     // corking already batches frames per writev.
                     let _ = stream.set_nodelay(true);
+                    if self.conns.len() >= self.max_conns {
+                        self.refuse_connection(stream, peer);
+                        continue;
+                    }
+                    let (now_ms, now_secs) = (self.clock_ms(), self.clock_secs());
                     let entry = self.conns.vacant_entry();
                     let key = entry.key();
                     let token = Token(key + FIRST_CONN);
@@ -241,8 +253,10 @@ impl Worker {
                     }
                     let id = self.next_conn_id;
                     self.next_conn_id += 1;
-                    entry.insert(Conn::new(stream, id, peer));
-                    self.timers.push(Reverse((Instant::now() + HANDSHAKE_TIMEOUT, key, id)));
+                    let budget = CommandBudget::new(self.config.limits.commands_burst, now_ms);
+                    entry.insert(Conn::new(stream, id, peer, now_secs, budget));
+                    let timeout = Duration::from_millis(self.config.limits.handshake_timeout_ms);
+                    self.timers.push(Reverse((Instant::now() + timeout, key, id)));
                     debug!("connection {id} from {peer}");
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -265,6 +279,7 @@ impl Worker {
     // ---- reading ---------------------------------------------------------------------------
 
     fn conn_readable(&mut self, key: usize) {
+        let now_secs = self.clock_secs();
         for _ in 0..READS_PER_TURN {
             let Some(conn) = self.conns.get_mut(key) else {
                 return;
@@ -279,6 +294,8 @@ impl Worker {
                 }
                 Ok(n) => {
                     conn.bytes_in += n as u64;
+                    conn.last_seen = now_secs;
+                    conn.ping_outstanding = false;
                     self.ingest(key, &mut buf, n)
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -359,7 +376,8 @@ impl Worker {
                     }
                 },
                 ConnState::Open | ConnState::Closing(AfterFlush::AwaitPeer) => {
-                    let max = self.config.limits.max_message_size;
+                    // A single frame is a whole message too: both limits apply.
+                    let max = self.config.limits.max_frame_size.min(self.config.limits.max_message_size);
                     match frame::parse(&mut data[pos..], max) {
                         Ok(None) => return (pos, Flow::Continue),
                         Ok(Some((frame, used))) => {
@@ -369,7 +387,11 @@ impl Worker {
                             }
                         }
                         Err(e) => {
-                            self.stats.protocol_errors += 1;
+                            if e.code == close_code::MESSAGE_TOO_BIG {
+                                self.stats.oversized += 1;
+                            } else {
+                                self.stats.protocol_errors += 1;
+                            }
                             self.close_conn(key, e.code, e.reason);
                             return (data.len(), Flow::Stop);
                         }
@@ -406,7 +428,9 @@ impl Worker {
                     return self.protocol_violation(key, close_code::PROTOCOL_ERROR, "continuation without a start");
                 };
                 if fragment.data.len() + frame.payload.len() > self.config.limits.max_message_size {
-                    return self.protocol_violation(key, close_code::MESSAGE_TOO_BIG, "message larger than the limit");
+                    self.stats.oversized += 1;
+                    self.close_conn(key, close_code::MESSAGE_TOO_BIG, "message larger than the limit");
+                    return Flow::Stop;
                 }
                 fragment.data.extend_from_slice(frame.payload);
                 if !frame.fin {
@@ -461,17 +485,28 @@ impl Worker {
             return self.protocol_violation(key, close_code::INVALID_PAYLOAD, "text frame is not valid UTF-8");
         };
         self.stats.messages_in += 1;
-        if let Some(conn) = self.conns.get_mut(key) {
-            conn.messages_in += 1;
-        }
+        let now_ms = self.clock_ms();
+        let limits = &self.config.limits;
+        let Some(conn) = self.conns.get_mut(key) else { return Flow::Stop };
+        conn.messages_in += 1;
+        let within_rate = conn.budget.take(now_ms, limits.commands_per_second, limits.commands_burst);
         trace!("connection {key}: {text}");
-        let request = match protocol::parse_request(text, &self.config.limits) {
+        let request = match protocol::parse_request(text, limits) {
             Ok(r) => r,
             Err((e, id)) => {
                 self.reply_error(key, &e, id);
                 return Flow::Continue;
             }
         };
+        if request.id.is_some() {
+            conn.wants_replies = true;
+        }
+        if !within_rate {
+            // Refused, not queued: the client is told at once and nothing is executed.
+            self.stats.rate_limited += 1;
+            self.reply_error(key, &RequestError::RateLimited(limits.commands_per_second), request.id);
+            return Flow::Continue;
+        }
         let outcome = match request.command {
             Command::AddGroup { group } => self.join(key, &group),
             Command::LeaveGroup { group } => {
@@ -513,6 +548,7 @@ impl Worker {
         let limit = self.config.limits.max_groups_per_connection;
         let conn = &mut self.conns[key];
         if conn.groups.len() >= limit && self.groups.lookup(group).is_none_or(|id| !conn.groups.contains(&id)) {
+            self.stats.too_many_groups += 1;
             return Err(RequestError::TooManyGroups(limit));
         }
         if let Joined::New { id, first } = self.groups.join(group, key) {
@@ -545,6 +581,7 @@ impl Worker {
         };
         let shared: Rc<[u8]> = Rc::from(frame::text(payload));
         let limit = self.config.limits.send_buffer_limit;
+        let policy = self.config.limits.slow_client;
         for member in self.groups.members(id) {
             let Some(conn) = self.conns.get_mut(member) else {
                 continue;
@@ -556,17 +593,7 @@ impl Worker {
             conn.messages_out += 1;
             self.stats.messages_out += 1;
             if conn.out.bytes() > limit {
-                // A reader that does not keep up is cut off rather than allowed to grow.
-                warn!(
-                    "connection {} from {} is too slow ({} bytes queued); closing it",
-                    conn.id,
-                    conn.peer,
-                    conn.out.bytes()
-                );
-                self.stats.slow_closed += 1;
-                conn.out.discard_unsent();
-                conn.start_close(close_code::POLICY_VIOLATION, "send buffer full: client too slow");
-                self.timers.push(Reverse((Instant::now() + CLOSE_TIMEOUT, member, conn.id)));
+                limits::apply_slow_client_policy(conn, member, policy, limit, &mut self.stats, &mut self.timers);
             }
             if !conn.dirty {
                 conn.dirty = true;
@@ -624,6 +651,12 @@ impl Worker {
             };
             conn.dirty = false;
             match conn.out.write_to(&mut conn.stream) {
+                Ok(Flushed::All) if conn.missed > 0 && conn.state.is_open() => {
+                    // Caught up after the drop policy discarded messages: say how many.
+                    limits::report_missed(conn);
+                    self.dirty.push(key);
+                    conn.dirty = true;
+                }
                 Ok(Flushed::All) => match conn.state {
                     ConnState::Closing(AfterFlush::Drop) => self.drop_conn(key, "closed by the server"),
                     ConnState::Closing(AfterFlush::AwaitPeer) => {
@@ -686,7 +719,10 @@ impl Worker {
                 continue;
             }
             match conn.state {
-                ConnState::Handshaking => self.drop_conn(key, "handshake timed out"),
+                ConnState::Handshaking => {
+                    self.stats.handshake_timeouts += 1;
+                    self.drop_conn(key, "handshake timed out");
+                }
                 ConnState::Closing(_) => self.drop_conn(key, "close timed out"),
                 ConnState::Open => {}
             }

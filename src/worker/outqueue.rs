@@ -72,6 +72,25 @@ impl OutQueue {
         self.bytes = self.chunks.front().map_or(0, |c| c.len() - self.offset);
     }
 
+    /// Drops the oldest group messages not yet started until at most `limit` bytes are
+    /// queued; replies and close frames stay. Returns how many messages were dropped.
+    pub fn drop_oldest_shared(&mut self, limit: usize) -> usize {
+        let mut dropped = 0;
+        // A partly written front frame must finish, or the stream would be corrupt.
+        let mut at = usize::from(self.offset > 0);
+        while self.bytes > limit && at < self.chunks.len() {
+            if matches!(self.chunks[at], Chunk::Shared(_)) {
+                if let Some(chunk) = self.chunks.remove(at) {
+                    self.bytes -= chunk.len();
+                    dropped += 1;
+                }
+            } else {
+                at += 1;
+            }
+        }
+        dropped
+    }
+
     pub fn write_to(&mut self, out: &mut impl Write) -> io::Result<Flushed> {
         while !self.chunks.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
@@ -134,6 +153,23 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn dropping_keeps_replies_and_the_frame_in_flight() {
+        let msg: Rc<[u8]> = Rc::from(&b"0123456789"[..]);
+        let mut q = OutQueue::default();
+        for _ in 0..3 {
+            q.push(Chunk::Shared(msg.clone()));
+        }
+        q.push(Chunk::Owned(b"reply".to_vec().into_boxed_slice()));
+        q.push(Chunk::Shared(msg.clone()));
+        let mut sink = Trickle { got: Vec::new(), limit: 4, cap: 4 };
+        assert_eq!(q.write_to(&mut sink).unwrap(), Flushed::Blocked);
+        assert_eq!(q.drop_oldest_shared(10), 3, "two whole messages after the partial one, then one more");
+        sink.cap = 100;
+        q.write_to(&mut sink).unwrap();
+        assert_eq!(sink.got, b"0123456789reply");
     }
 
     #[test]

@@ -1,0 +1,131 @@
+//! The bounds a worker enforces beyond parsing: the connection cap (503), the slow-client
+//! policy (close or drop), and the once-a-second sweep that pings silent clients and closes
+//! idle ones. Each bound has a counter in `status` (see `ProcessStats`).
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use log::warn;
+use mio::net::TcpStream;
+
+use super::conn::{Conn, ConnState};
+use super::{Worker, CLOSE_TIMEOUT};
+use crate::config::SlowClient;
+use crate::control::ProcessStats;
+use crate::ws::close_code;
+use crate::ws::frame::{self, Kind};
+
+const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 33\r\nConnection: close\r\nRetry-After: 5\r\n\r\nconnection limit reached, retry\n";
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Applies `limits.slow_client` to a connection whose send buffer passed `limit`.
+pub(super) fn apply_slow_client_policy(
+    conn: &mut Conn,
+    key: usize,
+    policy: SlowClient,
+    limit: usize,
+    stats: &mut ProcessStats,
+    timers: &mut BinaryHeap<Reverse<(Instant, usize, u64)>>,
+) {
+    match policy {
+        SlowClient::Drop => {
+            let dropped = conn.out.drop_oldest_shared(limit);
+            conn.missed = conn.missed.saturating_add(dropped as u32);
+            stats.slow_dropped += dropped as u64;
+        }
+        SlowClient::Close => {
+            // A reader that does not keep up is cut off rather than allowed to grow.
+            warn!(
+                "connection {} from {} is too slow ({} bytes queued); closing it",
+                conn.id,
+                conn.peer,
+                conn.out.bytes()
+            );
+            stats.slow_closed += 1;
+            conn.out.discard_unsent();
+            conn.start_close(close_code::POLICY_VIOLATION, "send buffer full: client too slow");
+            timers.push(Reverse((Instant::now() + CLOSE_TIMEOUT, key, conn.id)));
+        }
+    }
+}
+
+/// Tells a client that caught up how many group messages the drop policy discarded
+/// (`{"event":"missed","count":N}`), if it asked for replies; resets the count either way.
+pub(super) fn report_missed(conn: &mut Conn) {
+    if conn.wants_replies {
+        let note = format!("{{\"event\":\"missed\",\"count\":{}}}", conn.missed);
+        conn.send_text(note.as_bytes());
+    }
+    conn.missed = 0;
+}
+
+impl Worker {
+    /// Worker clock in seconds, stored per connection in 4 bytes.
+    pub(super) fn clock_secs(&self) -> u32 {
+        self.started.elapsed().as_secs() as u32
+    }
+
+    /// Worker clock in milliseconds (wrapping after 49 days; only differences are used).
+    pub(super) fn clock_ms(&self) -> u32 {
+        self.started.elapsed().as_millis() as u32
+    }
+
+    /// Answers a connection over the limit with 503 and closes it, without registering it.
+    pub(super) fn refuse_connection(&mut self, mut stream: TcpStream, peer: SocketAddr) {
+        self.stats.rejected_connections += 1;
+        if self.stats.rejected_connections.is_power_of_two() {
+            warn!(
+                "connection limit of {} reached: refusing {peer} ({} refused so far)",
+                self.max_conns, self.stats.rejected_connections
+            );
+        }
+        // Best effort: a fresh socket's send buffer takes these few bytes at once.
+        let _ = stream.write(REFUSED);
+    }
+
+    /// Once a second: ping clients silent for `ping_interval_ms`, close those silent for
+    /// `idle_timeout_ms` (dead peers that never closed their TCP connection).
+    pub(super) fn sweep_idle(&mut self) {
+        let now = Instant::now();
+        if now < self.next_sweep {
+            return;
+        }
+        self.next_sweep = now + SWEEP_EVERY;
+        let clock = self.clock_secs();
+        let ping_after = (self.config.limits.ping_interval_ms / 1000).max(1) as u32;
+        let idle_after = match self.config.limits.idle_timeout_ms {
+            0 => u32::MAX,
+            ms => (ms / 1000).max(1) as u32,
+        };
+        let mut idle = Vec::new();
+        for (key, conn) in self.conns.iter_mut() {
+            if conn.state != ConnState::Open {
+                continue;
+            }
+            let silent = clock.saturating_sub(conn.last_seen);
+            if silent >= idle_after {
+                idle.push(key);
+            } else if silent >= ping_after && !conn.ping_outstanding {
+                let mut ping = Vec::with_capacity(2);
+                frame::encode(&mut ping, Kind::Ping, b"");
+                conn.send_raw(ping);
+                conn.ping_outstanding = true;
+                self.stats.pings_sent += 1;
+                if !conn.dirty {
+                    conn.dirty = true;
+                    self.dirty.push(key);
+                }
+            }
+        }
+        for key in idle {
+            self.stats.idle_timeouts += 1;
+            self.close_conn(key, close_code::GOING_AWAY, "idle timeout");
+        }
+        if !self.dirty.is_empty() {
+            self.flush_dirty();
+        }
+    }
+}

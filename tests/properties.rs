@@ -1,0 +1,110 @@
+//! Property tests (the project's fuzzing, runnable on stable Rust): arbitrary bytes into every
+//! parser a peer can reach must never panic, and what we encode must decode to the same thing.
+//! `scripts/fuzz` runs these with many more cases for a bounded time; proptest keeps any
+//! failing input in proptest-regressions/ so it is replayed on every run.
+
+use groupcast::channel::wire;
+use groupcast::config::Limits;
+use groupcast::protocol::{parse_request, Command};
+use groupcast::ws::{frame, handshake};
+use proptest::prelude::*;
+
+fn masked_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut out = vec![first];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 0xFFFF => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn command_parser_never_panics(text in ".{0,300}") {
+        let _ = parse_request(&text, &Limits::default());
+    }
+
+    #[test]
+    fn command_parser_on_json_shaped_input(
+        cmd in prop_oneof![Just("add_group".to_owned()), Just("send_to_group".to_owned()), Just("leave_group".to_owned()), ".{0,10}"],
+        group in prop_oneof![any::<i64>().prop_map(|n| n.to_string()), "\\PC{0,20}".prop_map(|s| format!("{s:?}")), Just("null".to_owned()), Just("[]".to_owned())],
+        message in prop_oneof!["\\PC{0,40}".prop_map(|s| serde_json::to_string(&s).unwrap()), any::<f64>().prop_map(|f| f.to_string()), Just("{\"a\": [1, {}]}".to_owned())],
+    ) {
+        let text = format!(r#"{{"cmd":"{}","group_id":{group},"message":{message}}}"#, cmd.escape_default());
+        match parse_request(&text, &Limits::default()) {
+            Ok(r) => {
+                let g = match &r.command {
+                    Command::AddGroup { group } | Command::LeaveGroup { group } | Command::SendToGroup { group, .. } => group,
+                };
+                prop_assert!(!g.is_empty() && g.len() <= Limits::default().max_group_id_len);
+            }
+            Err((e, _)) => prop_assert!(!e.code().is_empty()),
+        }
+    }
+
+    #[test]
+    fn frame_parser_never_panics(mut bytes in proptest::collection::vec(any::<u8>(), 0..200), max in 0usize..300) {
+        let _ = frame::parse(&mut bytes, max);
+    }
+
+    #[test]
+    fn handshake_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let _ = handshake::process(&bytes);
+    }
+
+    #[test]
+    fn handshake_with_arbitrary_headers(path in "/[a-z0-9/?=&]{0,30}", key in "[A-Za-z0-9+/]{1,30}={0,2}", extra in "[A-Za-z-]{1,12}") {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{extra}: y\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n");
+        let upgraded = matches!(handshake::process(req.as_bytes()), handshake::Handshake::Upgrade { consumed, .. } if consumed == req.len());
+        prop_assert!(upgraded);
+    }
+
+    #[test]
+    fn channel_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300), max in 0usize..400) {
+        let mut at = 0;
+        while let Ok(Some((_, used))) = wire::decode(&bytes[at..], max) {
+            prop_assert!(used > 0);
+            at += used;
+        }
+    }
+
+    #[test]
+    fn channel_messages_round_trip(origin in any::<u64>(), seq in any::<u64>(), group in "\\PC{1,50}", payload in proptest::collection::vec(any::<u8>(), 0..2000)) {
+        let mut buf = Vec::new();
+        wire::encode_message(&mut buf, origin, seq, &group, &payload);
+        wire::encode_subscribe(&mut buf, &group);
+        let (first, used) = wire::decode(&buf, 1 << 20).unwrap().unwrap();
+        prop_assert_eq!(first, wire::Frame::Message { origin, seq, group: &group, payload: &payload });
+        let (second, _) = wire::decode(&buf[used..], 1 << 20).unwrap().unwrap();
+        prop_assert_eq!(second, wire::Frame::Subscribe { group: &group });
+    }
+}
+
+proptest! {
+    // Large payloads (up to the 64-bit length form) are slow in debug builds: fewer cases.
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn masked_frames_round_trip(payload in proptest::collection::vec(any::<u8>(), 0..70_000), mask in any::<[u8; 4]>(), cut in any::<prop::sample::Index>()) {
+        let mut bytes = masked_frame(0x81, &payload, mask);
+        let total = bytes.len();
+        // Any prefix is "incomplete", never an error or a wrong frame.
+        let at = cut.index(total);
+        let mut prefix = bytes[..at].to_vec();
+        prop_assert!(frame::parse(&mut prefix, 1 << 20).unwrap().is_none());
+        let (parsed, used) = frame::parse(&mut bytes, 1 << 20).unwrap().unwrap();
+        prop_assert_eq!(used, total);
+        prop_assert_eq!(parsed.payload, &payload[..]);
+    }
+}

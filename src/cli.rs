@@ -61,6 +61,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Send MESSAGE (or each line of standard input) to every member of GROUP.
+    Publish {
+        /// The group id.
+        group: String,
+        /// The text members receive; without it, one message per line of standard input.
+        message: Option<String>,
+    },
     /// (internal) run one worker; started by the master.
     #[command(hide = true)]
     Worker {

@@ -21,6 +21,8 @@ pub mod logging;
 pub mod master;
 /// Client commands (JSON) and their replies.
 pub mod protocol;
+/// `groupcast publish`: push messages to a group through the channel.
+pub mod publish;
 /// The only unsafe code: inherited descriptors and the fork/exec hook.
 pub mod sys;
 /// A worker process: event loop, connections, local groups.

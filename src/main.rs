@@ -7,7 +7,7 @@ use clap::Parser;
 use groupcast::cli::{Cli, Command};
 use groupcast::config::{log_level_filter, Config};
 use groupcast::master::ConfigSource;
-use groupcast::{admin, channel, logging, master, worker};
+use groupcast::{admin, channel, logging, master, publish, worker};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -49,6 +49,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reload { graceful } => admin::reload(&config, graceful),
         Command::Status { json, refresh } => admin::status(&config, json, refresh),
         Command::Connections { json } => admin::connections(&config, json),
+        Command::Publish { group, message } => publish::publish(&config, &group, message.as_deref()),
         Command::Worker { .. } | Command::ChannelChild => unreachable!("handled above"),
     }
 }

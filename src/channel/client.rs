@@ -1,33 +1,57 @@
 //! The worker's end of the channel: one connection to the broker, subscriptions per group
-//! with local members, publishes out, group messages in. Reconnects with back-off and
-//! re-subscribes every local group after the broker comes back.
+//! with local members, publishes out, group messages in.
 //!
-//! Publishes made while the broker is unreachable are dropped and counted (`channel_dropped`
-//! in status); the acknowledged resend queue is future work (see docs/channel-protocol.md).
+//! Connection life: connect → wait for the broker's CHALLENGE → (AUTH → wait for AUTH_OK, when
+//! a secret is configured) → HELLO, one SUBSCRIBE per local group, every unacknowledged
+//! publish again → ready. Lost connections are retried with back-off (50 ms doubling to 2 s).
+//!
+//! Exactly once across broker restarts, within bounds: every publish stays in a queue until
+//! the broker acknowledges it (ACK carries the highest seq it has forwarded), bounded by
+//! `channel.queue_max_messages` and `channel.queue_max_bytes` (oldest dropped first, counted,
+//! logged); after a reconnect the queue is sent again; receivers drop what they have already
+//! seen from an origin (`Dedupe`), so a resend never becomes a duplicate.
 
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use mio::{Interest, Registry, Token};
 
-use super::{wire, ChannelStream};
+use super::{auth, wire, ChannelStream};
 use crate::config::ChannelAddr;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// Unsent bytes a worker keeps for the broker before it drops new publishes.
-const OUT_LIMIT: usize = 64 << 20;
+
+/// Where the connection is.
+enum Phase {
+    /// TCP connect in progress.
+    Connecting,
+    /// Connected; the broker's CHALLENGE has not arrived yet.
+    AwaitChallenge,
+    /// AUTH sent; waiting for the broker's proof.
+    AwaitAuthOk { peer_nonce: [u8; wire::NONCE_LEN], broker_nonce: [u8; wire::NONCE_LEN] },
+    Ready,
+}
 
 enum Link {
-    /// Connect in progress (TCP) or established.
-    Up { stream: ChannelStream, connected: bool },
+    Up { stream: ChannelStream, phase: Phase },
     /// Next attempt at `retry_at`.
     Down { retry_at: Instant },
 }
 
+/// Settings of the channel client, from the config.
+#[derive(Clone)]
+pub struct ClientSettings {
+    pub addr: ChannelAddr,
+    pub secret: Option<Vec<u8>>,
+    pub queue_max_messages: usize,
+    pub queue_max_bytes: usize,
+}
+
 pub struct ChannelClient {
-    addr: ChannelAddr,
+    settings: ClientSettings,
     token: Token,
     /// Identifies this worker's publishes: pid in the high bits, so a respawned worker differs.
     origin: u64,
@@ -35,30 +59,52 @@ pub struct ChannelClient {
     link: Link,
     backoff: Duration,
     seq: u64,
+    /// Publishes the broker has not acknowledged yet, oldest first.
+    unacked: VecDeque<(u64, Vec<u8>)>,
+    unacked_bytes: usize,
     /// Received bytes not yet decoded; the worker takes them with `take_input`.
     inbuf: Vec<u8>,
     outbuf: Vec<u8>,
+    pub dedupe: Dedupe,
+    /// Publishes dropped because the queue bound was reached.
     pub dropped: u64,
+    /// Publishes sent again after a reconnect.
+    pub resent: u64,
+    pub reconnects: u64,
 }
 
 impl ChannelClient {
-    pub fn new(addr: ChannelAddr, token: Token, origin: u64, name: String) -> ChannelClient {
+    pub fn new(settings: ClientSettings, token: Token, origin: u64, name: String) -> ChannelClient {
         ChannelClient {
-            addr,
+            settings,
             token,
             origin,
             name,
             link: Link::Down { retry_at: Instant::now() },
             backoff: MIN_BACKOFF,
             seq: 0,
+            unacked: VecDeque::new(),
+            unacked_bytes: 0,
             inbuf: Vec::new(),
             outbuf: Vec::new(),
+            dedupe: Dedupe::default(),
             dropped: 0,
+            resent: 0,
+            reconnects: 0,
         }
     }
 
     pub fn is_connected(&self) -> bool {
-        matches!(self.link, Link::Up { connected: true, .. })
+        matches!(self.link, Link::Up { phase: Phase::Ready, .. })
+    }
+
+    fn is_ready(&self) -> bool {
+        self.is_connected()
+    }
+
+    /// Publishes waiting for the broker's acknowledgement.
+    pub fn queued(&self) -> usize {
+        self.unacked.len()
     }
 
     /// When the loop must wake up to retry the connection, if it is down.
@@ -69,46 +115,30 @@ impl ChannelClient {
         }
     }
 
-    /// Connects if down and due; on success queues HELLO and a SUBSCRIBE per local group.
-    pub fn maybe_connect<'a>(&mut self, registry: &Registry, groups: impl Iterator<Item = &'a str>) {
-        let Link::Down { retry_at } = self.link else {
-            return;
-        };
+    /// Connects if down and due.
+    pub fn maybe_connect(&mut self, registry: &Registry) {
+        let Link::Down { retry_at } = self.link else { return };
         if Instant::now() < retry_at {
             return;
         }
-        let mut stream = match ChannelStream::connect(&self.addr) {
+        let mut stream = match ChannelStream::connect(&self.settings.addr) {
             Ok(s) => s,
-            Err(e) => return self.schedule_retry(&format!("cannot connect to channel {}: {e}", self.addr)),
+            Err(e) => return self.schedule_retry(&format!("cannot connect to channel {}: {e}", self.settings.addr)),
         };
         if let Err(e) = registry.register(&mut stream, self.token, Interest::READABLE | Interest::WRITABLE) {
             return self.schedule_retry(&format!("cannot register channel socket: {e}"));
         }
         self.outbuf.clear();
         self.inbuf.clear();
-        wire::encode_hello(&mut self.outbuf, self.origin, &self.name);
-        let mut count = 0;
-        for group in groups {
-            wire::encode_subscribe(&mut self.outbuf, group);
-            count += 1;
-        }
-        let connected = matches!(self.addr, ChannelAddr::Unix(_));
-        self.link = Link::Up { stream, connected };
-        if connected {
-            self.on_connected(count);
-        }
-        let _ = count;
-    }
-
-    fn on_connected(&mut self, _groups: usize) {
-        if self.backoff > MIN_BACKOFF {
-            info!("channel {} connected again; re-subscribed local groups", self.addr);
-        }
-        self.backoff = MIN_BACKOFF;
+        let phase = match self.settings.addr {
+            ChannelAddr::Unix(_) => Phase::AwaitChallenge,
+            ChannelAddr::Tcp(_) => Phase::Connecting,
+        };
+        self.link = Link::Up { stream, phase };
     }
 
     fn schedule_retry(&mut self, why: &str) {
-        warn!("{why}; retrying in {:?}", self.backoff);
+        warn!("{why}; retrying in {:?} ({} publishes queued)", self.backoff, self.unacked.len());
         self.link = Link::Down { retry_at: Instant::now() + self.backoff };
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
         self.outbuf.clear();
@@ -120,47 +150,57 @@ impl ChannelClient {
         if let Link::Up { stream, .. } = &mut self.link {
             let _ = registry.deregister(stream);
         }
-        self.schedule_retry(&format!("channel {} lost: {why}", self.addr));
+        self.reconnects += 1;
+        self.schedule_retry(&format!("channel {} lost: {why}", self.settings.addr));
     }
 
     pub fn subscribe(&mut self, group: &str) {
-        if matches!(self.link, Link::Up { .. }) {
+        if self.is_ready() {
             wire::encode_subscribe(&mut self.outbuf, group);
         }
     }
 
     pub fn unsubscribe(&mut self, group: &str) {
-        if matches!(self.link, Link::Up { .. }) {
+        if self.is_ready() {
             wire::encode_unsubscribe(&mut self.outbuf, group);
         }
     }
 
-    /// Queues a publish; the broker forwards it to every other subscribed worker.
+    /// Queues a publish until the broker acknowledges it; sends it now if connected.
     pub fn publish(&mut self, group: &str, payload: &[u8]) {
         self.seq += 1;
-        if !matches!(self.link, Link::Up { .. }) || self.outbuf.len() > OUT_LIMIT {
-            self.dropped += 1;
-            return;
+        let mut frame = Vec::with_capacity(32 + group.len() + payload.len());
+        wire::encode_message(&mut frame, self.origin, self.seq, group, payload);
+        if self.is_ready() {
+            self.outbuf.extend_from_slice(&frame);
         }
-        wire::encode_message(&mut self.outbuf, self.origin, self.seq, group, payload);
+        self.unacked_bytes += frame.len();
+        self.unacked.push_back((self.seq, frame));
+        while self.unacked.len() > self.settings.queue_max_messages || self.unacked_bytes > self.settings.queue_max_bytes {
+            let Some((_, old)) = self.unacked.pop_front() else { break };
+            self.unacked_bytes -= old.len();
+            self.dropped += 1;
+            if self.dropped.is_power_of_two() {
+                warn!(
+                    "channel publish queue full ({} messages, {} bytes): dropped the oldest; {} dropped so far",
+                    self.unacked.len(),
+                    self.unacked_bytes,
+                    self.dropped
+                );
+            }
+        }
     }
 
     /// Handles readiness: completes a TCP connect, reads into the input buffer.
     /// `Err` means the link failed; the caller calls `disconnect`.
     pub fn on_ready(&mut self, scratch: &mut [u8]) -> io::Result<()> {
-        let Link::Up { stream, connected } = &mut self.link else {
-            return Ok(());
-        };
-        if !*connected {
+        let Link::Up { stream, phase } = &mut self.link else { return Ok(()) };
+        if let Phase::Connecting = phase {
             if !stream.is_connected()? {
                 return Ok(());
             }
-            *connected = true;
-            self.on_connected(0);
+            *phase = Phase::AwaitChallenge;
         }
-        let Link::Up { stream, .. } = &mut self.link else {
-            return Ok(());
-        };
         loop {
             match stream.read(scratch) {
                 Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed by the broker")),
@@ -169,6 +209,81 @@ impl ChannelClient {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Handles a frame that is not a group message. `groups` are the local groups, for
+    /// subscribing once the connection is ready. `Err`: drop the connection, with the reason.
+    pub fn on_control<'a>(
+        &mut self,
+        frame: &wire::Frame<'_>,
+        groups: impl Iterator<Item = &'a str>,
+    ) -> Result<(), String> {
+        let Link::Up { phase, .. } = &mut self.link else { return Ok(()) };
+        match (frame, &*phase) {
+            (wire::Frame::Challenge { version, flags, nonce }, Phase::AwaitChallenge) => {
+                if *version != wire::VERSION {
+                    return Err(format!("broker speaks channel protocol {version}, this worker {}", wire::VERSION));
+                }
+                let required = flags & wire::FLAG_AUTH_REQUIRED != 0;
+                match (&self.settings.secret, required) {
+                    (Some(secret), true) => {
+                        let peer_nonce = auth::nonce().map_err(|e| format!("no random nonce: {e}"))?;
+                        let proof = auth::peer_proof(secret, nonce, &peer_nonce);
+                        wire::encode_auth(&mut self.outbuf, &peer_nonce, &proof);
+                        *phase = Phase::AwaitAuthOk { peer_nonce, broker_nonce: *nonce };
+                    }
+                    (None, false) => self.become_ready(groups),
+                    (None, true) => {
+                        return Err("the broker requires a shared secret; set [channel] secret_file".into());
+                    }
+                    (Some(_), false) => {
+                        return Err("the broker does not authenticate, but a secret is configured: refusing it".into());
+                    }
+                }
+                Ok(())
+            }
+            (wire::Frame::AuthOk { mac }, Phase::AwaitAuthOk { peer_nonce, broker_nonce }) => {
+                let secret = self.settings.secret.as_deref().unwrap_or_default();
+                if !auth::verify_broker(secret, peer_nonce, broker_nonce, mac) {
+                    return Err("the broker failed to prove the shared secret".into());
+                }
+                self.become_ready(groups);
+                Ok(())
+            }
+            (wire::Frame::Ack { seq }, Phase::Ready) => {
+                while self.unacked.front().is_some_and(|(s, _)| s <= seq) {
+                    if let Some((_, frame)) = self.unacked.pop_front() {
+                        self.unacked_bytes -= frame.len();
+                    }
+                }
+                Ok(())
+            }
+            (other, _) => Err(format!("unexpected frame from the broker: {other:?}")),
+        }
+    }
+
+    /// Authenticated (or no authentication needed): introduce ourselves, subscribe every local
+    /// group, and send again every publish the broker has not acknowledged.
+    fn become_ready<'a>(&mut self, groups: impl Iterator<Item = &'a str>) {
+        wire::encode_hello(&mut self.outbuf, self.origin, &self.name);
+        for group in groups {
+            wire::encode_subscribe(&mut self.outbuf, group);
+        }
+        for (_, frame) in &self.unacked {
+            self.outbuf.extend_from_slice(frame);
+        }
+        if self.reconnects > 0 {
+            info!(
+                "channel {} connected again; re-subscribed, {} unacknowledged publishes sent again",
+                self.settings.addr,
+                self.unacked.len()
+            );
+            self.resent += self.unacked.len() as u64;
+        }
+        self.backoff = MIN_BACKOFF;
+        if let Link::Up { phase, .. } = &mut self.link {
+            *phase = Phase::Ready;
         }
     }
 
@@ -185,9 +300,10 @@ impl ChannelClient {
 
     /// Writes what is queued; called once at the end of each loop turn.
     pub fn flush(&mut self) -> io::Result<()> {
-        let Link::Up { stream, connected: true } = &mut self.link else {
+        let Link::Up { stream, phase } = &mut self.link else { return Ok(()) };
+        if matches!(phase, Phase::Connecting) {
             return Ok(());
-        };
+        }
         let mut written = 0;
         while written < self.outbuf.len() {
             match stream.write(&self.outbuf[written..]) {
@@ -207,5 +323,107 @@ impl ChannelClient {
             self.outbuf.drain(..written);
         }
         Ok(())
+    }
+}
+
+/// Most origins remembered; the least recently heard from is forgotten beyond that.
+const MAX_ORIGINS: usize = 4096;
+/// Sequence numbers remembered behind the highest one seen, per origin.
+const WINDOW: u64 = 1024;
+
+/// Per-origin memory of the sequence numbers already delivered: the highest one plus a
+/// bitmap of the `WINDOW` before it, so a message resent after a broker restart (or held by a
+/// fresh broker and delivered a little out of order) is recognised and dropped.
+#[derive(Default)]
+pub struct Dedupe {
+    origins: HashMap<u64, Seen>,
+    tick: u64,
+    /// Messages dropped as already delivered.
+    pub duplicates: u64,
+}
+
+struct Seen {
+    highest: u64,
+    /// Bit i set: `highest - i` was delivered.
+    bits: [u64; (WINDOW / 64) as usize],
+    last_used: u64,
+}
+
+impl Dedupe {
+    /// True the first time `(origin, seq)` is offered; false for a repeat (or one too old to tell).
+    pub fn first_time(&mut self, origin: u64, seq: u64) -> bool {
+        self.tick += 1;
+        if !self.origins.contains_key(&origin) && self.origins.len() >= MAX_ORIGINS {
+            if let Some(oldest) = self.origins.iter().min_by_key(|(_, s)| s.last_used).map(|(o, _)| *o) {
+                self.origins.remove(&oldest);
+            }
+        }
+        let seen = self.origins.entry(origin).or_insert(Seen { highest: 0, bits: [0; (WINDOW / 64) as usize], last_used: 0 });
+        seen.last_used = self.tick;
+        let fresh = seen.offer(seq);
+        if !fresh {
+            self.duplicates += 1;
+        }
+        fresh
+    }
+}
+
+impl Seen {
+    fn offer(&mut self, seq: u64) -> bool {
+        if seq > self.highest {
+            self.shift(seq - self.highest);
+            self.highest = seq;
+            self.bits[0] |= 1;
+            return true;
+        }
+        let back = self.highest - seq;
+        if back >= WINDOW {
+            return false;
+        }
+        let (word, bit) = ((back / 64) as usize, back % 64);
+        let fresh = self.bits[word] & (1 << bit) == 0;
+        self.bits[word] |= 1 << bit;
+        fresh
+    }
+
+    /// Moves the window forward by `by` positions (bit i becomes bit i + by).
+    fn shift(&mut self, by: u64) {
+        if by >= WINDOW {
+            self.bits = [0; (WINDOW / 64) as usize];
+            return;
+        }
+        let (words, bits) = ((by / 64) as usize, by % 64);
+        let n = self.bits.len();
+        for i in (0..n).rev() {
+            let from = i.checked_sub(words);
+            let mut v = from.map_or(0, |f| self.bits[f] << bits);
+            if bits > 0 {
+                if let Some(f) = i.checked_sub(words + 1) {
+                    v |= self.bits[f] >> (64 - bits);
+                }
+            }
+            self.bits[i] = v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Dedupe;
+
+    #[test]
+    fn repeats_are_dropped_in_order_or_not() {
+        let mut d = Dedupe::default();
+        assert!((1..=100).all(|s| d.first_time(7, s)));
+        assert!((1..=100).all(|s| !d.first_time(7, s)), "a resend of all of them");
+        assert!(d.first_time(8, 1), "origins are independent");
+        // Out of order within the window: 300 before 200..299.
+        assert!(d.first_time(7, 300));
+        assert!((200..300).all(|s| d.first_time(7, s)));
+        assert!(!d.first_time(7, 250));
+        // Far beyond: the window moves on; very old numbers count as seen.
+        assert!(d.first_time(7, 100_000));
+        assert!(!d.first_time(7, 5));
+        assert_eq!(d.duplicates, 102);
     }
 }

@@ -1,11 +1,21 @@
-//! The channel server (broker): accepts channel clients, records which peer subscribes to which
+//! The channel server (broker): accepts channel peers (workers of any instance, `publish`),
+//! authenticates them when a secret is configured, records which peer subscribes to which
 //! group, and forwards each MESSAGE frame, unchanged, to every subscriber of its group except
-//! the peer that published it (that worker already delivered to its own members).
+//! the peer that published it (that worker already delivered to its own members). Each peer
+//! gets an ACK with the highest seq forwarded once the forwards are written, so it can forget
+//! those publishes.
 //!
-//! Runs as a child of the master (`groupcast channel-child`), on the listener the master bound.
+//! For `channel.grace_ms` after it starts, the broker also keeps every message it forwarded
+//! (bounded by `channel.grace_max_bytes`) and replays them to peers that subscribe during that
+//! window, so instances reconnecting at different speeds after a broker restart miss nothing
+//! that reached the broker; receivers drop the repeats by (origin, seq).
+//!
+//! Runs as a child of a master (`groupcast channel-child`), on the listener the master bound,
+//! whether inside an instance or standalone (`groupcast channel`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use log::{debug, info, warn};
@@ -14,7 +24,7 @@ use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
-use super::{wire, ChannelListener, ChannelStream};
+use super::{auth, wire, ChannelListener, ChannelStream};
 use crate::config::Config;
 use crate::control::{self, ChildLink, ProcessStats};
 
@@ -24,15 +34,33 @@ const SIGNALS: Token = Token(2);
 const FIRST_PEER: usize = 16;
 const READ_BUF: usize = 256 * 1024;
 
+enum PeerPhase {
+    /// CHALLENGE sent with this nonce; only AUTH is accepted.
+    AwaitAuth { nonce: [u8; wire::NONCE_LEN] },
+    Ready,
+}
+
 struct Peer {
     stream: ChannelStream,
+    phase: PeerPhase,
     /// Name from the peer's HELLO, for logs.
     name: String,
+    /// Origin from the peer's HELLO: held messages are not replayed to their own origin.
+    origin: Option<u64>,
     inbuf: Vec<u8>,
     outbuf: Vec<u8>,
     /// Groups this peer subscribed to, for cleaning `subscribers` when it goes.
     groups: HashSet<Box<str>>,
+    /// Highest seq of this peer's MESSAGEs handled this turn, to acknowledge after the flush.
+    ack: Option<u64>,
     dirty: bool,
+}
+
+/// A message kept during the grace window.
+struct Held {
+    group: Box<str>,
+    origin: u64,
+    frame: Vec<u8>,
 }
 
 pub struct Broker {
@@ -47,27 +75,33 @@ pub struct Broker {
     dirty: Vec<usize>,
     max_frame: usize,
     peer_buffer_limit: usize,
+    secret: Option<Vec<u8>>,
+    /// Messages kept for replay until `grace_until`, in arrival order.
+    held: VecDeque<Held>,
+    held_bytes: usize,
+    grace_max_bytes: usize,
+    grace_until: Option<Instant>,
     stats: ProcessStats,
-    started: std::time::Instant,
+    started: Instant,
 }
 
 /// Entry point of `groupcast channel-child`, exec'd by the master.
 pub fn run_child() -> anyhow::Result<()> {
     let config = control::child_config()?;
-    crate::logging::init(
-        "channel",
-        crate::config::log_level_filter(&config.log_level).unwrap_or(log::LevelFilter::Info),
-    );
+    crate::logging::init("channel", crate::config::log_level_filter(&config.log_level).unwrap_or(log::LevelFilter::Info));
     if config.syslog {
         if let Err(e) = crate::logging::use_syslog(&config.syslog_socket, &config.syslog_facility) {
             warn!("{e}");
         }
     }
-    let fd =
-        crate::sys::adopt_inherited_fd(control::CHILD_LISTENER_FD).context("no channel listener from the master")?;
+    let fd = crate::sys::adopt_inherited_fd(control::CHILD_LISTENER_FD).context("no channel listener from the master")?;
     let listener = ChannelListener::from_fd(fd, &config.channel_listen)?;
     let mut broker = Broker::new(listener, &config)?;
-    info!("channel server listening on {}", config.channel_listen);
+    info!(
+        "channel server listening on {} ({})",
+        config.channel_listen,
+        if broker.secret.is_some() { "peers must prove the shared secret" } else { "no authentication" }
+    );
     broker.run()
 }
 
@@ -78,6 +112,8 @@ impl Broker {
         let control = ChildLink::inherit(poll.registry(), CONTROL).context("no status link from the master")?;
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT])?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let secret = config.channel.secret_file.as_deref().map(auth::load_secret).transpose()?;
+        let grace = Duration::from_millis(config.channel.grace_ms);
         Ok(Broker {
             poll,
             listener,
@@ -89,15 +125,21 @@ impl Broker {
             dirty: Vec::new(),
             max_frame: config.channel_max_frame,
             peer_buffer_limit: config.channel_peer_buffer_limit,
+            secret,
+            held: VecDeque::new(),
+            held_bytes: 0,
+            grace_max_bytes: config.channel.grace_max_bytes,
+            grace_until: (!grace.is_zero()).then(|| Instant::now() + grace),
             stats: ProcessStats { role: "channel".into(), pid: std::process::id(), ..Default::default() },
-            started: std::time::Instant::now(),
+            started: Instant::now(),
         })
     }
 
     fn run(&mut self) -> anyhow::Result<()> {
         let mut events = Events::with_capacity(256);
         loop {
-            if let Err(e) = self.poll.poll(&mut events, None) {
+            let timeout = self.grace_until.map(|t| t.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -129,7 +171,33 @@ impl Broker {
                     }
                 }
             }
+            self.end_of_turn();
+        }
+    }
+
+    /// Writes the forwards, then acknowledges what was forwarded, then ends the grace window
+    /// when its time is up.
+    fn end_of_turn(&mut self) {
+        self.flush_dirty();
+        let mut acked = false;
+        for (key, peer) in self.peers.iter_mut() {
+            if let Some(seq) = peer.ack.take() {
+                wire::encode_ack(&mut peer.outbuf, seq);
+                if !peer.dirty {
+                    peer.dirty = true;
+                    self.dirty.push(key);
+                }
+                acked = true;
+            }
+        }
+        if acked {
             self.flush_dirty();
+        }
+        if self.grace_until.is_some_and(|t| Instant::now() >= t) {
+            info!("grace window over: {} held messages released", self.held.len());
+            self.grace_until = None;
+            self.held = VecDeque::new();
+            self.held_bytes = 0;
         }
     }
 
@@ -137,22 +205,40 @@ impl Broker {
         loop {
             match self.listener.accept() {
                 Ok(mut stream) => {
+                    let nonce = match auth::nonce() {
+                        Ok(n) => n,
+                        Err(e) => {
+                            warn!("no random nonce for a channel peer: {e}");
+                            continue;
+                        }
+                    };
                     let entry = self.peers.vacant_entry();
-                    let token = Token(entry.key() + FIRST_PEER);
+                    let key = entry.key();
+                    let token = Token(key + FIRST_PEER);
                     if let Err(e) =
                         self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
                     {
                         warn!("cannot register a channel peer: {e}");
                         continue;
                     }
+                    let (flags, phase) = match self.secret {
+                        Some(_) => (wire::FLAG_AUTH_REQUIRED, PeerPhase::AwaitAuth { nonce }),
+                        None => (0, PeerPhase::Ready),
+                    };
+                    let mut outbuf = Vec::new();
+                    wire::encode_challenge(&mut outbuf, flags, &nonce);
                     entry.insert(Peer {
                         stream,
+                        phase,
                         name: String::from("(unnamed)"),
+                        origin: None,
                         inbuf: Vec::new(),
-                        outbuf: Vec::new(),
+                        outbuf,
                         groups: HashSet::new(),
-                        dirty: false,
+                        ack: None,
+                        dirty: true,
                     });
+                    self.dirty.push(key);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -166,15 +252,13 @@ impl Broker {
 
     fn peer_readable(&mut self, key: usize) {
         loop {
-            let Some(peer) = self.peers.get_mut(key) else {
-                return;
-            };
+            let Some(peer) = self.peers.get_mut(key) else { return };
             match peer.stream.read(&mut self.read_buf) {
                 Ok(0) => return self.drop_peer(key, "closed the connection"),
                 Ok(n) => {
                     peer.inbuf.extend_from_slice(&self.read_buf[..n]);
                     if let Err(e) = self.process(key) {
-                        return self.drop_peer(key, &format!("sent a bad frame: {e}"));
+                        return self.drop_peer(key, &e);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -185,30 +269,41 @@ impl Broker {
     }
 
     /// Handles every whole frame in the peer's input buffer.
-    fn process(&mut self, key: usize) -> Result<(), wire::WireError> {
+    fn process(&mut self, key: usize) -> Result<(), String> {
         let input = std::mem::take(&mut self.peers[key].inbuf);
         let mut pos = 0;
+        let mut new_groups: Vec<Box<str>> = Vec::new();
         let result = loop {
             let (frame, used) = match wire::decode(&input[pos..], self.max_frame) {
                 Ok(Some(decoded)) => decoded,
                 Ok(None) => break Ok(()),
-                Err(e) => break Err(e),
+                Err(e) => break Err(format!("sent a bad frame: {e}")),
             };
             let raw = &input[pos..pos + used];
             pos += used;
             self.stats.messages_in += 1;
+            if let PeerPhase::AwaitAuth { nonce } = self.peers[key].phase {
+                match self.authenticate(key, &frame, &nonce) {
+                    Ok(()) => continue,
+                    Err(e) => break Err(e),
+                }
+            }
             match frame {
                 wire::Frame::Hello { version, origin, name } => {
                     if version != wire::VERSION {
-                        break Err(wire::WireError::Malformed("hello (unsupported version)"));
+                        break Err(format!("speaks channel protocol {version}, not {}", wire::VERSION));
                     }
                     let peer = &mut self.peers[key];
                     peer.name = name.to_owned();
+                    peer.origin = Some(origin);
                     info!("channel peer {name} (origin {origin:#x}) connected");
                 }
                 wire::Frame::Subscribe { group } => {
                     if self.peers[key].groups.insert(group.into()) {
                         self.subscribers.entry(group.into()).or_default().push(key);
+                        if self.grace_until.is_some() {
+                            new_groups.push(group.into());
+                        }
                     }
                 }
                 wire::Frame::Unsubscribe { group } => {
@@ -216,9 +311,18 @@ impl Broker {
                         self.remove_subscriber(group, key);
                     }
                 }
-                wire::Frame::Message { group, .. } => self.forward(key, group, raw),
+                wire::Frame::Message { origin, seq, group, .. } => {
+                    self.forward(key, group, raw);
+                    self.hold(group, origin, raw);
+                    let peer = &mut self.peers[key];
+                    peer.ack = Some(peer.ack.map_or(seq, |a| a.max(seq)));
+                }
+                other => break Err(format!("sent a frame only the broker sends: {other:?}")),
             }
         };
+        if !new_groups.is_empty() {
+            self.replay_held(key, &new_groups);
+        }
         if let Some(peer) = self.peers.get_mut(key) {
             let mut rest = input;
             rest.drain(..pos);
@@ -227,20 +331,33 @@ impl Broker {
         result
     }
 
+    /// Checks the first frame of a peer when a secret is configured: it must be a valid AUTH.
+    fn authenticate(&mut self, key: usize, frame: &wire::Frame<'_>, nonce: &[u8; wire::NONCE_LEN]) -> Result<(), String> {
+        let secret = self.secret.as_deref().unwrap_or_default();
+        let wire::Frame::Auth { nonce: peer_nonce, mac } = frame else {
+            return Err("did not authenticate (its first frame was not AUTH)".into());
+        };
+        if !auth::verify_peer(secret, nonce, peer_nonce, mac) {
+            return Err("failed authentication (wrong shared secret)".into());
+        }
+        let proof = auth::broker_proof(secret, peer_nonce, nonce);
+        let peer = &mut self.peers[key];
+        wire::encode_auth_ok(&mut peer.outbuf, &proof);
+        peer.phase = PeerPhase::Ready;
+        self.mark_dirty(key);
+        Ok(())
+    }
+
     /// Queues the frame `raw` to every subscriber of `group` but its publisher.
     fn forward(&mut self, from: usize, group: &str, raw: &[u8]) {
         self.stats.published += 1;
-        let Some(subs) = self.subscribers.get(group) else {
-            return;
-        };
+        let Some(subs) = self.subscribers.get(group) else { return };
         let mut cut = Vec::new();
         for &to in subs {
             if to == from {
                 continue;
             }
-            let Some(peer) = self.peers.get_mut(to) else {
-                continue;
-            };
+            let Some(peer) = self.peers.get_mut(to) else { continue };
             if peer.outbuf.len() + raw.len() > self.peer_buffer_limit {
                 cut.push(to);
                 continue;
@@ -254,6 +371,37 @@ impl Broker {
         }
         for to in cut {
             self.drop_peer(to, "stopped reading: its buffer passed channel.peer_buffer_limit");
+        }
+    }
+
+    /// During the grace window, keeps a copy of each message for peers that subscribe later.
+    fn hold(&mut self, group: &str, origin: u64, raw: &[u8]) {
+        if self.grace_until.is_none() {
+            return;
+        }
+        self.held_bytes += raw.len();
+        self.held.push_back(Held { group: group.into(), origin, frame: raw.to_vec() });
+        while self.held_bytes > self.grace_max_bytes {
+            let Some(old) = self.held.pop_front() else { break };
+            self.held_bytes -= old.frame.len();
+            self.stats.channel_dropped += 1;
+        }
+    }
+
+    /// Sends the held messages of `groups` (just subscribed) to peer `key`, in arrival order,
+    /// except those it published itself.
+    fn replay_held(&mut self, key: usize, groups: &[Box<str>]) {
+        let Some(peer) = self.peers.get_mut(key) else { return };
+        let mut replayed = 0;
+        for held in &self.held {
+            if Some(held.origin) != peer.origin && groups.contains(&held.group) {
+                peer.outbuf.extend_from_slice(&held.frame);
+                replayed += 1;
+            }
+        }
+        if replayed > 0 {
+            debug!("replayed {replayed} held messages to {}", peer.name);
+            self.mark_dirty(key);
         }
     }
 
@@ -277,9 +425,7 @@ impl Broker {
 
     fn flush_dirty(&mut self) {
         for key in std::mem::take(&mut self.dirty) {
-            let Some(peer) = self.peers.get_mut(key) else {
-                continue;
-            };
+            let Some(peer) = self.peers.get_mut(key) else { continue };
             peer.dirty = false;
             let mut written = 0;
             let mut failed = None;
@@ -340,6 +486,7 @@ impl Broker {
                     s.uptime_secs = self.started.elapsed().as_secs();
                     s.state = "running".into();
                     s.log_dropped = crate::logging::dropped_lines();
+                    s.channel_queued = self.held.len() as u64;
                     let _ = self.control.send_json(&s);
                 }
                 true

@@ -11,6 +11,17 @@ pub const HELLO: u8 = 1;
 pub const SUBSCRIBE: u8 = 2;
 pub const UNSUBSCRIBE: u8 = 3;
 pub const MESSAGE: u8 = 4;
+pub const CHALLENGE: u8 = 5;
+pub const AUTH: u8 = 6;
+pub const AUTH_OK: u8 = 7;
+pub const ACK: u8 = 8;
+
+/// Bytes of an authentication nonce.
+pub const NONCE_LEN: usize = 16;
+/// Bytes of an HMAC-SHA256 proof.
+pub const MAC_LEN: usize = 32;
+/// CHALLENGE flag: the broker requires AUTH before anything else.
+pub const FLAG_AUTH_REQUIRED: u8 = 1;
 
 /// Bytes of the length prefix.
 pub const LEN_PREFIX: usize = 4;
@@ -82,6 +93,19 @@ pub fn decode(buf: &[u8], max_frame: usize) -> Result<Option<(Frame<'_>, usize)>
             let group = r.str().ok_or(WireError::Malformed("message"))?;
             Frame::Message { origin, seq, group, payload: r.buf }
         }
+        CHALLENGE => {
+            let version = r.u8().ok_or(WireError::Malformed("challenge"))?;
+            let flags = r.u8().ok_or(WireError::Malformed("challenge"))?;
+            let nonce = r.array().ok_or(WireError::Malformed("challenge"))?;
+            Frame::Challenge { version, flags, nonce }
+        }
+        AUTH => {
+            let nonce = r.array().ok_or(WireError::Malformed("auth"))?;
+            let mac = r.array().ok_or(WireError::Malformed("auth"))?;
+            Frame::Auth { nonce, mac }
+        }
+        AUTH_OK => Frame::AuthOk { mac: r.array().ok_or(WireError::Malformed("auth_ok"))? },
+        ACK => Frame::Ack { seq: r.u64().ok_or(WireError::Malformed("ack"))? },
         other => return Err(WireError::UnknownType(other)),
     };
     Ok(Some((frame, LEN_PREFIX + len)))
@@ -102,6 +126,9 @@ impl<'a> Reader<'a> {
     }
     fn u64(&mut self) -> Option<u64> {
         self.take(8).map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+    }
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
     }
     fn str(&mut self) -> Option<&'a str> {
         let len = self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)?;
@@ -150,6 +177,29 @@ pub fn encode_message(out: &mut Vec<u8>, origin: u64, seq: u64, group: &str, pay
     });
 }
 
+pub fn encode_challenge(out: &mut Vec<u8>, flags: u8, nonce: &[u8; NONCE_LEN]) {
+    frame(out, CHALLENGE, |o| {
+        o.push(VERSION);
+        o.push(flags);
+        o.extend_from_slice(nonce);
+    });
+}
+
+pub fn encode_auth(out: &mut Vec<u8>, nonce: &[u8; NONCE_LEN], mac: &[u8; MAC_LEN]) {
+    frame(out, AUTH, |o| {
+        o.extend_from_slice(nonce);
+        o.extend_from_slice(mac);
+    });
+}
+
+pub fn encode_auth_ok(out: &mut Vec<u8>, mac: &[u8; MAC_LEN]) {
+    frame(out, AUTH_OK, |o| o.extend_from_slice(mac));
+}
+
+pub fn encode_ack(out: &mut Vec<u8>, seq: u64) {
+    frame(out, ACK, |o| o.extend_from_slice(&seq.to_be_bytes()));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +211,10 @@ mod tests {
         encode_subscribe(&mut buf, "g1");
         encode_unsubscribe(&mut buf, "g1");
         encode_message(&mut buf, 7, 42, "g1", "héllo".as_bytes());
+        encode_challenge(&mut buf, FLAG_AUTH_REQUIRED, &[1; NONCE_LEN]);
+        encode_auth(&mut buf, &[2; NONCE_LEN], &[3; MAC_LEN]);
+        encode_auth_ok(&mut buf, &[4; MAC_LEN]);
+        encode_ack(&mut buf, 99);
         let mut at = 0;
         let mut frames = Vec::new();
         while let Some((f, n)) = decode(&buf[at..], 1 << 20).unwrap() {
@@ -170,6 +224,10 @@ mod tests {
         assert_eq!(at, buf.len());
         assert_eq!(frames[0], Frame::Hello { version: VERSION, origin: 7, name: "worker-0" });
         assert_eq!(frames[3], Frame::Message { origin: 7, seq: 42, group: "g1", payload: "héllo".as_bytes() });
+        assert_eq!(frames[4], Frame::Challenge { version: VERSION, flags: FLAG_AUTH_REQUIRED, nonce: [1; NONCE_LEN] });
+        assert_eq!(frames[5], Frame::Auth { nonce: [2; NONCE_LEN], mac: [3; MAC_LEN] });
+        assert_eq!(frames[6], Frame::AuthOk { mac: [4; MAC_LEN] });
+        assert_eq!(frames[7], Frame::Ack { seq: 99 });
     }
 
     #[test]

@@ -165,7 +165,8 @@ impl Master {
                     }
                     outcome => {
                         let why = match outcome {
-                            Err(_) => match candidate.try_exit() {
+                            // The link closes a moment before the process is reapable.
+                            Err(_) => match candidate.wait_exit(Duration::from_secs(1)) {
                                 Some(status) => super::children::describe_exit(status),
                                 None => "closed its status link".to_owned(),
                             },

@@ -143,6 +143,7 @@ impl Conn {
 
     /// Queues a text frame built for this connection alone.
     pub fn send_text(&mut self, payload: &[u8]) {
+        self.messages_out += 1;
         self.out.push(Chunk::Owned(frame::text(payload).into_boxed_slice()));
     }
 

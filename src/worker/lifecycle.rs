@@ -18,7 +18,22 @@ pub struct Stopping {
     pub deadline: Instant,
 }
 
+/// How long past its drain deadline a stopping worker still waits for connections accepted
+/// just before the stop to send their upgrade request, so they get 101 + close rather than a
+/// failed handshake.
+const HANDSHAKE_GRACE: Duration = Duration::from_secs(2);
+
 impl Worker {
+    /// The loop may end: every client is gone, or the drain deadline has passed and no
+    /// connection is still in its handshake (those get until `HANDSHAKE_GRACE` after it).
+    pub(super) fn finished_stopping(&self, stopping: &Stopping) -> bool {
+        let now = Instant::now();
+        if self.conns.is_empty() || now >= stopping.deadline + HANDSHAKE_GRACE {
+            return true;
+        }
+        now >= stopping.deadline && !self.conns.iter().any(|(_, c)| c.state == ConnState::Handshaking)
+    }
+
     pub(super) fn control_ready(&mut self) {
         match self.control.read_requests() {
             Ok(Some(requests)) => {

@@ -185,7 +185,7 @@ impl Worker {
                 self.conn_readable(key);
             }
             self.end_of_turn();
-            if self.stopping.as_ref().is_some_and(|s| self.conns.is_empty() || Instant::now() >= s.deadline) {
+            if self.stopping.as_ref().is_some_and(|s| self.finished_stopping(s)) {
                 info!("worker {} stopped ({} connections left)", self.index, self.conns.len());
                 return Ok(());
             }
@@ -522,12 +522,7 @@ impl Worker {
         };
         match (outcome, request.id) {
             (Err(e), id) => self.reply_error(key, &e, id),
-            (Ok(()), Some(id)) => {
-                if let Some(conn) = self.conns.get_mut(key) {
-                    conn.send_text(&protocol::ok_reply(id));
-                    self.mark_dirty(key);
-                }
-            }
+            (Ok(()), Some(id)) => self.reply(key, &protocol::ok_reply(id)),
             (Ok(()), None) => {}
         }
         Flow::Continue
@@ -536,8 +531,14 @@ impl Worker {
     fn reply_error(&mut self, key: usize, error: &RequestError, id: Option<&serde_json::value::RawValue>) {
         self.stats.bad_requests += 1;
         debug!("connection {key}: bad request: {error}");
+        self.reply(key, &protocol::error_reply(error, id));
+    }
+
+    /// Queues a text frame for one connection (a reply or an error), counted in `messages_out`.
+    fn reply(&mut self, key: usize, text: &[u8]) {
         if let Some(conn) = self.conns.get_mut(key) {
-            conn.send_text(&protocol::error_reply(error, id));
+            conn.send_text(text);
+            self.stats.messages_out += 1;
             self.mark_dirty(key);
         }
     }

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{json, Value};
 use tungstenite::protocol::WebSocket;
@@ -81,11 +81,16 @@ pub struct Run {
 /// Runs `groupcast ARGS` with its output in files under `dir` (a daemon may keep pipes open),
 /// killing it if it has not exited after `TIMEOUT`.
 pub fn run_timed(args: &[&str], dir: &Path) -> Run {
+    run_bin_timed(Path::new(bin()), args, dir)
+}
+
+/// `run_timed` with another binary (a copy installed in the test's dir, a script).
+pub fn run_bin_timed(bin: &Path, args: &[&str], dir: &Path) -> Run {
     static N: AtomicUsize = AtomicUsize::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
     let out_path = dir.join(format!("cmd-{n}.out"));
     let err_path = dir.join(format!("cmd-{n}.err"));
-    let mut child = Command::new(bin())
+    let mut child = Command::new(bin)
         .args(args)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path).unwrap())
@@ -193,6 +198,23 @@ impl Opts {
     }
 }
 
+/// `Opts` plus where the instance lives, which binary starts it and extra environment, for
+/// the tests of deployment (a copied binary), systemd notification and privileges.
+pub struct Launch {
+    /// The instance's directory (pid file, sockets, logs); prepared by the caller.
+    pub dir: TempDir,
+    pub opts: Opts,
+    /// The binary the master is started from (children are started from the same path).
+    pub bin: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+impl Launch {
+    pub fn new(dir: TempDir, opts: Opts) -> Launch {
+        Launch { dir, opts, bin: PathBuf::from(bin()), env: Vec::new() }
+    }
+}
+
 /// A running instance started by this test; killed on drop.
 pub struct Server {
     pub dir: TempDir,
@@ -213,13 +235,20 @@ impl Server {
 
     /// Starts `groupcast start` in the foreground and waits until every process runs.
     pub fn start_with(opts: Opts) -> Server {
-        let dir = TempDir::new("srv");
+        Server::launch(Launch::new(TempDir::new("srv"), opts))
+    }
+
+    /// Starts `groupcast start` in the foreground as `launch` says (own dir, binary,
+    /// environment) and waits until every process runs.
+    pub fn launch(launch: Launch) -> Server {
+        let Launch { dir, opts, bin, env } = launch;
         let pid_file = dir.join("g.pid");
         let args = start_args(&dir, &pid_file, &opts);
         let log = std::fs::File::create(dir.join("stderr.log")).expect("create log");
         let out = std::fs::File::create(dir.join("stdout.log")).expect("create log");
-        let child = Command::new(bin())
+        let child = Command::new(&bin)
             .args(&args)
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(log)
@@ -878,5 +907,268 @@ impl Rng {
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         (self.0 % n as u64) as usize
+    }
+}
+
+// ---- supervision: processes, files, binaries, datagram sinks -------------------------------
+
+impl Server {
+    /// `groupcast ARGS --pid-file P` run to completion (with `run_timed`).
+    pub fn cli(&self, args: &[&str]) -> Run {
+        self.cli_with(Path::new(bin()), args)
+    }
+
+    /// `cli` with another binary (e.g. the copy the instance was started from).
+    pub fn cli_with(&self, bin: &Path, args: &[&str]) -> Run {
+        let pid_file = self.pid_file_arg();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--pid-file", &pid_file]);
+        run_bin_timed(bin, &all, self.dir.path())
+    }
+
+    /// Waits until the foreground master (our child) has exited; its exit status.
+    pub fn wait_master_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("a foreground master");
+        let status = wait_for("the master to exit", timeout, || child.try_wait().unwrap());
+        self.child = None;
+        status
+    }
+
+    /// The foreground master has not exited yet (reaped or not).
+    pub fn master_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => alive(self.master_pid),
+        }
+    }
+
+    /// One `RawWs` client on each worker (more connections are opened and dropped until every
+    /// worker holds one); index i of the result is on worker i.
+    pub fn raw_on_each_worker(&self) -> Vec<RawWs> {
+        let mut found: Vec<Option<RawWs>> = (0..self.workers).map(|_| None).collect();
+        for _ in 0..256 {
+            let raw = RawWs::connect(self.addr);
+            let w = self.workers_of_ports(&[raw.port()])[0];
+            if found[w].is_none() {
+                found[w] = Some(raw);
+            }
+            if found.iter().all(Option::is_some) {
+                return found.into_iter().map(Option::unwrap).collect();
+            }
+        }
+        panic!("256 connections did not reach every one of {} workers", self.workers);
+    }
+
+    /// The files a running instance keeps beside its pid file.
+    pub fn instance_files(&self) -> [PathBuf; 3] {
+        instance_files(&self.pid_file)
+    }
+}
+
+/// The files a running instance keeps beside its pid file `DIR/g.pid`.
+pub fn instance_files(pid_file: &Path) -> [PathBuf; 3] {
+    [pid_file.to_path_buf(), pid_file.with_file_name("g.ctl.sock"), pid_file.with_file_name("g.channel.sock")]
+}
+
+/// After a stop: none of the instance's files, none of its processes.
+pub fn assert_instance_gone(pid_file: &Path, master: u32, children: &[u32]) {
+    for f in instance_files(pid_file) {
+        assert!(!f.exists(), "{} left behind", f.display());
+    }
+    for &pid in children {
+        wait_for(&format!("child {pid} to be gone"), Duration::from_secs(10), || (!alive(pid)).then_some(()));
+    }
+    wait_for("the master to exit", Duration::from_secs(10), || (!alive(master)).then_some(()));
+}
+
+/// The worker rows of the slots, by index: without the old workers still retiring after a
+/// reload (`worker_rows` lists those too).
+pub fn slot_rows(r: &Value) -> Vec<Value> {
+    worker_rows(r).into_iter().filter(|w| w["state"] != "retiring").collect()
+}
+
+/// Pids of the workers in the slots, by index.
+pub fn worker_pids(r: &Value) -> Vec<u32> {
+    slot_rows(r).iter().map(|w| field(w, "pid") as u32).collect()
+}
+
+pub fn channel_pid(r: &Value) -> u32 {
+    field(&channel_row(r), "pid") as u32
+}
+
+pub fn master_row(r: &Value) -> Value {
+    r["processes"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["role"] == "master").cloned())
+        .expect("status has a master row")
+}
+
+/// Rows in state `retiring` (workers replaced by a reload, still draining).
+pub fn retiring_rows(r: &Value) -> Vec<Value> {
+    r["processes"]
+        .as_array()
+        .map(|p| p.iter().filter(|p| p["state"] == "retiring").cloned().collect())
+        .unwrap_or_default()
+}
+
+/// The real uid of `pid` (first field of the `Uid:` line of /proc/PID/status).
+pub fn proc_uid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    let ids: Vec<u32> = line.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    // Real, effective, saved and filesystem uid must all agree for a full drop.
+    (ids.len() == 4 && ids.iter().all(|&u| u == ids[0])).then(|| ids[0])
+}
+
+/// Modification time of `path`, in Unix seconds (what status reports as `binary_mtime`).
+pub fn mtime_secs(path: &Path) -> u64 {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .unwrap()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Installs `content` as the executable `dest` the way `scripts/install` does: write
+/// `dest.new`, set its mode and (optionally) its mtime, rename it over `dest`, so a process
+/// running the old file is not disturbed.
+pub fn install_executable(content: &[u8], dest: &Path, mtime: Option<SystemTime>) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = dest.with_extension("new");
+    {
+        let mut f = std::fs::File::create(&tmp).expect("create the new binary");
+        f.write_all(content).unwrap();
+        f.set_permissions(std::fs::Permissions::from_mode(0o755)).unwrap();
+        if let Some(t) = mtime {
+            f.set_modified(t).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    std::fs::rename(&tmp, dest).expect("rename the new binary into place");
+}
+
+/// The test binary's bytes (to install copies of it).
+pub fn binary_bytes() -> Vec<u8> {
+    std::fs::read(bin()).expect("read the groupcast binary")
+}
+
+/// A Unix datagram socket read by a thread of its own (syslog, systemd's notify socket): a
+/// full datagram queue would make the daemon drop lines.
+pub struct DatagramSink {
+    lines: std::sync::Arc<Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DatagramSink {
+    pub fn bind(path: &Path) -> DatagramSink {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let socket = std::os::unix::net::UnixDatagram::bind(path).expect("bind a datagram socket");
+        socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (lines, stop) = (lines.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(n) = socket.recv(&mut buf) {
+                        let line = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        lines.lock().unwrap().push(line);
+                    }
+                }
+            })
+        };
+        DatagramSink { lines, stop, thread: Some(thread) }
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits for a datagram satisfying `pred` among those from index `from` on; its index.
+    pub fn wait_line(&self, what: &str, from: usize, pred: impl Fn(&str) -> bool) -> usize {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let lines = self.lines();
+            if let Some(i) = lines.iter().skip(from).position(|l| pred(l)) {
+                return from + i;
+            }
+            if Instant::now() >= deadline {
+                panic!("timed out waiting for {what}; got:\n{}", lines.join("\n"));
+            }
+            sleep(POLL);
+        }
+    }
+}
+
+impl Drop for DatagramSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl RawWs {
+    /// Local port, which identifies the connection on the server side.
+    pub fn port(&self) -> u16 {
+        self.stream.local_addr().unwrap().port()
+    }
+}
+
+impl Client {
+    /// Like `connect`, but reports failure (refused, handshake failed or timed out) instead
+    /// of panicking, for tests that count failures.
+    pub fn try_connect(addr: SocketAddr, timeout: Duration) -> Result<Client, String> {
+        let stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+        stream.set_read_timeout(Some(timeout)).unwrap();
+        stream.set_write_timeout(Some(timeout)).unwrap();
+        let port = stream.local_addr().unwrap().port();
+        let url = format!("ws://{addr}/");
+        match tungstenite::client::client(url.as_str(), stream) {
+            Ok((ws, _)) => Ok(Client { ws, port, next_id: 0 }),
+            Err(e) => Err(format!("handshake: {e}")),
+        }
+    }
+
+    /// Sends `cmd` with a fresh `"id"` and returns the frame answering it (`{"id":..,"ok":true}`
+    /// or an error frame carrying the id); other frames before it are skipped.
+    pub fn call(&mut self, mut cmd: Value) -> Value {
+        self.next_id += 1;
+        let id = format!("call-{}-{}", self.port, self.next_id);
+        cmd["id"] = json!(id);
+        self.send_json(&cmd);
+        loop {
+            let text = self.recv();
+            if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                if v["id"] == json!(id) {
+                    return v;
+                }
+            }
+        }
+    }
+
+    /// After the server's close frame: send ours (tungstenite answers it on the next read)
+    /// and read until the server ends the connection.
+    pub fn finish_close(&mut self) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            match self.ws.read() {
+                Ok(_) => {}
+                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => return,
+                Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::ConnectionReset => return,
+                Err(e) => panic!("finishing the close handshake: {e}"),
+            }
+            assert!(Instant::now() < deadline, "close handshake did not finish");
+        }
+    }
+
+    /// The raw WebSocket, for tests that need tungstenite's own error values.
+    pub fn ws_mut(&mut self) -> &mut WebSocket<TcpStream> {
+        &mut self.ws
     }
 }

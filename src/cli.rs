@@ -61,6 +61,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a standalone channel server (broker) that several instances share.
+    Channel(ChannelArgs),
     /// Send MESSAGE (or each line of standard input) to every member of GROUP.
     Publish {
         /// The group id.
@@ -93,16 +95,52 @@ pub struct StartArgs {
     /// Channel server address: HOST:PORT or unix:PATH.
     #[arg(long = "channel-listen", value_name = "ADDR")]
     pub channel_listen: Option<String>,
+    /// Use the channel server at ADDR (HOST:PORT or unix:PATH) instead of forking one.
+    #[arg(long = "channel-connect", value_name = "ADDR")]
+    pub channel_connect: Option<String>,
+    /// File with the shared secret of the channel.
+    #[arg(long = "channel-secret-file", value_name = "PATH")]
+    pub channel_secret_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args, Default, Clone)]
+pub struct ChannelArgs {
+    /// Run as a daemon (detach, log to syslog).
+    #[arg(short = 'd', long = "daemon")]
+    pub daemon: bool,
+    /// Address to listen on: HOST:PORT or unix:PATH.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// File with the shared secret peers must prove.
+    #[arg(long = "channel-secret-file", value_name = "PATH")]
+    pub channel_secret_file: Option<PathBuf>,
+    /// Accept unauthenticated peers on a non-loopback TCP address.
+    #[arg(long = "insecure")]
+    pub insecure: bool,
 }
 
 impl Cli {
     /// The flag values that override the config file.
     pub fn overrides(&self) -> Overrides {
         let mut o = Overrides { pid_file: self.pid_file.clone(), ..Overrides::default() };
-        if let Command::Start(start) | Command::Restart { start, .. } = &self.command {
-            o.listen = start.listen.clone();
-            o.workers = start.workers;
-            o.channel_listen = start.channel_listen.clone();
+        match &self.command {
+            Command::Start(start) | Command::Restart { start, .. } => {
+                o.listen = start.listen.clone();
+                o.workers = start.workers;
+                o.channel_listen = start.channel_listen.clone();
+                o.channel_connect = start.channel_connect.clone();
+                o.channel_secret_file = start.channel_secret_file.clone();
+            }
+            Command::Channel(args) => {
+                o.channel_listen = args.listen.clone();
+                o.channel_secret_file = args.channel_secret_file.clone();
+                o.channel_insecure = args.insecure;
+                // A standalone broker must not clash with an instance's default pid file.
+                if o.pid_file.is_none() && self.config.is_none() {
+                    o.pid_file = Some(PathBuf::from(crate::config::DEFAULT_BROKER_PID_FILE));
+                }
+            }
+            _ => {}
         }
         o
     }

@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:1234";
 /// Pid file of an instance started without a config; the channel and control sockets sit beside it.
 pub const DEFAULT_PID_FILE: &str = "/tmp/groupcast.pid";
+/// Pid file of a standalone broker (`groupcast channel`) started without a config.
+pub const DEFAULT_BROKER_PID_FILE: &str = "/tmp/groupcast-channel.pid";
 /// Pending-connection queue of each listening socket.
 pub const DEFAULT_BACKLOG: u32 = 1024;
 /// Largest WebSocket message (after reassembly of fragments) a client may send, in bytes.
@@ -97,6 +99,40 @@ pub enum SlowClient {
     /// Drop its oldest queued group messages; if it asked for replies, tell it how many it
     /// missed once it has caught up.
     Drop,
+}
+
+/// How an instance reaches the channel and how the channel protects what it carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChannelSettings {
+    /// A remote broker to use instead of forking one (`[channel] connect`, `--channel-connect`).
+    pub connect: Option<ChannelAddr>,
+    /// File holding the shared secret peers and broker prove to each other (never the secret
+    /// itself on a command line).
+    pub secret_file: Option<PathBuf>,
+    /// Let a broker without a secret listen on a non-loopback TCP address.
+    pub insecure: bool,
+    /// Unacknowledged publishes a worker keeps for resending, count (default 100000).
+    pub queue_max_messages: usize,
+    /// Unacknowledged publishes a worker keeps for resending, bytes (default 64 MiB).
+    pub queue_max_bytes: usize,
+    /// How long a fresh broker keeps messages for peers that subscribe late, ms (default 5000).
+    pub grace_ms: u64,
+    /// Bytes a fresh broker keeps during the grace window (default 64 MiB).
+    pub grace_max_bytes: usize,
+}
+
+impl Default for ChannelSettings {
+    fn default() -> Self {
+        ChannelSettings {
+            connect: None,
+            secret_file: None,
+            insecure: false,
+            queue_max_messages: 100_000,
+            queue_max_bytes: 64 << 20,
+            grace_ms: 5_000,
+            grace_max_bytes: 64 << 20,
+        }
+    }
 }
 
 /// Client-facing limits; each has a counter in `status` when it is hit. Written as the
@@ -201,6 +237,8 @@ pub struct Config {
     pub channel_listen: ChannelAddr,
     /// Largest channel frame a peer may send, bytes (default 16 MiB).
     pub channel_max_frame: usize,
+    /// Cluster settings of the channel: remote broker, secret, queues, grace window.
+    pub channel: ChannelSettings,
     /// Bytes queued for one channel peer before the broker cuts it off (default 256 MiB).
     pub channel_peer_buffer_limit: usize,
     /// Log level: error, warn, info, debug, trace (default info).
@@ -232,6 +270,7 @@ impl Default for Config {
             pid_file,
             backlog: DEFAULT_BACKLOG,
             channel_max_frame: DEFAULT_CHANNEL_MAX_FRAME,
+            channel: ChannelSettings::default(),
             channel_peer_buffer_limit: DEFAULT_CHANNEL_PEER_BUFFER_LIMIT,
             log_level: "info".into(),
             syslog: false,
@@ -278,6 +317,13 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct FileChannel {
     listen: Option<String>,
+    connect: Option<String>,
+    secret_file: Option<PathBuf>,
+    insecure: Option<bool>,
+    queue_max_messages: Option<usize>,
+    queue_max_bytes: Option<usize>,
+    grace_ms: Option<u64>,
+    grace_max_bytes: Option<usize>,
     max_frame: Option<usize>,
     peer_buffer_limit: Option<usize>,
 }
@@ -297,6 +343,9 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub workers: Option<usize>,
     pub channel_listen: Option<String>,
+    pub channel_connect: Option<String>,
+    pub channel_secret_file: Option<PathBuf>,
+    pub channel_insecure: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -347,6 +396,25 @@ impl Config {
         if let Some(addr) = overrides.channel_listen.clone().or(channel.listen) {
             config.channel_listen = addr.parse().map_err(|e| invalid("channel.listen", e))?;
             channel_listen_set = true;
+        }
+        if let Some(addr) = overrides.channel_connect.clone().or(channel.connect) {
+            config.channel.connect = Some(addr.parse().map_err(|e| invalid("channel.connect", e))?);
+        }
+        if let Some(path) = overrides.channel_secret_file.clone().or(channel.secret_file) {
+            config.channel.secret_file = Some(absolute(&path, "channel.secret_file")?);
+        }
+        config.channel.insecure = overrides.channel_insecure || channel.insecure.unwrap_or(false);
+        if let Some(v) = channel.queue_max_messages {
+            config.channel.queue_max_messages = v;
+        }
+        if let Some(v) = channel.queue_max_bytes {
+            config.channel.queue_max_bytes = v;
+        }
+        if let Some(v) = channel.grace_ms {
+            config.channel.grace_ms = v;
+        }
+        if let Some(v) = channel.grace_max_bytes {
+            config.channel.grace_max_bytes = v;
         }
         if let Some(v) = channel.max_frame {
             config.channel_max_frame = v;
@@ -410,6 +478,25 @@ impl Config {
         if self.graceful_timeout_ms == 0 {
             return Err(invalid("graceful_timeout_ms", "must be at least 1"));
         }
+        if self.channel.connect.is_none() {
+            if let ChannelAddr::Tcp(addr) = self.channel_listen {
+                if !addr.ip().is_loopback() && self.channel.secret_file.is_none() && !self.channel.insecure {
+                    return Err(invalid(
+                        "channel.listen",
+                        format!(
+                            "{addr} is reachable from other hosts and no channel.secret_file is set; \
+                             set one (or channel.insecure = true to accept unauthenticated peers)"
+                        ),
+                    ));
+                }
+            }
+        }
+        if self.channel.queue_max_messages == 0 || self.channel.queue_max_bytes < 1024 {
+            return Err(invalid(
+                "channel.queue_max_messages",
+                "the publish queue needs room (>= 1 message, >= 1024 bytes)",
+            ));
+        }
         if self.channel_max_frame < 1024 {
             return Err(invalid("channel.max_frame", "must be at least 1024 bytes"));
         }
@@ -430,6 +517,8 @@ impl Config {
         check("pid_file", self.pid_file != new.pid_file);
         check("backlog", self.backlog != new.backlog);
         check("channel.listen", self.channel_listen != new.channel_listen);
+        check("channel.connect", self.channel.connect != new.channel.connect);
+        check("channel.secret_file", self.channel.secret_file != new.channel.secret_file);
         check("user", self.user != new.user);
         check("group", self.group != new.group);
         check("log.syslog_socket", self.syslog_socket != new.syslog_socket);
@@ -445,6 +534,11 @@ impl Config {
             pid_file: self.pid_file.clone(),
             backlog: self.backlog,
             channel_listen: self.channel_listen.clone(),
+            channel: ChannelSettings {
+                connect: self.channel.connect.clone(),
+                secret_file: self.channel.secret_file.clone(),
+                ..new.channel.clone()
+            },
             user: self.user.clone(),
             group: self.group.clone(),
             syslog: self.syslog,
@@ -452,6 +546,11 @@ impl Config {
             syslog_facility: self.syslog_facility.clone(),
             ..new
         }
+    }
+
+    /// The broker this instance's workers talk to: the remote one, or its own.
+    pub fn channel_target(&self) -> &ChannelAddr {
+        self.channel.connect.as_ref().unwrap_or(&self.channel_listen)
     }
 
     /// The master's control socket, beside the pid file.

@@ -79,8 +79,16 @@ pub struct ProcessStats {
     pub pings_sent: u64,
     /// Whether the worker's channel client is connected.
     pub channel_connected: bool,
-    /// Publishes dropped because the channel was unreachable.
+    /// Publishes dropped because the channel queue bound was reached (worker), or held
+    /// messages dropped past the grace-window bound (channel).
     pub channel_dropped: u64,
+    /// Publishes not yet acknowledged by the broker (worker), or messages held for the grace
+    /// window (channel).
+    pub channel_queued: u64,
+    /// Publishes sent again after a reconnect.
+    pub channel_resent: u64,
+    /// Messages from the broker dropped as already delivered (by origin and seq).
+    pub channel_duplicates: u64,
     /// Log lines lost because syslog was full or unreachable.
     pub log_dropped: u64,
 }

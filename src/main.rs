@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use groupcast::cli::{Cli, Command};
 use groupcast::config::{log_level_filter, Config};
-use groupcast::master::ConfigSource;
+use groupcast::master::{ConfigSource, Mode};
 use groupcast::{admin, channel, logging, master, publish, worker};
 
 fn main() -> ExitCode {
@@ -35,15 +35,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let overrides = cli.overrides();
     let config = Config::load(cli.config.as_deref(), &overrides)?;
     let source = ConfigSource { path: cli.config.clone(), overrides };
-    let start = |config: Config, source, daemon| {
+    let start = |config: Config, source, mode, daemon| {
         logging::init("master", log_level_filter(&config.log_level).unwrap_or(log::LevelFilter::Info));
-        master::start(config, source, daemon)
+        master::start(config, source, mode, daemon)
     };
     match cli.command {
-        Command::Start(args) => start(config, source, args.daemon),
+        Command::Start(args) => start(config, source, Mode::Instance, args.daemon),
+        Command::Channel(args) => start(config, source, Mode::Broker, args.daemon),
         Command::Restart { graceful, start: args } => {
             admin::stop_if_running(&config, graceful)?;
-            start(config, source, args.daemon)
+            start(config, source, Mode::Instance, args.daemon)
         }
         Command::Stop { graceful } => admin::stop(&config, graceful),
         Command::Reload { graceful } => admin::reload(&config, graceful),

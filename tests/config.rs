@@ -87,7 +87,7 @@ fn refused(config: &str, key: &str) {
 fn unknown_keys_are_refused() {
     refused("workers = 2\nbogus = 1\n", "unknown field `bogus`");
     refused("[limits]\nmax_mesage_size = 10\n", "unknown field `max_mesage_size`");
-    refused("[channel]\nconnect = \"127.0.0.1:1\"\n", "unknown field `connect`");
+    refused("[channel]\nbogus = \"127.0.0.1:1\"\n", "unknown field `bogus`");
     refused("[nonsense]\nx = 1\n", "unknown field `nonsense`");
 }
 

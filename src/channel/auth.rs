@@ -30,7 +30,8 @@ pub fn nonce() -> std::io::Result<[u8; NONCE_LEN]> {
 /// warns when the file is readable by others.
 pub fn load_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
     use std::os::unix::fs::PermissionsExt;
-    let mut secret = std::fs::read(path).with_context(|| format!("cannot read channel secret file {}", path.display()))?;
+    let mut secret =
+        std::fs::read(path).with_context(|| format!("cannot read channel secret file {}", path.display()))?;
     while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
         secret.pop();
     }

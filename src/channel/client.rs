@@ -31,14 +31,22 @@ enum Phase {
     /// Connected; the broker's CHALLENGE has not arrived yet.
     AwaitChallenge,
     /// AUTH sent; waiting for the broker's proof.
-    AwaitAuthOk { peer_nonce: [u8; wire::NONCE_LEN], broker_nonce: [u8; wire::NONCE_LEN] },
+    AwaitAuthOk {
+        peer_nonce: [u8; wire::NONCE_LEN],
+        broker_nonce: [u8; wire::NONCE_LEN],
+    },
     Ready,
 }
 
 enum Link {
-    Up { stream: ChannelStream, phase: Phase },
+    Up {
+        stream: ChannelStream,
+        phase: Phase,
+    },
     /// Next attempt at `retry_at`.
-    Down { retry_at: Instant },
+    Down {
+        retry_at: Instant,
+    },
 }
 
 /// Settings of the channel client, from the config.
@@ -176,7 +184,9 @@ impl ChannelClient {
         }
         self.unacked_bytes += frame.len();
         self.unacked.push_back((self.seq, frame));
-        while self.unacked.len() > self.settings.queue_max_messages || self.unacked_bytes > self.settings.queue_max_bytes {
+        while self.unacked.len() > self.settings.queue_max_messages
+            || self.unacked_bytes > self.settings.queue_max_bytes
+        {
             let Some((_, old)) = self.unacked.pop_front() else { break };
             self.unacked_bytes -= old.len();
             self.dropped += 1;
@@ -268,7 +278,7 @@ impl ChannelClient {
     fn become_ready<'a>(&mut self, groups: impl Iterator<Item = &'a str>) {
         wire::encode_hello(&mut self.outbuf, self.origin, &self.name);
         for group in groups {
-            wire::encode_subscribe(&mut self.outbuf, group);
+            wire::encode_resubscribe(&mut self.outbuf, group);
         }
         for (_, frame) in &self.unacked {
             self.outbuf.extend_from_slice(frame);
@@ -358,7 +368,8 @@ impl Dedupe {
                 self.origins.remove(&oldest);
             }
         }
-        let seen = self.origins.entry(origin).or_insert(Seen { highest: 0, bits: [0; (WINDOW / 64) as usize], last_used: 0 });
+        let seen =
+            self.origins.entry(origin).or_insert(Seen { highest: 0, bits: [0; (WINDOW / 64) as usize], last_used: 0 });
         seen.last_used = self.tick;
         let fresh = seen.offer(seq);
         if !fresh {

@@ -4,6 +4,7 @@
 //! process, `client` the worker's end. `ChannelStream`/`ChannelListener` let both run over TCP
 //! or a Unix socket without caring which.
 
+pub mod auth;
 pub mod client;
 pub mod server;
 pub mod wire;

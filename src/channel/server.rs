@@ -36,7 +36,9 @@ const READ_BUF: usize = 256 * 1024;
 
 enum PeerPhase {
     /// CHALLENGE sent with this nonce; only AUTH is accepted.
-    AwaitAuth { nonce: [u8; wire::NONCE_LEN] },
+    AwaitAuth {
+        nonce: [u8; wire::NONCE_LEN],
+    },
     Ready,
 }
 
@@ -88,13 +90,17 @@ pub struct Broker {
 /// Entry point of `groupcast channel-child`, exec'd by the master.
 pub fn run_child() -> anyhow::Result<()> {
     let config = control::child_config()?;
-    crate::logging::init("channel", crate::config::log_level_filter(&config.log_level).unwrap_or(log::LevelFilter::Info));
+    crate::logging::init(
+        "channel",
+        crate::config::log_level_filter(&config.log_level).unwrap_or(log::LevelFilter::Info),
+    );
     if config.syslog {
         if let Err(e) = crate::logging::use_syslog(&config.syslog_socket, &config.syslog_facility) {
             warn!("{e}");
         }
     }
-    let fd = crate::sys::adopt_inherited_fd(control::CHILD_LISTENER_FD).context("no channel listener from the master")?;
+    let fd =
+        crate::sys::adopt_inherited_fd(control::CHILD_LISTENER_FD).context("no channel listener from the master")?;
     let listener = ChannelListener::from_fd(fd, &config.channel_listen)?;
     let mut broker = Broker::new(listener, &config)?;
     info!(
@@ -298,12 +304,13 @@ impl Broker {
                     peer.origin = Some(origin);
                     info!("channel peer {name} (origin {origin:#x}) connected");
                 }
-                wire::Frame::Subscribe { group } => {
+                wire::Frame::Subscribe { group } | wire::Frame::Resubscribe { group } => {
                     if self.peers[key].groups.insert(group.into()) {
                         self.subscribers.entry(group.into()).or_default().push(key);
-                        if self.grace_until.is_some() {
-                            new_groups.push(group.into());
-                        }
+                    }
+                    // Only members the peer had before it reconnected are owed history.
+                    if matches!(frame, wire::Frame::Resubscribe { .. }) && self.grace_until.is_some() {
+                        new_groups.push(group.into());
                     }
                 }
                 wire::Frame::Unsubscribe { group } => {
@@ -332,7 +339,12 @@ impl Broker {
     }
 
     /// Checks the first frame of a peer when a secret is configured: it must be a valid AUTH.
-    fn authenticate(&mut self, key: usize, frame: &wire::Frame<'_>, nonce: &[u8; wire::NONCE_LEN]) -> Result<(), String> {
+    fn authenticate(
+        &mut self,
+        key: usize,
+        frame: &wire::Frame<'_>,
+        nonce: &[u8; wire::NONCE_LEN],
+    ) -> Result<(), String> {
         let secret = self.secret.as_deref().unwrap_or_default();
         let wire::Frame::Auth { nonce: peer_nonce, mac } = frame else {
             return Err("did not authenticate (its first frame was not AUTH)".into());

@@ -15,6 +15,7 @@ pub const CHALLENGE: u8 = 5;
 pub const AUTH: u8 = 6;
 pub const AUTH_OK: u8 = 7;
 pub const ACK: u8 = 8;
+pub const RESUBSCRIBE: u8 = 9;
 
 /// Bytes of an authentication nonce.
 pub const NONCE_LEN: usize = 16;
@@ -41,12 +42,36 @@ pub enum Frame<'a> {
     Unsubscribe {
         group: &'a str,
     },
+    /// A subscription the peer had before it reconnected: a fresh broker replays what it
+    /// holds for the group (plain SUBSCRIBE, a new first member, gets no history).
+    Resubscribe {
+        group: &'a str,
+    },
     /// A group message: `origin` and `seq` identify the publish; `payload` is the text members get.
     Message {
         origin: u64,
         seq: u64,
         group: &'a str,
         payload: &'a [u8],
+    },
+    /// Broker's first frame on every connection: its protocol version, flags, a fresh nonce.
+    Challenge {
+        version: u8,
+        flags: u8,
+        nonce: [u8; NONCE_LEN],
+    },
+    /// Peer's proof of the shared secret: its own nonce and HMAC(secret, peer|sn|cn).
+    Auth {
+        nonce: [u8; NONCE_LEN],
+        mac: [u8; MAC_LEN],
+    },
+    /// Broker's proof in return: HMAC(secret, broker|cn|sn).
+    AuthOk {
+        mac: [u8; MAC_LEN],
+    },
+    /// The broker has forwarded every MESSAGE of this peer up to `seq`.
+    Ack {
+        seq: u64,
     },
 }
 
@@ -105,6 +130,7 @@ pub fn decode(buf: &[u8], max_frame: usize) -> Result<Option<(Frame<'_>, usize)>
             Frame::Auth { nonce, mac }
         }
         AUTH_OK => Frame::AuthOk { mac: r.array().ok_or(WireError::Malformed("auth_ok"))? },
+        RESUBSCRIBE => Frame::Resubscribe { group: r.str().ok_or(WireError::Malformed("resubscribe"))? },
         ACK => Frame::Ack { seq: r.u64().ok_or(WireError::Malformed("ack"))? },
         other => return Err(WireError::UnknownType(other)),
     };
@@ -162,6 +188,10 @@ pub fn encode_hello(out: &mut Vec<u8>, origin: u64, name: &str) {
 
 pub fn encode_subscribe(out: &mut Vec<u8>, group: &str) {
     frame(out, SUBSCRIBE, |o| put_str(o, group));
+}
+
+pub fn encode_resubscribe(out: &mut Vec<u8>, group: &str) {
+    frame(out, RESUBSCRIBE, |o| put_str(o, group));
 }
 
 pub fn encode_unsubscribe(out: &mut Vec<u8>, group: &str) {

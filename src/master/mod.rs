@@ -66,9 +66,11 @@ pub struct Master {
     /// binary installed there later is what new children run (the upgrade path of reload).
     exe: PathBuf,
     started: Instant,
-    listen: SocketAddr,
+    /// The WebSocket address bound (none for a standalone broker).
+    listen: Option<SocketAddr>,
     worker_listeners: Vec<OwnedFd>,
-    channel_listener: OwnedFd,
+    /// The channel listener, when this master runs a broker (not with `channel.connect`).
+    channel_listener: Option<OwnedFd>,
     control: UnixListener,
     slots: Vec<Slot>,
     retiring: Vec<Retiring>,
@@ -80,17 +82,47 @@ pub struct Master {
 struct Bound {
     pidfile: PidFile,
     worker_listeners: Vec<OwnedFd>,
-    listen: SocketAddr,
-    channel_listener: OwnedFd,
+    listen: Option<SocketAddr>,
+    channel_listener: Option<OwnedFd>,
     control: UnixListener,
 }
 
-fn bind_all(config: &Config) -> anyhow::Result<Bound> {
+/// What a master runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `groupcast start`: workers, plus a private broker unless `channel.connect` names one.
+    Instance,
+    /// `groupcast channel`: a standalone broker for several instances.
+    Broker,
+}
+
+impl Mode {
+    fn runs_workers(self) -> bool {
+        self == Mode::Instance
+    }
+
+    fn runs_broker(self, config: &Config) -> bool {
+        self == Mode::Broker || config.channel.connect.is_none()
+    }
+}
+
+fn bind_all(config: &Config, mode: Mode) -> anyhow::Result<Bound> {
     let pidfile = PidFile::acquire(&config.pid_file)?;
-    let (worker_listeners, listen) = listeners::bind_worker_listeners(config.listen, config.workers, config.backlog)
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let channel_listener = crate::channel::bind_listener(&config.channel_listen, config.backlog)
-        .with_context(|| format!("cannot bind the channel server to {}", config.channel_listen))?;
+    let (worker_listeners, listen) = if mode.runs_workers() {
+        let (fds, addr) = listeners::bind_worker_listeners(config.listen, config.workers, config.backlog)
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        (fds, Some(addr))
+    } else {
+        (Vec::new(), None)
+    };
+    let channel_listener = if mode.runs_broker(config) {
+        Some(
+            crate::channel::bind_listener(&config.channel_listen, config.backlog)
+                .with_context(|| format!("cannot bind the channel server to {}", config.channel_listen))?,
+        )
+    } else {
+        None
+    };
     let control_path = config.control_socket();
     let control = listeners::bind_control_socket(&control_path)
         .with_context(|| format!("cannot bind the control socket {}", control_path.display()))?;
@@ -98,10 +130,14 @@ fn bind_all(config: &Config) -> anyhow::Result<Bound> {
 }
 
 /// `groupcast start [-d]`.
-pub fn start(mut config: Config, source: ConfigSource, daemon: bool) -> anyhow::Result<()> {
+pub fn start(mut config: Config, source: ConfigSource, mode: Mode, daemon: bool) -> anyhow::Result<()> {
     let exe = current_exe()?;
-    raise_open_file_limit(&config);
-    let bound = bind_all(&config)?;
+    if mode == Mode::Broker {
+        config.workers = 0;
+    } else {
+        raise_open_file_limit(&config);
+    }
+    let bound = bind_all(&config, mode)?;
     if !daemon {
         return run(config, source, exe, bound, None);
     }
@@ -184,14 +220,17 @@ fn run(
     let Bound { mut pidfile, worker_listeners, listen, channel_listener, control } = bound;
     pidfile.write_pid().context("cannot write the pid file")?;
     let mut owned = vec![config.pid_file.clone(), config.control_socket()];
-    if let ChannelAddr::Unix(path) = &config.channel_listen {
+    if let (Some(_), ChannelAddr::Unix(path)) = (&channel_listener, &config.channel_listen) {
         owned.push(path.clone());
     }
     let owned: Vec<&std::path::Path> = owned.iter().map(PathBuf::as_path).collect();
     privileges::drop_privileges(config.user.as_deref(), config.group.as_deref(), &owned)?;
     let config_json = serde_json::to_string(&config).context("cannot serialize the config")?;
-    let mut slots = vec![Slot::new(Role::Channel)];
-    slots.extend((0..config.workers).map(|i| Slot::new(Role::Worker(i))));
+    let mut slots = Vec::new();
+    if channel_listener.is_some() {
+        slots.push(Slot::new(Role::Channel));
+    }
+    slots.extend((0..worker_listeners.len()).map(|i| Slot::new(Role::Worker(i))));
     let mut master = Master {
         config,
         config_json,
@@ -208,13 +247,20 @@ fn run(
         pidfile: Some(pidfile),
     };
     let result = master.start_children().and_then(|()| {
-        info!(
-            "groupcast {} ready: {} workers on {}, channel {}",
-            env!("CARGO_PKG_VERSION"),
-            master.config.workers,
-            master.listen,
-            master.config.channel_listen
-        );
+        match master.listen {
+            Some(listen) => info!(
+                "groupcast {} ready: {} workers on {}, channel {}",
+                env!("CARGO_PKG_VERSION"),
+                master.config.workers,
+                listen,
+                master.config.channel_target()
+            ),
+            None => info!(
+                "groupcast {} channel server ready on {}",
+                env!("CARGO_PKG_VERSION"),
+                master.config.channel_listen
+            ),
+        }
         notify::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
         if let Some(mut ready) = ready {
             let _ = writeln!(ready, "ok {}", std::process::id());
@@ -242,7 +288,9 @@ impl Master {
 
     fn listener_for(&self, role: Role) -> std::os::fd::BorrowedFd<'_> {
         match role {
-            Role::Channel => self.channel_listener.as_fd(),
+            Role::Channel => {
+                self.channel_listener.as_ref().expect("a channel slot exists only with its listener").as_fd()
+            }
             Role::Worker(w) => self.worker_listeners[w].as_fd(),
         }
     }
@@ -395,7 +443,7 @@ impl Master {
         }
         wait_or_kill(&mut channel, STOP_GRACE);
         let _ = std::fs::remove_file(self.config.control_socket());
-        if let ChannelAddr::Unix(path) = &self.config.channel_listen {
+        if let (Some(_), ChannelAddr::Unix(path)) = (&self.channel_listener, &self.config.channel_listen) {
             let _ = std::fs::remove_file(path);
         }
         if let Some(pidfile) = self.pidfile.take() {

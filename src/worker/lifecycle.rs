@@ -77,6 +77,9 @@ impl Worker {
         s.memberships = self.groups.memberships() as u64;
         s.channel_connected = self.channel.is_connected();
         s.channel_dropped = self.channel.dropped;
+        s.channel_queued = self.channel.queued() as u64;
+        s.channel_resent = self.channel.resent;
+        s.channel_duplicates = self.channel.dedupe.duplicates;
         s.log_dropped = crate::logging::dropped_lines();
         s
     }

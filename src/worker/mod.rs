@@ -28,7 +28,7 @@ use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
-use crate::channel::client::ChannelClient;
+use crate::channel::client::{ChannelClient, ClientSettings};
 use crate::channel::wire;
 use crate::config::Config;
 use crate::control::{self, ChildLink, ProcessStats};
@@ -127,7 +127,13 @@ impl Worker {
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
         let pid = std::process::id() as u64;
         let origin = (pid << 16) | index as u64;
-        let channel = ChannelClient::new(config.channel_listen.clone(), CHANNEL, origin, format!("worker-{index}"));
+        let settings = ClientSettings {
+            addr: config.channel_target().clone(),
+            secret: config.channel.secret_file.as_deref().map(crate::channel::auth::load_secret).transpose()?,
+            queue_max_messages: config.channel.queue_max_messages,
+            queue_max_bytes: config.channel.queue_max_bytes,
+        };
+        let channel = ChannelClient::new(settings, CHANNEL, origin, format!("worker-{index}"));
         let stats = ProcessStats { role: "worker".into(), index: Some(index), pid: pid as u32, ..Default::default() };
         Ok(Worker {
             index,
@@ -155,7 +161,7 @@ impl Worker {
 
     fn run(&mut self) -> anyhow::Result<()> {
         let mut events = Events::with_capacity(1024);
-        self.channel.maybe_connect(self.poll.registry(), self.groups.names());
+        self.channel.maybe_connect(self.poll.registry());
         loop {
             let timeout = self.next_wait();
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
@@ -218,7 +224,7 @@ impl Worker {
         self.flush_dirty();
         self.expire_timers();
         self.sweep_idle();
-        self.channel.maybe_connect(self.poll.registry(), self.groups.names());
+        self.channel.maybe_connect(self.poll.registry());
         if self.accept_paused_until.is_some_and(|t| Instant::now() >= t) {
             self.accept_paused_until = None;
             self.accept_all();
@@ -606,31 +612,42 @@ impl Worker {
     // ---- the channel -----------------------------------------------------------------------
 
     fn channel_ready(&mut self) {
-        if let Err(e) = self.channel.on_ready(&mut self.read_buf) {
-            self.channel.disconnect(self.poll.registry(), &e.to_string());
-            return;
-        }
+        // What arrived before an error or EOF is still delivered: the broker may have written
+        // (and acknowledged) it just before it died.
+        let read_error = self.channel.on_ready(&mut self.read_buf).err();
         let input = self.channel.take_input();
         let mut pos = 0;
         let max = self.config.channel_max_frame;
-        loop {
+        let failure = loop {
             match wire::decode(&input[pos..], max) {
                 Ok(Some((frame, used))) => {
                     pos += used;
-                    if let wire::Frame::Message { group, payload, .. } = frame {
-                        self.deliver_local(group, payload);
+                    match frame {
+                        wire::Frame::Message { origin, seq, group, payload } => {
+                            // A resend after a broker restart must not become a duplicate.
+                            if self.channel.dedupe.first_time(origin, seq) {
+                                self.deliver_local(group, payload);
+                            }
+                        }
+                        other => {
+                            if let Err(why) = self.channel.on_control(&other, self.groups.names()) {
+                                break Some(why);
+                            }
+                        }
                     }
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    error!("channel sent a bad frame: {e}");
-                    self.channel.restore_input(input, 0);
-                    self.channel.disconnect(self.poll.registry(), "bad frame");
-                    return;
-                }
+                Ok(None) => break None,
+                Err(e) => break Some(format!("bad frame from the broker: {e}")),
+            }
+        };
+        match failure.or_else(|| read_error.map(|e| e.to_string())) {
+            None => self.channel.restore_input(input, pos),
+            Some(why) => {
+                error!("channel: {why}");
+                self.channel.restore_input(input, 0);
+                self.channel.disconnect(self.poll.registry(), &why);
             }
         }
-        self.channel.restore_input(input, pos);
     }
 
     // ---- writing and closing ---------------------------------------------------------------

@@ -1,0 +1,299 @@
+//! Several instances sharing one standalone broker (`groupcast channel`): cross-instance
+//! delivery exactly once, the shared-secret handshake (wrong or missing secrets refused), the
+//! refusal to listen unauthenticated beyond loopback, and exactly-once delivery while the
+//! broker is killed with SIGKILL and restarted as both sides publish.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{alive, belongs_to, free_port, run_timed, signal, wait_for, Client, Opts, Server, TempDir};
+use serde_json::{json, Value};
+
+/// A standalone broker started by the test; stopped (and, failing that, killed) on drop.
+struct Broker {
+    dir: TempDir,
+    child: Child,
+    pid_file: PathBuf,
+    port: u16,
+    secret: PathBuf,
+}
+
+impl Broker {
+    fn start(name: &str) -> Broker {
+        let dir = TempDir::new(name);
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "correct horse battery staple 42\n").unwrap();
+        let port = free_port();
+        let pid_file = dir.join("broker.pid");
+        let log = std::fs::File::create(dir.join("broker.log")).unwrap();
+        let child = Command::new(common::bin())
+            .args(["channel", "--listen", &format!("127.0.0.1:{port}"), "--channel-secret-file"])
+            .arg(&secret)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let broker = Broker { dir, child, pid_file, port, secret };
+        wait_for("the broker to run", Duration::from_secs(30), || broker.channel_pid());
+        broker
+    }
+
+    fn status(&self) -> Option<Value> {
+        let out =
+            Command::new(common::bin()).args(["status", "--json", "--pid-file"]).arg(&self.pid_file).output().ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Pid of the running broker process (the master's channel child).
+    fn channel_pid(&self) -> Option<u32> {
+        let report = self.status()?;
+        let row = report["processes"].as_array()?.iter().find(|p| p["role"] == "channel")?.clone();
+        (row["state"] == "running").then(|| row["pid"].as_u64().unwrap() as u32)
+    }
+
+    fn peers(&self) -> u64 {
+        self.status().map_or(0, |r| {
+            r["processes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["role"] == "channel")
+                .map_or(0, |p| p["connections"].as_u64().unwrap())
+        })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default()
+    }
+
+    fn instance(&self, config: &str) -> Server {
+        Server::start_with(Opts {
+            workers: Some(2),
+            config: Some(config.to_owned()),
+            extra: vec![
+                "--channel-connect".into(),
+                format!("127.0.0.1:{}", self.port),
+                "--channel-secret-file".into(),
+                self.secret.to_string_lossy().into_owned(),
+            ],
+            ..Opts::default()
+        })
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let child_pid = self.channel_pid();
+        signal(self.child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(pid) = child_pid {
+            if alive(pid) && belongs_to(pid, &self.pid_file) {
+                signal(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Commands come fast in these tests: lift the per-connection rate limit.
+const FAST: &str = "[limits]\ncommands_per_second = 1000000\ncommands_burst = 1000000\n";
+
+/// Waits until the instance counts `n` memberships (an instance using a remote broker has no
+/// channel row of its own, so `Server::wait_subscriptions` does not apply).
+fn wait_members(server: &Server, n: u64) {
+    server.wait_status(&format!("{n} memberships"), |r| r["totals"]["memberships"] == n);
+}
+
+fn join_all(clients: &mut [Client], group: &str) {
+    for c in clients.iter_mut() {
+        c.add_group(&json!(group));
+        c.sync();
+    }
+}
+
+#[test]
+fn a_member_on_one_instance_receives_what_a_client_on_another_sends_exactly_once() {
+    let broker = Broker::start("cluster-share");
+    let a = broker.instance(FAST);
+    let b = broker.instance(FAST);
+    wait_for("4 workers connected to the broker", Duration::from_secs(30), || (broker.peers() == 4).then_some(()));
+    let mut on_a: Vec<Client> = (0..4).map(|_| Client::connect(a.addr)).collect();
+    let mut on_b: Vec<Client> = (0..4).map(|_| Client::connect(b.addr)).collect();
+    join_all(&mut on_a, "room");
+    join_all(&mut on_b, "room");
+    wait_members(&a, 4);
+    wait_members(&b, 4);
+    // The broker has both instances' subscriptions (one per worker with members).
+    wait_for("broker subscriptions", Duration::from_secs(30), || {
+        let r = broker.status()?;
+        let ch = r["processes"].as_array()?.iter().find(|p| p["role"] == "channel")?.clone();
+        (ch["memberships"].as_u64()? >= 2).then_some(())
+    });
+    for i in 0..50 {
+        on_b[0].send_to_group(&json!("room"), &format!("from-b-{i}"));
+        on_a[1].send_to_group(&json!("room"), &format!("from-a-{i}"));
+    }
+    for c in on_a.iter_mut().chain(on_b.iter_mut()) {
+        let got: Vec<String> = (0..100).map(|_| c.recv()).collect();
+        let from_b: Vec<&String> = got.iter().filter(|m| m.starts_with("from-b-")).collect();
+        let from_a: Vec<&String> = got.iter().filter(|m| m.starts_with("from-a-")).collect();
+        assert_eq!(from_b, (0..50).map(|i| format!("from-b-{i}")).collect::<Vec<_>>().iter().collect::<Vec<_>>());
+        assert_eq!(from_a, (0..50).map(|i| format!("from-a-{i}")).collect::<Vec<_>>().iter().collect::<Vec<_>>());
+        assert!(c.sync().is_empty(), "nothing arrives twice");
+    }
+    // `publish` through the shared broker, with the secret, reaches both instances.
+    let out = Command::new(common::bin())
+        .args(["publish", "room", "from the command line", "--pid-file"])
+        .arg(a.pid_file.clone())
+        .args(["-c"])
+        .arg(write_config(&a.dir.join("publish.toml"), &broker))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for c in on_a.iter_mut().chain(on_b.iter_mut()) {
+        assert_eq!(c.recv(), "from the command line");
+    }
+}
+
+fn write_config(path: &Path, broker: &Broker) -> PathBuf {
+    std::fs::write(
+        path,
+        format!(
+            "[channel]\nconnect = \"127.0.0.1:{}\"\nsecret_file = {:?}\n",
+            broker.port,
+            broker.secret.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    path.to_owned()
+}
+
+#[test]
+fn peers_without_the_secret_are_refused() {
+    let broker = Broker::start("cluster-auth");
+    let dir = TempDir::new("cluster-auth-peer");
+    // Wrong secret: publish is refused and says why.
+    let wrong = dir.join("wrong");
+    std::fs::write(&wrong, "this is not the right secret at all").unwrap();
+    let config = dir.join("g.toml");
+    std::fs::write(
+        &config,
+        format!("[channel]\nconnect = \"127.0.0.1:{}\"\nsecret_file = {:?}\n", broker.port, wrong.to_str().unwrap()),
+    )
+    .unwrap();
+    let run = run_timed(&["-c", config.to_str().unwrap(), "publish", "g", "x"], dir.path());
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("closed the connection") || run.stderr.contains("secret"), "{run:?}");
+    wait_for("the broker to log the failed proof", Duration::from_secs(10), || {
+        broker.log().contains("failed authentication").then_some(())
+    });
+    // No secret at all: refused with a clear message.
+    std::fs::write(&config, format!("[channel]\nconnect = \"127.0.0.1:{}\"\n", broker.port)).unwrap();
+    let run = run_timed(&["-c", config.to_str().unwrap(), "publish", "g", "x"], dir.path());
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("requires a shared secret"), "{run:?}");
+    // A raw peer that skips AUTH and sends HELLO is disconnected (EOF after the challenge).
+    let mut raw = TcpStream::connect(("127.0.0.1", broker.port)).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hello = vec![0, 0, 0, 0, 1, 1];
+    hello.extend_from_slice(&7u64.to_be_bytes());
+    hello.extend_from_slice(&[0, 5]);
+    hello.extend_from_slice(b"rogue");
+    let len = (hello.len() - 4) as u32;
+    hello[..4].copy_from_slice(&len.to_be_bytes());
+    raw.write_all(&hello).unwrap();
+    let mut sink = Vec::new();
+    let _ = raw.read_to_end(&mut sink);
+    assert!(sink.len() >= 4 + 1 + 2 + 16 && sink[4] == 5, "first frame is the CHALLENGE: {sink:?}");
+    assert!(broker.log().contains("did not authenticate"), "{}", broker.log());
+    // The right secret works.
+    let right = dir.join("right.toml");
+    std::fs::write(
+        &right,
+        format!(
+            "[channel]\nconnect = \"127.0.0.1:{}\"\nsecret_file = {:?}\n",
+            broker.port,
+            broker.secret.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let run = run_timed(&["-c", right.to_str().unwrap(), "publish", "g", "x"], dir.path());
+    assert_eq!(run.code, Some(0), "{run:?}");
+}
+
+#[test]
+fn an_unauthenticated_broker_stays_on_loopback_unless_told_otherwise() {
+    let dir = TempDir::new("cluster-insecure");
+    let port = free_port();
+    let pid = dir.join("b.pid");
+    let run = run_timed(
+        &["channel", "--listen", &format!("0.0.0.0:{port}"), "--pid-file", pid.to_str().unwrap()],
+        dir.path(),
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("channel.listen") && run.stderr.contains("secret_file"), "{run:?}");
+    assert!(!pid.exists());
+}
+
+#[test]
+fn broker_killed_and_restarted_while_both_sides_publish_loses_and_duplicates_nothing() {
+    let broker = Broker::start("cluster-kill");
+    let a = broker.instance(FAST);
+    let b = broker.instance(FAST);
+    wait_for("4 workers connected to the broker", Duration::from_secs(30), || (broker.peers() == 4).then_some(()));
+    let mut on_a: Vec<Client> = (0..3).map(|_| Client::connect(a.addr)).collect();
+    let mut on_b: Vec<Client> = (0..3).map(|_| Client::connect(b.addr)).collect();
+    join_all(&mut on_a, "k");
+    join_all(&mut on_b, "k");
+    wait_members(&a, 3);
+    wait_members(&b, 3);
+    wait_for("broker subscriptions", Duration::from_secs(30), || {
+        let r = broker.status()?;
+        let ch = r["processes"].as_array()?.iter().find(|p| p["role"] == "channel")?.clone();
+        (ch["memberships"].as_u64()? >= 2).then_some(())
+    });
+    let first = broker.channel_pid().expect("broker running");
+    const N: usize = 600;
+    for i in 0..N {
+        on_a[0].send_to_group(&json!("k"), &format!("a{i}"));
+        on_b[0].send_to_group(&json!("k"), &format!("b{i}"));
+        if i == N / 3 {
+            signal(first, libc::SIGKILL);
+        }
+        if i % 20 == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    // The standalone master restarts its broker; both instances reconnect to it.
+    wait_for("a new broker process", Duration::from_secs(30), || broker.channel_pid().filter(|p| *p != first));
+    for c in on_a.iter_mut().chain(on_b.iter_mut()) {
+        let got: Vec<String> = (0..2 * N).map(|_| c.recv()).collect();
+        let unique: HashSet<&String> = got.iter().collect();
+        assert_eq!(unique.len(), 2 * N, "duplicates delivered");
+        for side in ["a", "b"] {
+            let seq: Vec<usize> = got.iter().filter_map(|m| m.strip_prefix(side)).map(|n| n.parse().unwrap()).collect();
+            assert_eq!(seq, (0..N).collect::<Vec<_>>(), "{side}: every message, in order");
+        }
+        assert!(c.sync().is_empty(), "nothing more arrives");
+    }
+    let resent: u64 = [&a, &b]
+        .iter()
+        .flat_map(|s| common::worker_rows(&s.status()))
+        .map(|w| w["channel_resent"].as_u64().unwrap_or(0))
+        .sum();
+    eprintln!("publishes resent after the broker restart: {resent}");
+    assert!(resent > 0, "the kill happened mid-stream, so unacknowledged publishes were sent again");
+}

@@ -22,11 +22,12 @@ use serde_json::json;
 use scenarios::{Ctx, Overrides};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Load generator for the groupcast benchmark scenarios S1..S7")]
+#[command(version, about = "Load generator for the groupcast benchmark scenarios S1..S7 and the soak")]
 struct Args {
     /// Scenario: s1 latency, s2 fan-out, s3 idle memory, s4 exactly-once, s5 connect rate,
-    /// s6 write() floor, s7 large messages.
-    #[arg(value_parser = ["s1", "s2", "s3", "s4", "s5", "s6", "s7"])]
+    /// s6 write() floor, s7 large messages; soak: minutes of churn, slow and bad clients
+    /// (run by scripts/soak).
+    #[arg(value_parser = ["s1", "s2", "s3", "s4", "s5", "s6", "s7", "soak"])]
     scenario: String,
     /// Server WebSocket address (127.0.0.1:PORT); not needed for s6.
     #[arg(long)]

@@ -77,8 +77,8 @@ pub struct Conn {
     pub messages_in: u64,
     /// Frames queued: deliveries and replies.
     pub messages_out: u64,
-    /// Worker clock (seconds) when the client last sent anything: drives pings and the idle
-    /// timeout.
+    /// Worker clock (milliseconds, wrapping) when the client last sent anything: drives pings
+    /// and the idle timeout.
     pub last_seen: u32,
     /// A ping was sent and nothing came back since.
     pub ping_outstanding: bool,
@@ -118,7 +118,7 @@ impl CommandBudget {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, id: u64, peer: SocketAddr, now_secs: u32, budget: CommandBudget) -> Conn {
+    pub fn new(stream: TcpStream, id: u64, peer: SocketAddr, now_ms: u32, budget: CommandBudget) -> Conn {
         Conn {
             stream,
             id,
@@ -133,7 +133,7 @@ impl Conn {
             bytes_in: 0,
             messages_in: 0,
             messages_out: 0,
-            last_seen: now_secs,
+            last_seen: now_ms,
             ping_outstanding: false,
             wants_replies: false,
             missed: 0,

@@ -19,7 +19,15 @@ use crate::ws::close_code;
 use crate::ws::frame::{self, Kind};
 
 const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 33\r\nConnection: close\r\nRetry-After: 5\r\n\r\nconnection limit reached, retry\n";
+/// Longest pause between two keep-alive sweeps.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// How often to sweep: a tenth of the shorter keep-alive interval, at most once a second, at
+/// least every 20 ms, so pings and idle closes land within 10 % of their configured time.
+fn sweep_interval(ping_ms: u64, idle_ms: u64) -> Duration {
+    let shortest = if idle_ms == 0 { ping_ms } else { ping_ms.min(idle_ms) };
+    Duration::from_millis(shortest / 10).clamp(Duration::from_millis(20), SWEEP_EVERY)
+}
 
 /// Applies `limits.slow_client` to a connection whose send buffer passed `limit`.
 pub(super) fn apply_slow_client_policy(
@@ -63,12 +71,8 @@ pub(super) fn report_missed(conn: &mut Conn) {
 }
 
 impl Worker {
-    /// Worker clock in seconds, stored per connection in 4 bytes.
-    pub(super) fn clock_secs(&self) -> u32 {
-        self.started.elapsed().as_secs() as u32
-    }
-
-    /// Worker clock in milliseconds (wrapping after 49 days; only differences are used).
+    /// Worker clock in milliseconds, stored per connection in 4 bytes (wrapping after 49 days;
+    /// only differences are used).
     pub(super) fn clock_ms(&self) -> u32 {
         self.started.elapsed().as_millis() as u32
     }
@@ -86,26 +90,27 @@ impl Worker {
         let _ = stream.write(REFUSED);
     }
 
-    /// Once a second: ping clients silent for `ping_interval_ms`, close those silent for
-    /// `idle_timeout_ms` (dead peers that never closed their TCP connection).
+    /// Every `sweep_interval`: ping clients silent for `ping_interval_ms`, close those silent
+    /// for `idle_timeout_ms` (dead peers that never closed their TCP connection).
     pub(super) fn sweep_idle(&mut self) {
         let now = Instant::now();
         if now < self.next_sweep {
             return;
         }
-        self.next_sweep = now + SWEEP_EVERY;
-        let clock = self.clock_secs();
-        let ping_after = (self.config.limits.ping_interval_ms / 1000).max(1) as u32;
-        let idle_after = match self.config.limits.idle_timeout_ms {
+        let limits = &self.config.limits;
+        self.next_sweep = now + sweep_interval(limits.ping_interval_ms, limits.idle_timeout_ms);
+        let clock = self.clock_ms();
+        let ping_after = limits.ping_interval_ms.min(u64::from(u32::MAX)) as u32;
+        let idle_after = match limits.idle_timeout_ms {
             0 => u32::MAX,
-            ms => (ms / 1000).max(1) as u32,
+            ms => ms.min(u64::from(u32::MAX)) as u32,
         };
         let mut idle = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
             if conn.state != ConnState::Open {
                 continue;
             }
-            let silent = clock.saturating_sub(conn.last_seen);
+            let silent = clock.wrapping_sub(conn.last_seen);
             if silent >= idle_after {
                 idle.push(key);
             } else if silent >= ping_after && !conn.ping_outstanding {

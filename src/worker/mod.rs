@@ -89,7 +89,7 @@ pub struct Worker {
     stats: ProcessStats,
     /// Set once the worker was told to stop: no more accepting, clients closing.
     stopping: Option<lifecycle::Stopping>,
-    /// Origin of the worker clock (`clock_secs`, `clock_ms`) kept per connection.
+    /// Origin of the worker clock (`clock_ms`) kept per connection.
     started: Instant,
     /// Connections this worker may hold (`limits.connections_per_worker`).
     max_conns: usize,
@@ -247,7 +247,7 @@ impl Worker {
                         self.refuse_connection(stream, peer);
                         continue;
                     }
-                    let (now_ms, now_secs) = (self.clock_ms(), self.clock_secs());
+                    let now_ms = self.clock_ms();
                     let entry = self.conns.vacant_entry();
                     let key = entry.key();
                     let token = Token(key + FIRST_CONN);
@@ -260,7 +260,7 @@ impl Worker {
                     let id = self.next_conn_id;
                     self.next_conn_id += 1;
                     let budget = CommandBudget::new(self.config.limits.commands_burst, now_ms);
-                    entry.insert(Conn::new(stream, id, peer, now_secs, budget));
+                    entry.insert(Conn::new(stream, id, peer, now_ms, budget));
                     let timeout = Duration::from_millis(self.config.limits.handshake_timeout_ms);
                     self.timers.push(Reverse((Instant::now() + timeout, key, id)));
                     debug!("connection {id} from {peer}");
@@ -285,7 +285,7 @@ impl Worker {
     // ---- reading ---------------------------------------------------------------------------
 
     fn conn_readable(&mut self, key: usize) {
-        let now_secs = self.clock_secs();
+        let now_ms = self.clock_ms();
         for _ in 0..READS_PER_TURN {
             let Some(conn) = self.conns.get_mut(key) else {
                 return;
@@ -300,7 +300,7 @@ impl Worker {
                 }
                 Ok(n) => {
                     conn.bytes_in += n as u64;
-                    conn.last_seen = now_secs;
+                    conn.last_seen = now_ms;
                     conn.ping_outstanding = false;
                     self.ingest(key, &mut buf, n)
                 }
@@ -689,7 +689,10 @@ impl Worker {
                 }
             }
         }
-        self.dirty = dirty;
+        // Connections queued again during this flush (a missed-messages report) stay queued;
+        // the emptied list goes back for reuse of its allocation.
+        let requeued = std::mem::replace(&mut self.dirty, dirty);
+        self.dirty.extend(requeued);
     }
 
     /// Server-initiated close with a WebSocket close code.

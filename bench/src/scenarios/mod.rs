@@ -5,6 +5,7 @@ pub mod floor;
 pub mod idle;
 pub mod large;
 pub mod pubsub;
+pub mod soak;
 pub mod swarm;
 
 use std::time::Duration;
@@ -60,7 +61,7 @@ pub struct Outcome {
     pub body: Value,
 }
 
-/// Run scenario `name` ("s1".."s7").
+/// Run scenario `name` ("s1".."s7", or "soak").
 pub async fn run(name: &str, ctx: &Ctx) -> Result<Outcome> {
     match name {
         "s1" => pubsub::s1(ctx).await,
@@ -70,6 +71,7 @@ pub async fn run(name: &str, ctx: &Ctx) -> Result<Outcome> {
         "s5" => connect::s5(ctx).await,
         "s6" => floor::s6(ctx).await,
         "s7" => large::s7(ctx).await,
+        "soak" => soak::soak(ctx).await,
         other => Ok(Outcome { ok: false, body: json!({ "error": format!("unknown scenario {other}") }) }),
     }
 }

@@ -79,6 +79,8 @@ pub struct ChannelClient {
     /// Publishes sent again after a reconnect.
     pub resent: u64,
     pub reconnects: u64,
+    /// The broker let more than `queue_max_bytes` pile up unread; the link must be dropped.
+    stalled: bool,
 }
 
 impl ChannelClient {
@@ -99,6 +101,7 @@ impl ChannelClient {
             dropped: 0,
             resent: 0,
             reconnects: 0,
+            stalled: false,
         }
     }
 
@@ -183,6 +186,12 @@ impl ChannelClient {
             self.outbuf.extend_from_slice(&frame);
         }
         self.unacked_bytes += frame.len();
+        if self.outbuf.len() > self.settings.queue_max_bytes {
+            // The broker stopped reading: cut it off at the same bound as the queue (`flush`
+            // reports it); the queue is sent again on the next connection.
+            self.outbuf.clear();
+            self.stalled = true;
+        }
         self.unacked.push_back((self.seq, frame));
         while self.unacked.len() > self.settings.queue_max_messages
             || self.unacked_bytes > self.settings.queue_max_bytes
@@ -310,6 +319,12 @@ impl ChannelClient {
 
     /// Writes what is queued; called once at the end of each loop turn.
     pub fn flush(&mut self) -> io::Result<()> {
+        if std::mem::take(&mut self.stalled) {
+            return Err(io::Error::other(format!(
+                "the broker stopped reading ({} bytes unsent, channel.queue_max_bytes)",
+                self.settings.queue_max_bytes
+            )));
+        }
         let Link::Up { stream, phase } = &mut self.link else { return Ok(()) };
         if matches!(phase, Phase::Connecting) {
             return Ok(());

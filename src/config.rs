@@ -101,6 +101,32 @@ pub enum SlowClient {
     Drop,
 }
 
+/// What carries group messages between workers and instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusKind {
+    /// The channel server: the instance's own, or a shared one (`[channel] connect`).
+    Channel,
+    /// Redis pub/sub (`[redis]`), for deployments beyond one broker.
+    Redis,
+}
+
+/// Redis bus settings (`bus = "redis"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Server URL (default redis://127.0.0.1:6379/).
+    pub url: String,
+    /// Prefix of the per-group Redis channels (default "groupcast:").
+    pub prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig { url: "redis://127.0.0.1:6379/".into(), prefix: "groupcast:".into() }
+    }
+}
+
 /// How an instance reaches the channel and how the channel protects what it carries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChannelSettings {
@@ -239,6 +265,9 @@ pub struct Config {
     pub channel_max_frame: usize,
     /// Cluster settings of the channel: remote broker, secret, queues, grace window.
     pub channel: ChannelSettings,
+    /// The bus between workers and instances (default channel).
+    pub bus: BusKind,
+    pub redis: RedisConfig,
     /// Bytes queued for one channel peer before the broker cuts it off (default 256 MiB).
     pub channel_peer_buffer_limit: usize,
     /// Log level: error, warn, info, debug, trace (default info).
@@ -271,6 +300,8 @@ impl Default for Config {
             backlog: DEFAULT_BACKLOG,
             channel_max_frame: DEFAULT_CHANNEL_MAX_FRAME,
             channel: ChannelSettings::default(),
+            bus: BusKind::Channel,
+            redis: RedisConfig::default(),
             channel_peer_buffer_limit: DEFAULT_CHANNEL_PEER_BUFFER_LIMIT,
             log_level: "info".into(),
             syslog: false,
@@ -309,6 +340,8 @@ struct FileConfig {
     user: Option<String>,
     group: Option<String>,
     channel: Option<FileChannel>,
+    bus: Option<BusKind>,
+    redis: Option<RedisConfig>,
     log: Option<FileLog>,
     limits: Option<Limits>,
 }
@@ -432,6 +465,12 @@ impl Config {
         if let Some(facility) = log.syslog_facility {
             config.syslog_facility = facility;
         }
+        if let Some(bus) = file.bus {
+            config.bus = bus;
+        }
+        if let Some(redis) = file.redis {
+            config.redis = redis;
+        }
         if let Some(limits) = file.limits {
             config.limits = limits;
         }
@@ -518,6 +557,8 @@ impl Config {
         check("backlog", self.backlog != new.backlog);
         check("channel.listen", self.channel_listen != new.channel_listen);
         check("channel.connect", self.channel.connect != new.channel.connect);
+        check("bus", self.bus != new.bus);
+        check("redis", self.redis != new.redis);
         check("channel.secret_file", self.channel.secret_file != new.channel.secret_file);
         check("user", self.user != new.user);
         check("group", self.group != new.group);

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod redis_bus;
 pub mod server;
 pub mod wire;
 

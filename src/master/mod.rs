@@ -102,7 +102,7 @@ impl Mode {
     }
 
     fn runs_broker(self, config: &Config) -> bool {
-        self == Mode::Broker || config.channel.connect.is_none()
+        self == Mode::Broker || (config.channel.connect.is_none() && config.bus == crate::config::BusKind::Channel)
     }
 }
 

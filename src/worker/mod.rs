@@ -29,8 +29,9 @@ use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
 use crate::channel::client::{ChannelClient, ClientSettings};
+use crate::channel::redis_bus::{RedisBus, RedisSettings};
 use crate::channel::wire;
-use crate::config::Config;
+use crate::config::{BusKind, Config};
 use crate::control::{self, ChildLink, ProcessStats};
 use crate::protocol::{self, Command, RequestError};
 use crate::ws::close_code;
@@ -44,6 +45,8 @@ const LISTENER: Token = Token(0);
 const CHANNEL: Token = Token(1);
 const CONTROL: Token = Token(2);
 const SIGNALS: Token = Token(3);
+/// Woken by the Redis bus threads when messages arrive (`bus = "redis"`).
+const REDIS: Token = Token(4);
 /// Connection tokens are slab keys shifted past the fixed tokens above.
 const FIRST_CONN: usize = 16;
 
@@ -72,6 +75,8 @@ pub struct Worker {
     conns: Slab<Conn>,
     groups: Groups,
     channel: ChannelClient,
+    /// The Redis bus, when `bus = "redis"`; the channel client then stays idle.
+    redis: Option<RedisBus>,
     control: ChildLink,
     signals: Signals,
     /// Shared by every connection: data is copied to a connection's own buffer only when a
@@ -134,6 +139,19 @@ impl Worker {
             queue_max_bytes: config.channel.queue_max_bytes,
         };
         let channel = ChannelClient::new(settings, CHANNEL, origin, format!("worker-{index}"));
+        let redis = match config.bus {
+            BusKind::Channel => None,
+            BusKind::Redis => {
+                let waker = mio::Waker::new(poll.registry(), REDIS).context("cannot create the Redis waker")?;
+                let settings = RedisSettings {
+                    url: config.redis.url.clone(),
+                    prefix: config.redis.prefix.clone(),
+                    queue_max_messages: config.channel.queue_max_messages,
+                    queue_max_bytes: config.channel.queue_max_bytes,
+                };
+                Some(RedisBus::start(settings, origin, waker)?)
+            }
+        };
         let stats = ProcessStats { role: "worker".into(), index: Some(index), pid: pid as u32, ..Default::default() };
         Ok(Worker {
             index,
@@ -142,6 +160,7 @@ impl Worker {
             conns: Slab::new(),
             groups: Groups::default(),
             channel,
+            redis,
             control,
             signals,
             read_buf: vec![0; READ_BUF],
@@ -161,7 +180,9 @@ impl Worker {
 
     fn run(&mut self) -> anyhow::Result<()> {
         let mut events = Events::with_capacity(1024);
-        self.channel.maybe_connect(self.poll.registry());
+        if self.redis.is_none() {
+            self.channel.maybe_connect(self.poll.registry());
+        }
         loop {
             let timeout = self.next_wait();
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
@@ -174,6 +195,7 @@ impl Worker {
                 match event.token() {
                     LISTENER => self.accept_all(),
                     CHANNEL => self.channel_ready(),
+                    REDIS => self.redis_ready(),
                     CONTROL => self.control_ready(),
                     SIGNALS => self.signals_ready(),
                     Token(t) => {
@@ -207,7 +229,7 @@ impl Worker {
         if let Some(Reverse((at, _, _))) = self.timers.peek() {
             wake = wake.min(*at);
         }
-        if let Some(at) = self.channel.next_retry() {
+        if let Some(at) = self.channel.next_retry().filter(|_| self.redis.is_none()) {
             wake = wake.min(at);
         }
         if let Some(at) = self.accept_paused_until {
@@ -218,13 +240,17 @@ impl Worker {
 
     /// Work done once per loop turn, after every event was handled.
     fn end_of_turn(&mut self) {
-        if let Err(e) = self.channel.flush() {
-            self.channel.disconnect(self.poll.registry(), &e.to_string());
+        if self.redis.is_none() {
+            if let Err(e) = self.channel.flush() {
+                self.channel.disconnect(self.poll.registry(), &e.to_string());
+            }
         }
         self.flush_dirty();
         self.expire_timers();
         self.sweep_idle();
-        self.channel.maybe_connect(self.poll.registry());
+        if self.redis.is_none() {
+            self.channel.maybe_connect(self.poll.registry());
+        }
         if self.accept_paused_until.is_some_and(|t| Instant::now() >= t) {
             self.accept_paused_until = None;
             self.accept_all();
@@ -521,7 +547,7 @@ impl Worker {
             }
             Command::SendToGroup { group, message } => {
                 self.deliver_local(&group, message.as_bytes());
-                self.channel.publish(&group, message.as_bytes());
+                self.bus_publish(&group, message.as_bytes());
                 self.stats.published += 1;
                 Ok(())
             }
@@ -561,7 +587,7 @@ impl Worker {
         if let Joined::New { id, first } = self.groups.join(group, key) {
             conn.groups.push(id);
             if first {
-                self.channel.subscribe(group);
+                self.bus_subscribe(group);
             }
         }
         Ok(())
@@ -577,7 +603,7 @@ impl Worker {
         };
         conn.groups.swap_remove(at);
         if let Some(name) = self.groups.leave(id, key) {
-            self.channel.unsubscribe(&name);
+            self.bus_unsubscribe(&name);
         }
     }
 
@@ -646,6 +672,50 @@ impl Worker {
                 error!("channel: {why}");
                 self.channel.restore_input(input, 0);
                 self.channel.disconnect(self.poll.registry(), &why);
+            }
+        }
+    }
+
+    // ---- the bus: channel or Redis -----------------------------------------------------------
+
+    fn bus_subscribe(&mut self, group: &str) {
+        match self.redis.as_mut() {
+            Some(redis) => redis.subscribe(group),
+            None => self.channel.subscribe(group),
+        }
+    }
+
+    fn bus_unsubscribe(&mut self, group: &str) {
+        match self.redis.as_mut() {
+            Some(redis) => redis.unsubscribe(group),
+            None => self.channel.unsubscribe(group),
+        }
+    }
+
+    fn bus_publish(&mut self, group: &str, payload: &[u8]) {
+        match self.redis.as_mut() {
+            Some(redis) => redis.publish(group, payload),
+            None => self.channel.publish(group, payload),
+        }
+    }
+
+    /// Delivers what the Redis threads received: every message but our own (already delivered
+    /// locally) and repeats.
+    fn redis_ready(&mut self) {
+        let Some(redis) = self.redis.as_mut() else { return };
+        let own = redis.origin();
+        let mut arrived = Vec::new();
+        while let Some(item) = redis.next_incoming() {
+            arrived.push(item);
+        }
+        for (_, frame) in arrived {
+            match wire::decode(&frame, usize::MAX) {
+                Ok(Some((wire::Frame::Message { origin, seq, group, payload }, _))) => {
+                    if origin != own && self.channel.dedupe.first_time(origin, seq) {
+                        self.deliver_local(group, payload);
+                    }
+                }
+                _ => warn!("ignored a malformed message from Redis"),
             }
         }
     }
@@ -720,7 +790,7 @@ impl Worker {
         let _ = self.poll.registry().deregister(&mut conn.stream);
         for id in conn.groups.drain(..) {
             if let Some(name) = self.groups.leave(id, key) {
-                self.channel.unsubscribe(&name);
+                self.bus_unsubscribe(&name);
             }
         }
         debug!("connection {} from {} gone: {why}", conn.id, conn.peer);

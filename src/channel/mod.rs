@@ -31,6 +31,7 @@ impl ChannelStream {
         match addr {
             ChannelAddr::Tcp(a) => {
                 let s = mio::net::TcpStream::connect(*a)?;
+                detect_dead_peers(&s)?;
                 Ok(ChannelStream::Tcp(s))
             }
             ChannelAddr::Unix(p) => Ok(ChannelStream::Unix(mio::net::UnixStream::connect(p)?)),
@@ -133,6 +134,7 @@ impl ChannelListener {
             ChannelListener::Tcp(l) => {
                 let (s, _) = l.accept()?;
                 s.set_nodelay(true)?;
+                detect_dead_peers(&s)?;
                 Ok(ChannelStream::Tcp(s))
             }
             ChannelListener::Unix(l) => Ok(ChannelStream::Unix(l.accept()?.0)),
@@ -145,6 +147,20 @@ impl ChannelListener {
             ChannelListener::Unix(l) => r.register(l, t, Interest::READABLE),
         }
     }
+}
+
+/// A channel peer whose host vanished (power loss, a reboot that forgot the connection, a link
+/// cut longer than a moment) must be noticed, or a worker that only receives would wait on a
+/// dead connection forever: TCP keepalive probes an idle connection after 10 s (3 probes, 3 s
+/// apart), and unacknowledged data gives up after 20 s. Then the worker reconnects.
+fn detect_dead_peers(stream: &mio::net::TcpStream) -> io::Result<()> {
+    let sock = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(10))
+        .with_interval(std::time::Duration::from_secs(3))
+        .with_retries(3);
+    sock.set_tcp_keepalive(&keepalive)?;
+    sock.set_tcp_user_timeout(Some(std::time::Duration::from_secs(20)))
 }
 
 /// Binds the channel listener for `addr` (in the master, before forking), removing a stale

@@ -98,8 +98,7 @@ pub fn publish(config: &Config, group: &str, message: Option<&str>) -> anyhow::R
     } else if secret.is_some() {
         bail!("the channel server does not authenticate, but a secret is configured: refusing it");
     }
-    // An origin of its own: high bit set so it never equals a worker's (pid << 16 | index).
-    let origin = (1u64 << 63) | (u64::from(std::process::id()) << 16) | u64::from(nanos() & 0xFFFF);
+    let origin = auth::random_origin(true)?;
     wire::encode_hello(&mut buf, origin, "publish");
     let mut seq = 0u64;
     let mut send = |peer: &mut Peer, buf: &mut Vec<u8>, text: &str| -> io::Result<()> {
@@ -136,8 +135,4 @@ pub fn publish(config: &Config, group: &str, message: Option<&str>) -> anyhow::R
     }
     eprintln!("published {seq} message(s) to group {group:?}");
     Ok(())
-}
-
-fn nanos() -> u32 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
 }

@@ -26,6 +26,17 @@ pub fn nonce() -> std::io::Result<[u8; NONCE_LEN]> {
     Ok(n)
 }
 
+/// A random origin id for a publisher (worker process or `publish` run). Origins must differ
+/// across every host of a cluster and every restart, or receivers would take one publisher's
+/// messages for another's repeats; 63 random bits make a collision practically impossible
+/// (pids alone repeat across hosts). `top_bit` marks `publish` runs apart from workers.
+pub fn random_origin(top_bit: bool) -> std::io::Result<u64> {
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    let id = u64::from_be_bytes(b) & !(1 << 63);
+    Ok(if top_bit { id | (1 << 63) } else { id.max(1) })
+}
+
 /// Reads the shared secret from `path` (trailing newline removed). Refuses short secrets and
 /// warns when the file is readable by others.
 pub fn load_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
@@ -78,6 +89,15 @@ pub fn verify_broker(secret: &[u8], cn: &[u8; NONCE_LEN], sn: &[u8; NONCE_LEN], 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn origins_are_random_and_marked() {
+        let a = random_origin(false).unwrap();
+        let b = random_origin(false).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a >> 63, 0, "workers never set the top bit");
+        assert_eq!(random_origin(true).unwrap() >> 63, 1, "publish runs do");
+    }
 
     #[test]
     fn proofs_check_out_only_with_the_same_secret() {

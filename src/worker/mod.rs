@@ -131,7 +131,7 @@ impl Worker {
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT]).context("cannot install signal handlers")?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
         let pid = std::process::id() as u64;
-        let origin = (pid << 16) | index as u64;
+        let origin = crate::channel::auth::random_origin(false).context("no random origin id")?;
         let settings = ClientSettings {
             addr: config.channel_target().clone(),
             secret: config.channel.secret_file.as_deref().map(crate::channel::auth::load_secret).transpose()?,

@@ -121,15 +121,13 @@ pub fn publish(config: &Config, group: &str, message: Option<&str>) -> anyhow::R
     peer.link.write_all(&buf).and_then(|()| peer.link.flush()).context("the channel server closed the connection")?;
     // Done only when the broker has forwarded the last one.
     let deadline = Instant::now() + ANSWER_TIMEOUT;
-    while seq > 0 {
-        let acked = peer.next_frame(|f| match f {
+    let mut acked = 0;
+    while acked < seq {
+        acked = acked.max(peer.next_frame(|f| match f {
             wire::Frame::Ack { seq } => Ok(seq),
             _ => Ok(0),
-        })?;
-        if acked >= seq {
-            break;
-        }
-        if Instant::now() > deadline {
+        })?);
+        if acked < seq && Instant::now() > deadline {
             bail!("the channel server acknowledged only {acked} of {seq} messages");
         }
     }

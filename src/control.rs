@@ -5,7 +5,7 @@
 //! child closes its clients with CODE, waits up to DRAIN_MS for them, and exits).
 //! Figures therefore always come live from the running processes, never from a file.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 
 use mio::net::UnixStream;
 use mio::{Interest, Registry, Token};
@@ -206,17 +206,7 @@ impl ChildLink {
 
     /// Writes what is queued; the rest waits for the next writable event.
     pub fn flush(&mut self) -> io::Result<()> {
-        while !self.outbuf.is_empty() {
-            match self.stream.write(&self.outbuf) {
-                Ok(n) => {
-                    self.outbuf.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        crate::channel::write_pending(&mut self.stream, &mut self.outbuf)
     }
 }
 

@@ -4,10 +4,7 @@
 
 mod common;
 
-use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -43,49 +40,6 @@ fn assert_serves(server: &Server) {
     assert_eq!(c.recv(), "alive");
 }
 
-/// A syslog socket read by a thread of its own: a full datagram queue would block every
-/// process of the daemon in its next log call.
-struct Syslog {
-    lines: Arc<Mutex<Vec<String>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Syslog {
-    fn bind(path: &Path) -> Syslog {
-        let socket = UnixDatagram::bind(path).expect("bind the test's syslog socket");
-        socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (lines, stop) = (lines.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 8192];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok(n) = socket.recv(&mut buf) {
-                        let line = String::from_utf8_lossy(&buf[..n]).into_owned();
-                        lines.lock().unwrap().push(line);
-                    }
-                }
-            })
-        };
-        Syslog { lines, stop, thread: Some(thread) }
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Syslog {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 fn already_running(run: &Run) {
     assert_eq!(run.code, Some(1), "second start: {run:?}");
     assert!(run.stderr.contains("already running"), "second start: {run:?}");
@@ -96,7 +50,7 @@ fn daemon_start_status_stop() {
     let dir = TempDir::new("daemon");
     let pid_file = dir.join("g.pid");
     let log_sock = dir.join("log.sock");
-    let syslog = Syslog::bind(&log_sock);
+    let syslog = DatagramSink::bind(&log_sock);
     let config = dir.join("g.toml");
     std::fs::write(&config, format!("[log]\nsyslog_socket = \"{}\"\n", p(&log_sock))).unwrap();
 

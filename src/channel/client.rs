@@ -12,7 +12,7 @@
 //! seen from an origin (`Dedupe`), so a resend never becomes a duplicate.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
@@ -329,25 +329,7 @@ impl ChannelClient {
         if matches!(phase, Phase::Connecting) {
             return Ok(());
         }
-        let mut written = 0;
-        while written < self.outbuf.len() {
-            match stream.write(&self.outbuf[written..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        if written == self.outbuf.len() {
-            self.outbuf.clear();
-            if self.outbuf.capacity() > 1 << 20 {
-                self.outbuf = Vec::new();
-            }
-        } else {
-            self.outbuf.drain(..written);
-        }
-        Ok(())
+        super::write_pending(stream, &mut self.outbuf)
     }
 }
 

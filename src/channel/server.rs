@@ -14,7 +14,7 @@
 //! whether inside an instance or standalone (`groupcast channel`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -439,27 +439,7 @@ impl Broker {
         for key in std::mem::take(&mut self.dirty) {
             let Some(peer) = self.peers.get_mut(key) else { continue };
             peer.dirty = false;
-            let mut written = 0;
-            let mut failed = None;
-            while written < peer.outbuf.len() {
-                match peer.stream.write(&peer.outbuf[written..]) {
-                    Ok(0) => {
-                        failed = Some(io::Error::from(io::ErrorKind::WriteZero));
-                        break;
-                    }
-                    Ok(n) => written += n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
-                }
-            }
-            peer.outbuf.drain(..written);
-            if peer.outbuf.is_empty() && peer.outbuf.capacity() > 1 << 20 {
-                peer.outbuf = Vec::new();
-            }
+            let failed = super::write_pending(&mut peer.stream, &mut peer.outbuf).err();
             if let Some(e) = failed {
                 self.stats.send_failures += 1;
                 self.drop_peer(key, &format!("write failed: {e}"));

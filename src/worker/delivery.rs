@@ -5,13 +5,11 @@
 
 use std::rc::Rc;
 
-use log::{error, warn};
 
 use super::groups::Joined;
 use super::limits;
 use super::outqueue::Chunk;
 use super::Worker;
-use crate::channel::wire;
 use crate::protocol::RequestError;
 use crate::ws::frame;
 
@@ -28,7 +26,7 @@ impl Worker {
         if let Joined::New { id, first } = self.groups.join(group, key) {
             conn.groups.push(id);
             if first {
-                self.bus_subscribe(group);
+                self.bus.subscribe(group);
             }
         }
         Ok(())
@@ -44,7 +42,7 @@ impl Worker {
         };
         conn.groups.swap_remove(at);
         if let Some(name) = self.groups.leave(id, key) {
-            self.bus_unsubscribe(&name);
+            self.bus.unsubscribe(&name);
         }
     }
 
@@ -76,88 +74,16 @@ impl Worker {
         }
     }
 
-    // ---- the channel -----------------------------------------------------------------------
+    // ---- the bus ---------------------------------------------------------------------------
 
-    pub(super) fn channel_ready(&mut self) {
-        // What arrived before an error or EOF is still delivered: the broker may have written
-        // (and acknowledged) it just before it died.
-        let read_error = self.channel.on_ready(&mut self.read_buf).err();
-        let input = self.channel.take_input();
-        let mut pos = 0;
-        let max = self.config.channel_max_frame;
-        let failure = loop {
-            match wire::decode(&input[pos..], max) {
-                Ok(Some((frame, used))) => {
-                    pos += used;
-                    match frame {
-                        wire::Frame::Message { origin, seq, group, payload } => {
-                            // A resend after a broker restart must not become a duplicate.
-                            if self.channel.dedupe.first_time(origin, seq) {
-                                self.deliver_local(group, payload);
-                            }
-                        }
-                        other => {
-                            if let Err(why) = self.channel.on_control(&other, self.groups.names()) {
-                                break Some(why);
-                            }
-                        }
-                    }
-                }
-                Ok(None) => break None,
-                Err(e) => break Some(format!("bad frame from the broker: {e}")),
-            }
-        };
-        match failure.or_else(|| read_error.map(|e| e.to_string())) {
-            None => self.channel.restore_input(input, pos),
-            Some(why) => {
-                error!("channel: {why}");
-                self.channel.restore_input(input, 0);
-                self.channel.disconnect(self.poll.registry(), &why);
-            }
-        }
-    }
-
-    // ---- the bus: channel or Redis -----------------------------------------------------------
-
-    pub(super) fn bus_subscribe(&mut self, group: &str) {
-        match self.redis.as_mut() {
-            Some(redis) => redis.subscribe(group),
-            None => self.channel.subscribe(group),
-        }
-    }
-
-    pub(super) fn bus_unsubscribe(&mut self, group: &str) {
-        match self.redis.as_mut() {
-            Some(redis) => redis.unsubscribe(group),
-            None => self.channel.unsubscribe(group),
-        }
-    }
-
-    pub(super) fn bus_publish(&mut self, group: &str, payload: &[u8]) {
-        match self.redis.as_mut() {
-            Some(redis) => redis.publish(group, payload),
-            None => self.channel.publish(group, payload),
-        }
-    }
-
-    /// Delivers what the Redis threads received: every message but our own (already delivered
-    /// locally) and repeats.
-    pub(super) fn redis_ready(&mut self) {
-        let Some(redis) = self.redis.as_mut() else { return };
-        let own = redis.origin();
-        let mut arrived = Vec::new();
-        while let Some(item) = redis.next_incoming() {
-            arrived.push(item);
-        }
-        for (_, frame) in arrived {
-            match wire::decode(&frame, usize::MAX) {
-                Ok(Some((wire::Frame::Message { origin, seq, group, payload }, _))) => {
-                    if origin != own && self.channel.dedupe.first_time(origin, seq) {
-                        self.deliver_local(group, payload);
-                    }
-                }
-                _ => warn!("ignored a malformed message from Redis"),
-            }
+    /// Delivers to local members what the bus brought (new messages from other workers only).
+    pub(super) fn bus_ready(&mut self) {
+        let mut deliveries = Vec::new();
+        self.bus.on_ready(self.poll.registry(), &mut self.read_buf, self.groups.names(), |group, payload| {
+            deliveries.push((group.to_owned(), payload.to_vec()));
+        });
+        for (group, payload) in deliveries {
+            self.deliver_local(&group, &payload);
         }
     }
 }

@@ -75,20 +75,12 @@ impl Worker {
         s.connections = self.conns.len() as u64;
         s.groups = self.groups.len() as u64;
         s.memberships = self.groups.memberships() as u64;
-        match &self.redis {
-            Some(redis) => {
-                s.channel_connected = redis.is_connected();
-                s.channel_dropped = redis.dropped();
-                s.channel_queued = redis.queued();
-            }
-            None => {
-                s.channel_connected = self.channel.is_connected();
-                s.channel_dropped = self.channel.dropped;
-                s.channel_queued = self.channel.queued() as u64;
-            }
-        }
-        s.channel_resent = self.channel.resent;
-        s.channel_duplicates = self.channel.dedupe.duplicates;
+        let bus = self.bus.counters();
+        s.channel_connected = bus.connected;
+        s.channel_dropped = bus.dropped;
+        s.channel_queued = bus.queued;
+        s.channel_resent = bus.resent;
+        s.channel_duplicates = bus.duplicates;
         s.log_dropped = crate::logging::dropped_lines();
         s
     }

@@ -8,6 +8,7 @@
 //! every local member. Every connection touched in a loop turn is flushed once, at the end of
 //! the turn, with one writev (corking).
 
+mod bus;
 pub mod conn;
 mod delivery;
 pub mod groups;
@@ -28,9 +29,7 @@ use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
-use crate::channel::client::{ChannelClient, ClientSettings};
-use crate::channel::redis_bus::{RedisBus, RedisSettings};
-use crate::config::{BusKind, Config};
+use crate::config::Config;
 use crate::control::{self, ChildLink, ProcessStats};
 use crate::protocol::{self, Command, RequestError};
 use crate::ws::close_code;
@@ -41,11 +40,9 @@ use groups::Groups;
 use outqueue::Flushed;
 
 const LISTENER: Token = Token(0);
-const CHANNEL: Token = Token(1);
+// Token(1) is the bus's (`bus::TOKEN`).
 const CONTROL: Token = Token(2);
 const SIGNALS: Token = Token(3);
-/// Woken by the Redis bus threads when messages arrive (`bus = "redis"`).
-const REDIS: Token = Token(4);
 /// Connection tokens are slab keys shifted past the fixed tokens above.
 const FIRST_CONN: usize = 16;
 
@@ -73,9 +70,7 @@ pub struct Worker {
     listener: TcpListener,
     conns: Slab<Conn>,
     groups: Groups,
-    channel: ChannelClient,
-    /// The Redis bus, when `bus = "redis"`; the channel client then stays idle.
-    redis: Option<RedisBus>,
+    bus: bus::Bus,
     control: ChildLink,
     signals: Signals,
     /// Shared by every connection: data is copied to a connection's own buffer only when a
@@ -130,27 +125,7 @@ impl Worker {
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT]).context("cannot install signal handlers")?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
         let pid = std::process::id() as u64;
-        let origin = crate::channel::auth::random_origin(false).context("no random origin id")?;
-        let settings = ClientSettings {
-            addr: config.channel_target().clone(),
-            secret: config.channel.secret_file.as_deref().map(crate::channel::auth::load_secret).transpose()?,
-            queue_max_messages: config.channel.queue_max_messages,
-            queue_max_bytes: config.channel.queue_max_bytes,
-        };
-        let channel = ChannelClient::new(settings, CHANNEL, origin, format!("worker-{index}"));
-        let redis = match config.bus {
-            BusKind::Channel => None,
-            BusKind::Redis => {
-                let waker = mio::Waker::new(poll.registry(), REDIS).context("cannot create the Redis waker")?;
-                let settings = RedisSettings {
-                    url: config.redis.url.clone(),
-                    prefix: config.redis.prefix.clone(),
-                    queue_max_messages: config.channel.queue_max_messages,
-                    queue_max_bytes: config.channel.queue_max_bytes,
-                };
-                Some(RedisBus::start(settings, origin, waker)?)
-            }
-        };
+        let bus = bus::Bus::start(&config, poll.registry(), index)?;
         let stats = ProcessStats { role: "worker".into(), index: Some(index), pid: pid as u32, ..Default::default() };
         Ok(Worker {
             index,
@@ -158,8 +133,7 @@ impl Worker {
             listener,
             conns: Slab::new(),
             groups: Groups::default(),
-            channel,
-            redis,
+            bus,
             control,
             signals,
             read_buf: vec![0; READ_BUF],
@@ -179,9 +153,6 @@ impl Worker {
 
     fn run(&mut self) -> anyhow::Result<()> {
         let mut events = Events::with_capacity(1024);
-        if self.redis.is_none() {
-            self.channel.maybe_connect(self.poll.registry());
-        }
         loop {
             let timeout = self.next_wait();
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
@@ -193,8 +164,7 @@ impl Worker {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
-                    CHANNEL => self.channel_ready(),
-                    REDIS => self.redis_ready(),
+                    bus::TOKEN => self.bus_ready(),
                     CONTROL => self.control_ready(),
                     SIGNALS => self.signals_ready(),
                     Token(t) => {
@@ -228,7 +198,7 @@ impl Worker {
         if let Some(Reverse((at, _, _))) = self.timers.peek() {
             wake = wake.min(*at);
         }
-        if let Some(at) = self.channel.next_retry().filter(|_| self.redis.is_none()) {
+        if let Some(at) = self.bus.next_wake() {
             wake = wake.min(at);
         }
         if let Some(at) = self.accept_paused_until {
@@ -239,17 +209,10 @@ impl Worker {
 
     /// Work done once per loop turn, after every event was handled.
     fn end_of_turn(&mut self) {
-        if self.redis.is_none() {
-            if let Err(e) = self.channel.flush() {
-                self.channel.disconnect(self.poll.registry(), &e.to_string());
-            }
-        }
+        self.bus.end_of_turn(self.poll.registry());
         self.flush_dirty();
         self.expire_timers();
         self.sweep_idle();
-        if self.redis.is_none() {
-            self.channel.maybe_connect(self.poll.registry());
-        }
         if self.accept_paused_until.is_some_and(|t| Instant::now() >= t) {
             self.accept_paused_until = None;
             self.accept_all();
@@ -546,7 +509,7 @@ impl Worker {
             }
             Command::SendToGroup { group, message } => {
                 self.deliver_local(&group, message.as_bytes());
-                self.bus_publish(&group, message.as_bytes());
+                self.bus.publish(&group, message.as_bytes());
                 self.stats.published += 1;
                 Ok(())
             }
@@ -644,7 +607,7 @@ impl Worker {
         let _ = self.poll.registry().deregister(&mut conn.stream);
         for id in conn.groups.drain(..) {
             if let Some(name) = self.groups.leave(id, key) {
-                self.bus_unsubscribe(&name);
+                self.bus.unsubscribe(&name);
             }
         }
         debug!("connection {} from {} gone: {why}", conn.id, conn.peer);

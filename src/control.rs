@@ -97,7 +97,7 @@ pub struct ProcessStats {
 pub struct ChildLink {
     stream: UnixStream,
     inbuf: Vec<u8>,
-    outbuf: Vec<u8>,
+    outbuf: crate::sendbuf::SendBuf,
 }
 
 /// What the master asked for.
@@ -166,7 +166,7 @@ impl ChildLink {
         std_stream.set_nonblocking(true)?;
         let mut stream = UnixStream::from_std(std_stream);
         registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
-        let mut link = ChildLink { stream, inbuf: Vec::new(), outbuf: Vec::new() };
+        let mut link = ChildLink { stream, inbuf: Vec::new(), outbuf: Default::default() };
         link.outbuf.extend_from_slice(b"ready\n");
         link.flush()?;
         Ok(link)
@@ -199,14 +199,14 @@ impl ChildLink {
 
     /// Sends one JSON line (a `ProcessStats` or a `ConnectionList`).
     pub fn send_json(&mut self, value: &impl Serialize) -> io::Result<()> {
-        serde_json::to_writer(&mut self.outbuf, value).map_err(io::Error::other)?;
-        self.outbuf.push(b'\n');
+        serde_json::to_writer(self.outbuf.tail(), value).map_err(io::Error::other)?;
+        self.outbuf.extend_from_slice(b"\n");
         self.flush()
     }
 
     /// Writes what is queued; the rest waits for the next writable event.
     pub fn flush(&mut self) -> io::Result<()> {
-        crate::channel::write_pending(&mut self.stream, &mut self.outbuf)
+        self.outbuf.write_to(&mut self.stream)
     }
 }
 

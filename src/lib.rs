@@ -23,6 +23,8 @@ pub mod master;
 pub mod protocol;
 /// `groupcast publish`: push messages to a group through the channel.
 pub mod publish;
+/// Unsent bytes of a non-blocking socket, written from an offset (no quadratic draining).
+pub mod sendbuf;
 /// The only unsafe code: inherited descriptors and the fork/exec hook.
 pub mod sys;
 /// A worker process: event loop, connections, local groups.

@@ -72,7 +72,7 @@ pub struct ChannelClient {
     unacked_bytes: usize,
     /// Received bytes not yet decoded; the worker takes them with `take_input`.
     inbuf: Vec<u8>,
-    outbuf: Vec<u8>,
+    outbuf: crate::sendbuf::SendBuf,
     pub dedupe: Dedupe,
     /// Publishes dropped because the queue bound was reached.
     pub dropped: u64,
@@ -96,7 +96,7 @@ impl ChannelClient {
             unacked: VecDeque::new(),
             unacked_bytes: 0,
             inbuf: Vec::new(),
-            outbuf: Vec::new(),
+            outbuf: Default::default(),
             dedupe: Dedupe::default(),
             dropped: 0,
             resent: 0,
@@ -167,13 +167,13 @@ impl ChannelClient {
 
     pub fn subscribe(&mut self, group: &str) {
         if self.is_ready() {
-            wire::encode_subscribe(&mut self.outbuf, group);
+            wire::encode_subscribe(self.outbuf.tail(), group);
         }
     }
 
     pub fn unsubscribe(&mut self, group: &str) {
         if self.is_ready() {
-            wire::encode_unsubscribe(&mut self.outbuf, group);
+            wire::encode_unsubscribe(self.outbuf.tail(), group);
         }
     }
 
@@ -249,7 +249,7 @@ impl ChannelClient {
                     (Some(secret), true) => {
                         let peer_nonce = auth::nonce().map_err(|e| format!("no random nonce: {e}"))?;
                         let proof = auth::peer_proof(secret, nonce, &peer_nonce);
-                        wire::encode_auth(&mut self.outbuf, &peer_nonce, &proof);
+                        wire::encode_auth(self.outbuf.tail(), &peer_nonce, &proof);
                         *phase = Phase::AwaitAuthOk { peer_nonce, broker_nonce: *nonce };
                     }
                     (None, false) => self.become_ready(groups),
@@ -285,9 +285,9 @@ impl ChannelClient {
     /// Authenticated (or no authentication needed): introduce ourselves, subscribe every local
     /// group, and send again every publish the broker has not acknowledged.
     fn become_ready<'a>(&mut self, groups: impl Iterator<Item = &'a str>) {
-        wire::encode_hello(&mut self.outbuf, self.origin, &self.name);
+        wire::encode_hello(self.outbuf.tail(), self.origin, &self.name);
         for group in groups {
-            wire::encode_resubscribe(&mut self.outbuf, group);
+            wire::encode_resubscribe(self.outbuf.tail(), group);
         }
         for (_, frame) in &self.unacked {
             self.outbuf.extend_from_slice(frame);
@@ -329,7 +329,7 @@ impl ChannelClient {
         if matches!(phase, Phase::Connecting) {
             return Ok(());
         }
-        super::write_pending(stream, &mut self.outbuf)
+        self.outbuf.write_to(stream)
     }
 }
 

@@ -149,29 +149,6 @@ impl ChannelListener {
     }
 }
 
-/// Writes as much of `buf` as `stream` takes now and removes it from `buf`; the rest waits for
-/// the next writable event. A drained buffer that grew past 1 MiB gives its memory back.
-pub fn write_pending(stream: &mut impl Write, buf: &mut Vec<u8>) -> io::Result<()> {
-    let mut written = 0;
-    let result = loop {
-        if written == buf.len() {
-            break Ok(());
-        }
-        match stream.write(&buf[written..]) {
-            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => written += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => break Err(e),
-        }
-    };
-    buf.drain(..written);
-    if buf.is_empty() && buf.capacity() > 1 << 20 {
-        *buf = Vec::new();
-    }
-    result
-}
-
 /// A channel peer whose host vanished (power loss, a reboot that forgot the connection, a link
 /// cut longer than a moment) must be noticed, or a worker that only receives would wait on a
 /// dead connection forever: TCP keepalive probes an idle connection after 10 s (3 probes, 3 s

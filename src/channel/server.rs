@@ -50,7 +50,7 @@ struct Peer {
     /// Origin from the peer's HELLO: held messages are not replayed to their own origin.
     origin: Option<u64>,
     inbuf: Vec<u8>,
-    outbuf: Vec<u8>,
+    outbuf: crate::sendbuf::SendBuf,
     /// Groups this peer subscribed to, for cleaning `subscribers` when it goes.
     groups: HashSet<Box<str>>,
     /// Highest seq of this peer's MESSAGEs handled this turn, to acknowledge after the flush.
@@ -188,7 +188,7 @@ impl Broker {
         let mut acked = false;
         for (key, peer) in self.peers.iter_mut() {
             if let Some(seq) = peer.ack.take() {
-                wire::encode_ack(&mut peer.outbuf, seq);
+                wire::encode_ack(peer.outbuf.tail(), seq);
                 if !peer.dirty {
                     peer.dirty = true;
                     self.dirty.push(key);
@@ -231,8 +231,8 @@ impl Broker {
                         Some(_) => (wire::FLAG_AUTH_REQUIRED, PeerPhase::AwaitAuth { nonce }),
                         None => (0, PeerPhase::Ready),
                     };
-                    let mut outbuf = Vec::new();
-                    wire::encode_challenge(&mut outbuf, flags, &nonce);
+                    let mut outbuf = crate::sendbuf::SendBuf::default();
+                    wire::encode_challenge(outbuf.tail(), flags, &nonce);
                     entry.insert(Peer {
                         stream,
                         phase,
@@ -354,7 +354,7 @@ impl Broker {
         }
         let proof = auth::broker_proof(secret, peer_nonce, nonce);
         let peer = &mut self.peers[key];
-        wire::encode_auth_ok(&mut peer.outbuf, &proof);
+        wire::encode_auth_ok(peer.outbuf.tail(), &proof);
         peer.phase = PeerPhase::Ready;
         self.mark_dirty(key);
         Ok(())
@@ -439,7 +439,7 @@ impl Broker {
         for key in std::mem::take(&mut self.dirty) {
             let Some(peer) = self.peers.get_mut(key) else { continue };
             peer.dirty = false;
-            let failed = super::write_pending(&mut peer.stream, &mut peer.outbuf).err();
+            let failed = peer.outbuf.write_to(&mut peer.stream).err();
             if let Some(e) = failed {
                 self.stats.send_failures += 1;
                 self.drop_peer(key, &format!("write failed: {e}"));

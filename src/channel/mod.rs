@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod dedupe;
 pub mod redis_bus;
 pub mod server;
 pub mod wire;

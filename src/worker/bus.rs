@@ -9,7 +9,8 @@ use anyhow::Context;
 use log::{error, warn};
 use mio::{Registry, Token};
 
-use crate::channel::client::{ChannelClient, ClientSettings, Dedupe};
+use crate::channel::client::{ChannelClient, ClientSettings};
+use crate::channel::dedupe::Dedupe;
 use crate::channel::redis_bus::{RedisBus, RedisSettings};
 use crate::channel::wire;
 use crate::config::{BusKind, Config};

@@ -145,6 +145,8 @@ pub struct ChannelSettings {
     pub grace_ms: u64,
     /// Bytes a fresh broker keeps during the grace window (default 64 MiB).
     pub grace_max_bytes: usize,
+    /// Time a peer has to finish the handshake (CHALLENGE, AUTH, AUTH_OK), ms (default 5000).
+    pub auth_timeout_ms: u64,
 }
 
 impl Default for ChannelSettings {
@@ -157,6 +159,7 @@ impl Default for ChannelSettings {
             queue_max_bytes: 64 << 20,
             grace_ms: 5_000,
             grace_max_bytes: 64 << 20,
+            auth_timeout_ms: 5_000,
         }
     }
 }
@@ -357,6 +360,7 @@ struct FileChannel {
     queue_max_bytes: Option<usize>,
     grace_ms: Option<u64>,
     grace_max_bytes: Option<usize>,
+    auth_timeout_ms: Option<u64>,
     max_frame: Option<usize>,
     peer_buffer_limit: Option<usize>,
 }
@@ -448,6 +452,9 @@ impl Config {
         }
         if let Some(v) = channel.grace_max_bytes {
             config.channel.grace_max_bytes = v;
+        }
+        if let Some(v) = channel.auth_timeout_ms {
+            config.channel.auth_timeout_ms = v;
         }
         if let Some(v) = channel.max_frame {
             config.channel_max_frame = v;

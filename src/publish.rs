@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use crate::channel::handshake::Handshake;
+use crate::channel::publisher::Publisher;
 use crate::channel::{auth, wire};
 use crate::config::{ChannelAddr, Config};
 
@@ -75,35 +77,20 @@ pub fn publish(config: &Config, group: &str, message: Option<&str>) -> anyhow::R
     }
     let secret = config.channel.secret_file.as_deref().map(auth::load_secret).transpose()?;
     let mut peer = Peer::connect(config.channel_target(), config.channel_max_frame)?;
-    let (flags, broker_nonce) = peer.next_frame(|f| match f {
-        wire::Frame::Challenge { flags, nonce, .. } => Ok((flags, nonce)),
-        other => bail!("unexpected first frame from the channel server: {other:?}"),
-    })?;
     let mut buf = Vec::with_capacity(BATCH);
-    if flags & wire::FLAG_AUTH_REQUIRED != 0 {
-        let Some(secret) = secret.as_deref() else {
-            bail!("the channel server requires a shared secret: set [channel] secret_file");
-        };
-        let nonce = auth::nonce()?;
-        wire::encode_auth(&mut buf, &nonce, &auth::peer_proof(secret, &broker_nonce, &nonce));
-        peer.link.write_all(&buf)?;
-        buf.clear();
-        let proof = peer.next_frame(|f| match f {
-            wire::Frame::AuthOk { mac } => Ok(mac),
-            other => bail!("unexpected answer to AUTH: {other:?}"),
-        })?;
-        if !auth::verify_broker(secret, &nonce, &broker_nonce, &proof) {
-            bail!("the channel server failed to prove the shared secret");
+    let mut handshake = Handshake::AwaitChallenge;
+    while !handshake.is_done() {
+        let sent = buf.len();
+        peer.next_frame(|f| Ok(handshake.on_frame(secret.as_deref(), &f, &mut buf)?))?;
+        if buf.len() > sent {
+            peer.link.write_all(&buf)?;
+            buf.clear();
         }
-    } else if secret.is_some() {
-        bail!("the channel server does not authenticate, but a secret is configured: refusing it");
     }
-    let origin = auth::random_origin(true)?;
-    wire::encode_hello(&mut buf, origin, "publish");
-    let mut seq = 0u64;
+    let mut publisher = Publisher::new(auth::random_origin(true)?);
+    wire::encode_hello(&mut buf, publisher.origin(), "publish");
     let mut send = |peer: &mut Peer, buf: &mut Vec<u8>, text: &str| -> io::Result<()> {
-        seq += 1;
-        wire::encode_message(buf, origin, seq, group, text.as_bytes());
+        publisher.encode(buf, group, text.as_bytes());
         if buf.len() >= BATCH {
             peer.link.write_all(buf)?;
             buf.clear();
@@ -118,6 +105,7 @@ pub fn publish(config: &Config, group: &str, message: Option<&str>) -> anyhow::R
             }
         }
     }
+    let seq = publisher.last_seq();
     peer.link.write_all(&buf).and_then(|()| peer.link.flush()).context("the channel server closed the connection")?;
     // Done only when the broker has forwarded the last one.
     let deadline = Instant::now() + ANSWER_TIMEOUT;

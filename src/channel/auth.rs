@@ -5,7 +5,6 @@
 //! nonce) (AUTH_OK). Fresh nonces on both sides make a recorded exchange useless for replay.
 //! Threat model: docs/cluster.md.
 
-use std::io::Read;
 use std::path::Path;
 
 use anyhow::{bail, Context};
@@ -19,10 +18,11 @@ type HmacSha256 = Hmac<Sha256>;
 /// Shortest secret accepted: 16 bytes (128 bits) of key material.
 const MIN_SECRET: usize = 16;
 
-/// A fresh random nonce from the kernel.
+/// A fresh random nonce from the kernel (getrandom(2): no file descriptor, so it works when
+/// a saturated broker has none left).
 pub fn nonce() -> std::io::Result<[u8; NONCE_LEN]> {
     let mut n = [0u8; NONCE_LEN];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut n)?;
+    getrandom::fill(&mut n)?;
     Ok(n)
 }
 
@@ -32,7 +32,7 @@ pub fn nonce() -> std::io::Result<[u8; NONCE_LEN]> {
 /// (pids alone repeat across hosts). `top_bit` marks `publish` runs apart from workers.
 pub fn random_origin(top_bit: bool) -> std::io::Result<u64> {
     let mut b = [0u8; 8];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    getrandom::fill(&mut b)?;
     let id = u64::from_be_bytes(b) & !(1 << 63);
     Ok(if top_bit { id | (1 << 63) } else { id.max(1) })
 }

@@ -1,9 +1,10 @@
 //! The worker's end of the channel: one connection to the broker, subscriptions per group
 //! with local members, publishes out, group messages in.
 //!
-//! Connection life: connect → wait for the broker's CHALLENGE → (AUTH → wait for AUTH_OK, when
-//! a secret is configured) → HELLO, one SUBSCRIBE per local group, every unacknowledged
-//! publish again → ready. Lost connections are retried with back-off (50 ms doubling to 2 s).
+//! Connection life: connect → the handshake (`handshake.rs`: CHALLENGE, and AUTH / AUTH_OK
+//! when a secret is configured; within `channel.auth_timeout_ms`, nothing delivered before it
+//! is done) → HELLO, one RESUBSCRIBE per local group, every unacknowledged publish again →
+//! ready. Lost connections are retried with back-off (50 ms doubling to 2 s).
 //!
 //! Exactly once across broker restarts, within bounds: every publish stays in a queue until
 //! the broker acknowledges it (ACK carries the highest seq it has forwarded), bounded by
@@ -19,23 +20,23 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use mio::{Interest, Registry, Token};
 
-use super::{auth, wire, ChannelStream};
+use super::handshake::Handshake;
+use super::publisher::Publisher;
+use super::{wire, ChannelStream};
 use crate::config::ChannelAddr;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Longest handshake deadline honoured, whatever the configuration says.
+const MAX_AUTH_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Where the connection is.
 enum Phase {
     /// TCP connect in progress.
     Connecting,
-    /// Connected; the broker's CHALLENGE has not arrived yet.
-    AwaitChallenge,
-    /// AUTH sent; waiting for the broker's proof.
-    AwaitAuthOk {
-        peer_nonce: [u8; wire::NONCE_LEN],
-        broker_nonce: [u8; wire::NONCE_LEN],
-    },
+    /// Connected; CHALLENGE / AUTH / AUTH_OK under way. Nothing from the broker is delivered
+    /// in this phase: a MESSAGE here is a protocol violation.
+    Handshake(Handshake),
     Ready,
 }
 
@@ -43,6 +44,9 @@ enum Link {
     Up {
         stream: ChannelStream,
         phase: Phase,
+        /// The handshake must be done by then (`channel.auth_timeout_ms` from the connect),
+        /// or the link is dropped: a silent broker must not hold the worker forever.
+        handshake_deadline: Instant,
     },
     /// Next attempt at `retry_at`.
     Down {
@@ -57,17 +61,18 @@ pub struct ClientSettings {
     pub secret: Option<Vec<u8>>,
     pub queue_max_messages: usize,
     pub queue_max_bytes: usize,
+    /// Time from connecting to a finished handshake (`channel.auth_timeout_ms`).
+    pub auth_timeout: Duration,
 }
 
 pub struct ChannelClient {
     settings: ClientSettings,
     token: Token,
-    /// Identifies this worker's publishes: pid in the high bits, so a respawned worker differs.
-    origin: u64,
+    /// Numbers and encodes this worker's publishes under its random origin.
+    publisher: Publisher,
     name: String,
     link: Link,
     backoff: Duration,
-    seq: u64,
     /// Publishes the broker has not acknowledged yet, oldest first.
     unacked: VecDeque<(u64, Vec<u8>)>,
     unacked_bytes: usize,
@@ -88,11 +93,10 @@ impl ChannelClient {
         ChannelClient {
             settings,
             token,
-            origin,
+            publisher: Publisher::new(origin),
             name,
             link: Link::Down { retry_at: Instant::now() },
             backoff: MIN_BACKOFF,
-            seq: 0,
             unacked: VecDeque::new(),
             unacked_bytes: 0,
             inbuf: Vec::new(),
@@ -117,16 +121,27 @@ impl ChannelClient {
         self.unacked.len()
     }
 
-    /// When the loop must wake up to retry the connection, if it is down.
-    pub fn next_retry(&self) -> Option<Instant> {
+    /// When the loop must wake up for the link: to retry the connection if it is down, to give
+    /// up on a handshake that takes too long.
+    pub fn next_wake(&self) -> Option<Instant> {
         match self.link {
             Link::Down { retry_at } => Some(retry_at),
-            Link::Up { .. } => None,
+            Link::Up { phase: Phase::Ready, .. } => None,
+            Link::Up { handshake_deadline, .. } => Some(handshake_deadline),
         }
     }
 
-    /// Connects if down and due.
+    /// Connects if down and due; drops a link whose handshake is overdue.
     pub fn maybe_connect(&mut self, registry: &Registry) {
+        if let Link::Up { phase, handshake_deadline, .. } = &self.link {
+            if !matches!(phase, Phase::Ready) && Instant::now() >= *handshake_deadline {
+                let why = format!(
+                    "no finished handshake within {:?} (channel.auth_timeout_ms)",
+                    self.settings.auth_timeout
+                );
+                self.disconnect(registry, &why);
+            }
+        }
         let Link::Down { retry_at } = self.link else { return };
         if Instant::now() < retry_at {
             return;
@@ -141,10 +156,12 @@ impl ChannelClient {
         self.outbuf.clear();
         self.inbuf.clear();
         let phase = match self.settings.addr {
-            ChannelAddr::Unix(_) => Phase::AwaitChallenge,
+            ChannelAddr::Unix(_) => Phase::Handshake(Handshake::AwaitChallenge),
             ChannelAddr::Tcp(_) => Phase::Connecting,
         };
-        self.link = Link::Up { stream, phase };
+        // Capped so that no configured value can overflow the clock arithmetic.
+        let handshake_deadline = Instant::now() + self.settings.auth_timeout.min(MAX_AUTH_TIMEOUT);
+        self.link = Link::Up { stream, phase, handshake_deadline };
     }
 
     fn schedule_retry(&mut self, why: &str) {
@@ -178,9 +195,7 @@ impl ChannelClient {
 
     /// Queues a publish until the broker acknowledges it; sends it now if connected.
     pub fn publish(&mut self, group: &str, payload: &[u8]) {
-        self.seq += 1;
-        let mut frame = Vec::with_capacity(32 + group.len() + payload.len());
-        wire::encode_message(&mut frame, self.origin, self.seq, group, payload);
+        let (seq, frame) = self.publisher.frame(group, payload);
         if self.is_ready() {
             self.outbuf.extend_from_slice(&frame);
         }
@@ -191,7 +206,7 @@ impl ChannelClient {
             self.outbuf.clear();
             self.stalled = true;
         }
-        self.unacked.push_back((self.seq, frame));
+        self.unacked.push_back((seq, frame));
         while self.unacked.len() > self.settings.queue_max_messages
             || self.unacked_bytes > self.settings.queue_max_bytes
         {
@@ -212,12 +227,12 @@ impl ChannelClient {
     /// Handles readiness: completes a TCP connect, reads into the input buffer.
     /// `Err` means the link failed; the caller calls `disconnect`.
     pub fn on_ready(&mut self, scratch: &mut [u8]) -> io::Result<()> {
-        let Link::Up { stream, phase } = &mut self.link else { return Ok(()) };
+        let Link::Up { stream, phase, .. } = &mut self.link else { return Ok(()) };
         if let Phase::Connecting = phase {
             if !stream.is_connected()? {
                 return Ok(());
             }
-            *phase = Phase::AwaitChallenge;
+            *phase = Phase::Handshake(Handshake::AwaitChallenge);
         }
         loop {
             match stream.read(scratch) {
@@ -230,6 +245,16 @@ impl ChannelClient {
         }
     }
 
+    /// Whether a MESSAGE from the broker may be delivered now: only once the handshake is
+    /// done. `Err`: drop the connection, with the reason (a fake broker at the configured
+    /// address must not inject into groups).
+    pub fn accept_message(&self) -> Result<(), String> {
+        match &self.link {
+            Link::Up { phase: Phase::Ready, .. } => Ok(()),
+            _ => Err("MESSAGE from the broker before the handshake finished: protocol violation".into()),
+        }
+    }
+
     /// Handles a frame that is not a group message. `groups` are the local groups, for
     /// subscribing once the connection is ready. `Err`: drop the connection, with the reason.
     pub fn on_control<'a>(
@@ -238,35 +263,12 @@ impl ChannelClient {
         groups: impl Iterator<Item = &'a str>,
     ) -> Result<(), String> {
         let Link::Up { phase, .. } = &mut self.link else { return Ok(()) };
-        match (frame, &*phase) {
-            (wire::Frame::Challenge { version, flags, nonce }, Phase::AwaitChallenge) => {
-                if *version != wire::VERSION {
-                    return Err(format!("broker speaks channel protocol {version}, this worker {}", wire::VERSION));
+        match (frame, phase) {
+            (frame, Phase::Handshake(handshake)) => {
+                let secret = self.settings.secret.as_deref();
+                if handshake.on_frame(secret, frame, self.outbuf.tail()).map_err(|e| e.to_string())? {
+                    self.become_ready(groups);
                 }
-                let required = flags & wire::FLAG_AUTH_REQUIRED != 0;
-                match (&self.settings.secret, required) {
-                    (Some(secret), true) => {
-                        let peer_nonce = auth::nonce().map_err(|e| format!("no random nonce: {e}"))?;
-                        let proof = auth::peer_proof(secret, nonce, &peer_nonce);
-                        wire::encode_auth(self.outbuf.tail(), &peer_nonce, &proof);
-                        *phase = Phase::AwaitAuthOk { peer_nonce, broker_nonce: *nonce };
-                    }
-                    (None, false) => self.become_ready(groups),
-                    (None, true) => {
-                        return Err("the broker requires a shared secret; set [channel] secret_file".into());
-                    }
-                    (Some(_), false) => {
-                        return Err("the broker does not authenticate, but a secret is configured: refusing it".into());
-                    }
-                }
-                Ok(())
-            }
-            (wire::Frame::AuthOk { mac }, Phase::AwaitAuthOk { peer_nonce, broker_nonce }) => {
-                let secret = self.settings.secret.as_deref().unwrap_or_default();
-                if !auth::verify_broker(secret, peer_nonce, broker_nonce, mac) {
-                    return Err("the broker failed to prove the shared secret".into());
-                }
-                self.become_ready(groups);
                 Ok(())
             }
             (wire::Frame::Ack { seq }, Phase::Ready) => {
@@ -277,14 +279,14 @@ impl ChannelClient {
                 }
                 Ok(())
             }
-            (other, _) => Err(format!("unexpected frame from the broker: {other:?}")),
+            (other, _) => Err(format!("unexpected {} frame from the broker", other.kind())),
         }
     }
 
     /// Authenticated (or no authentication needed): introduce ourselves, subscribe every local
     /// group, and send again every publish the broker has not acknowledged.
     fn become_ready<'a>(&mut self, groups: impl Iterator<Item = &'a str>) {
-        wire::encode_hello(self.outbuf.tail(), self.origin, &self.name);
+        wire::encode_hello(self.outbuf.tail(), self.publisher.origin(), &self.name);
         for group in groups {
             wire::encode_resubscribe(self.outbuf.tail(), group);
         }
@@ -324,7 +326,7 @@ impl ChannelClient {
                 self.settings.queue_max_bytes
             )));
         }
-        let Link::Up { stream, phase } = &mut self.link else { return Ok(()) };
+        let Link::Up { stream, phase, .. } = &mut self.link else { return Ok(()) };
         if matches!(phase, Phase::Connecting) {
             return Ok(());
         }

@@ -7,6 +7,8 @@
 pub mod auth;
 pub mod client;
 pub mod dedupe;
+pub mod handshake;
+pub mod publisher;
 pub mod redis_bus;
 pub mod server;
 pub mod wire;

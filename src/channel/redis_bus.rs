@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use log::{info, warn};
 
-use super::wire;
+use super::publisher::Publisher;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -57,11 +57,17 @@ struct Shared {
     queued: AtomicU64,
 }
 
+/// A publish on its way to Redis: the Redis channel (prefix + group), the MESSAGE frame.
+struct Outgoing {
+    channel: String,
+    frame: Vec<u8>,
+}
+
 pub struct RedisBus {
-    origin: u64,
-    seq: u64,
+    publisher: Publisher,
+    prefix: String,
     sub_tx: Sender<SubCommand>,
-    pub_tx: Sender<Vec<u8>>,
+    pub_tx: Sender<Outgoing>,
     incoming: Receiver<(String, Vec<u8>)>,
     shared: Arc<Shared>,
 }
@@ -75,13 +81,14 @@ impl RedisBus {
         let (sub_tx, sub_rx) = mpsc::channel();
         let (pub_tx, pub_rx) = mpsc::channel();
         let (in_tx, incoming) = mpsc::channel();
-        let (c1, s1, prefix) = (client.clone(), shared.clone(), settings.prefix.clone());
+        let prefix = settings.prefix.clone();
+        let (c1, s1, p1) = (client.clone(), shared.clone(), prefix.clone());
         thread::Builder::new()
             .name("redis-sub".into())
-            .spawn(move || subscriber(c1, prefix, sub_rx, in_tx, waker, s1))?;
+            .spawn(move || subscriber(c1, p1, sub_rx, in_tx, waker, s1))?;
         let s2 = shared.clone();
         thread::Builder::new().name("redis-pub".into()).spawn(move || publisher(client, settings, pub_rx, s2))?;
-        Ok(RedisBus { origin, seq: 0, sub_tx, pub_tx, incoming, shared })
+        Ok(RedisBus { publisher: Publisher::new(origin), prefix, sub_tx, pub_tx, incoming, shared })
     }
 
     pub fn subscribe(&mut self, group: &str) {
@@ -93,10 +100,8 @@ impl RedisBus {
     }
 
     pub fn publish(&mut self, group: &str, payload: &[u8]) {
-        self.seq += 1;
-        let mut frame = Vec::with_capacity(32 + group.len() + payload.len());
-        wire::encode_message(&mut frame, self.origin, self.seq, group, payload);
-        let _ = self.pub_tx.send(frame);
+        let (_, frame) = self.publisher.frame(group, payload);
+        let _ = self.pub_tx.send(Outgoing { channel: format!("{}{group}", self.prefix), frame });
     }
 
     /// Messages that arrived, as (group, MESSAGE frame); empty when none are waiting.
@@ -105,7 +110,7 @@ impl RedisBus {
     }
 
     pub fn origin(&self) -> u64 {
-        self.origin
+        self.publisher.origin()
     }
 
     pub fn is_connected(&self) -> bool {
@@ -212,8 +217,8 @@ fn drain_commands(commands: &Receiver<SubCommand>, groups: &mut HashSet<String>)
 }
 
 /// Owns the publishing connection and the bounded queue of publishes not yet sent.
-fn publisher(client: redis::Client, settings: RedisSettings, frames: Receiver<Vec<u8>>, shared: Arc<Shared>) {
-    let mut queue: VecDeque<Vec<u8>> = VecDeque::new();
+fn publisher(client: redis::Client, settings: RedisSettings, frames: Receiver<Outgoing>, shared: Arc<Shared>) {
+    let mut queue: VecDeque<Outgoing> = VecDeque::new();
     let mut queued_bytes = 0usize;
     // Connect at once, so `status` shows the bus up before the first publish.
     let mut con: Option<redis::Connection> = client.get_connection().ok();
@@ -234,16 +239,16 @@ fn publisher(client: redis::Client, settings: RedisSettings, frames: Receiver<Ve
             }
         };
         if let Some(frame) = next {
-            queued_bytes += frame.len();
+            queued_bytes += frame.frame.len();
             queue.push_back(frame);
             while let Ok(more) = frames.try_recv() {
-                queued_bytes += more.len();
+                queued_bytes += more.frame.len();
                 queue.push_back(more);
             }
         }
         while queue.len() > settings.queue_max_messages || queued_bytes > settings.queue_max_bytes {
             if let Some(old) = queue.pop_front() {
-                queued_bytes -= old.len();
+                queued_bytes -= old.frame.len();
                 let n = shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
                     warn!("redis publish queue full: dropped the oldest; {n} dropped so far");
@@ -269,18 +274,13 @@ fn publisher(client: redis::Client, settings: RedisSettings, frames: Receiver<Ve
                 }
             }
         }
-        while let Some(frame) = queue.front() {
+        while let Some(out) = queue.front() {
             let Some(c) = con.as_mut() else { break };
-            let group = match wire::decode(frame, usize::MAX) {
-                Ok(Some((wire::Frame::Message { group, .. }, _))) => group.to_owned(),
-                _ => String::new(),
-            };
-            let sent: redis::RedisResult<i64> =
-                redis::cmd("PUBLISH").arg(format!("{}{group}", settings.prefix)).arg(&frame[..]).query(c);
+            let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH").arg(&out.channel).arg(&out.frame[..]).query(c);
             match sent {
                 Ok(_) => {
                     if let Some(done) = queue.pop_front() {
-                        queued_bytes -= done.len();
+                        queued_bytes -= done.frame.len();
                     }
                 }
                 Err(e) => {

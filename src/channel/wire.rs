@@ -75,6 +75,23 @@ pub enum Frame<'a> {
     },
 }
 
+impl Frame<'_> {
+    /// The frame's type name, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "HELLO",
+            Frame::Subscribe { .. } => "SUBSCRIBE",
+            Frame::Unsubscribe { .. } => "UNSUBSCRIBE",
+            Frame::Resubscribe { .. } => "RESUBSCRIBE",
+            Frame::Message { .. } => "MESSAGE",
+            Frame::Challenge { .. } => "CHALLENGE",
+            Frame::Auth { .. } => "AUTH",
+            Frame::AuthOk { .. } => "AUTH_OK",
+            Frame::Ack { .. } => "ACK",
+        }
+    }
+}
+
 /// Why a peer's bytes cannot be channel frames; the peer is disconnected.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {

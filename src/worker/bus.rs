@@ -59,6 +59,7 @@ impl Bus {
                     secret: config.channel.secret_file.as_deref().map(crate::channel::auth::load_secret).transpose()?,
                     queue_max_messages: config.channel.queue_max_messages,
                     queue_max_bytes: config.channel.queue_max_bytes,
+                    auth_timeout: std::time::Duration::from_millis(config.channel.auth_timeout_ms),
                 };
                 let mut client = ChannelClient::new(settings, TOKEN, origin, format!("worker-{index}"));
                 client.maybe_connect(registry);
@@ -124,6 +125,9 @@ impl Bus {
                             pos += used;
                             match frame {
                                 wire::Frame::Message { origin, seq, group, payload } => {
+                                    if let Err(why) = client.accept_message() {
+                                        break Some(why);
+                                    }
                                     if dedupe.first_time(origin, seq) {
                                         deliver(group, payload);
                                     }
@@ -174,10 +178,10 @@ impl Bus {
         }
     }
 
-    /// When the loop must wake up for the bus (a reconnect attempt), if ever.
+    /// When the loop must wake up for the bus (a reconnect attempt, a handshake deadline).
     pub fn next_wake(&self) -> Option<Instant> {
         match &self.carrier {
-            Carrier::Channel(client) => client.next_retry(),
+            Carrier::Channel(client) => client.next_wake(),
             Carrier::Redis(_) => None,
         }
     }

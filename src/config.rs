@@ -119,11 +119,20 @@ pub struct RedisConfig {
     pub url: String,
     /// Prefix of the per-group Redis channels (default "groupcast:").
     pub prefix: String,
+    /// Time to connect to Redis, ms (default 2000).
+    pub connect_timeout_ms: u64,
+    /// Time for one read or write, and for Redis to answer a health-check PING, ms (default 2000).
+    pub io_timeout_ms: u64,
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        RedisConfig { url: "redis://127.0.0.1:6379/".into(), prefix: "groupcast:".into() }
+        RedisConfig {
+            url: "redis://127.0.0.1:6379/".into(),
+            prefix: "groupcast:".into(),
+            connect_timeout_ms: 2_000,
+            io_timeout_ms: 2_000,
+        }
     }
 }
 
@@ -545,6 +554,13 @@ impl Config {
         }
         if self.channel_max_frame < 1024 {
             return Err(invalid("channel.max_frame", "must be at least 1024 bytes"));
+        }
+        for (key, ms) in
+            [("redis.connect_timeout_ms", self.redis.connect_timeout_ms), ("redis.io_timeout_ms", self.redis.io_timeout_ms)]
+        {
+            if !(1..=86_400_000).contains(&ms) {
+                return Err(invalid(key, "must be 1 to 86400000 ms"));
+            }
         }
         Ok(())
     }

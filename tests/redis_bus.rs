@@ -1,6 +1,8 @@
 //! `bus = "redis"`: two instances exchange group messages through a real redis-server started
 //! by the test on a free loopback port: exactly once across instances, one Redis channel per
 //! group only while it has members, and delivery resuming after Redis restarts.
+//! A stopped (SIGSTOP) Redis costs dropped messages within the configured bounds, never a
+//! stuck worker (issue 10, defect 8).
 //! Skips (with a note) where redis-server is not installed, except under CI, where .ci/run
 //! installs it and its absence is a failure.
 
@@ -11,7 +13,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{free_port, wait_for, Client, Opts, Server};
+use common::{free_port, signal, wait_for, Client, Opts, Server};
 use serde_json::json;
 
 struct Redis {
@@ -166,5 +168,84 @@ fn two_instances_share_groups_through_redis() {
     drop(sender_b);
     wait_for("the group's Redis channel to go", Duration::from_secs(20), || {
         (!redis.command("PUBSUB CHANNELS *").contains("gc-test:room")).then_some(())
+    });
+}
+
+/// Publish queue bound of the stall test, small so the outage overflows it quickly.
+const STALL_QUEUE: u64 = 20;
+
+#[test]
+fn a_stopped_redis_costs_bounded_drops_not_a_stuck_worker() {
+    let port = free_port();
+    let Some(redis) = Redis::start(port) else { return };
+    let server = Server::start_with(Opts {
+        workers: Some(2),
+        config: Some(format!(
+            "bus = \"redis\"\n[redis]\nurl = \"redis://127.0.0.1:{port}/\"\nprefix = \"gc-stall:\"\n\
+             connect_timeout_ms = 300\nio_timeout_ms = 300\n\
+             [channel]\nqueue_max_messages = {STALL_QUEUE}\n\
+             [limits]\ncommands_per_second = 1000000\ncommands_burst = 1000000\n"
+        )),
+        ..Opts::default()
+    });
+    let (mut clients, on) = server.connect_spread(1);
+    for c in clients.iter_mut() {
+        c.add_group(&json!("room"));
+        c.sync();
+    }
+    members(&server, clients.len() as u64);
+    wait_for("both workers to subscribe", Duration::from_secs(20), || {
+        let answer = redis.command("PUBSUB NUMSUB gc-stall:room");
+        let subscribers: u64 = answer.lines().last()?.trim_start_matches(':').parse().ok()?;
+        (subscribers >= 2).then_some(())
+    });
+    // The watcher is a member on the sender's other worker, reached only through Redis.
+    let mut sender = Client::connect(server.addr);
+    let sender_worker = server.workers_of(&[&sender])[0];
+    let watcher = on.iter().position(|w| *w != sender_worker).expect("a member on the other worker");
+
+    signal(redis.child.id(), libc::SIGSTOP);
+    let queued_ok = |r: &serde_json::Value| {
+        common::worker_rows(r).iter().all(|w| w["channel_queued"].as_u64().is_some_and(|q| q <= STALL_QUEUE))
+    };
+    for batch in 0..5 {
+        for i in 0..100 {
+            sender.send_to_group(&json!("room"), &format!("stalled {batch} {i}"));
+        }
+        // The worker answers at once, and its publish queue stays within the bound.
+        sender.sync();
+        let report = server.status();
+        assert!(queued_ok(&report), "channel_queued over {STALL_QUEUE}: {report}");
+    }
+    let dropped = |r: &serde_json::Value| -> u64 {
+        common::worker_rows(r).iter().map(|w| w["channel_dropped"].as_u64().unwrap_or(0)).sum()
+    };
+    let report = server.wait_status("publishes dropped at the bound", |r| dropped(r) > 0);
+    assert!(queued_ok(&report), "channel_queued over {STALL_QUEUE}: {report}");
+    // Still stopped: every further publish beyond the bound is dropped and counted (a worker
+    // whose publishing thread hangs in a PUBLISH without a timeout stops counting).
+    let before = dropped(&report);
+    for i in 0..100 {
+        sender.send_to_group(&json!("room"), &format!("still stalled {i}"));
+    }
+    sender.sync();
+    let report = server.wait_status("the dropped count to keep growing", |r| dropped(r) >= before + 50);
+    assert!(queued_ok(&report), "channel_queued over {STALL_QUEUE}: {report}");
+
+    signal(redis.child.id(), libc::SIGCONT);
+    // Delivery across workers resumes once the bus has reconnected.
+    let mut n = 0;
+    wait_for("a message to cross workers again", Duration::from_secs(60), || {
+        n += 1;
+        sender.send_to_group(&json!("room"), &format!("after {n}"));
+        let deadline = std::time::Instant::now() + Duration::from_millis(500);
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match clients[watcher].next_message(left) {
+                Some(tungstenite::Message::Text(t)) if t.as_str().starts_with("after ") => return Some(()),
+                Some(_) => continue,
+                None => break,
+            }
+        }
+        None
     });
 }

@@ -7,11 +7,20 @@
 //! skip their own publishes (already delivered locally) and drop repeats exactly as with the
 //! channel server.
 //!
-//! The redis crate's connections block, so each worker runs two small threads (a worker never
-//! forks, so threads are safe there): one owns the subscription connection and hands incoming
-//! messages to the event loop through a channel and a `mio::Waker`; one owns the publishing
-//! connection and keeps a bounded queue while Redis is unreachable. Both reconnect with
-//! back-off and the subscriber re-subscribes every group.
+//! Redis connections block, so each worker runs two small threads (a worker never forks, so
+//! threads are safe there): `redis_sub` owns the subscription connection; the publisher thread
+//! here owns the publishing connection. The worker's event loop never waits for either: it
+//! only takes short locks on the state they share, all of it bounded, so a hung Redis costs
+//! the worker nothing but dropped messages:
+//! - publishes wait in a queue of at most `channel.queue_max_messages` / `queue_max_bytes`
+//!   (the one being sent counts); beyond that the oldest is dropped, counted (`channel_dropped`)
+//!   and logged;
+//! - messages from Redis wait for the worker in a queue with the same bounds and policy;
+//! - subscriptions are a set of wanted groups (one entry per local group), not a queue of
+//!   commands; the subscriber makes Redis match it.
+//!
+//! Connects time out after `redis.connect_timeout_ms`, reads and writes after
+//! `redis.io_timeout_ms`; every failure reconnects with back-off (50 ms doubling to 2 s).
 //!
 //! Guarantees during outages (docs/cluster.md): publishes made while Redis is down wait in the
 //! bounded queue and are sent when it is back; Redis pub/sub keeps nothing for a subscriber that
@@ -19,20 +28,21 @@
 //! published meanwhile (at most once). Local members always get local messages.
 
 use std::collections::{HashSet, VecDeque};
+use std::io::Write;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
+use anyhow::Context;
 use log::{info, warn};
 
 use super::publisher::Publisher;
+use super::redis_sub::Subscriber;
 
-const MIN_BACKOFF: Duration = Duration::from_millis(50);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// How often the subscriber thread looks for new (un)subscriptions while waiting for messages.
-const POLL: Duration = Duration::from_millis(20);
+pub(super) const MIN_BACKOFF: Duration = Duration::from_millis(50);
+pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Settings from the config.
 #[derive(Clone)]
@@ -41,20 +51,27 @@ pub struct RedisSettings {
     pub prefix: String,
     pub queue_max_messages: usize,
     pub queue_max_bytes: usize,
+    pub timeouts: Timeouts,
+    /// Largest message accepted from Redis (`channel.max_frame`).
+    pub max_message: usize,
 }
 
-enum SubCommand {
-    Subscribe(String),
-    Unsubscribe(String),
+/// How long a Redis connection may take.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// To connect (`redis.connect_timeout_ms`).
+    pub connect: Duration,
+    /// For one read or write, and for an answer to PING (`redis.io_timeout_ms`).
+    pub io: Duration,
 }
 
-/// Counters shared with the threads.
-#[derive(Default)]
-struct Shared {
-    subscribed: AtomicBool,
-    publisher_up: AtomicBool,
-    dropped: AtomicU64,
-    queued: AtomicU64,
+impl Timeouts {
+    /// From the configured milliseconds; kept within 1 ms .. 1 day so that no value can
+    /// disable a timeout or overflow clock arithmetic.
+    pub fn from_millis(connect_ms: u64, io_ms: u64) -> Timeouts {
+        let clamp = |ms: u64| Duration::from_millis(ms.clamp(1, 86_400_000));
+        Timeouts { connect: clamp(connect_ms), io: clamp(io_ms) }
+    }
 }
 
 /// A publish on its way to Redis: the Redis channel (prefix + group), the MESSAGE frame.
@@ -63,13 +80,120 @@ struct Outgoing {
     frame: Vec<u8>,
 }
 
+/// A FIFO bounded in count and bytes that drops its oldest entries beyond the bounds.
+struct Bounded<T> {
+    items: VecDeque<(T, usize)>,
+    bytes: usize,
+    /// Entries taken out but not finished (the publish being sent): they count against the bounds.
+    taken: usize,
+    taken_bytes: usize,
+    max_items: usize,
+    max_bytes: usize,
+}
+
+impl<T> Bounded<T> {
+    fn new(max_items: usize, max_bytes: usize) -> Bounded<T> {
+        Bounded { items: VecDeque::new(), bytes: 0, taken: 0, taken_bytes: 0, max_items, max_bytes }
+    }
+
+    fn len(&self) -> usize {
+        self.items.len() + self.taken
+    }
+
+    /// Appends `item`; returns how many entries were dropped (oldest first) to stay in bounds.
+    fn push(&mut self, item: T, size: usize) -> u64 {
+        self.items.push_back((item, size));
+        self.bytes += size;
+        let mut dropped = 0;
+        while self.len() > self.max_items || self.bytes + self.taken_bytes > self.max_bytes {
+            let Some((_, old)) = self.items.pop_front() else { break };
+            self.bytes -= old;
+            dropped += 1;
+        }
+        dropped
+    }
+
+    /// Takes the oldest entry out; it counts until `finish` or `put_back`.
+    fn take(&mut self) -> Option<(T, usize)> {
+        let (item, size) = self.items.pop_front()?;
+        self.bytes -= size;
+        self.taken += 1;
+        self.taken_bytes += size;
+        Some((item, size))
+    }
+
+    fn finish(&mut self, size: usize) {
+        self.taken -= 1;
+        self.taken_bytes -= size;
+    }
+
+    /// Returns a taken entry to the front (its send failed); the bounds still hold.
+    fn put_back(&mut self, item: T, size: usize) {
+        self.finish(size);
+        self.items.push_front((item, size));
+        self.bytes += size;
+    }
+
+    fn drain(&mut self) -> VecDeque<(T, usize)> {
+        self.bytes = 0;
+        std::mem::take(&mut self.items)
+    }
+}
+
+/// The groups the worker has members in; `changed` tells the subscriber to look again.
+#[derive(Default)]
+pub(super) struct Wanted {
+    pub groups: HashSet<String>,
+    pub changed: bool,
+}
+
+/// State shared by the worker and its two Redis threads.
+pub(super) struct Shared {
+    pub subscribed: AtomicBool,
+    publisher_up: AtomicBool,
+    /// Messages dropped at either queue's bound.
+    dropped: AtomicU64,
+    /// The worker dropped the bus: the threads end.
+    pub closed: AtomicBool,
+    pub wanted: Mutex<Wanted>,
+    outgoing: Mutex<Bounded<Outgoing>>,
+    /// Signalled when a publish is queued (or the bus closes); the publisher waits on it.
+    outgoing_ready: Condvar,
+    incoming: Mutex<Bounded<(String, Vec<u8>)>>,
+}
+
+/// Locks even if another thread panicked while holding the lock: the queues stay usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn count_dropped(&self, n: u64, queue: &str) {
+        if n == 0 {
+            return;
+        }
+        let before = self.dropped.fetch_add(n, Ordering::Relaxed);
+        let after = before + n;
+        // Logged at powers of two: a long outage does not flood the log.
+        if (before + 1..=after).any(u64::is_power_of_two) {
+            warn!("redis {queue} queue full: dropped the oldest; {after} dropped so far");
+        }
+    }
+
+    /// Queues a message from Redis for the worker (subscriber thread).
+    pub fn push_incoming(&self, group: String, payload: Vec<u8>) {
+        let size = group.len() + payload.len();
+        let dropped = lock(&self.incoming).push((group, payload), size);
+        self.count_dropped(dropped, "incoming");
+    }
+}
+
 pub struct RedisBus {
     publisher: Publisher,
     prefix: String,
-    sub_tx: Sender<SubCommand>,
-    pub_tx: Sender<Outgoing>,
-    incoming: Receiver<(String, Vec<u8>)>,
     shared: Arc<Shared>,
+    /// Wakes the subscriber thread when the wanted groups change (non-blocking).
+    wake_subscriber: UnixStream,
 }
 
 impl RedisBus {
@@ -77,36 +201,68 @@ impl RedisBus {
     pub fn start(settings: RedisSettings, origin: u64, waker: mio::Waker) -> anyhow::Result<RedisBus> {
         let client = redis::Client::open(settings.url.as_str())
             .map_err(|e| anyhow::anyhow!("invalid value for `redis.url` {:?}: {e}", settings.url))?;
-        let shared = Arc::new(Shared::default());
-        let (sub_tx, sub_rx) = mpsc::channel();
-        let (pub_tx, pub_rx) = mpsc::channel();
-        let (in_tx, incoming) = mpsc::channel();
-        let prefix = settings.prefix.clone();
-        let (c1, s1, p1) = (client.clone(), shared.clone(), prefix.clone());
-        thread::Builder::new()
-            .name("redis-sub".into())
-            .spawn(move || subscriber(c1, p1, sub_rx, in_tx, waker, s1))?;
+        let (max_items, max_bytes) = (settings.queue_max_messages, settings.queue_max_bytes);
+        let shared = Arc::new(Shared {
+            subscribed: AtomicBool::new(false),
+            publisher_up: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            wanted: Mutex::new(Wanted::default()),
+            outgoing: Mutex::new(Bounded::new(max_items, max_bytes)),
+            outgoing_ready: Condvar::new(),
+            incoming: Mutex::new(Bounded::new(max_items, max_bytes)),
+        });
+        let (wake_subscriber, wake) = UnixStream::pair().context("cannot create the Redis wake-up socket")?;
+        wake_subscriber.set_nonblocking(true)?;
+        wake.set_nonblocking(true)?;
+        let subscriber = Subscriber {
+            info: client.get_connection_info().clone(),
+            prefix: settings.prefix.clone(),
+            timeouts: settings.timeouts,
+            max_message: settings.max_message,
+            shared: shared.clone(),
+            wake,
+            waker,
+        };
+        thread::Builder::new().name("redis-sub".into()).spawn(move || subscriber.run())?;
         let s2 = shared.clone();
-        thread::Builder::new().name("redis-pub".into()).spawn(move || publisher(client, settings, pub_rx, s2))?;
-        Ok(RedisBus { publisher: Publisher::new(origin), prefix, sub_tx, pub_tx, incoming, shared })
+        let timeouts = settings.timeouts;
+        thread::Builder::new().name("redis-pub".into()).spawn(move || publisher(client, timeouts, &s2))?;
+        Ok(RedisBus { publisher: Publisher::new(origin), prefix: settings.prefix, shared, wake_subscriber })
     }
 
     pub fn subscribe(&mut self, group: &str) {
-        let _ = self.sub_tx.send(SubCommand::Subscribe(group.to_owned()));
+        let mut wanted = lock(&self.shared.wanted);
+        wanted.changed |= wanted.groups.insert(group.to_owned());
+        drop(wanted);
+        self.poke_subscriber();
     }
 
     pub fn unsubscribe(&mut self, group: &str) {
-        let _ = self.sub_tx.send(SubCommand::Unsubscribe(group.to_owned()));
+        let mut wanted = lock(&self.shared.wanted);
+        wanted.changed |= wanted.groups.remove(group);
+        drop(wanted);
+        self.poke_subscriber();
     }
 
+    fn poke_subscriber(&self) {
+        // A full socket already holds a wake-up: WouldBlock is fine.
+        let _ = (&self.wake_subscriber).write(&[1]);
+    }
+
+    /// Queues a publish for the publisher thread; never waits for Redis.
     pub fn publish(&mut self, group: &str, payload: &[u8]) {
         let (_, frame) = self.publisher.frame(group, payload);
-        let _ = self.pub_tx.send(Outgoing { channel: format!("{}{group}", self.prefix), frame });
+        let size = frame.len();
+        let out = Outgoing { channel: format!("{}{group}", self.prefix), frame };
+        let dropped = lock(&self.shared.outgoing).push(out, size);
+        self.shared.outgoing_ready.notify_one();
+        self.shared.count_dropped(dropped, "publish");
     }
 
-    /// Messages that arrived, as (group, MESSAGE frame); empty when none are waiting.
-    pub fn next_incoming(&mut self) -> Option<(String, Vec<u8>)> {
-        self.incoming.try_recv().ok()
+    /// Every message that arrived, as (group, MESSAGE frame), oldest first.
+    pub fn take_incoming(&mut self) -> impl Iterator<Item = (String, Vec<u8>)> {
+        lock(&self.shared.incoming).drain().into_iter().map(|(m, _)| m)
     }
 
     pub fn origin(&self) -> u64 {
@@ -121,176 +277,97 @@ impl RedisBus {
         self.shared.dropped.load(Ordering::Relaxed)
     }
 
+    /// Publishes not yet sent to Redis, the one being sent included.
     pub fn queued(&self) -> u64 {
-        self.shared.queued.load(Ordering::Relaxed)
+        lock(&self.shared.outgoing).len() as u64
     }
 }
 
-/// Owns the pub/sub connection: applies (un)subscriptions, forwards messages to the worker.
-fn subscriber(
-    client: redis::Client,
-    prefix: String,
-    commands: Receiver<SubCommand>,
-    incoming: Sender<(String, Vec<u8>)>,
-    waker: mio::Waker,
-    shared: Arc<Shared>,
-) {
-    let mut groups: HashSet<String> = HashSet::new();
+impl Drop for RedisBus {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Relaxed);
+        self.shared.outgoing_ready.notify_all();
+        self.poke_subscriber();
+    }
+}
+
+/// Owns the publishing connection: sends queued publishes one at a time, oldest first.
+fn publisher(client: redis::Client, timeouts: Timeouts, shared: &Shared) {
+    let mut con: Option<redis::Connection> = None;
     let mut backoff = MIN_BACKOFF;
-    loop {
-        let mut con = match client.get_connection() {
-            Ok(c) => c,
-            Err(e) => {
-                shared.subscribed.store(false, Ordering::Relaxed);
-                warn!("redis subscriber cannot connect: {e}; retrying in {backoff:?}");
-                if !drain_commands(&commands, &mut groups) {
-                    return;
-                }
-                thread::sleep(backoff);
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
-            }
-        };
-        let mut pubsub = con.as_pubsub();
-        if pubsub.set_read_timeout(Some(POLL)).is_err() {
-            continue;
-        }
-        let resubscribed = groups.iter().all(|g| pubsub.subscribe(format!("{prefix}{g}")).is_ok());
-        if !resubscribed {
-            continue;
-        }
-        if backoff > MIN_BACKOFF {
-            info!("redis subscriber connected again; {} groups re-subscribed", groups.len());
-        }
-        backoff = MIN_BACKOFF;
-        shared.subscribed.store(true, Ordering::Relaxed);
-        'connected: loop {
-            loop {
-                match commands.try_recv() {
-                    Ok(SubCommand::Subscribe(g)) => {
-                        if groups.insert(g.clone()) && pubsub.subscribe(format!("{prefix}{g}")).is_err() {
-                            break 'connected;
-                        }
-                    }
-                    Ok(SubCommand::Unsubscribe(g)) => {
-                        if groups.remove(&g) && pubsub.unsubscribe(format!("{prefix}{g}")).is_err() {
-                            break 'connected;
-                        }
-                    }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => return,
-                }
-            }
-            match pubsub.get_message() {
-                Ok(msg) => {
-                    let group = msg.get_channel_name().strip_prefix(prefix.as_str()).unwrap_or_default().to_owned();
-                    if incoming.send((group, msg.get_payload_bytes().to_vec())).is_err() {
-                        return;
-                    }
-                    let _ = waker.wake();
-                }
-                Err(e) if e.is_timeout() => {}
-                Err(e) => {
-                    warn!("redis subscription lost: {e}");
-                    break 'connected;
-                }
-            }
-        }
-        shared.subscribed.store(false, Ordering::Relaxed);
-    }
-}
-
-/// Applies (un)subscriptions while disconnected; false when the worker is gone.
-fn drain_commands(commands: &Receiver<SubCommand>, groups: &mut HashSet<String>) -> bool {
-    loop {
-        match commands.try_recv() {
-            Ok(SubCommand::Subscribe(g)) => {
-                groups.insert(g);
-            }
-            Ok(SubCommand::Unsubscribe(g)) => {
-                groups.remove(&g);
-            }
-            Err(TryRecvError::Empty) => return true,
-            Err(TryRecvError::Disconnected) => return false,
-        }
-    }
-}
-
-/// Owns the publishing connection and the bounded queue of publishes not yet sent.
-fn publisher(client: redis::Client, settings: RedisSettings, frames: Receiver<Outgoing>, shared: Arc<Shared>) {
-    let mut queue: VecDeque<Outgoing> = VecDeque::new();
-    let mut queued_bytes = 0usize;
-    // Connect at once, so `status` shows the bus up before the first publish.
-    let mut con: Option<redis::Connection> = client.get_connection().ok();
-    shared.publisher_up.store(con.is_some(), Ordering::Relaxed);
-    let mut backoff = MIN_BACKOFF;
-    loop {
-        // Wait for work: block while the queue is empty, wake up to retry while it is not.
-        let next = if queue.is_empty() {
-            match frames.recv() {
-                Ok(frame) => Some(frame),
-                Err(_) => return,
-            }
-        } else {
-            match frames.recv_timeout(backoff) {
-                Ok(frame) => Some(frame),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
-            }
-        };
-        if let Some(frame) = next {
-            queued_bytes += frame.frame.len();
-            queue.push_back(frame);
-            while let Ok(more) = frames.try_recv() {
-                queued_bytes += more.frame.len();
-                queue.push_back(more);
-            }
-        }
-        while queue.len() > settings.queue_max_messages || queued_bytes > settings.queue_max_bytes {
-            if let Some(old) = queue.pop_front() {
-                queued_bytes -= old.frame.len();
-                let n = shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    warn!("redis publish queue full: dropped the oldest; {n} dropped so far");
-                }
-            }
-        }
-        if con.is_none() {
-            match client.get_connection() {
+    let mut failed_before = false;
+    let connect = || -> redis::RedisResult<redis::Connection> {
+        let c = client.get_connection_with_timeout(timeouts.connect)?;
+        c.set_read_timeout(Some(timeouts.io))?;
+        c.set_write_timeout(Some(timeouts.io))?;
+        Ok(c)
+    };
+    while !shared.closed.load(Ordering::Relaxed) {
+        // Connect at once (not at the first publish), so `status` shows the bus up early.
+        let Some(c) = con.as_mut() else {
+            match connect() {
                 Ok(c) => {
-                    if backoff > MIN_BACKOFF {
-                        info!("redis publisher connected again; {} queued publishes to send", queue.len());
+                    if failed_before {
+                        info!("redis publisher connected again; {} publishes queued", lock(&shared.outgoing).len());
                     }
                     con = Some(c);
-                    backoff = MIN_BACKOFF;
                     shared.publisher_up.store(true, Ordering::Relaxed);
                 }
                 Err(e) => {
                     shared.publisher_up.store(false, Ordering::Relaxed);
-                    warn!("redis publisher cannot connect: {e}; {} publishes queued", queue.len());
+                    warn!("redis publisher cannot connect: {e}; retrying in {backoff:?}");
+                    failed_before = true;
+                    thread::sleep(backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
-                    shared.queued.store(queue.len() as u64, Ordering::Relaxed);
-                    continue;
                 }
             }
-        }
-        while let Some(out) = queue.front() {
-            let Some(c) = con.as_mut() else { break };
-            let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH").arg(&out.channel).arg(&out.frame[..]).query(c);
-            match sent {
-                Ok(_) => {
-                    if let Some(done) = queue.pop_front() {
-                        queued_bytes -= done.frame.len();
-                    }
+            continue;
+        };
+        let (out, size) = {
+            let mut queue = lock(&shared.outgoing);
+            loop {
+                if shared.closed.load(Ordering::Relaxed) {
+                    return;
                 }
-                Err(e) => {
-                    warn!("redis publish failed: {e}; reconnecting");
-                    con = None;
-                    shared.publisher_up.store(false, Ordering::Relaxed);
-                    break;
+                if let Some(next) = queue.take() {
+                    break next;
                 }
+                queue = shared.outgoing_ready.wait(queue).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH").arg(&out.channel).arg(&out.frame[..]).query(c);
+        match sent {
+            Ok(_) => {
+                lock(&shared.outgoing).finish(size);
+                backoff = MIN_BACKOFF;
+            }
+            Err(e) => {
+                lock(&shared.outgoing).put_back(out, size);
+                con = None;
+                shared.publisher_up.store(false, Ordering::Relaxed);
+                warn!("redis publish failed: {e}; reconnecting in {backoff:?}");
+                failed_before = true;
+                thread::sleep(backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
-        shared.queued.store(queue.len() as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Bounded;
+
+    #[test]
+    fn bounded_drops_oldest_and_counts_what_is_being_sent() {
+        let mut q = Bounded::new(3, 100);
+        assert_eq!((0..3).map(|i| q.push(i, 10)).sum::<u64>(), 0);
+        let (first, size) = q.take().unwrap();
+        assert_eq!(first, 0);
+        assert_eq!(q.push(3, 10), 1, "the one being sent still counts: the oldest queued goes");
+        q.put_back(first, size);
+        assert_eq!(q.items.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![0, 2, 3]);
+        assert_eq!(q.push(4, 90), 2, "the byte bound drops as many as it takes");
+        assert_eq!((q.len(), q.bytes), (2, 100));
     }
 }

@@ -11,7 +11,7 @@ use mio::{Registry, Token};
 
 use crate::channel::client::{ChannelClient, ClientSettings};
 use crate::channel::dedupe::Dedupe;
-use crate::channel::redis_bus::{RedisBus, RedisSettings};
+use crate::channel::redis_bus::{RedisBus, RedisSettings, Timeouts};
 use crate::channel::wire;
 use crate::config::{BusKind, Config};
 
@@ -72,6 +72,8 @@ impl Bus {
                     prefix: config.redis.prefix.clone(),
                     queue_max_messages: config.channel.queue_max_messages,
                     queue_max_bytes: config.channel.queue_max_bytes,
+                    timeouts: Timeouts::from_millis(config.redis.connect_timeout_ms, config.redis.io_timeout_ms),
+                    max_message: config.channel_max_frame,
                 };
                 Carrier::Redis(RedisBus::start(settings, origin, waker)?)
             }
@@ -154,7 +156,7 @@ impl Bus {
                 }
             }
             Carrier::Redis(redis) => {
-                while let Some((_, frame)) = redis.next_incoming() {
+                for (_, frame) in redis.take_incoming() {
                     match wire::decode(&frame, usize::MAX) {
                         Ok(Some((wire::Frame::Message { origin, seq, group, payload }, _))) => {
                             if origin != self.origin && dedupe.first_time(origin, seq) {

@@ -6,6 +6,11 @@
 //! once the broker has acknowledged the last one. The broker forwards each message to every
 //! worker with members of the group, so no WebSocket connection, client limit or command rate
 //! applies. Without MESSAGE, every line of standard input is one message.
+//!
+//! With `bus = "redis"` there is no broker: the messages are PUBLISHed to the group's Redis
+//! channel (`[redis] prefix` + group) as the same MESSAGE frames workers publish, so every
+//! subscribed worker delivers them and drops repeats alike. Redis answers each PUBLISH, so the
+//! command returns once Redis has taken the last one.
 
 use std::io::{self, BufRead, Read, Write};
 use std::net::TcpStream;
@@ -17,7 +22,7 @@ use anyhow::{bail, Context};
 use crate::channel::handshake::Handshake;
 use crate::channel::publisher::Publisher;
 use crate::channel::{auth, wire};
-use crate::config::{ChannelAddr, Config};
+use crate::config::{BusKind, ChannelAddr, Config};
 
 /// Bytes gathered before a write, so a long stdin costs few syscalls.
 const BATCH: usize = 64 * 1024;
@@ -75,6 +80,9 @@ pub fn publish(config: &Config, group: &str, message: Option<&str>) -> anyhow::R
     if group.is_empty() || group.len() > config.limits.max_group_id_len {
         bail!("the group id must be 1 to {} bytes", config.limits.max_group_id_len);
     }
+    if config.bus == BusKind::Redis {
+        return publish_redis(config, group, message);
+    }
     let secret = config.channel.secret_file.as_deref().map(auth::load_secret).transpose()?;
     let mut peer = Peer::connect(config.channel_target(), config.channel_max_frame)?;
     let mut buf = Vec::with_capacity(BATCH);
@@ -120,5 +128,56 @@ pub fn publish(config: &Config, group: &str, message: Option<&str>) -> anyhow::R
         }
     }
     eprintln!("published {seq} message(s) to group {group:?}");
+    Ok(())
+}
+
+/// PUBLISHes per pipeline round trip when reading standard input.
+const REDIS_BATCH: usize = 1024;
+
+/// `publish` under `bus = "redis"`: straight to the group's Redis channel.
+fn publish_redis(config: &Config, group: &str, message: Option<&str>) -> anyhow::Result<()> {
+    let url = &config.redis.url;
+    let client = redis::Client::open(url.as_str()).with_context(|| format!("invalid value for `redis.url` {url:?}"))?;
+    let timeouts = crate::channel::redis_bus::Timeouts::from_millis(
+        config.redis.connect_timeout_ms,
+        config.redis.io_timeout_ms.max(ANSWER_TIMEOUT.as_millis() as u64),
+    );
+    let mut con = client
+        .get_connection_with_timeout(timeouts.connect)
+        .with_context(|| format!("cannot reach Redis at {url} (bus = \"redis\")"))?;
+    con.set_read_timeout(Some(timeouts.io))?;
+    con.set_write_timeout(Some(timeouts.io))?;
+    let channel = format!("{}{group}", config.redis.prefix);
+    let mut publisher = Publisher::new(auth::random_origin(true)?);
+    let mut pipe = redis::pipe();
+    let mut pending = 0;
+    let mut flush = |pipe: &mut redis::Pipeline, pending: &mut usize| -> anyhow::Result<()> {
+        if *pending > 0 {
+            pipe.query::<()>(&mut con).context("Redis refused the PUBLISH")?;
+            pipe.clear();
+            *pending = 0;
+        }
+        Ok(())
+    };
+    let mut send = |pipe: &mut redis::Pipeline, pending: &mut usize, text: &str| -> anyhow::Result<()> {
+        let (_, frame) = publisher.frame(group, text.as_bytes());
+        pipe.cmd("PUBLISH").arg(&channel).arg(frame).ignore();
+        *pending += 1;
+        if *pending >= REDIS_BATCH {
+            flush(pipe, pending)?;
+        }
+        Ok(())
+    };
+    match message {
+        Some(text) => send(&mut pipe, &mut pending, text)?,
+        None => {
+            for line in io::stdin().lock().lines() {
+                send(&mut pipe, &mut pending, &line.context("cannot read standard input")?)?;
+            }
+        }
+    }
+    drop(send);
+    flush(&mut pipe, &mut pending)?;
+    eprintln!("published {} message(s) to group {group:?} through Redis", publisher.last_seq());
     Ok(())
 }

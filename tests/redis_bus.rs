@@ -1,6 +1,7 @@
 //! `bus = "redis"`: two instances exchange group messages through a real redis-server started
 //! by the test on a free loopback port: exactly once across instances, one Redis channel per
 //! group only while it has members, and delivery resuming after Redis restarts.
+//! `groupcast publish` under `bus = "redis"` publishes through Redis (issue 10, defect 14).
 //! A stopped (SIGSTOP) Redis costs dropped messages within the configured bounds, never a
 //! stuck worker (issue 10, defect 8).
 //! Skips (with a note) where redis-server is not installed, except under CI, where .ci/run
@@ -248,4 +249,31 @@ fn a_stopped_redis_costs_bounded_drops_not_a_stuck_worker() {
         }
         None
     });
+}
+
+#[test]
+fn publish_goes_through_redis_under_bus_redis() {
+    let port = free_port();
+    let Some(redis) = Redis::start(port) else { return };
+    let server = instance(port);
+    let mut member = Client::connect(server.addr);
+    member.add_group(&json!("news"));
+    member.sync();
+    members(&server, 1);
+    wait_for("the group's Redis channel to have a subscriber", Duration::from_secs(20), || {
+        let answer = redis.command("PUBSUB NUMSUB gc-test:news");
+        let subscribers: u64 = answer.lines().last()?.trim_start_matches(':').parse().ok()?;
+        (subscribers >= 1).then_some(())
+    });
+    let out = Command::new(common::bin())
+        .arg("-c")
+        .arg(server.dir.join("g.toml"))
+        .arg("--pid-file")
+        .arg(&server.pid_file)
+        .args(["publish", "news", "through redis"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "publish failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(member.recv(), "through redis");
+    assert!(member.sync().is_empty(), "exactly once");
 }

@@ -555,9 +555,10 @@ impl Config {
         if self.channel_max_frame < 1024 {
             return Err(invalid("channel.max_frame", "must be at least 1024 bytes"));
         }
-        for (key, ms) in
-            [("redis.connect_timeout_ms", self.redis.connect_timeout_ms), ("redis.io_timeout_ms", self.redis.io_timeout_ms)]
-        {
+        for (key, ms) in [
+            ("redis.connect_timeout_ms", self.redis.connect_timeout_ms),
+            ("redis.io_timeout_ms", self.redis.io_timeout_ms),
+        ] {
             if !(1..=86_400_000).contains(&ms) {
                 return Err(invalid(key, "must be 1 to 86400000 ms"));
             }

@@ -149,35 +149,26 @@ fn publish_redis(config: &Config, group: &str, message: Option<&str>) -> anyhow:
     con.set_write_timeout(Some(timeouts.io))?;
     let channel = format!("{}{group}", config.redis.prefix);
     let mut publisher = Publisher::new(auth::random_origin(true)?);
+    let texts: Box<dyn Iterator<Item = io::Result<String>>> = match message {
+        Some(text) => Box::new(std::iter::once(Ok(text.to_owned()))),
+        None => Box::new(io::stdin().lock().lines()),
+    };
     let mut pipe = redis::pipe();
     let mut pending = 0;
-    let mut flush = |pipe: &mut redis::Pipeline, pending: &mut usize| -> anyhow::Result<()> {
-        if *pending > 0 {
-            pipe.query::<()>(&mut con).context("Redis refused the PUBLISH")?;
-            pipe.clear();
-            *pending = 0;
-        }
-        Ok(())
-    };
-    let mut send = |pipe: &mut redis::Pipeline, pending: &mut usize, text: &str| -> anyhow::Result<()> {
+    for text in texts {
+        let text = text.context("cannot read standard input")?;
         let (_, frame) = publisher.frame(group, text.as_bytes());
         pipe.cmd("PUBLISH").arg(&channel).arg(frame).ignore();
-        *pending += 1;
-        if *pending >= REDIS_BATCH {
-            flush(pipe, pending)?;
-        }
-        Ok(())
-    };
-    match message {
-        Some(text) => send(&mut pipe, &mut pending, text)?,
-        None => {
-            for line in io::stdin().lock().lines() {
-                send(&mut pipe, &mut pending, &line.context("cannot read standard input")?)?;
-            }
+        pending += 1;
+        if pending >= REDIS_BATCH {
+            pipe.query::<()>(&mut con).context("Redis refused the PUBLISH")?;
+            pipe.clear();
+            pending = 0;
         }
     }
-    drop(send);
-    flush(&mut pipe, &mut pending)?;
+    if pending > 0 {
+        pipe.query::<()>(&mut con).context("Redis refused the PUBLISH")?;
+    }
     eprintln!("published {} message(s) to group {group:?} through Redis", publisher.last_seq());
     Ok(())
 }

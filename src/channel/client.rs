@@ -49,9 +49,7 @@ enum Link {
         handshake_deadline: Instant,
     },
     /// Next attempt at `retry_at`.
-    Down {
-        retry_at: Instant,
-    },
+    Down { retry_at: Instant },
 }
 
 /// Settings of the channel client, from the config.
@@ -135,10 +133,8 @@ impl ChannelClient {
     pub fn maybe_connect(&mut self, registry: &Registry) {
         if let Link::Up { phase, handshake_deadline, .. } = &self.link {
             if !matches!(phase, Phase::Ready) && Instant::now() >= *handshake_deadline {
-                let why = format!(
-                    "no finished handshake within {:?} (channel.auth_timeout_ms)",
-                    self.settings.auth_timeout
-                );
+                let why =
+                    format!("no finished handshake within {:?} (channel.auth_timeout_ms)", self.settings.auth_timeout);
                 self.disconnect(registry, &why);
             }
         }

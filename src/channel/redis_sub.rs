@@ -156,8 +156,7 @@ impl Subscriber {
             }
         };
         stream.set_timeouts(self.timeouts.io)?;
-        let mut session =
-            Session { stream, inbuf: Vec::new(), start: 0, subscribed: HashSet::new(), answered: false };
+        let mut session = Session { stream, inbuf: Vec::new(), start: 0, subscribed: HashSet::new(), answered: false };
         if let Some(password) = &self.info.redis.password {
             let mut out = Vec::new();
             match &self.info.redis.username {

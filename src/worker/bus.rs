@@ -34,7 +34,8 @@ pub struct BusCounters {
 }
 
 enum Carrier {
-    Channel(ChannelClient),
+    /// Boxed: the client's buffers make it far larger than the Redis handle.
+    Channel(Box<ChannelClient>),
     Redis(RedisBus),
 }
 
@@ -63,7 +64,7 @@ impl Bus {
                 };
                 let mut client = ChannelClient::new(settings, TOKEN, origin, format!("worker-{index}"));
                 client.maybe_connect(registry);
-                Carrier::Channel(client)
+                Carrier::Channel(Box::new(client))
             }
             BusKind::Redis => {
                 let waker = mio::Waker::new(registry, TOKEN).context("cannot create the Redis waker")?;

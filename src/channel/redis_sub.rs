@@ -178,6 +178,7 @@ impl Subscriber {
         let mut ping_deadline: Option<Instant> = None;
         let mut last_heard = Instant::now();
         let mut first = true;
+        let mut announced = false;
         loop {
             if self.shared.closed.load(Ordering::Relaxed) {
                 return "the worker is stopping".into();
@@ -185,8 +186,11 @@ impl Subscriber {
             if let Err(e) = self.reconcile(session, first) {
                 return format!("cannot (un)subscribe: {e}");
             }
-            if first {
-                first = false;
+            first = false;
+            // Up once Redis has confirmed something (or nothing needed confirming), so status
+            // does not show the bus connected before the subscriptions hold.
+            if !announced && (session.answered || session.subscribed.is_empty()) {
+                announced = true;
                 self.shared.subscribed.store(true, Ordering::Relaxed);
             }
             let now = Instant::now();

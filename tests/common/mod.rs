@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime};
 
+use groupcast::ws::frame;
 use serde_json::{json, Value};
 use tungstenite::protocol::WebSocket;
 use tungstenite::Message;
@@ -787,29 +788,17 @@ impl RawWs {
     }
 }
 
+/// One client frame: `first` is FIN/RSV/opcode as sent, masked unless `masked` is false (the
+/// library's client encoder, shared with the load generator).
 pub fn encode_frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
-    let mask_bit = if masked { 0x80 } else { 0 };
-    let mut out = vec![first];
-    match payload.len() {
-        n if n < 126 => out.push(mask_bit | n as u8),
-        n if n <= 0xffff => {
-            out.push(mask_bit | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(mask_bit | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    if masked {
-        let mask = [0x37, 0xfa, 0x21, 0x3d];
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    } else {
-        out.extend_from_slice(payload);
-    }
+    let mut out = Vec::new();
+    frame::encode_client(&mut out, first, payload, masked.then_some(MASK));
     out
 }
+
+/// The masking key of the tests' client frames (any key will do; RFC 6455 wants it random
+/// only against proxies that cache).
+pub const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
 /// Sends raw `request` bytes and returns everything the server answers until it closes.
 pub fn http_exchange(addr: SocketAddr, request: &[u8]) -> String {

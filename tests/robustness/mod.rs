@@ -239,21 +239,8 @@ impl RawConn {
 /// A masked text frame with masking key 0 (payload bytes unchanged), so a flood costs the
 /// test no per-byte work.
 pub fn text_frame_zero_mask(payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len() + 14);
-    out.push(0x81);
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 0xffff => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(payload);
+    let mut out = Vec::new();
+    groupcast::ws::frame::encode_client(&mut out, 0x81, payload, Some([0; 4]));
     out
 }
 

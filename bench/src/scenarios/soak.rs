@@ -135,7 +135,9 @@ async fn connect(t: &Target, rcvbuf: Option<u32>) -> Result<(Reader, Writer)> {
 
 /// A close frame from the client (code 1000), masked.
 fn close_frame() -> Vec<u8> {
-    vec![0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8]
+    let mut out = Vec::new();
+    ws::encode_close(1000, &mut out);
+    out
 }
 
 // ---- good clients --------------------------------------------------------------------------

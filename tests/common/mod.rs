@@ -6,6 +6,15 @@
 //! in `status` (checked to still belong to this instance, since pids get reused).
 #![allow(dead_code)]
 
+mod broker;
+mod watchers;
+
+// Each test crate uses some of these only.
+#[allow(unused_imports)]
+pub use broker::Broker;
+#[allow(unused_imports)]
+pub use watchers::Watchers;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -24,7 +33,7 @@ use tungstenite::Message;
 /// Deadline for the instance to come up, for a frame to arrive, for status to settle.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 /// Interval between two polls of a condition (polling, not synchronising by sleeping).
-const POLL: Duration = Duration::from_millis(25);
+pub const POLL: Duration = Duration::from_millis(25);
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_groupcast")
@@ -394,22 +403,29 @@ impl Server {
     }
 
     /// Index of the worker holding the server side of each client's connection, read from
-    /// /proc: the server socket's inode (in /proc/net/tcp) among the worker's descriptors.
+    /// /proc: the server socket's inode (in the workers' TCP table) among the worker's
+    /// descriptors.
     pub fn workers_of(&self, clients: &[&Client]) -> Vec<usize> {
         let ports: Vec<u16> = clients.iter().map(|c| c.port).collect();
         self.workers_of_ports(&ports)
     }
 
-    /// `workers_of` for connections named by their client-side port.
+    /// `workers_of` for connections named by their client-side port. The TCP table is the
+    /// workers' own (`/proc/PID/net/tcp` is per network namespace), so this also works for an
+    /// instance started in another namespace.
     pub fn workers_of_ports(&self, ports: &[u16]) -> Vec<usize> {
         let report = self.status();
         let mut inode_owner: HashMap<u64, usize> = HashMap::new();
+        let mut tcp = String::new();
         for w in worker_rows(&report) {
             let index = w["index"].as_u64().unwrap() as usize;
             let pid = w["pid"].as_u64().unwrap();
             let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
                 continue;
             };
+            if tcp.is_empty() {
+                tcp = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+            }
             for fd in fds.flatten() {
                 if let Ok(target) = std::fs::read_link(fd.path()) {
                     let t = target.to_string_lossy();
@@ -424,7 +440,6 @@ impl Server {
         let server_port = self.addr.port();
         // client port -> inode of the server-side socket
         let mut by_peer: HashMap<u16, u64> = HashMap::new();
-        let tcp = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
         for line in tcp.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() < 10 {
@@ -684,17 +699,33 @@ impl Client {
     }
 }
 
-/// A client that writes raw bytes after a hand-made handshake, for the protocol violations
-/// tungstenite refuses to produce.
+/// A hand-driven WebSocket client: a hand-made handshake, then raw frames out (any first
+/// byte, masked or not: the protocol violations tungstenite refuses to produce) and frames in
+/// without answering anything (a client that stops reading, or answers pings itself).
 pub struct RawWs {
     pub stream: TcpStream,
     buf: Vec<u8>,
 }
 
+/// How reading a frame ended when it did not yield one.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// Orderly end of stream (or a reset after the server closed).
+    Eof,
+    /// Nothing arrived before the read timeout.
+    Timeout,
+}
+
 impl RawWs {
     pub fn connect(addr: SocketAddr) -> RawWs {
-        let mut stream = TcpStream::connect(addr).expect("connect to groupcast");
+        let stream = TcpStream::connect(addr).expect("connect to groupcast");
         stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        RawWs::upgrade(stream)
+    }
+
+    /// Completes the WebSocket handshake on `stream` (a socket prepared by the caller, e.g.
+    /// with a small receive buffer).
+    pub fn upgrade(mut stream: TcpStream) -> RawWs {
         stream
             .write_all(
                 b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -706,7 +737,10 @@ impl RawWs {
             if let Some(i) = raw.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break i + 4;
             }
-            raw.fill();
+            match raw.fill() {
+                Ok(_) => {}
+                Err(end) => panic!("handshake: {end:?} before the answer was complete"),
+            }
         };
         let head = String::from_utf8_lossy(&raw.buf[..head_end]).into_owned();
         assert!(head.starts_with("HTTP/1.1 101 "), "handshake refused: {head}");
@@ -715,14 +749,17 @@ impl RawWs {
         raw
     }
 
-    fn fill(&mut self) -> usize {
-        let mut chunk = [0u8; 4096];
+    fn fill(&mut self) -> Result<usize, End> {
+        let mut chunk = [0u8; 64 * 1024];
         match self.stream.read(&mut chunk) {
+            Ok(0) => Err(End::Eof),
             Ok(n) => {
                 self.buf.extend_from_slice(&chunk[..n]);
-                n
+                Ok(n)
             }
-            Err(e) => panic!("read failed (timeout {TIMEOUT:?}): {e}"),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Err(End::Timeout),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => Err(End::Eof),
+            Err(e) => panic!("read failed: {e}"),
         }
     }
 
@@ -731,8 +768,18 @@ impl RawWs {
         self.stream.write_all(&encode_frame(first, payload, masked)).unwrap();
     }
 
-    /// The next frame from the server: (first byte, payload); `None` at end of stream.
-    pub fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+    /// Local port, which identifies the connection on the server side (`workers_of_ports`).
+    pub fn port(&self) -> u16 {
+        self.stream.local_addr().unwrap().port()
+    }
+
+    /// Writes one masked text frame.
+    pub fn send_text(&mut self, text: &str) {
+        self.write_frame(0x81, text.as_bytes(), true);
+    }
+
+    /// The next frame (first byte, payload), or how the stream ended.
+    pub fn next_frame(&mut self) -> Result<(u8, Vec<u8>), End> {
         loop {
             if self.buf.len() >= 2 {
                 let (len, head) = match self.buf[1] & 0x7f {
@@ -748,13 +795,34 @@ impl RawWs {
                     let first = self.buf[0];
                     let payload = self.buf[head..head + len].to_vec();
                     self.buf.drain(..head + len);
-                    return Some((first, payload));
+                    return Ok((first, payload));
                 }
             }
-            if self.fill() == 0 {
-                return None;
-            }
+            self.fill()?;
         }
+    }
+
+    /// The next frame from the server: (first byte, payload); `None` at end of stream. Panics
+    /// when nothing arrives within the read timeout.
+    pub fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        match self.next_frame() {
+            Ok(frame) => Some(frame),
+            Err(End::Eof) => None,
+            Err(End::Timeout) => panic!("no frame within the read timeout"),
+        }
+    }
+
+    /// The next frame, which must be a text frame (pings are not skipped).
+    pub fn next_text(&mut self) -> String {
+        match self.next_frame() {
+            Ok((0x81, p)) => String::from_utf8(p).expect("UTF-8 text"),
+            other => panic!("expected a text frame, got {:?}", other.map(|(f, p)| (f, p.len()))),
+        }
+    }
+
+    /// Sets the read timeout (`None` = `TIMEOUT`).
+    pub fn read_timeout(&self, t: Option<Duration>) {
+        self.stream.set_read_timeout(Some(t.unwrap_or(TIMEOUT))).unwrap();
     }
 
     /// Reads frames until a close frame; returns its code. Panics if the stream ends first.
@@ -934,18 +1002,26 @@ impl Server {
     /// One `RawWs` client on each worker (more connections are opened and dropped until every
     /// worker holds one); index i of the result is on worker i.
     pub fn raw_on_each_worker(&self) -> Vec<RawWs> {
-        let mut found: Vec<Option<RawWs>> = (0..self.workers).map(|_| None).collect();
-        for _ in 0..256 {
-            let raw = RawWs::connect(self.addr);
-            let w = self.workers_of_ports(&[raw.port()])[0];
-            if found[w].is_none() {
-                found[w] = Some(raw);
+        self.spread(1, || RawWs::connect(self.addr), RawWs::port)
+    }
+
+    /// Connections made with `connect` until each worker holds `per_worker` of them (those
+    /// landing on a worker that has enough are dropped at once); connection i of the result
+    /// is on worker i % workers. `port` names a connection's client side.
+    pub fn spread<T>(&self, per_worker: usize, mut connect: impl FnMut() -> T, port: impl Fn(&T) -> u16) -> Vec<T> {
+        let mut found: Vec<Vec<T>> = (0..self.workers).map(|_| Vec::new()).collect();
+        for _ in 0..256 * per_worker {
+            let conn = connect();
+            let w = self.workers_of_ports(&[port(&conn)])[0];
+            if found[w].len() < per_worker {
+                found[w].push(conn);
             }
-            if found.iter().all(Option::is_some) {
-                return found.into_iter().map(Option::unwrap).collect();
+            if found.iter().all(|f| f.len() == per_worker) {
+                let mut rounds: Vec<std::vec::IntoIter<T>> = found.into_iter().map(Vec::into_iter).collect();
+                return (0..per_worker * self.workers).filter_map(|i| rounds[i % self.workers].next()).collect();
             }
         }
-        panic!("256 connections did not reach every one of {} workers", self.workers);
+        panic!("{} connections did not reach every one of {} workers", 256 * per_worker, self.workers);
     }
 
     /// The files a running instance keeps beside its pid file.
@@ -1099,13 +1175,6 @@ impl Drop for DatagramSink {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-impl RawWs {
-    /// Local port, which identifies the connection on the server side.
-    pub fn port(&self) -> u16 {
-        self.stream.local_addr().unwrap().port()
     }
 }
 

@@ -178,6 +178,39 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// Whether this run is CI (`CI` set, as CI services do, and not "false"/"0"): there every test
+/// must run, so a missing tool or privilege is a failure, not a skip.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// For a test that cannot run on this machine (`reason` says why): under CI it fails here;
+/// elsewhere it prints a SKIPPED line and returns, and the caller returns too:
+/// `if !is_root() { return skip_or_fail("needs root"); }`.
+pub fn skip_or_fail(reason: &str) {
+    let current = std::thread::current();
+    let test = current.name().unwrap_or("this test");
+    if under_ci() {
+        panic!("{test} cannot run here, and under CI every test must: {reason}");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+}
+
+/// `skip_or_fail(reason)` unless `ok`; whether the test can go on:
+/// `if !require(is_root(), "needs root") { return; }`.
+pub fn require(ok: bool, reason: &str) -> bool {
+    if !ok {
+        skip_or_fail(reason);
+    }
+    ok
+}
+
+/// Whether the tests run as root (privilege drop, network namespaces).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid(2) only reads the caller's credentials.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("probe a free port").port()

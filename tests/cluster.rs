@@ -19,33 +19,40 @@ use serde_json::json;
 /// Commands come fast in these tests: lift the per-connection rate limit.
 const FAST: &str = "[limits]\ncommands_per_second = 1000000\ncommands_burst = 1000000\n";
 
-/// Waits until the instance counts `n` memberships (an instance using a remote broker has no
-/// channel row of its own, so `Server::wait_subscriptions` does not apply).
-fn wait_members(server: &Server, n: u64) {
-    server.wait_status(&format!("{n} memberships"), |r| r["totals"]["memberships"] == n);
+/// Two instances (A and B, 2 workers each) on `broker`, with `n` members of `group` on each;
+/// returns once every membership is subscribed at the broker.
+struct TwoInstances {
+    a: Server,
+    b: Server,
+    on_a: Vec<Client>,
+    on_b: Vec<Client>,
 }
 
-fn join_all(clients: &mut [Client], group: &str) {
-    for c in clients.iter_mut() {
-        c.add_group(&json!(group));
-        c.sync();
-    }
+fn two_instances(broker: &Broker, group: &str, n: usize) -> TwoInstances {
+    let a = broker.instance(FAST);
+    let b = broker.instance(FAST);
+    wait_for("4 workers connected to the broker", Duration::from_secs(30), || (broker.peers() == 4).then_some(()));
+    let join = |server: &Server| -> Vec<Client> {
+        let mut clients: Vec<Client> = (0..n).map(|_| Client::connect(server.addr)).collect();
+        for c in clients.iter_mut() {
+            c.add_group(&json!(group));
+            c.sync();
+        }
+        // An instance using a remote broker has no channel row of its own, so
+        // `Server::wait_subscriptions` does not apply: count its memberships.
+        server.wait_status(&format!("{n} memberships"), |r| r["totals"]["memberships"] == n as u64);
+        clients
+    };
+    let (on_a, on_b) = (join(&a), join(&b));
+    // The broker has both instances' subscriptions (one per worker with members).
+    broker.wait_memberships(2);
+    TwoInstances { a, b, on_a, on_b }
 }
 
 #[test]
 fn a_member_on_one_instance_receives_what_a_client_on_another_sends_exactly_once() {
     let broker = Broker::start("cluster-share");
-    let a = broker.instance(FAST);
-    let b = broker.instance(FAST);
-    wait_for("4 workers connected to the broker", Duration::from_secs(30), || (broker.peers() == 4).then_some(()));
-    let mut on_a: Vec<Client> = (0..4).map(|_| Client::connect(a.addr)).collect();
-    let mut on_b: Vec<Client> = (0..4).map(|_| Client::connect(b.addr)).collect();
-    join_all(&mut on_a, "room");
-    join_all(&mut on_b, "room");
-    wait_members(&a, 4);
-    wait_members(&b, 4);
-    // The broker has both instances' subscriptions (one per worker with members).
-    broker.wait_memberships(2);
+    let TwoInstances { a, b: _b, mut on_a, mut on_b } = two_instances(&broker, "room", 4);
     for i in 0..50 {
         on_b[0].send_to_group(&json!("room"), &format!("from-b-{i}"));
         on_a[1].send_to_group(&json!("room"), &format!("from-a-{i}"));
@@ -134,16 +141,7 @@ fn an_unauthenticated_broker_stays_on_loopback_unless_told_otherwise() {
 #[test]
 fn broker_killed_and_restarted_while_both_sides_publish_loses_and_duplicates_nothing() {
     let broker = Broker::start("cluster-kill");
-    let a = broker.instance(FAST);
-    let b = broker.instance(FAST);
-    wait_for("4 workers connected to the broker", Duration::from_secs(30), || (broker.peers() == 4).then_some(()));
-    let mut on_a: Vec<Client> = (0..3).map(|_| Client::connect(a.addr)).collect();
-    let mut on_b: Vec<Client> = (0..3).map(|_| Client::connect(b.addr)).collect();
-    join_all(&mut on_a, "k");
-    join_all(&mut on_b, "k");
-    wait_members(&a, 3);
-    wait_members(&b, 3);
-    broker.wait_memberships(2);
+    let TwoInstances { a, b, mut on_a, mut on_b } = two_instances(&broker, "k", 3);
     let first = broker.channel_pid().expect("broker running");
     const N: usize = 600;
     for i in 0..N {

@@ -4,6 +4,11 @@
 //! Every server is owned by a guard (`Server`) that kills the whole instance on drop, panics
 //! included: SIGTERM to the master, then SIGKILL to the master and to every child pid ever seen
 //! in `status` (checked to still belong to this instance, since pids get reused).
+//!
+//! One of each: `Client` (tungstenite) and `RawWs` (hand-made frames, through the library's
+//! `frame::encode_client`); `Broker` (broker.rs), the standalone broker guard; `Watchers`
+//! (watchers.rs), the bystanders that prove delivery still works; `skip_or_fail`/`require`
+//! for a test that cannot run on this machine (skipped locally, failed under CI).
 #![allow(dead_code)]
 
 mod broker;

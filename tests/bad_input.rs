@@ -5,49 +5,16 @@
 
 mod common;
 
-use std::collections::HashSet;
-
 use common::*;
 use serde_json::{json, Value};
 
 const CONFIG: &str = "[limits]\nmax_message_size = 1024\nmax_groups_per_connection = 3\nmax_group_id_len = 16\n";
 
 /// Observers: clients 0 and 1 are on workers 0 and 1, clients 2 and 3 too; all in "watch".
-struct Watch {
-    clients: Vec<Client>,
-    member_of: Vec<HashSet<String>>,
-    round: usize,
-}
-
-impl Watch {
-    fn new(server: &Server) -> Watch {
-        let (all, on) = server.connect_spread(2);
-        let mut slots: Vec<Option<Client>> = all.into_iter().map(Some).collect();
-        let mut order = Vec::new();
-        for _ in 0..2 {
-            for w in [0, 1] {
-                let c = (0..on.len()).find(|&c| on[c] == w && slots[c].is_some() && !order.contains(&c)).unwrap();
-                order.push(c);
-            }
-        }
-        let mut clients: Vec<Client> = order.iter().map(|&c| slots[c].take().unwrap()).collect();
-        for c in &mut clients {
-            c.add_group(&json!("watch"));
-            c.sync_quiet();
-        }
-        server.wait_subscriptions(4);
-        Watch { member_of: vec![["watch".to_string()].into(); 4], clients, round: 0 }
-    }
-
-    /// Clients 0 and 1 (one per worker) send to "watch"; all four must get everything.
-    fn check(&mut self, after: &str) {
-        self.round += 1;
-        let flows: Vec<Flow> =
-            [0, 1].map(|s| Flow { sender: s, group: "watch".into(), group_id: json!("watch") }).to_vec();
-        let tag = format!("r{}", self.round);
-        let n = exchange(&mut self.clients, &self.member_of, &flows, 2, &tag);
-        assert_eq!(n, 4 * 2 * 3, "after {after}");
-    }
+fn watch(server: &Server) -> Watchers {
+    let watch = Watchers::per_worker(server, "watch", 2);
+    watch.settle(server, 0);
+    watch
 }
 
 fn error_of(text: &str) -> Value {
@@ -60,7 +27,7 @@ fn error_of(text: &str) -> Value {
 #[test]
 fn bad_commands_get_error_frames_and_the_connection_stays() {
     let server = Server::start_with(Opts { config: Some(CONFIG.into()), ..Opts::workers(2) });
-    let mut watch = Watch::new(&server);
+    let mut watch = watch(&server);
     let pids_before: Vec<u64> = worker_rows(&server.status()).iter().map(|w| field(w, "pid")).collect();
     let long_id = "x".repeat(17);
     let cases: Vec<(String, &str)> = vec![
@@ -165,7 +132,7 @@ fn bad_commands_get_error_frames_and_the_connection_stays() {
 #[test]
 fn protocol_violations_close_with_the_documented_code() {
     let server = Server::start_with(Opts { config: Some(CONFIG.into()), ..Opts::workers(2) });
-    let mut watch = Watch::new(&server);
+    let mut watch = watch(&server);
     let pids_before: Vec<u64> = worker_rows(&server.status()).iter().map(|w| field(w, "pid")).collect();
     // (name, frames as (first byte, payload, masked), expected close code)
     type Frames = Vec<(u8, Vec<u8>, bool)>;
@@ -246,7 +213,7 @@ fn well_formed_raw_frames_are_accepted() {
 #[test]
 fn plain_http_gets_http_answers() {
     let server = Server::start_with(Opts::workers(2));
-    let mut watch = Watch::new(&server);
+    let mut watch = watch(&server);
 
     let answer = http_exchange(server.addr, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 426 Upgrade Required\r\n"), "{answer}");

@@ -9,139 +9,50 @@ use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use common::{alive, belongs_to, free_port, run_timed, signal, wait_for, Client, Opts, Server, TempDir};
-use serde_json::{json, Value};
-
-/// A standalone broker started by the test; stopped (and, failing that, killed) on drop.
-struct Broker {
-    dir: TempDir,
-    child: Child,
-    pid_file: PathBuf,
-    port: u16,
-    secret: PathBuf,
-}
-
-impl Broker {
-    fn start(name: &str) -> Broker {
-        let dir = TempDir::new(name);
-        let secret = dir.join("secret");
-        std::fs::write(&secret, "correct horse battery staple 42\n").unwrap();
-        let port = free_port();
-        let pid_file = dir.join("broker.pid");
-        let log = std::fs::File::create(dir.join("broker.log")).unwrap();
-        let child = Command::new(common::bin())
-            .args(["channel", "--listen", &format!("127.0.0.1:{port}"), "--channel-secret-file"])
-            .arg(&secret)
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let broker = Broker { dir, child, pid_file, port, secret };
-        wait_for("the broker to run", Duration::from_secs(30), || broker.channel_pid());
-        broker
-    }
-
-    fn status(&self) -> Option<Value> {
-        let out =
-            Command::new(common::bin()).args(["status", "--json", "--pid-file"]).arg(&self.pid_file).output().ok()?;
-        serde_json::from_slice(&out.stdout).ok()
-    }
-
-    /// Pid of the running broker process (the master's channel child).
-    fn channel_pid(&self) -> Option<u32> {
-        let report = self.status()?;
-        let row = report["processes"].as_array()?.iter().find(|p| p["role"] == "channel")?.clone();
-        (row["state"] == "running").then(|| row["pid"].as_u64().unwrap() as u32)
-    }
-
-    fn peers(&self) -> u64 {
-        self.status().map_or(0, |r| {
-            r["processes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|p| p["role"] == "channel")
-                .map_or(0, |p| p["connections"].as_u64().unwrap())
-        })
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default()
-    }
-
-    fn instance(&self, config: &str) -> Server {
-        Server::start_with(Opts {
-            workers: Some(2),
-            config: Some(config.to_owned()),
-            extra: vec![
-                "--channel-connect".into(),
-                format!("127.0.0.1:{}", self.port),
-                "--channel-secret-file".into(),
-                self.secret.to_string_lossy().into_owned(),
-            ],
-            ..Opts::default()
-        })
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let child_pid = self.channel_pid();
-        signal(self.child.id(), libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(pid) = child_pid {
-            if alive(pid) && belongs_to(pid, &self.pid_file) {
-                signal(pid, libc::SIGKILL);
-            }
-        }
-    }
-}
+use common::{free_port, run_timed, signal, wait_for, Broker, Client, Server, TempDir};
+use groupcast::channel::wire;
+use serde_json::json;
 
 /// Commands come fast in these tests: lift the per-connection rate limit.
 const FAST: &str = "[limits]\ncommands_per_second = 1000000\ncommands_burst = 1000000\n";
 
-/// Waits until the instance counts `n` memberships (an instance using a remote broker has no
-/// channel row of its own, so `Server::wait_subscriptions` does not apply).
-fn wait_members(server: &Server, n: u64) {
-    server.wait_status(&format!("{n} memberships"), |r| r["totals"]["memberships"] == n);
+/// Two instances (A and B, 2 workers each) on `broker`, with `n` members of `group` on each;
+/// returns once every membership is subscribed at the broker.
+struct TwoInstances {
+    a: Server,
+    b: Server,
+    on_a: Vec<Client>,
+    on_b: Vec<Client>,
 }
 
-fn join_all(clients: &mut [Client], group: &str) {
-    for c in clients.iter_mut() {
-        c.add_group(&json!(group));
-        c.sync();
-    }
+fn two_instances(broker: &Broker, group: &str, n: usize) -> TwoInstances {
+    let a = broker.instance(FAST);
+    let b = broker.instance(FAST);
+    wait_for("4 workers connected to the broker", Duration::from_secs(30), || (broker.peers() == 4).then_some(()));
+    let join = |server: &Server| -> Vec<Client> {
+        let mut clients: Vec<Client> = (0..n).map(|_| Client::connect(server.addr)).collect();
+        for c in clients.iter_mut() {
+            c.add_group(&json!(group));
+            c.sync();
+        }
+        // An instance using a remote broker has no channel row of its own, so
+        // `Server::wait_subscriptions` does not apply: count its memberships.
+        server.wait_status(&format!("{n} memberships"), |r| r["totals"]["memberships"] == n as u64);
+        clients
+    };
+    let (on_a, on_b) = (join(&a), join(&b));
+    // The broker has both instances' subscriptions (one per worker with members).
+    broker.wait_memberships(2);
+    TwoInstances { a, b, on_a, on_b }
 }
 
 #[test]
 fn a_member_on_one_instance_receives_what_a_client_on_another_sends_exactly_once() {
     let broker = Broker::start("cluster-share");
-    let a = broker.instance(FAST);
-    let b = broker.instance(FAST);
-    wait_for("4 workers connected to the broker", Duration::from_secs(30), || (broker.peers() == 4).then_some(()));
-    let mut on_a: Vec<Client> = (0..4).map(|_| Client::connect(a.addr)).collect();
-    let mut on_b: Vec<Client> = (0..4).map(|_| Client::connect(b.addr)).collect();
-    join_all(&mut on_a, "room");
-    join_all(&mut on_b, "room");
-    wait_members(&a, 4);
-    wait_members(&b, 4);
-    // The broker has both instances' subscriptions (one per worker with members).
-    wait_for("broker subscriptions", Duration::from_secs(30), || {
-        let r = broker.status()?;
-        let ch = r["processes"].as_array()?.iter().find(|p| p["role"] == "channel")?.clone();
-        (ch["memberships"].as_u64()? >= 2).then_some(())
-    });
+    let TwoInstances { a, b: _b, mut on_a, mut on_b } = two_instances(&broker, "room", 4);
     for i in 0..50 {
         on_b[0].send_to_group(&json!("room"), &format!("from-b-{i}"));
         on_a[1].send_to_group(&json!("room"), &format!("from-a-{i}"));
@@ -169,15 +80,7 @@ fn a_member_on_one_instance_receives_what_a_client_on_another_sends_exactly_once
 }
 
 fn write_config(path: &Path, broker: &Broker) -> PathBuf {
-    std::fs::write(
-        path,
-        format!(
-            "[channel]\nconnect = \"127.0.0.1:{}\"\nsecret_file = {:?}\n",
-            broker.port,
-            broker.secret.to_str().unwrap()
-        ),
-    )
-    .unwrap();
+    std::fs::write(path, broker.channel_config()).unwrap();
     path.to_owned()
 }
 
@@ -189,11 +92,7 @@ fn peers_without_the_secret_are_refused() {
     let wrong = dir.join("wrong");
     std::fs::write(&wrong, "this is not the right secret at all").unwrap();
     let config = dir.join("g.toml");
-    std::fs::write(
-        &config,
-        format!("[channel]\nconnect = \"127.0.0.1:{}\"\nsecret_file = {:?}\n", broker.port, wrong.to_str().unwrap()),
-    )
-    .unwrap();
+    std::fs::write(&config, format!("[channel]\nconnect = \"{}\"\nsecret_file = {wrong:?}\n", broker.addr)).unwrap();
     let run = run_timed(&["-c", config.to_str().unwrap(), "publish", "g", "x"], dir.path());
     assert_eq!(run.code, Some(1), "{run:?}");
     assert!(run.stderr.contains("closed the connection") || run.stderr.contains("secret"), "{run:?}");
@@ -201,35 +100,26 @@ fn peers_without_the_secret_are_refused() {
         broker.log().contains("failed authentication").then_some(())
     });
     // No secret at all: refused with a clear message.
-    std::fs::write(&config, format!("[channel]\nconnect = \"127.0.0.1:{}\"\n", broker.port)).unwrap();
+    std::fs::write(&config, format!("[channel]\nconnect = \"{}\"\n", broker.addr)).unwrap();
     let run = run_timed(&["-c", config.to_str().unwrap(), "publish", "g", "x"], dir.path());
     assert_eq!(run.code, Some(1), "{run:?}");
     assert!(run.stderr.contains("requires a shared secret"), "{run:?}");
     // A raw peer that skips AUTH and sends HELLO is disconnected (EOF after the challenge).
-    let mut raw = TcpStream::connect(("127.0.0.1", broker.port)).unwrap();
+    let mut raw = TcpStream::connect(broker.addr).unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut hello = vec![0, 0, 0, 0, 1, 1];
-    hello.extend_from_slice(&7u64.to_be_bytes());
-    hello.extend_from_slice(&[0, 5]);
-    hello.extend_from_slice(b"rogue");
-    let len = (hello.len() - 4) as u32;
-    hello[..4].copy_from_slice(&len.to_be_bytes());
+    let mut hello = Vec::new();
+    wire::encode_hello(&mut hello, 7, "rogue");
     raw.write_all(&hello).unwrap();
     let mut sink = Vec::new();
     let _ = raw.read_to_end(&mut sink);
-    assert!(sink.len() >= 4 + 1 + 2 + 16 && sink[4] == 5, "first frame is the CHALLENGE: {sink:?}");
+    let first = wire::decode(&sink, 1 << 20);
+    assert!(
+        matches!(first, Ok(Some((wire::Frame::Challenge { flags: wire::FLAG_AUTH_REQUIRED, .. }, _)))),
+        "first frame is the CHALLENGE: {first:?}"
+    );
     assert!(broker.log().contains("did not authenticate"), "{}", broker.log());
     // The right secret works.
-    let right = dir.join("right.toml");
-    std::fs::write(
-        &right,
-        format!(
-            "[channel]\nconnect = \"127.0.0.1:{}\"\nsecret_file = {:?}\n",
-            broker.port,
-            broker.secret.to_str().unwrap()
-        ),
-    )
-    .unwrap();
+    let right = write_config(&dir.join("right.toml"), &broker);
     let run = run_timed(&["-c", right.to_str().unwrap(), "publish", "g", "x"], dir.path());
     assert_eq!(run.code, Some(0), "{run:?}");
 }
@@ -251,20 +141,7 @@ fn an_unauthenticated_broker_stays_on_loopback_unless_told_otherwise() {
 #[test]
 fn broker_killed_and_restarted_while_both_sides_publish_loses_and_duplicates_nothing() {
     let broker = Broker::start("cluster-kill");
-    let a = broker.instance(FAST);
-    let b = broker.instance(FAST);
-    wait_for("4 workers connected to the broker", Duration::from_secs(30), || (broker.peers() == 4).then_some(()));
-    let mut on_a: Vec<Client> = (0..3).map(|_| Client::connect(a.addr)).collect();
-    let mut on_b: Vec<Client> = (0..3).map(|_| Client::connect(b.addr)).collect();
-    join_all(&mut on_a, "k");
-    join_all(&mut on_b, "k");
-    wait_members(&a, 3);
-    wait_members(&b, 3);
-    wait_for("broker subscriptions", Duration::from_secs(30), || {
-        let r = broker.status()?;
-        let ch = r["processes"].as_array()?.iter().find(|p| p["role"] == "channel")?.clone();
-        (ch["memberships"].as_u64()? >= 2).then_some(())
-    });
+    let TwoInstances { a, b, mut on_a, mut on_b } = two_instances(&broker, "k", 3);
     let first = broker.channel_pid().expect("broker running");
     const N: usize = 600;
     for i in 0..N {

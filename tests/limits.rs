@@ -209,7 +209,7 @@ fn group_count_and_group_id_length_limits_answer_error_frames() {
 fn commands_over_the_rate_are_refused_not_executed_then_allowed_again() {
     let server = start(2, "[limits]\ncommands_per_second = 5\ncommands_burst = 5\n");
     let mut watchers = Watchers::new(&server, "watch");
-    let mut raw = RawConn::connect(server.addr);
+    let mut raw = RawWs::connect(server.addr);
     let w = server.workers_of_ports(&[raw.port()])[0];
     // Nine commands in one write, so they arrive together: the burst of 5 passes, the rest
     // is refused (the ninth has no id).
@@ -264,7 +264,7 @@ struct Seen {
 
 /// Reads `raw` for `span` (or until the server closes): counts pings, answering them with a
 /// pong when `answer`; when `chatter` is set, also sends a ping of its own that often.
-fn keepalive_probe(mut raw: RawConn, since: Instant, span: Duration, answer: bool, chatter: Option<Duration>) -> Seen {
+fn keepalive_probe(mut raw: RawWs, since: Instant, span: Duration, answer: bool, chatter: Option<Duration>) -> Seen {
     let mut seen = Seen { pings: 0, closed: None };
     let end = since + span;
     let mut next_chat = chatter.map(|c| Instant::now() + c);
@@ -278,7 +278,7 @@ fn keepalive_probe(mut raw: RawConn, since: Instant, span: Duration, answer: boo
             Ok((0x89, payload)) => {
                 seen.pings += 1;
                 if answer {
-                    raw.write_frame(0x8A, &payload);
+                    raw.write_frame(0x8A, &payload, true);
                 }
             }
             Ok((0x88, payload)) => {
@@ -296,7 +296,7 @@ fn keepalive_probe(mut raw: RawConn, since: Instant, span: Duration, answer: boo
         }
         if let (Some(t), Some(every)) = (next_chat, chatter) {
             if Instant::now() >= t {
-                raw.write_frame(0x89, b"chat");
+                raw.write_frame(0x89, b"chat", true);
                 next_chat = Some(Instant::now() + every);
             }
         }
@@ -307,7 +307,7 @@ fn keepalive_probe(mut raw: RawConn, since: Instant, span: Duration, answer: boo
 /// Runs the three keep-alive probes at once: a silent client, one that answers pings, one
 /// that sends pings of its own; each watched for `span`.
 fn keepalive_round(server: &Server, span: Duration) -> (Seen, Seen, Seen) {
-    let conns: Vec<(RawConn, Instant)> = (0..3).map(|_| (RawConn::connect(server.addr), Instant::now())).collect();
+    let conns: Vec<(RawWs, Instant)> = (0..3).map(|_| (RawWs::connect(server.addr), Instant::now())).collect();
     let mut it = conns.into_iter();
     let (silent, answering, chatty) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
     std::thread::scope(|s| {

@@ -10,21 +10,42 @@ use groupcast::ws::{frame, handshake};
 use proptest::prelude::*;
 
 fn masked_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-    let mut out = vec![first];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 0xFFFF => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
+    let mut out = Vec::new();
+    frame::encode_client(&mut out, first, payload, Some(mask));
+    out
+}
+
+/// A `group_id` as a client may write it.
+#[derive(Clone, Debug)]
+enum GroupArg {
+    Int(i64),
+    Str(String),
+    /// Raw JSON of another type.
+    Other(&'static str),
+}
+
+impl GroupArg {
+    fn json(&self) -> String {
+        match self {
+            GroupArg::Int(n) => n.to_string(),
+            GroupArg::Str(s) => serde_json::to_string(s).unwrap(),
+            GroupArg::Other(raw) => (*raw).to_owned(),
         }
     }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
+
+    /// The group the server must use (`123` and `"123"` are one group), or the error code.
+    fn canonical(&self, max_len: usize) -> Result<String, &'static str> {
+        let text = match self {
+            GroupArg::Int(n) => n.to_string(),
+            GroupArg::Str(s) => s.clone(),
+            GroupArg::Other(_) => return Err("invalid_field"),
+        };
+        // The limit counts bytes of the canonical text.
+        if text.is_empty() || text.len() > max_len {
+            return Err("invalid_field");
+        }
+        Ok(text)
+    }
 }
 
 proptest! {
@@ -38,18 +59,43 @@ proptest! {
     #[test]
     fn command_parser_on_json_shaped_input(
         cmd in prop_oneof![Just("add_group".to_owned()), Just("send_to_group".to_owned()), Just("leave_group".to_owned()), ".{0,10}"],
-        group in prop_oneof![any::<i64>().prop_map(|n| n.to_string()), "\\PC{0,20}".prop_map(|s| format!("{s:?}")), Just("null".to_owned()), Just("[]".to_owned())],
-        message in prop_oneof!["\\PC{0,40}".prop_map(|s| serde_json::to_string(&s).unwrap()), any::<f64>().prop_map(|f| f.to_string()), Just("{\"a\": [1, {}]}".to_owned())],
+        group in prop_oneof![prop_oneof![any::<i64>(), -99_999i64..99_999].prop_map(GroupArg::Int), "\\PC{0,20}".prop_map(GroupArg::Str), Just(GroupArg::Other("null")), Just(GroupArg::Other("[]"))],
+        message in prop_oneof![
+            "\\PC{0,40}".prop_map(|s| serde_json::to_string(&s).unwrap()),
+            (any::<i32>(), 0u32..1000).prop_map(|(a, b)| format!("{a}.{b}")),
+            Just("{\"a\": [1, {}]}".to_owned()),
+        ],
     ) {
-        let text = format!(r#"{{"cmd":"{}","group_id":{group},"message":{message}}}"#, cmd.escape_default());
-        match parse_request(&text, &Limits::default()) {
-            Ok(r) => {
-                let g = match &r.command {
-                    Command::AddGroup { group } | Command::LeaveGroup { group } | Command::SendToGroup { group, .. } => group,
-                };
-                prop_assert!(!g.is_empty() && g.len() <= Limits::default().max_group_id_len);
+        let text = format!(
+            r#"{{"cmd":{},"group_id":{},"message":{message}}}"#,
+            serde_json::to_string(&cmd).unwrap(),
+            group.json()
+        );
+        // A small length limit, so generated ids fall on both sides of it.
+        let limits = Limits { max_group_id_len: 16, ..Limits::default() };
+        // What the documented protocol says, checked in the parser's order: cmd, group_id, message.
+        let expected: Result<(String, &str), &str> = match cmd.as_str() {
+            "add_group" | "leave_group" | "send_to_group" => group.canonical(limits.max_group_id_len).map(|g| (g, cmd.as_str())),
+            _ => Err("unknown_cmd"),
+        };
+        match (parse_request(&text, &limits), expected) {
+            (Ok(r), Ok((g, name))) => {
+                match (&r.command, name) {
+                    (Command::AddGroup { group }, "add_group") | (Command::LeaveGroup { group }, "leave_group") => prop_assert_eq!(group.as_ref(), g.as_str()),
+                    (Command::SendToGroup { group, message: delivered }, "send_to_group") => {
+                        prop_assert_eq!(group.as_ref(), g.as_str());
+                        // A string is delivered as its text, anything else as the same JSON value.
+                        let sent: serde_json::Value = serde_json::from_str(&message).unwrap();
+                        match sent.as_str() {
+                            Some(s) => prop_assert_eq!(delivered.as_ref(), s),
+                            None => prop_assert_eq!(serde_json::from_str::<serde_json::Value>(delivered).ok(), Some(sent)),
+                        }
+                    }
+                    (other, _) => prop_assert!(false, "{text} parsed as {other:?}, not {name}"),
+                }
             }
-            Err((e, _)) => prop_assert!(!e.code().is_empty()),
+            (Err((e, _)), Err(code)) => prop_assert_eq!(e.code(), code, "{}: {}", text, e),
+            (got, want) => prop_assert!(false, "{text}: parsed as {:?}, expected {want:?}", got.map(|r| r.command).map_err(|e| e.0)),
         }
     }
 

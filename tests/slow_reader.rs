@@ -26,9 +26,9 @@ const RSS_SLACK_KIB: u64 = 32 * 1024;
 
 struct Setup {
     server: Server,
-    slow: RawConn,
-    fast: RawConn,
-    publisher: RawConn,
+    slow: RawWs,
+    fast: RawWs,
+    publisher: RawWs,
     /// The worker holding the slow and the fast client.
     worker: usize,
 }
@@ -39,13 +39,13 @@ fn setup(policy: &str) -> Setup {
          commands_per_second = 1000000\ncommands_burst = 1000000\n"
     );
     let server = start(2, &config);
-    let mut slow = RawConn::upgrade(connect_small_rcvbuf(server.addr, 4096));
+    let mut slow = RawWs::upgrade(connect_small_rcvbuf(server.addr, 4096));
     let worker = server.workers_of_ports(&[slow.port()])[0];
     // The fast client on the same worker, the publisher on the other one (so the flood also
     // crosses the channel).
     let pick = |same: bool| {
         for _ in 0..256 {
-            let c = RawConn::connect(server.addr);
+            let c = RawWs::connect(server.addr);
             if (server.workers_of_ports(&[c.port()])[0] == worker) == same {
                 return c;
             }
@@ -89,7 +89,7 @@ fn flood(s: &mut Setup) -> u64 {
 
 /// Reads the slow client's backlog: the group messages (checked to be in order), and the
 /// frames that were not group messages.
-fn read_backlog(slow: &mut RawConn, until: impl Fn(u8, &[u8]) -> bool) -> (Vec<usize>, Vec<(u8, Vec<u8>)>) {
+fn read_backlog(slow: &mut RawWs, until: impl Fn(u8, &[u8]) -> bool) -> (Vec<usize>, Vec<(u8, Vec<u8>)>) {
     let mut seqs = Vec::new();
     let mut others = Vec::new();
     loop {

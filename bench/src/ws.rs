@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use groupcast::ws::frame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -27,19 +28,12 @@ pub fn encode_pong(payload: &[u8], out: &mut Vec<u8>) {
 }
 
 fn encode(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
-    out.push(0x80 | opcode);
-    let n = payload.len();
-    if n < 126 {
-        out.push(0x80 | n as u8);
-    } else if n <= u16::MAX as usize {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&(n as u16).to_be_bytes());
-    } else {
-        out.push(0x80 | 127);
-        out.extend_from_slice(&(n as u64).to_be_bytes());
-    }
-    out.extend_from_slice(&MASK);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i & 3]));
+    frame::encode_client(out, 0x80 | opcode, payload, Some(MASK));
+}
+
+/// Append one masked close frame with `code` (no reason).
+pub fn encode_close(code: u16, out: &mut Vec<u8>) {
+    encode(0x8, &code.to_be_bytes(), out);
 }
 
 /// Write pre-encoded frames.

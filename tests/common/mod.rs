@@ -4,7 +4,21 @@
 //! Every server is owned by a guard (`Server`) that kills the whole instance on drop, panics
 //! included: SIGTERM to the master, then SIGKILL to the master and to every child pid ever seen
 //! in `status` (checked to still belong to this instance, since pids get reused).
+//!
+//! One of each: `Client` (tungstenite) and `RawWs` (hand-made frames, through the library's
+//! `frame::encode_client`); `Broker` (broker.rs), the standalone broker guard; `Watchers`
+//! (watchers.rs), the bystanders that prove delivery still works; `skip_or_fail`/`require`
+//! for a test that cannot run on this machine (skipped locally, failed under CI).
 #![allow(dead_code)]
+
+mod broker;
+mod watchers;
+
+// Each test crate uses some of these only.
+#[allow(unused_imports)]
+pub use broker::Broker;
+#[allow(unused_imports)]
+pub use watchers::Watchers;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
@@ -16,6 +30,7 @@ use std::sync::Mutex;
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime};
 
+use groupcast::ws::frame;
 use serde_json::{json, Value};
 use tungstenite::protocol::WebSocket;
 use tungstenite::Message;
@@ -23,7 +38,7 @@ use tungstenite::Message;
 /// Deadline for the instance to come up, for a frame to arrive, for status to settle.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 /// Interval between two polls of a condition (polling, not synchronising by sleeping).
-const POLL: Duration = Duration::from_millis(25);
+pub const POLL: Duration = Duration::from_millis(25);
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_groupcast")
@@ -166,6 +181,39 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         }
         sleep(POLL);
     }
+}
+
+/// Whether this run is CI (`CI` set, as CI services do, and not "false"/"0"): there every test
+/// must run, so a missing tool or privilege is a failure, not a skip.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// For a test that cannot run on this machine (`reason` says why): under CI it fails here;
+/// elsewhere it prints a SKIPPED line and returns, and the caller returns too:
+/// `if !is_root() { return skip_or_fail("needs root"); }`.
+pub fn skip_or_fail(reason: &str) {
+    let current = std::thread::current();
+    let test = current.name().unwrap_or("this test");
+    if under_ci() {
+        panic!("{test} cannot run here, and under CI every test must: {reason}");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+}
+
+/// `skip_or_fail(reason)` unless `ok`; whether the test can go on:
+/// `if !require(is_root(), "needs root") { return; }`.
+pub fn require(ok: bool, reason: &str) -> bool {
+    if !ok {
+        skip_or_fail(reason);
+    }
+    ok
+}
+
+/// Whether the tests run as root (privilege drop, network namespaces).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid(2) only reads the caller's credentials.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
@@ -393,22 +441,29 @@ impl Server {
     }
 
     /// Index of the worker holding the server side of each client's connection, read from
-    /// /proc: the server socket's inode (in /proc/net/tcp) among the worker's descriptors.
+    /// /proc: the server socket's inode (in the workers' TCP table) among the worker's
+    /// descriptors.
     pub fn workers_of(&self, clients: &[&Client]) -> Vec<usize> {
         let ports: Vec<u16> = clients.iter().map(|c| c.port).collect();
         self.workers_of_ports(&ports)
     }
 
-    /// `workers_of` for connections named by their client-side port.
+    /// `workers_of` for connections named by their client-side port. The TCP table is the
+    /// workers' own (`/proc/PID/net/tcp` is per network namespace), so this also works for an
+    /// instance started in another namespace.
     pub fn workers_of_ports(&self, ports: &[u16]) -> Vec<usize> {
         let report = self.status();
         let mut inode_owner: HashMap<u64, usize> = HashMap::new();
+        let mut tcp = String::new();
         for w in worker_rows(&report) {
             let index = w["index"].as_u64().unwrap() as usize;
             let pid = w["pid"].as_u64().unwrap();
             let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
                 continue;
             };
+            if tcp.is_empty() {
+                tcp = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+            }
             for fd in fds.flatten() {
                 if let Ok(target) = std::fs::read_link(fd.path()) {
                     let t = target.to_string_lossy();
@@ -423,7 +478,6 @@ impl Server {
         let server_port = self.addr.port();
         // client port -> inode of the server-side socket
         let mut by_peer: HashMap<u16, u64> = HashMap::new();
-        let tcp = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
         for line in tcp.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() < 10 {
@@ -683,17 +737,33 @@ impl Client {
     }
 }
 
-/// A client that writes raw bytes after a hand-made handshake, for the protocol violations
-/// tungstenite refuses to produce.
+/// A hand-driven WebSocket client: a hand-made handshake, then raw frames out (any first
+/// byte, masked or not: the protocol violations tungstenite refuses to produce) and frames in
+/// without answering anything (a client that stops reading, or answers pings itself).
 pub struct RawWs {
     pub stream: TcpStream,
     buf: Vec<u8>,
 }
 
+/// How reading a frame ended when it did not yield one.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// Orderly end of stream (or a reset after the server closed).
+    Eof,
+    /// Nothing arrived before the read timeout.
+    Timeout,
+}
+
 impl RawWs {
     pub fn connect(addr: SocketAddr) -> RawWs {
-        let mut stream = TcpStream::connect(addr).expect("connect to groupcast");
+        let stream = TcpStream::connect(addr).expect("connect to groupcast");
         stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        RawWs::upgrade(stream)
+    }
+
+    /// Completes the WebSocket handshake on `stream` (a socket prepared by the caller, e.g.
+    /// with a small receive buffer).
+    pub fn upgrade(mut stream: TcpStream) -> RawWs {
         stream
             .write_all(
                 b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -705,7 +775,10 @@ impl RawWs {
             if let Some(i) = raw.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break i + 4;
             }
-            raw.fill();
+            match raw.fill() {
+                Ok(_) => {}
+                Err(end) => panic!("handshake: {end:?} before the answer was complete"),
+            }
         };
         let head = String::from_utf8_lossy(&raw.buf[..head_end]).into_owned();
         assert!(head.starts_with("HTTP/1.1 101 "), "handshake refused: {head}");
@@ -714,14 +787,17 @@ impl RawWs {
         raw
     }
 
-    fn fill(&mut self) -> usize {
-        let mut chunk = [0u8; 4096];
+    fn fill(&mut self) -> Result<usize, End> {
+        let mut chunk = [0u8; 64 * 1024];
         match self.stream.read(&mut chunk) {
+            Ok(0) => Err(End::Eof),
             Ok(n) => {
                 self.buf.extend_from_slice(&chunk[..n]);
-                n
+                Ok(n)
             }
-            Err(e) => panic!("read failed (timeout {TIMEOUT:?}): {e}"),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Err(End::Timeout),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => Err(End::Eof),
+            Err(e) => panic!("read failed: {e}"),
         }
     }
 
@@ -730,8 +806,18 @@ impl RawWs {
         self.stream.write_all(&encode_frame(first, payload, masked)).unwrap();
     }
 
-    /// The next frame from the server: (first byte, payload); `None` at end of stream.
-    pub fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+    /// Local port, which identifies the connection on the server side (`workers_of_ports`).
+    pub fn port(&self) -> u16 {
+        self.stream.local_addr().unwrap().port()
+    }
+
+    /// Writes one masked text frame.
+    pub fn send_text(&mut self, text: &str) {
+        self.write_frame(0x81, text.as_bytes(), true);
+    }
+
+    /// The next frame (first byte, payload), or how the stream ended.
+    pub fn next_frame(&mut self) -> Result<(u8, Vec<u8>), End> {
         loop {
             if self.buf.len() >= 2 {
                 let (len, head) = match self.buf[1] & 0x7f {
@@ -747,13 +833,34 @@ impl RawWs {
                     let first = self.buf[0];
                     let payload = self.buf[head..head + len].to_vec();
                     self.buf.drain(..head + len);
-                    return Some((first, payload));
+                    return Ok((first, payload));
                 }
             }
-            if self.fill() == 0 {
-                return None;
-            }
+            self.fill()?;
         }
+    }
+
+    /// The next frame from the server: (first byte, payload); `None` at end of stream. Panics
+    /// when nothing arrives within the read timeout.
+    pub fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        match self.next_frame() {
+            Ok(frame) => Some(frame),
+            Err(End::Eof) => None,
+            Err(End::Timeout) => panic!("no frame within the read timeout"),
+        }
+    }
+
+    /// The next frame, which must be a text frame (pings are not skipped).
+    pub fn next_text(&mut self) -> String {
+        match self.next_frame() {
+            Ok((0x81, p)) => String::from_utf8(p).expect("UTF-8 text"),
+            other => panic!("expected a text frame, got {:?}", other.map(|(f, p)| (f, p.len()))),
+        }
+    }
+
+    /// Sets the read timeout (`None` = `TIMEOUT`).
+    pub fn read_timeout(&self, t: Option<Duration>) {
+        self.stream.set_read_timeout(Some(t.unwrap_or(TIMEOUT))).unwrap();
     }
 
     /// Reads frames until a close frame; returns its code. Panics if the stream ends first.
@@ -787,29 +894,17 @@ impl RawWs {
     }
 }
 
+/// One client frame: `first` is FIN/RSV/opcode as sent, masked unless `masked` is false (the
+/// library's client encoder, shared with the load generator).
 pub fn encode_frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
-    let mask_bit = if masked { 0x80 } else { 0 };
-    let mut out = vec![first];
-    match payload.len() {
-        n if n < 126 => out.push(mask_bit | n as u8),
-        n if n <= 0xffff => {
-            out.push(mask_bit | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(mask_bit | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    if masked {
-        let mask = [0x37, 0xfa, 0x21, 0x3d];
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    } else {
-        out.extend_from_slice(payload);
-    }
+    let mut out = Vec::new();
+    frame::encode_client(&mut out, first, payload, masked.then_some(MASK));
     out
 }
+
+/// The masking key of the tests' client frames (any key will do; RFC 6455 wants it random
+/// only against proxies that cache).
+pub const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
 /// Sends raw `request` bytes and returns everything the server answers until it closes.
 pub fn http_exchange(addr: SocketAddr, request: &[u8]) -> String {
@@ -945,18 +1040,26 @@ impl Server {
     /// One `RawWs` client on each worker (more connections are opened and dropped until every
     /// worker holds one); index i of the result is on worker i.
     pub fn raw_on_each_worker(&self) -> Vec<RawWs> {
-        let mut found: Vec<Option<RawWs>> = (0..self.workers).map(|_| None).collect();
-        for _ in 0..256 {
-            let raw = RawWs::connect(self.addr);
-            let w = self.workers_of_ports(&[raw.port()])[0];
-            if found[w].is_none() {
-                found[w] = Some(raw);
+        self.spread(1, || RawWs::connect(self.addr), RawWs::port)
+    }
+
+    /// Connections made with `connect` until each worker holds `per_worker` of them (those
+    /// landing on a worker that has enough are dropped at once); connection i of the result
+    /// is on worker i % workers. `port` names a connection's client side.
+    pub fn spread<T>(&self, per_worker: usize, mut connect: impl FnMut() -> T, port: impl Fn(&T) -> u16) -> Vec<T> {
+        let mut found: Vec<Vec<T>> = (0..self.workers).map(|_| Vec::new()).collect();
+        for _ in 0..256 * per_worker {
+            let conn = connect();
+            let w = self.workers_of_ports(&[port(&conn)])[0];
+            if found[w].len() < per_worker {
+                found[w].push(conn);
             }
-            if found.iter().all(Option::is_some) {
-                return found.into_iter().map(Option::unwrap).collect();
+            if found.iter().all(|f| f.len() == per_worker) {
+                let mut rounds: Vec<std::vec::IntoIter<T>> = found.into_iter().map(Vec::into_iter).collect();
+                return (0..per_worker * self.workers).filter_map(|i| rounds[i % self.workers].next()).collect();
             }
         }
-        panic!("256 connections did not reach every one of {} workers", self.workers);
+        panic!("{} connections did not reach every one of {} workers", 256 * per_worker, self.workers);
     }
 
     /// The files a running instance keeps beside its pid file.
@@ -1110,13 +1213,6 @@ impl Drop for DatagramSink {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-impl RawWs {
-    /// Local port, which identifies the connection on the server side.
-    pub fn port(&self) -> u16 {
-        self.stream.local_addr().unwrap().port()
     }
 }
 

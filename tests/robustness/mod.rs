@@ -1,14 +1,12 @@
 //! Helpers shared by the robustness tests (limits, slow readers, slowloris, channel defenses):
-//! watchers that prove a worker still delivers after an offender was dealt with, a raw
-//! WebSocket connection whose receive buffer is set small before `connect` (so a client that
-//! stops reading fills the kernel buffers fast), a cheap flood publisher, and /proc-free
-//! memory figures from `status --json`.
+//! a socket whose receive buffer is set small before `connect` (so a client that stops
+//! reading fills the kernel buffers fast; `RawWs::upgrade` speaks WebSocket on it), a cheap
+//! flood publisher, and memory figures from `status --json`.
 //!
-//! Built on `tests/common/mod.rs` (the `Server` guard, `Client`, `exchange`, `workers_of`).
+//! Built on `tests/common/mod.rs` (the `Server` guard, `Client`, `RawWs`, `Watchers`).
 #![allow(dead_code)]
 
-use std::collections::HashSet;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::FromRawFd;
 use std::time::{Duration, Instant};
@@ -30,63 +28,6 @@ pub fn worker_sum(r: &Value, name: &str) -> u64 {
 /// Resident memory (KiB) of worker `index`.
 pub fn worker_rss(r: &Value, index: usize) -> u64 {
     field(&worker_rows(r)[index], "rss_kib")
-}
-
-// ---- watchers ------------------------------------------------------------------------------
-
-/// One well-behaved client per worker (index i on worker i), all members of `group`: after an
-/// offender was dealt with, `check` proves every worker (the offender's included) still
-/// delivers group messages exactly once, across workers.
-pub struct Watchers {
-    pub clients: Vec<Client>,
-    pub group: String,
-    member_of: Vec<HashSet<String>>,
-    round: usize,
-}
-
-impl Watchers {
-    /// Connects until every worker holds one watcher (extra connections are closed again).
-    /// Costs each watcher two commands (join, probe).
-    pub fn new(server: &Server, group: &str) -> Watchers {
-        let mut found: Vec<Option<Client>> = (0..server.workers).map(|_| None).collect();
-        for _ in 0..256 {
-            let c = Client::connect(server.addr);
-            let w = server.workers_of(&[&c])[0];
-            if found[w].is_none() {
-                found[w] = Some(c);
-            }
-            if found.iter().all(Option::is_some) {
-                break;
-            }
-        }
-        assert!(found.iter().all(Option::is_some), "256 connections did not reach every worker");
-        let mut clients: Vec<Client> = found.into_iter().map(Option::unwrap).collect();
-        for c in &mut clients {
-            c.add_group(&json!(group));
-            c.sync_quiet();
-        }
-        let n = clients.len();
-        Watchers { clients, group: group.into(), member_of: vec![[group.to_string()].into(); n], round: 0 }
-    }
-
-    /// Waits until `extra` memberships besides the watchers' are subscribed (see
-    /// `Server::wait_subscriptions`).
-    pub fn settle(&self, server: &Server, extra: u64) {
-        server.wait_subscriptions(self.clients.len() as u64 + extra);
-    }
-
-    /// Every watcher sends one message and a fence to the group; every watcher must receive
-    /// all of them, exactly once and in order. Costs each watcher two commands.
-    pub fn check(&mut self, after: &str) {
-        self.round += 1;
-        let flows: Vec<Flow> = (0..self.clients.len())
-            .map(|s| Flow { sender: s, group: self.group.clone(), group_id: json!(self.group) })
-            .collect();
-        let tag = format!("w{}", self.round);
-        let n = self.clients.len() as u64;
-        let delivered = exchange(&mut self.clients, &self.member_of, &flows, 1, &tag);
-        assert_eq!(delivered, n * n * 2, "watchers after {after}");
-    }
 }
 
 // ---- raw connections -----------------------------------------------------------------------
@@ -128,132 +69,11 @@ pub fn connect_small_rcvbuf(addr: SocketAddr, rcvbuf: i32) -> TcpStream {
     stream
 }
 
-/// A hand-driven WebSocket connection (our own, since `RawWs` cannot adopt a prepared
-/// socket): handshake, masked frames out, frames in.
-pub struct RawConn {
-    pub stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-/// How reading a frame ended when it did not yield one.
-#[derive(Debug, PartialEq, Eq)]
-pub enum End {
-    /// Orderly end of stream (or a reset after the server closed).
-    Eof,
-    /// Nothing arrived before the read timeout.
-    Timeout,
-}
-
-impl RawConn {
-    /// Completes the WebSocket handshake on `stream`.
-    pub fn upgrade(mut stream: TcpStream) -> RawConn {
-        stream
-            .write_all(
-                b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            )
-            .unwrap();
-        let mut conn = RawConn { stream, buf: Vec::new() };
-        let head_end = loop {
-            if let Some(i) = conn.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            assert!(conn.fill().unwrap_or(0) > 0, "connection ended during the handshake");
-        };
-        let head = String::from_utf8_lossy(&conn.buf[..head_end]).into_owned();
-        assert!(head.starts_with("HTTP/1.1 101 "), "handshake refused: {head}");
-        conn.buf.drain(..head_end);
-        conn
-    }
-
-    pub fn connect(addr: SocketAddr) -> RawConn {
-        let stream = TcpStream::connect(addr).expect("connect to groupcast");
-        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-        RawConn::upgrade(stream)
-    }
-
-    /// Local port, which identifies the connection on the server side (`workers_of_ports`).
-    pub fn port(&self) -> u16 {
-        self.stream.local_addr().unwrap().port()
-    }
-
-    fn fill(&mut self) -> Result<usize, End> {
-        let mut chunk = [0u8; 64 * 1024];
-        match self.stream.read(&mut chunk) {
-            Ok(0) => Err(End::Eof),
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                Ok(n)
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Err(End::Timeout),
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => Err(End::Eof),
-            Err(e) => panic!("read failed: {e}"),
-        }
-    }
-
-    /// The next frame (first byte, payload), or how the stream ended.
-    pub fn next_frame(&mut self) -> Result<(u8, Vec<u8>), End> {
-        loop {
-            if self.buf.len() >= 2 {
-                let (len, head) = match self.buf[1] & 0x7f {
-                    126 if self.buf.len() >= 4 => (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4),
-                    127 if self.buf.len() >= 10 => {
-                        (u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize, 10)
-                    }
-                    126 | 127 => (usize::MAX, 0),
-                    n => (n as usize, 2),
-                };
-                if len != usize::MAX && self.buf.len() >= head + len {
-                    let first = self.buf[0];
-                    let payload = self.buf[head..head + len].to_vec();
-                    self.buf.drain(..head + len);
-                    return Ok((first, payload));
-                }
-            }
-            self.fill()?;
-        }
-    }
-
-    /// The next text frame, answering nothing (pings are returned like any frame).
-    pub fn next_text(&mut self) -> String {
-        match self.next_frame() {
-            Ok((0x81, p)) => String::from_utf8(p).expect("UTF-8 text"),
-            other => panic!("expected a text frame, got {:?}", other.map(|(f, p)| (f, p.len()))),
-        }
-    }
-
-    pub fn write_frame(&mut self, first: u8, payload: &[u8]) {
-        self.stream.write_all(&encode_frame(first, payload, true)).unwrap();
-    }
-
-    pub fn send_text(&mut self, text: &str) {
-        self.write_frame(0x81, text.as_bytes());
-    }
-
-    /// Sets the read timeout (`None` = `TIMEOUT`).
-    pub fn read_timeout(&self, t: Option<Duration>) {
-        self.stream.set_read_timeout(Some(t.unwrap_or(TIMEOUT))).unwrap();
-    }
-}
-
 /// A masked text frame with masking key 0 (payload bytes unchanged), so a flood costs the
 /// test no per-byte work.
 pub fn text_frame_zero_mask(payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len() + 14);
-    out.push(0x81);
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 0xffff => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(payload);
+    let mut out = Vec::new();
+    groupcast::ws::frame::encode_client(&mut out, 0x81, payload, Some([0; 4]));
     out
 }
 

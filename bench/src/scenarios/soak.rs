@@ -135,7 +135,9 @@ async fn connect(t: &Target, rcvbuf: Option<u32>) -> Result<(Reader, Writer)> {
 
 /// A close frame from the client (code 1000), masked.
 fn close_frame() -> Vec<u8> {
-    vec![0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8]
+    let mut out = Vec::new();
+    ws::encode_close(1000, &mut out);
+    out
 }
 
 // ---- good clients --------------------------------------------------------------------------
@@ -557,20 +559,8 @@ async fn answer(r: &mut Reader) -> Option<Result<u16, String>> {
 
 /// Masked frame with key 0: payload as is.
 fn raw_frame(first: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 0xffff => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(payload);
+    let mut out = Vec::new();
+    groupcast::ws::frame::encode_client(&mut out, first, payload, Some([0; 4]));
     out
 }
 

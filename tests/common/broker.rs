@@ -1,0 +1,132 @@
+//! The standalone broker (`groupcast channel`) started by a test, with a shared secret, on
+//! loopback or through a command prefix (`ip netns exec NS` for the simulated hosts); stopped,
+//! and failing that killed by pid, on drop.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{alive, belongs_to, bin, free_port, signal, wait_for, Opts, Server, TempDir, POLL, TIMEOUT};
+
+/// A running standalone broker and where its files are.
+pub struct Broker {
+    pub dir: TempDir,
+    child: Child,
+    pub pid_file: PathBuf,
+    /// Where it listens (`--listen`).
+    pub addr: SocketAddr,
+    /// The shared secret's file (mode 0600), for the peers' `--channel-secret-file`.
+    pub secret: PathBuf,
+}
+
+impl Broker {
+    /// A broker on a free loopback port.
+    pub fn start(name: &str) -> Broker {
+        Broker::start_via(name, &[], &format!("127.0.0.1:{}", free_port()))
+    }
+
+    /// A broker listening on `listen`, started as `PREFIX.. groupcast channel ..`: the prefix
+    /// must exec its arguments (as `ip netns exec NS` does), so the child's pid is the broker
+    /// master's.
+    pub fn start_via(name: &str, prefix: &[&str], listen: &str) -> Broker {
+        let dir = TempDir::new(name);
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "correct horse battery staple 42\n").unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let pid_file = dir.join("broker.pid");
+        let log = std::fs::File::create(dir.join("broker.log")).unwrap();
+        let (program, args) = match prefix.split_first() {
+            Some((program, args)) => (*program, [args, &[bin()]].concat()),
+            None => (bin(), Vec::new()),
+        };
+        let child = Command::new(program)
+            .args(args)
+            .args(["channel", "--listen", listen, "--channel-secret-file"])
+            .arg(&secret)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start the broker through {prefix:?}: {e}"));
+        let addr = listen.parse().expect("a broker address");
+        let broker = Broker { dir, child, pid_file, addr, secret };
+        wait_for("the broker to run", TIMEOUT, || broker.channel_pid());
+        broker
+    }
+
+    /// `groupcast status --json` of the broker's instance, `None` while it does not answer.
+    pub fn status(&self) -> Option<Value> {
+        let out = Command::new(bin()).args(["status", "--json", "--pid-file"]).arg(&self.pid_file).output().ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// The status row of the broker process (the master's channel child).
+    pub fn channel_row(&self) -> Option<Value> {
+        self.status()?["processes"].as_array()?.iter().find(|p| p["role"] == "channel").cloned()
+    }
+
+    /// Pid of the running broker process.
+    pub fn channel_pid(&self) -> Option<u32> {
+        let row = self.channel_row()?;
+        (row["state"] == "running").then(|| row["pid"].as_u64()).flatten().map(|p| p as u32)
+    }
+
+    /// Peers connected to it now (0 while it does not answer).
+    pub fn peers(&self) -> u64 {
+        self.channel_row().and_then(|r| r["connections"].as_u64()).unwrap_or(0)
+    }
+
+    /// Waits until the broker holds at least `n` subscriptions.
+    pub fn wait_memberships(&self, n: u64) {
+        wait_for(&format!("{n} subscriptions at the broker"), TIMEOUT, || {
+            (self.channel_row()?["memberships"].as_u64()? >= n).then_some(())
+        });
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default()
+    }
+
+    /// The flags that connect an instance or `publish` to this broker with its secret.
+    pub fn connect_args(&self) -> Vec<String> {
+        vec![
+            "--channel-connect".into(),
+            self.addr.to_string(),
+            "--channel-secret-file".into(),
+            self.secret.to_string_lossy().into_owned(),
+        ]
+    }
+
+    /// The `[channel]` section that does the same from a config file.
+    pub fn channel_config(&self) -> String {
+        format!("[channel]\nconnect = \"{}\"\nsecret_file = {:?}\n", self.addr, self.secret.to_str().unwrap())
+    }
+
+    /// An instance (2 workers, on loopback) using this broker, with the TOML `config`.
+    pub fn instance(&self, config: &str) -> Server {
+        Server::start_with(Opts { config: Some(config.to_owned()), extra: self.connect_args(), ..Opts::workers(2) })
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let child_pid = self.channel_row().and_then(|r| r["pid"].as_u64()).map(|p| p as u32);
+        signal(self.child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(POLL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(pid) = child_pid.filter(|&p| p > 0) {
+            if alive(pid) && belongs_to(pid, &self.pid_file) {
+                signal(pid, libc::SIGKILL);
+            }
+        }
+    }
+}

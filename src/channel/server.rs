@@ -10,6 +10,10 @@
 //! window, so instances reconnecting at different speeds after a broker restart miss nothing
 //! that reached the broker; receivers drop the repeats by (origin, seq).
 //!
+//! Each peer is bound to the origin of its HELLO: a MESSAGE under another origin, or a HELLO
+//! claiming an origin a connected peer holds, gets the peer dropped (a publisher could otherwise
+//! silence another with seq = u64::MAX, since receivers drop what they take for repeats).
+//!
 //! Admission is bounded (docs/cluster.md, "Broker defences"): at most `channel.max_peers`
 //! peers; each must authenticate (when a secret is set) and send HELLO within
 //! `channel.auth_timeout_ms`, in frames no larger than those two need, checked at the length
@@ -58,6 +62,8 @@ pub struct Broker {
     peers: Slab<Peer>,
     /// group -> subscribed peers (slab keys).
     subscribers: HashMap<Box<str>, Vec<usize>>,
+    /// origin -> the introduced peer it is bound to (slab key): one peer per origin.
+    origins: HashMap<u64, usize>,
     control: ChildLink,
     signals: Signals,
     read_buf: Vec<u8>,
@@ -141,6 +147,7 @@ impl Broker {
             listener,
             peers: Slab::new(),
             subscribers: HashMap::new(),
+            origins: HashMap::new(),
             control,
             signals,
             read_buf: vec![0; READ_BUF],
@@ -413,7 +420,12 @@ impl Broker {
                         self.remove_subscriber(group, key);
                     }
                 }
-                (Phase::Ready { .. }, wire::Frame::Message { origin, seq, group, .. }) => {
+                (&Phase::Ready { origin: own }, wire::Frame::Message { origin, seq, group, .. }) => {
+                    if origin != own {
+                        return Err(Cut::Violation(format!(
+                            "published under origin {origin:#x} (seq {seq}), not its own {own:#x}"
+                        )));
+                    }
                     self.forward(key, group, raw);
                     self.hold(group, origin, raw);
                     let peer = &mut self.peers[key];
@@ -447,11 +459,16 @@ impl Broker {
         Ok(())
     }
 
-    /// HELLO: the peer is admitted, under `origin`.
+    /// HELLO: the peer is admitted and bound to `origin`, which no other peer may hold (the
+    /// older connection keeps it: a newcomer taking it over could publish as that worker).
     fn introduce(&mut self, key: usize, version: u8, origin: u64, name: &str) -> Result<(), Cut> {
         if version != wire::VERSION {
             return Err(Cut::Violation(format!("speaks channel protocol {version}, not {}", wire::VERSION)));
         }
+        if let Some(holder) = self.origins.get(&origin).and_then(|&k| self.peers.get(k)) {
+            return Err(Cut::Violation(format!("claims origin {origin:#x}, which peer {} holds", holder.name)));
+        }
+        self.origins.insert(origin, key);
         let peer = &mut self.peers[key];
         peer.name = name.to_owned();
         peer.phase = Phase::Ready { origin };
@@ -591,6 +608,11 @@ impl Broker {
     fn remove_peer(&mut self, key: usize) -> Option<Peer> {
         let mut peer = self.peers.try_remove(key)?;
         let _ = self.poll.registry().deregister(&mut peer.stream);
+        if let Some(origin) = peer.phase.origin() {
+            if self.origins.get(&origin) == Some(&key) {
+                self.origins.remove(&origin);
+            }
+        }
         for group in &peer.groups {
             self.remove_subscriber(group, key);
         }

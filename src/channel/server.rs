@@ -45,6 +45,9 @@ const CONTROL: Token = Token(1);
 const SIGNALS: Token = Token(2);
 const FIRST_PEER: usize = 16;
 const READ_BUF: usize = 256 * 1024;
+/// Bytes read from one peer per loop turn: a peer that always has more to send (a flooding
+/// publisher) is put back in line after this, so the others are read every turn too.
+const READ_BUDGET: usize = READ_BUF;
 /// Pause before accepting again when the process is out of descriptors (the pending
 /// connections stay in the backlog meanwhile).
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
@@ -67,6 +70,9 @@ pub struct Broker {
     control: ChildLink,
     signals: Signals,
     read_buf: Vec<u8>,
+    /// Peers that used their read budget with bytes left: read again next turn (edge-triggered
+    /// readiness will not report them again).
+    again: Vec<usize>,
     dirty: Vec<usize>,
     max_frame: usize,
     peer_buffer_limit: usize,
@@ -151,6 +157,7 @@ impl Broker {
             control,
             signals,
             read_buf: vec![0; READ_BUF],
+            again: Vec::new(),
             dirty: Vec::new(),
             max_frame: config.channel_max_frame,
             peer_buffer_limit: config.channel_peer_buffer_limit,
@@ -172,13 +179,18 @@ impl Broker {
     fn run(&mut self) -> anyhow::Result<()> {
         let mut events = Events::with_capacity(256);
         loop {
-            let timeout = self.next_wakeup().map(|t| t.saturating_duration_since(Instant::now()));
+            let timeout = if self.again.is_empty() {
+                self.next_wakeup().map(|t| t.saturating_duration_since(Instant::now()))
+            } else {
+                Some(Duration::ZERO)
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 return Err(e).context("event loop failed");
             }
+            let again = std::mem::take(&mut self.again);
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
@@ -203,6 +215,12 @@ impl Broker {
                             self.mark_dirty(key);
                         }
                     }
+                }
+            }
+            for key in again {
+                if let Some(peer) = self.peers.get_mut(key).filter(|p| p.read_again) {
+                    peer.read_again = false;
+                    self.peer_readable(key);
                 }
             }
             let now = Instant::now();
@@ -327,13 +345,24 @@ impl Broker {
         }
     }
 
+    /// Reads peer `key` until the socket is empty or its turn's budget is spent.
     fn peer_readable(&mut self, key: usize) {
         let mut scratch = std::mem::take(&mut self.read_buf);
+        let mut budget = READ_BUDGET;
         let outcome = loop {
             let Some(peer) = self.peers.get_mut(key) else { break Ok(()) };
-            match peer.stream.read(&mut scratch) {
+            if budget == 0 {
+                if !peer.read_again {
+                    peer.read_again = true;
+                    self.again.push(key);
+                }
+                break Ok(());
+            }
+            let want = scratch.len().min(budget);
+            match peer.stream.read(&mut scratch[..want]) {
                 Ok(0) => break Err(Cut::Closed),
                 Ok(n) => {
+                    budget -= n;
                     if let Err(cut) = self.take_input(key, &scratch[..n]) {
                         break Err(cut);
                     }

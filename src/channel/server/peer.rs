@@ -79,6 +79,8 @@ pub struct Peer {
     pub ack: Option<u64>,
     /// Queued in the broker's dirty list (its output is written at the end of the turn).
     pub dirty: bool,
+    /// Queued in the broker's read-again list (it spent its read budget with bytes left).
+    pub read_again: bool,
 }
 
 impl Peer {
@@ -96,6 +98,7 @@ impl Peer {
             groups: HashSet::new(),
             ack: None,
             dirty: true,
+            read_again: false,
         }
     }
 }

@@ -36,8 +36,10 @@ use slab::Slab;
 use super::{auth, wire, ChannelListener, ChannelStream};
 use crate::config::Config;
 use crate::control::{self, ChildLink, ProcessStats};
+use grace::Grace;
 use peer::{Cut, Peer, Phase};
 
+mod grace;
 mod peer;
 
 const LISTENER: Token = Token(0);
@@ -51,13 +53,6 @@ const READ_BUDGET: usize = READ_BUF;
 /// Pause before accepting again when the process is out of descriptors (the pending
 /// connections stay in the backlog meanwhile).
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
-
-/// A message kept during the grace window.
-struct Held {
-    group: Box<str>,
-    origin: u64,
-    frame: Vec<u8>,
-}
 
 pub struct Broker {
     poll: Poll,
@@ -86,11 +81,8 @@ pub struct Broker {
     next_serial: u64,
     /// Set when accept failed for want of descriptors: try again then.
     accept_retry_at: Option<Instant>,
-    /// Messages kept for replay until `grace_until`, in arrival order.
-    held: VecDeque<Held>,
-    held_bytes: usize,
-    grace_max_bytes: usize,
-    grace_until: Option<Instant>,
+    /// Messages kept for peers that re-subscribe late, while the grace window is open.
+    grace: Grace,
     stats: ProcessStats,
     started: Instant,
 }
@@ -147,7 +139,6 @@ impl Broker {
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT])?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
         let secret = config.channel.secret_file.as_deref().map(auth::load_secret).transpose()?;
-        let grace = Duration::from_millis(config.channel.grace_ms);
         Ok(Broker {
             poll,
             listener,
@@ -167,10 +158,7 @@ impl Broker {
             max_peers: config.channel.max_peers,
             next_serial: 0,
             accept_retry_at: None,
-            held: VecDeque::new(),
-            held_bytes: 0,
-            grace_max_bytes: config.channel.grace_max_bytes,
-            grace_until: (!grace.is_zero()).then(|| Instant::now() + grace),
+            grace: Grace::new(Duration::from_millis(config.channel.grace_ms), config.channel.grace_max_bytes),
             stats: ProcessStats { role: "channel".into(), pid: std::process::id(), ..Default::default() },
             started: Instant::now(),
         })
@@ -235,7 +223,7 @@ impl Broker {
 
     /// The earliest timer: the grace window's end, an admission deadline, an accept retry.
     fn next_wakeup(&self) -> Option<Instant> {
-        [self.grace_until, self.admissions.front().map(|a| a.0), self.accept_retry_at].into_iter().flatten().min()
+        [self.grace.until(), self.admissions.front().map(|a| a.0), self.accept_retry_at].into_iter().flatten().min()
     }
 
     /// Writes the forwards, then acknowledges what was forwarded, then ends the grace window
@@ -256,11 +244,11 @@ impl Broker {
         if acked {
             self.flush_dirty();
         }
-        if self.grace_until.is_some_and(|t| Instant::now() >= t) {
-            info!("grace window over: {} held messages released", self.held.len());
-            self.grace_until = None;
-            self.held = VecDeque::new();
-            self.held_bytes = 0;
+        if let Some(released) = self.grace.expire(Instant::now()) {
+            info!("grace window over: {released} held messages released");
+            for (_, peer) in self.peers.iter_mut() {
+                peer.replayed = Default::default();
+            }
         }
     }
 
@@ -440,7 +428,7 @@ impl Broker {
                 (Phase::Ready { .. }, wire::Frame::Resubscribe { group }) => {
                     self.subscribe(key, group);
                     // Only members the peer had before it reconnected are owed history.
-                    if self.grace_until.is_some() {
+                    if self.grace.is_open() {
                         self.replay_held(key, group);
                     }
                 }
@@ -539,32 +527,41 @@ impl Broker {
 
     /// During the grace window, keeps a copy of each message for peers that subscribe later.
     fn hold(&mut self, group: &str, origin: u64, raw: &[u8]) {
-        if self.grace_until.is_none() {
-            return;
-        }
-        self.held_bytes += raw.len();
-        self.held.push_back(Held { group: group.into(), origin, frame: raw.to_vec() });
-        while self.held_bytes > self.grace_max_bytes {
-            let Some(old) = self.held.pop_front() else { break };
-            self.held_bytes -= old.frame.len();
-            self.stats.channel_dropped += 1;
-        }
+        self.stats.channel_dropped += self.grace.hold(group, origin, raw);
     }
 
     /// Sends the held messages of `group` (just resubscribed) to peer `key`, in arrival order,
-    /// except those it published itself.
+    /// except those it published itself: once per peer and group (a repeated RESUBSCRIBE gets
+    /// nothing more), and only as much as fits under `channel.peer_buffer_limit` (the rest is
+    /// counted as dropped: queuing it would break the bound, cutting the peer off would only
+    /// make it reconnect and ask again).
     fn replay_held(&mut self, key: usize, group: &str) {
         let Some(peer) = self.peers.get_mut(key) else { return };
-        let own = peer.phase.origin();
-        let mut replayed = 0;
-        for held in &self.held {
-            if Some(held.origin) != own && *held.group == *group {
-                peer.outbuf.extend_from_slice(&held.frame);
-                replayed += 1;
-            }
+        if !peer.replayed.insert(group.into()) {
+            return;
         }
-        if replayed > 0 {
+        let (mut replayed, mut skipped) = (0u64, 0u64);
+        for frame in self.grace.frames(group, peer.phase.origin()) {
+            // Stop at the first that does not fit: the peer gets an unbroken, oldest-first run.
+            if skipped > 0 || peer.outbuf.len() + frame.len() > self.peer_buffer_limit {
+                skipped += 1;
+                continue;
+            }
+            peer.outbuf.extend_from_slice(frame);
+            replayed += 1;
+        }
+        if skipped > 0 {
+            warn!(
+                "replayed {replayed} held messages of a group to {}; {skipped} more did not fit under \
+                 channel.peer_buffer_limit",
+                peer.name
+            );
+            self.stats.channel_dropped += skipped;
+        } else if replayed > 0 {
             debug!("replayed {replayed} held messages to {}", peer.name);
+        }
+        self.stats.messages_out += replayed;
+        if replayed > 0 {
             self.mark_dirty(key);
         }
     }
@@ -663,7 +660,7 @@ impl Broker {
                     s.uptime_secs = self.started.elapsed().as_secs();
                     s.state = "running".into();
                     s.log_dropped = crate::logging::dropped_lines();
-                    s.channel_queued = self.held.len() as u64;
+                    s.channel_queued = self.grace.len() as u64;
                     let _ = self.control.send_json(&s);
                 }
                 true

@@ -75,6 +75,8 @@ pub struct Peer {
     pub outbuf: SendBuf,
     /// Groups this peer subscribed to, for cleaning `subscribers` when it goes.
     pub groups: HashSet<Box<str>>,
+    /// Groups whose held messages this peer already got (grace window): one replay each.
+    pub replayed: HashSet<Box<str>>,
     /// Highest seq of this peer's MESSAGEs handled this turn, to acknowledge after the flush.
     pub ack: Option<u64>,
     /// Queued in the broker's dirty list (its output is written at the end of the turn).
@@ -96,6 +98,7 @@ impl Peer {
             inbuf: Vec::new(),
             outbuf,
             groups: HashSet::new(),
+            replayed: HashSet::new(),
             ack: None,
             dirty: true,
             read_again: false,

@@ -69,7 +69,7 @@ fn idle_and_oversized_unauthenticated_peers_are_dropped_while_an_instance_delive
         return;
     }
     // Started as from a shell with `ulimit -n 1024`: only its own raise makes room.
-    let broker = StandaloneBroker::start("admission", "[channel]\nauth_timeout_ms = 3000\n", Some(1024));
+    let broker = StandaloneBroker::start("admission", "[channel]\nauth_timeout_ms = 3000\n", Some((1024, u64::MAX)));
     let pid = broker.channel_pid().unwrap();
     let (soft, hard) = open_file_limits(pid);
     assert_eq!(soft, hard, "the standalone broker raised its open-file limit to the hard limit");
@@ -143,4 +143,19 @@ fn peers_beyond_max_peers_are_refused_and_counted() {
         (broker.channel_row()?["connections"] == 0).then_some(())
     });
     let _instance = broker.instance(FAST);
+}
+
+#[test]
+fn out_of_descriptors_the_broker_pauses_accepting_and_resumes() {
+    // Soft and hard limit 128: no raise helps; 200 idle peers exhaust the descriptors.
+    let broker = StandaloneBroker::start("admission-emfile", "[channel]\nauth_timeout_ms = 1000\n", Some((128, 128)));
+    let idle: Vec<TcpStream> = (0..200).map(|_| TcpStream::connect(("127.0.0.1", broker.port)).unwrap()).collect();
+    wait_for("the broker to pause accepting", Duration::from_secs(30), || {
+        broker.log().contains("channel accept paused").then_some(())
+    });
+    // The instance's workers wait in the backlog behind idle peers; as the deadline frees
+    // descriptors, the broker accepts again (on a timer: no new connection event is due).
+    let _instance = broker.instance(FAST);
+    assert!(broker.log().contains("channel accept resumed"), "{}", broker.log());
+    drop(idle);
 }

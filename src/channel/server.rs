@@ -69,6 +69,8 @@ pub struct Broker {
     /// readiness will not report them again).
     again: Vec<usize>,
     dirty: Vec<usize>,
+    /// Peers that published this turn and get an ACK after the flush.
+    to_ack: Vec<usize>,
     max_frame: usize,
     peer_buffer_limit: usize,
     secret: Option<Vec<u8>>,
@@ -81,6 +83,8 @@ pub struct Broker {
     next_serial: u64,
     /// Set when accept failed for want of descriptors: try again then.
     accept_retry_at: Option<Instant>,
+    /// Accepting failed and was not resumed yet (for logging the pause once).
+    accept_paused: bool,
     /// Messages kept for peers that re-subscribe late, while the grace window is open.
     grace: Grace,
     stats: ProcessStats,
@@ -150,6 +154,7 @@ impl Broker {
             read_buf: vec![0; READ_BUF],
             again: Vec::new(),
             dirty: Vec::new(),
+            to_ack: Vec::new(),
             max_frame: config.channel_max_frame,
             peer_buffer_limit: config.channel_peer_buffer_limit,
             secret,
@@ -158,6 +163,7 @@ impl Broker {
             max_peers: config.channel.max_peers,
             next_serial: 0,
             accept_retry_at: None,
+            accept_paused: false,
             grace: Grace::new(Duration::from_millis(config.channel.grace_ms), config.channel.grace_max_bytes),
             stats: ProcessStats { role: "channel".into(), pid: std::process::id(), ..Default::default() },
             started: Instant::now(),
@@ -230,18 +236,18 @@ impl Broker {
     /// when its time is up.
     fn end_of_turn(&mut self) {
         self.flush_dirty();
-        let mut acked = false;
-        for (key, peer) in self.peers.iter_mut() {
+        let to_ack = std::mem::take(&mut self.to_ack);
+        for &key in &to_ack {
+            let Some(peer) = self.peers.get_mut(key) else { continue };
             if let Some(seq) = peer.ack.take() {
                 wire::encode_ack(peer.outbuf.tail(), seq);
                 if !peer.dirty {
                     peer.dirty = true;
                     self.dirty.push(key);
                 }
-                acked = true;
             }
         }
-        if acked {
+        if !to_ack.is_empty() {
             self.flush_dirty();
         }
         if let Some(released) = self.grace.expire(Instant::now()) {
@@ -254,30 +260,45 @@ impl Broker {
 
     fn accept_all(&mut self) {
         loop {
+            // The nonce first: drawing it may need a descriptor too, and a connection is better
+            // left waiting in the backlog than accepted and closed for want of one.
+            let nonce = match auth::nonce() {
+                Ok(n) => n,
+                Err(e) => return self.pause_accepting(&e),
+            };
             match self.listener.accept() {
-                Ok(stream) => self.admit(stream),
+                Ok(stream) => {
+                    if std::mem::take(&mut self.accept_paused) {
+                        info!("channel accept resumed ({} peers connected)", self.peers.len());
+                    }
+                    self.admit(stream, nonce)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {
                     continue
                 }
-                Err(e) => {
-                    // Edge-triggered: what is left in the backlog raises no new event, so come
-                    // back on a timer rather than wait for the next connection.
-                    if out_of_resources(&e) {
-                        warn!("channel accept paused: {e} ({} peers connected)", self.peers.len());
-                    } else {
-                        warn!("channel accept failed: {e}");
-                    }
-                    self.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
-                    return;
-                }
+                Err(e) => return self.pause_accepting(&e),
             }
         }
     }
 
+    /// Accepting failed: try again on a timer, since with edge-triggered readiness what is
+    /// left in the backlog raises no new event. Said once per pause, not on every retry.
+    fn pause_accepting(&mut self, e: &io::Error) {
+        if !self.accept_paused {
+            if out_of_resources(e) {
+                warn!("channel accept paused: {e} ({} peers connected)", self.peers.len());
+            } else {
+                warn!("channel accept failed: {e}; retrying");
+            }
+        }
+        self.accept_paused = true;
+        self.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
+    }
+
     /// Greets a new peer with a CHALLENGE and starts its admission deadline, or refuses it
     /// (closes it unanswered) when `channel.max_peers` are connected.
-    fn admit(&mut self, mut stream: ChannelStream) {
+    fn admit(&mut self, mut stream: ChannelStream, nonce: [u8; wire::NONCE_LEN]) {
         if self.peers.len() >= self.max_peers {
             self.stats.rejected_connections += 1;
             if self.stats.rejected_connections.is_power_of_two() {
@@ -289,10 +310,6 @@ impl Broker {
             }
             return;
         }
-        let nonce = match auth::nonce() {
-            Ok(n) => n,
-            Err(e) => return warn!("no random nonce for a channel peer: {e}"),
-        };
         let entry = self.peers.vacant_entry();
         let key = entry.key();
         let token = Token(key + FIRST_PEER);
@@ -446,6 +463,9 @@ impl Broker {
                     self.forward(key, group, raw);
                     self.hold(group, origin, raw);
                     let peer = &mut self.peers[key];
+                    if peer.ack.is_none() {
+                        self.to_ack.push(key);
+                    }
                     peer.ack = Some(peer.ack.map_or(seq, |a| a.max(seq)));
                 }
                 (_, other) => {

@@ -197,9 +197,10 @@ pub struct StandaloneBroker {
 }
 
 impl StandaloneBroker {
-    /// Starts it with the TOML `config` and, when `nofile` is set, that soft open-file limit
-    /// (what a shell with `ulimit -n 1024` would give it).
-    pub fn start(name: &str, config: &str, nofile: Option<u64>) -> StandaloneBroker {
+    /// Starts it with the TOML `config` and, when `nofile` is set, those soft and hard
+    /// open-file limits (the hard one never above the test's own): `(1024, u64::MAX)` is what a
+    /// shell with `ulimit -Sn 1024` would give it.
+    pub fn start(name: &str, config: &str, nofile: Option<(u64, u64)>) -> StandaloneBroker {
         let dir = TempDir::new(name);
         let secret = b"correct horse battery staple 42".to_vec();
         let secret_file = dir.join("secret");
@@ -220,7 +221,7 @@ impl StandaloneBroker {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        if let Some(soft) = nofile {
+        if let Some((soft, hard)) = nofile {
             // SAFETY: runs in the child between fork and exec; getrlimit/setrlimit are
             // async-signal-safe and nothing is allocated.
             unsafe {
@@ -229,6 +230,7 @@ impl StandaloneBroker {
                     if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
+                    lim.rlim_max = hard.min(lim.rlim_max);
                     lim.rlim_cur = soft.min(lim.rlim_max);
                     if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
                         return Err(std::io::Error::last_os_error());

@@ -274,9 +274,7 @@ impl Broker {
                     self.admit(stream, nonce)
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {
-                    continue
-                }
+                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => continue,
                 Err(e) => return self.pause_accepting(&e),
             }
         }
@@ -468,9 +466,7 @@ impl Broker {
                     }
                     peer.ack = Some(peer.ack.map_or(seq, |a| a.max(seq)));
                 }
-                (_, other) => {
-                    return Err(Cut::Violation(format!("sent a frame only the broker sends: {other:?}")))
-                }
+                (_, other) => return Err(Cut::Violation(format!("sent a frame only the broker sends: {other:?}"))),
             }
         }
     }

@@ -40,6 +40,10 @@ pub const DEFAULT_COMMANDS_BURST: u32 = 400;
 pub const DEFAULT_CHANNEL_PEER_BUFFER_LIMIT: usize = 256 << 20;
 /// Largest channel frame accepted from a peer, in bytes.
 pub const DEFAULT_CHANNEL_MAX_FRAME: usize = 16 << 20;
+/// How long a channel peer may take to authenticate and send HELLO, in milliseconds.
+pub const DEFAULT_CHANNEL_AUTH_TIMEOUT_MS: u64 = 5_000;
+/// Channel peers one broker serves at once.
+pub const DEFAULT_CHANNEL_MAX_PEERS: usize = 10_000;
 /// How long a worker may take to answer the master's status query, in milliseconds.
 pub const DEFAULT_STATUS_TIMEOUT_MS: u64 = 2000;
 /// How long a graceful stop or reload waits for clients to close, in milliseconds.
@@ -154,8 +158,10 @@ pub struct ChannelSettings {
     pub grace_ms: u64,
     /// Bytes a fresh broker keeps during the grace window (default 64 MiB).
     pub grace_max_bytes: usize,
-    /// Time a peer has to finish the handshake (CHALLENGE, AUTH, AUTH_OK), ms (default 5000).
+    /// Time a channel peer has to authenticate and introduce itself, ms (default 5000).
     pub auth_timeout_ms: u64,
+    /// Channel peers a broker serves at once (default 10000); more are refused and counted.
+    pub max_peers: usize,
 }
 
 impl Default for ChannelSettings {
@@ -168,7 +174,8 @@ impl Default for ChannelSettings {
             queue_max_bytes: 64 << 20,
             grace_ms: 5_000,
             grace_max_bytes: 64 << 20,
-            auth_timeout_ms: 5_000,
+            auth_timeout_ms: DEFAULT_CHANNEL_AUTH_TIMEOUT_MS,
+            max_peers: DEFAULT_CHANNEL_MAX_PEERS,
         }
     }
 }
@@ -370,6 +377,7 @@ struct FileChannel {
     grace_ms: Option<u64>,
     grace_max_bytes: Option<usize>,
     auth_timeout_ms: Option<u64>,
+    max_peers: Option<usize>,
     max_frame: Option<usize>,
     peer_buffer_limit: Option<usize>,
 }
@@ -465,6 +473,9 @@ impl Config {
         if let Some(v) = channel.auth_timeout_ms {
             config.channel.auth_timeout_ms = v;
         }
+        if let Some(v) = channel.max_peers {
+            config.channel.max_peers = v;
+        }
         if let Some(v) = channel.max_frame {
             config.channel_max_frame = v;
         }
@@ -551,6 +562,12 @@ impl Config {
                 "channel.queue_max_messages",
                 "the publish queue needs room (>= 1 message, >= 1024 bytes)",
             ));
+        }
+        if !(1..=3_600_000).contains(&self.channel.auth_timeout_ms) {
+            return Err(invalid("channel.auth_timeout_ms", "must be 1 to 3600000 (one hour)"));
+        }
+        if !(1..=10_000_000).contains(&self.channel.max_peers) {
+            return Err(invalid("channel.max_peers", "must be 1 to 10000000"));
         }
         if self.channel_max_frame < 1024 {
             return Err(invalid("channel.max_frame", "must be at least 1024 bytes"));

@@ -75,3 +75,14 @@ pub fn spawn_with_fds(command: &mut Command, fds: &[(BorrowedFd<'_>, RawFd)]) ->
     drop(copies);
     child
 }
+
+/// Raises the soft open-file limit to the hard one (one descriptor per connection); returns
+/// the soft limit now in force, so the caller can say whether its own bounds fit under it.
+pub fn raise_open_file_limit() -> nix::Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(getrlimit(Resource::RLIMIT_NOFILE)?.0)
+}

@@ -10,10 +10,19 @@
 //! window, so instances reconnecting at different speeds after a broker restart miss nothing
 //! that reached the broker; receivers drop the repeats by (origin, seq).
 //!
+//! Each peer is bound to the origin of its HELLO: a MESSAGE under another origin, or a HELLO
+//! claiming an origin a connected peer holds, gets the peer dropped (a publisher could otherwise
+//! silence another with seq = u64::MAX, since receivers drop what they take for repeats).
+//!
+//! Admission is bounded (docs/cluster.md, "Broker defences"): at most `channel.max_peers`
+//! peers; each must authenticate (when a secret is set) and send HELLO within
+//! `channel.auth_timeout_ms`, in frames no larger than those two need, checked at the length
+//! prefix.
+//!
 //! Runs as a child of a master (`groupcast channel-child`), on the listener the master bound,
 //! whether inside an instance or standalone (`groupcast channel`).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};
 use std::time::{Duration, Instant};
 
@@ -27,43 +36,23 @@ use slab::Slab;
 use super::{auth, wire, ChannelListener, ChannelStream};
 use crate::config::Config;
 use crate::control::{self, ChildLink, ProcessStats};
+use grace::Grace;
+use peer::{Cut, Peer, Phase};
+
+mod grace;
+mod peer;
 
 const LISTENER: Token = Token(0);
 const CONTROL: Token = Token(1);
 const SIGNALS: Token = Token(2);
 const FIRST_PEER: usize = 16;
 const READ_BUF: usize = 256 * 1024;
-
-enum PeerPhase {
-    /// CHALLENGE sent with this nonce; only AUTH is accepted.
-    AwaitAuth {
-        nonce: [u8; wire::NONCE_LEN],
-    },
-    Ready,
-}
-
-struct Peer {
-    stream: ChannelStream,
-    phase: PeerPhase,
-    /// Name from the peer's HELLO, for logs.
-    name: String,
-    /// Origin from the peer's HELLO: held messages are not replayed to their own origin.
-    origin: Option<u64>,
-    inbuf: Vec<u8>,
-    outbuf: crate::sendbuf::SendBuf,
-    /// Groups this peer subscribed to, for cleaning `subscribers` when it goes.
-    groups: HashSet<Box<str>>,
-    /// Highest seq of this peer's MESSAGEs handled this turn, to acknowledge after the flush.
-    ack: Option<u64>,
-    dirty: bool,
-}
-
-/// A message kept during the grace window.
-struct Held {
-    group: Box<str>,
-    origin: u64,
-    frame: Vec<u8>,
-}
+/// Bytes read from one peer per loop turn: a peer that always has more to send (a flooding
+/// publisher) is put back in line after this, so the others are read every turn too.
+const READ_BUDGET: usize = READ_BUF;
+/// Pause before accepting again when the process is out of descriptors (the pending
+/// connections stay in the backlog meanwhile).
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 pub struct Broker {
     poll: Poll,
@@ -71,18 +60,33 @@ pub struct Broker {
     peers: Slab<Peer>,
     /// group -> subscribed peers (slab keys).
     subscribers: HashMap<Box<str>, Vec<usize>>,
+    /// origin -> the introduced peer it is bound to (slab key): one peer per origin.
+    origins: HashMap<u64, usize>,
     control: ChildLink,
     signals: Signals,
     read_buf: Vec<u8>,
+    /// Peers that used their read budget with bytes left: read again next turn (edge-triggered
+    /// readiness will not report them again).
+    again: Vec<usize>,
     dirty: Vec<usize>,
+    /// Peers that published this turn and get an ACK after the flush.
+    to_ack: Vec<usize>,
     max_frame: usize,
     peer_buffer_limit: usize,
     secret: Option<Vec<u8>>,
-    /// Messages kept for replay until `grace_until`, in arrival order.
-    held: VecDeque<Held>,
-    held_bytes: usize,
-    grace_max_bytes: usize,
-    grace_until: Option<Instant>,
+    /// Peers not introduced yet, by admission deadline (accept order is deadline order):
+    /// (deadline, slab key, serial).
+    admissions: VecDeque<(Instant, usize, u64)>,
+    auth_timeout: Duration,
+    max_peers: usize,
+    /// Serial of the next peer accepted.
+    next_serial: u64,
+    /// Set when accept failed for want of descriptors: try again then.
+    accept_retry_at: Option<Instant>,
+    /// Accepting failed and was not resumed yet (for logging the pause once).
+    accept_paused: bool,
+    /// Messages kept for peers that re-subscribe late, while the grace window is open.
+    grace: Grace,
     stats: ProcessStats,
     started: Instant,
 }
@@ -99,6 +103,7 @@ pub fn run_child() -> anyhow::Result<()> {
             warn!("{e}");
         }
     }
+    raise_open_file_limit(config.channel.max_peers);
     let fd =
         crate::sys::adopt_inherited_fd(control::CHILD_LISTENER_FD).context("no channel listener from the master")?;
     let listener = ChannelListener::from_fd(fd, &config.channel_listen)?;
@@ -111,6 +116,25 @@ pub fn run_child() -> anyhow::Result<()> {
     broker.run()
 }
 
+/// One descriptor per peer: a standalone broker's master does not raise the limit for it (an
+/// instance's master does), so the broker raises its own soft limit to the hard one.
+fn raise_open_file_limit(max_peers: usize) {
+    match crate::sys::raise_open_file_limit() {
+        Ok(limit) if limit < max_peers as u64 + 64 => warn!(
+            "open-file limit {limit} is below channel.max_peers ({max_peers}) + 64; accepting pauses \
+             when descriptors run out (raise LimitNOFILE / ulimit -n)"
+        ),
+        Ok(_) => {}
+        Err(e) => warn!("cannot raise the open-file limit: {e}"),
+    }
+}
+
+/// Whether an accept error means this process (or the system) ran out of descriptors or
+/// memory: the connection waits in the backlog and accepting resumes a little later.
+fn out_of_resources(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
 impl Broker {
     fn new(mut listener: ChannelListener, config: &Config) -> anyhow::Result<Broker> {
         let poll = Poll::new().context("cannot create the event loop")?;
@@ -119,23 +143,28 @@ impl Broker {
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT])?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
         let secret = config.channel.secret_file.as_deref().map(auth::load_secret).transpose()?;
-        let grace = Duration::from_millis(config.channel.grace_ms);
         Ok(Broker {
             poll,
             listener,
             peers: Slab::new(),
             subscribers: HashMap::new(),
+            origins: HashMap::new(),
             control,
             signals,
             read_buf: vec![0; READ_BUF],
+            again: Vec::new(),
             dirty: Vec::new(),
+            to_ack: Vec::new(),
             max_frame: config.channel_max_frame,
             peer_buffer_limit: config.channel_peer_buffer_limit,
             secret,
-            held: VecDeque::new(),
-            held_bytes: 0,
-            grace_max_bytes: config.channel.grace_max_bytes,
-            grace_until: (!grace.is_zero()).then(|| Instant::now() + grace),
+            admissions: VecDeque::new(),
+            auth_timeout: Duration::from_millis(config.channel.auth_timeout_ms),
+            max_peers: config.channel.max_peers,
+            next_serial: 0,
+            accept_retry_at: None,
+            accept_paused: false,
+            grace: Grace::new(Duration::from_millis(config.channel.grace_ms), config.channel.grace_max_bytes),
             stats: ProcessStats { role: "channel".into(), pid: std::process::id(), ..Default::default() },
             started: Instant::now(),
         })
@@ -144,13 +173,18 @@ impl Broker {
     fn run(&mut self) -> anyhow::Result<()> {
         let mut events = Events::with_capacity(256);
         loop {
-            let timeout = self.grace_until.map(|t| t.saturating_duration_since(Instant::now()));
+            let timeout = if self.again.is_empty() {
+                self.next_wakeup().map(|t| t.saturating_duration_since(Instant::now()))
+            } else {
+                Some(Duration::ZERO)
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 return Err(e).context("event loop failed");
             }
+            let again = std::mem::take(&mut self.again);
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
@@ -177,187 +211,308 @@ impl Broker {
                     }
                 }
             }
+            for key in again {
+                if let Some(peer) = self.peers.get_mut(key).filter(|p| p.read_again) {
+                    peer.read_again = false;
+                    self.peer_readable(key);
+                }
+            }
+            let now = Instant::now();
+            if self.accept_retry_at.is_some_and(|t| now >= t) {
+                self.accept_retry_at = None;
+                self.accept_all();
+            }
+            self.expire_admissions(now);
             self.end_of_turn();
         }
+    }
+
+    /// The earliest timer: the grace window's end, an admission deadline, an accept retry.
+    fn next_wakeup(&self) -> Option<Instant> {
+        [self.grace.until(), self.admissions.front().map(|a| a.0), self.accept_retry_at].into_iter().flatten().min()
     }
 
     /// Writes the forwards, then acknowledges what was forwarded, then ends the grace window
     /// when its time is up.
     fn end_of_turn(&mut self) {
         self.flush_dirty();
-        let mut acked = false;
-        for (key, peer) in self.peers.iter_mut() {
+        let to_ack = std::mem::take(&mut self.to_ack);
+        for &key in &to_ack {
+            let Some(peer) = self.peers.get_mut(key) else { continue };
             if let Some(seq) = peer.ack.take() {
                 wire::encode_ack(peer.outbuf.tail(), seq);
                 if !peer.dirty {
                     peer.dirty = true;
                     self.dirty.push(key);
                 }
-                acked = true;
             }
         }
-        if acked {
+        if !to_ack.is_empty() {
             self.flush_dirty();
         }
-        if self.grace_until.is_some_and(|t| Instant::now() >= t) {
-            info!("grace window over: {} held messages released", self.held.len());
-            self.grace_until = None;
-            self.held = VecDeque::new();
-            self.held_bytes = 0;
+        if let Some(released) = self.grace.expire(Instant::now()) {
+            info!("grace window over: {released} held messages released");
+            for (_, peer) in self.peers.iter_mut() {
+                peer.replayed = Default::default();
+            }
         }
     }
 
     fn accept_all(&mut self) {
         loop {
+            // The nonce first: drawing it may need a descriptor too, and a connection is better
+            // left waiting in the backlog than accepted and closed for want of one.
+            let nonce = match auth::nonce() {
+                Ok(n) => n,
+                Err(e) => return self.pause_accepting(&e),
+            };
             match self.listener.accept() {
-                Ok(mut stream) => {
-                    let nonce = match auth::nonce() {
-                        Ok(n) => n,
-                        Err(e) => {
-                            warn!("no random nonce for a channel peer: {e}");
-                            continue;
-                        }
-                    };
-                    let entry = self.peers.vacant_entry();
-                    let key = entry.key();
-                    let token = Token(key + FIRST_PEER);
-                    if let Err(e) =
-                        self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
-                    {
-                        warn!("cannot register a channel peer: {e}");
-                        continue;
+                Ok(stream) => {
+                    if std::mem::take(&mut self.accept_paused) {
+                        info!("channel accept resumed ({} peers connected)", self.peers.len());
                     }
-                    let (flags, phase) = match self.secret {
-                        Some(_) => (wire::FLAG_AUTH_REQUIRED, PeerPhase::AwaitAuth { nonce }),
-                        None => (0, PeerPhase::Ready),
-                    };
-                    let mut outbuf = crate::sendbuf::SendBuf::default();
-                    wire::encode_challenge(outbuf.tail(), flags, &nonce);
-                    entry.insert(Peer {
-                        stream,
-                        phase,
-                        name: String::from("(unnamed)"),
-                        origin: None,
-                        inbuf: Vec::new(),
-                        outbuf,
-                        groups: HashSet::new(),
-                        ack: None,
-                        dirty: true,
-                    });
-                    self.dirty.push(key);
+                    self.admit(stream, nonce)
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    warn!("channel accept failed: {e}");
-                    return;
-                }
+                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => continue,
+                Err(e) => return self.pause_accepting(&e),
             }
         }
     }
 
+    /// Accepting failed: try again on a timer, since with edge-triggered readiness what is
+    /// left in the backlog raises no new event. Said once per pause, not on every retry.
+    fn pause_accepting(&mut self, e: &io::Error) {
+        if !self.accept_paused {
+            if out_of_resources(e) {
+                warn!("channel accept paused: {e} ({} peers connected)", self.peers.len());
+            } else {
+                warn!("channel accept failed: {e}; retrying");
+            }
+        }
+        self.accept_paused = true;
+        self.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
+    }
+
+    /// Greets a new peer with a CHALLENGE and starts its admission deadline, or refuses it
+    /// (closes it unanswered) when `channel.max_peers` are connected.
+    fn admit(&mut self, mut stream: ChannelStream, nonce: [u8; wire::NONCE_LEN]) {
+        if self.peers.len() >= self.max_peers {
+            self.stats.rejected_connections += 1;
+            if self.stats.rejected_connections.is_power_of_two() {
+                warn!(
+                    "channel peer refused: {} peers connected (channel.max_peers); {} refused so far",
+                    self.peers.len(),
+                    self.stats.rejected_connections
+                );
+            }
+            return;
+        }
+        let entry = self.peers.vacant_entry();
+        let key = entry.key();
+        let token = Token(key + FIRST_PEER);
+        if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE) {
+            return warn!("cannot register a channel peer: {e}");
+        }
+        let (flags, phase) = match self.secret {
+            Some(_) => (wire::FLAG_AUTH_REQUIRED, Phase::AwaitAuth { nonce }),
+            None => (0, Phase::AwaitHello),
+        };
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        entry.insert(Peer::new(stream, phase, serial, flags, &nonce));
+        self.dirty.push(key);
+        self.admissions.push_back((Instant::now() + self.auth_timeout, key, serial));
+    }
+
+    /// Drops the peers whose admission deadline passed before they were introduced.
+    fn expire_admissions(&mut self, now: Instant) {
+        while let Some(&(deadline, key, serial)) = self.admissions.front() {
+            if deadline > now {
+                return;
+            }
+            self.admissions.pop_front();
+            let Some(peer) = self.peers.get(key) else { continue };
+            if peer.serial != serial || peer.phase.is_ready() {
+                continue;
+            }
+            self.stats.handshake_timeouts += 1;
+            let count = self.stats.handshake_timeouts;
+            let why = format!("did not authenticate and introduce itself within {:?}", self.auth_timeout);
+            self.remove_peer(key);
+            if count.is_power_of_two() {
+                warn!("channel peer dropped: {why} (channel.auth_timeout_ms); {count} so far");
+            } else {
+                debug!("channel peer dropped: {why}");
+            }
+        }
+    }
+
+    /// Reads peer `key` until the socket is empty or its turn's budget is spent.
     fn peer_readable(&mut self, key: usize) {
-        loop {
-            let Some(peer) = self.peers.get_mut(key) else { return };
-            match peer.stream.read(&mut self.read_buf) {
-                Ok(0) => return self.drop_peer(key, "closed the connection"),
+        let mut scratch = std::mem::take(&mut self.read_buf);
+        let mut budget = READ_BUDGET;
+        let outcome = loop {
+            let Some(peer) = self.peers.get_mut(key) else { break Ok(()) };
+            if budget == 0 {
+                if !peer.read_again {
+                    peer.read_again = true;
+                    self.again.push(key);
+                }
+                break Ok(());
+            }
+            let want = scratch.len().min(budget);
+            match peer.stream.read(&mut scratch[..want]) {
+                Ok(0) => break Err(Cut::Closed),
                 Ok(n) => {
-                    peer.inbuf.extend_from_slice(&self.read_buf[..n]);
-                    if let Err(e) = self.process(key) {
-                        return self.drop_peer(key, &e);
+                    budget -= n;
+                    if let Err(cut) = self.take_input(key, &scratch[..n]) {
+                        break Err(cut);
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return self.drop_peer(key, &format!("read failed: {e}")),
+                Err(e) => break Err(Cut::Io(format!("read failed: {e}"))),
             }
+        };
+        self.read_buf = scratch;
+        if let Err(cut) = outcome {
+            self.cut_peer(key, cut);
         }
     }
 
-    /// Handles every whole frame in the peer's input buffer.
-    fn process(&mut self, key: usize) -> Result<(), String> {
-        let input = std::mem::take(&mut self.peers[key].inbuf);
+    /// Handles the whole frames of `fresh` (after the unfinished frame kept from the last
+    /// read, if any) and keeps what is left of an unfinished one.
+    fn take_input(&mut self, key: usize, fresh: &[u8]) -> Result<(), Cut> {
+        if self.peers[key].inbuf.is_empty() {
+            let used = self.process(key, fresh)?;
+            if let Some(peer) = self.peers.get_mut(key) {
+                peer.inbuf.extend_from_slice(&fresh[used..]);
+            }
+        } else {
+            let mut input = std::mem::take(&mut self.peers[key].inbuf);
+            input.extend_from_slice(fresh);
+            let used = self.process(key, &input)?;
+            if let Some(peer) = self.peers.get_mut(key) {
+                input.drain(..used);
+                peer.inbuf = input;
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles every whole frame at the start of `input`; returns the bytes they took.
+    fn process(&mut self, key: usize, input: &[u8]) -> Result<usize, Cut> {
         let mut pos = 0;
-        let mut new_groups: Vec<Box<str>> = Vec::new();
-        let result = loop {
-            let (frame, used) = match wire::decode(&input[pos..], self.max_frame) {
+        loop {
+            let limit = self.peers[key].phase.max_frame(self.max_frame);
+            let (frame, used) = match wire::decode(&input[pos..], limit) {
                 Ok(Some(decoded)) => decoded,
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(format!("sent a bad frame: {e}")),
+                Ok(None) => return Ok(pos),
+                Err(wire::WireError::TooLarge(len)) if !self.peers[key].phase.is_ready() => {
+                    return Err(Cut::Oversized(format!(
+                        "announced a frame of {len} bytes before HELLO (at most {limit} allowed then)"
+                    )))
+                }
+                Err(wire::WireError::TooLarge(len)) => {
+                    return Err(Cut::Oversized(format!("sent a frame of {len} bytes (channel.max_frame is {limit})")))
+                }
+                Err(e) => return Err(Cut::Violation(format!("sent a bad frame: {e}"))),
             };
             let raw = &input[pos..pos + used];
             pos += used;
             self.stats.messages_in += 1;
-            if let PeerPhase::AwaitAuth { nonce } = self.peers[key].phase {
-                match self.authenticate(key, &frame, &nonce) {
-                    Ok(()) => continue,
-                    Err(e) => break Err(e),
+            match (&self.peers[key].phase, frame) {
+                (Phase::AwaitAuth { nonce }, wire::Frame::Auth { nonce: peer_nonce, mac }) => {
+                    let nonce = *nonce;
+                    self.authenticate(key, &nonce, &peer_nonce, &mac)?;
                 }
-            }
-            match frame {
-                wire::Frame::Hello { version, origin, name } => {
-                    if version != wire::VERSION {
-                        break Err(format!("speaks channel protocol {version}, not {}", wire::VERSION));
-                    }
-                    let peer = &mut self.peers[key];
-                    peer.name = name.to_owned();
-                    peer.origin = Some(origin);
-                    info!("channel peer {name} (origin {origin:#x}) connected");
+                (Phase::AwaitAuth { .. }, _) => {
+                    return Err(Cut::Violation("did not authenticate (its first frame was not AUTH)".into()))
                 }
-                wire::Frame::Subscribe { group } | wire::Frame::Resubscribe { group } => {
-                    if self.peers[key].groups.insert(group.into()) {
-                        self.subscribers.entry(group.into()).or_default().push(key);
-                    }
+                (Phase::AwaitHello, wire::Frame::Hello { version, origin, name }) => {
+                    self.introduce(key, version, origin, name)?;
+                }
+                (Phase::AwaitHello, other) => {
+                    return Err(Cut::Violation(format!("sent {} before HELLO", frame_name(&other))))
+                }
+                (Phase::Ready { .. }, wire::Frame::Hello { .. }) => {
+                    return Err(Cut::Violation("sent HELLO twice".into()));
+                }
+                (Phase::Ready { .. }, wire::Frame::Subscribe { group }) => self.subscribe(key, group),
+                (Phase::Ready { .. }, wire::Frame::Resubscribe { group }) => {
+                    self.subscribe(key, group);
                     // Only members the peer had before it reconnected are owed history.
-                    if matches!(frame, wire::Frame::Resubscribe { .. }) && self.grace_until.is_some() {
-                        new_groups.push(group.into());
+                    if self.grace.is_open() {
+                        self.replay_held(key, group);
                     }
                 }
-                wire::Frame::Unsubscribe { group } => {
+                (Phase::Ready { .. }, wire::Frame::Unsubscribe { group }) => {
                     if self.peers[key].groups.remove(group) {
                         self.remove_subscriber(group, key);
                     }
                 }
-                wire::Frame::Message { origin, seq, group, .. } => {
+                (&Phase::Ready { origin: own }, wire::Frame::Message { origin, seq, group, .. }) => {
+                    if origin != own {
+                        return Err(Cut::Violation(format!(
+                            "published under origin {origin:#x} (seq {seq}), not its own {own:#x}"
+                        )));
+                    }
                     self.forward(key, group, raw);
                     self.hold(group, origin, raw);
                     let peer = &mut self.peers[key];
+                    if peer.ack.is_none() {
+                        self.to_ack.push(key);
+                    }
                     peer.ack = Some(peer.ack.map_or(seq, |a| a.max(seq)));
                 }
-                other => break Err(format!("sent a frame only the broker sends: {other:?}")),
+                (_, other) => return Err(Cut::Violation(format!("sent a frame only the broker sends: {other:?}"))),
             }
-        };
-        if !new_groups.is_empty() {
-            self.replay_held(key, &new_groups);
         }
-        if let Some(peer) = self.peers.get_mut(key) {
-            let mut rest = input;
-            rest.drain(..pos);
-            peer.inbuf = rest;
-        }
-        result
     }
 
-    /// Checks the first frame of a peer when a secret is configured: it must be a valid AUTH.
+    /// Checks a peer's AUTH (the only frame accepted first when a secret is configured) and
+    /// proves the secret in return.
     fn authenticate(
         &mut self,
         key: usize,
-        frame: &wire::Frame<'_>,
         nonce: &[u8; wire::NONCE_LEN],
-    ) -> Result<(), String> {
+        peer_nonce: &[u8; wire::NONCE_LEN],
+        mac: &[u8; wire::MAC_LEN],
+    ) -> Result<(), Cut> {
         let secret = self.secret.as_deref().unwrap_or_default();
-        let wire::Frame::Auth { nonce: peer_nonce, mac } = frame else {
-            return Err("did not authenticate (its first frame was not AUTH)".into());
-        };
         if !auth::verify_peer(secret, nonce, peer_nonce, mac) {
-            return Err("failed authentication (wrong shared secret)".into());
+            return Err(Cut::Violation("failed authentication (wrong shared secret)".into()));
         }
         let proof = auth::broker_proof(secret, peer_nonce, nonce);
         let peer = &mut self.peers[key];
         wire::encode_auth_ok(peer.outbuf.tail(), &proof);
-        peer.phase = PeerPhase::Ready;
+        peer.phase = Phase::AwaitHello;
         self.mark_dirty(key);
         Ok(())
+    }
+
+    /// HELLO: the peer is admitted and bound to `origin`, which no other peer may hold (the
+    /// older connection keeps it: a newcomer taking it over could publish as that worker).
+    fn introduce(&mut self, key: usize, version: u8, origin: u64, name: &str) -> Result<(), Cut> {
+        if version != wire::VERSION {
+            return Err(Cut::Violation(format!("speaks channel protocol {version}, not {}", wire::VERSION)));
+        }
+        if let Some(holder) = self.origins.get(&origin).and_then(|&k| self.peers.get(k)) {
+            return Err(Cut::Violation(format!("claims origin {origin:#x}, which peer {} holds", holder.name)));
+        }
+        self.origins.insert(origin, key);
+        let peer = &mut self.peers[key];
+        peer.name = name.to_owned();
+        peer.phase = Phase::Ready { origin };
+        info!("channel peer {name} (origin {origin:#x}) connected");
+        Ok(())
+    }
+
+    fn subscribe(&mut self, key: usize, group: &str) {
+        if self.peers[key].groups.insert(group.into()) {
+            self.subscribers.entry(group.into()).or_default().push(key);
+        }
     }
 
     /// Queues the frame `raw` to every subscriber of `group` but its publisher.
@@ -388,31 +543,41 @@ impl Broker {
 
     /// During the grace window, keeps a copy of each message for peers that subscribe later.
     fn hold(&mut self, group: &str, origin: u64, raw: &[u8]) {
-        if self.grace_until.is_none() {
-            return;
-        }
-        self.held_bytes += raw.len();
-        self.held.push_back(Held { group: group.into(), origin, frame: raw.to_vec() });
-        while self.held_bytes > self.grace_max_bytes {
-            let Some(old) = self.held.pop_front() else { break };
-            self.held_bytes -= old.frame.len();
-            self.stats.channel_dropped += 1;
-        }
+        self.stats.channel_dropped += self.grace.hold(group, origin, raw);
     }
 
-    /// Sends the held messages of `groups` (just subscribed) to peer `key`, in arrival order,
-    /// except those it published itself.
-    fn replay_held(&mut self, key: usize, groups: &[Box<str>]) {
+    /// Sends the held messages of `group` (just resubscribed) to peer `key`, in arrival order,
+    /// except those it published itself: once per peer and group (a repeated RESUBSCRIBE gets
+    /// nothing more), and only as much as fits under `channel.peer_buffer_limit` (the rest is
+    /// counted as dropped: queuing it would break the bound, cutting the peer off would only
+    /// make it reconnect and ask again).
+    fn replay_held(&mut self, key: usize, group: &str) {
         let Some(peer) = self.peers.get_mut(key) else { return };
-        let mut replayed = 0;
-        for held in &self.held {
-            if Some(held.origin) != peer.origin && groups.contains(&held.group) {
-                peer.outbuf.extend_from_slice(&held.frame);
-                replayed += 1;
-            }
+        if !peer.replayed.insert(group.into()) {
+            return;
         }
-        if replayed > 0 {
+        let (mut replayed, mut skipped) = (0u64, 0u64);
+        for frame in self.grace.frames(group, peer.phase.origin()) {
+            // Stop at the first that does not fit: the peer gets an unbroken, oldest-first run.
+            if skipped > 0 || peer.outbuf.len() + frame.len() > self.peer_buffer_limit {
+                skipped += 1;
+                continue;
+            }
+            peer.outbuf.extend_from_slice(frame);
+            replayed += 1;
+        }
+        if skipped > 0 {
+            warn!(
+                "replayed {replayed} held messages of a group to {}; {skipped} more did not fit under \
+                 channel.peer_buffer_limit",
+                peer.name
+            );
+            self.stats.channel_dropped += skipped;
+        } else if replayed > 0 {
             debug!("replayed {replayed} held messages to {}", peer.name);
+        }
+        self.stats.messages_out += replayed;
+        if replayed > 0 {
             self.mark_dirty(key);
         }
     }
@@ -447,20 +612,53 @@ impl Broker {
         }
     }
 
-    fn drop_peer(&mut self, key: usize, why: &str) {
-        if !self.peers.contains(key) {
-            return;
+    /// Ends a peer's connection for `cut`, counted by kind. Peers not introduced yet are
+    /// logged at powers of two only: a flood of them must not flood the log too.
+    fn cut_peer(&mut self, key: usize, cut: Cut) {
+        let introduced = self.peers.get(key).is_some_and(|p| p.phase.is_ready());
+        let (count, why) = match cut {
+            Cut::Closed => {
+                if let Some(peer) = self.remove_peer(key) {
+                    debug!("channel peer {} closed the connection", peer.name);
+                }
+                return;
+            }
+            Cut::Io(why) => return self.drop_peer(key, &why),
+            Cut::Oversized(why) => {
+                self.stats.oversized += 1;
+                (self.stats.oversized, why)
+            }
+            Cut::Violation(why) => {
+                self.stats.protocol_errors += 1;
+                (self.stats.protocol_errors, why)
+            }
+        };
+        if introduced || count.is_power_of_two() {
+            self.drop_peer(key, &why);
+        } else if let Some(peer) = self.remove_peer(key) {
+            debug!("channel peer {} dropped: {why}", peer.name);
         }
-        let mut peer = self.peers.remove(key);
+    }
+
+    fn drop_peer(&mut self, key: usize, why: &str) {
+        if let Some(peer) = self.remove_peer(key) {
+            warn!("channel peer {} dropped: {why}", peer.name);
+        }
+    }
+
+    /// Forgets peer `key` (closing its socket) and its subscriptions.
+    fn remove_peer(&mut self, key: usize) -> Option<Peer> {
+        let mut peer = self.peers.try_remove(key)?;
         let _ = self.poll.registry().deregister(&mut peer.stream);
+        if let Some(origin) = peer.phase.origin() {
+            if self.origins.get(&origin) == Some(&key) {
+                self.origins.remove(&origin);
+            }
+        }
         for group in &peer.groups {
             self.remove_subscriber(group, key);
         }
-        if why == "closed the connection" {
-            debug!("channel peer {} {why}", peer.name);
-        } else {
-            warn!("channel peer {} dropped: {why}", peer.name);
-        }
+        Some(peer)
     }
 
     /// Answers the master; false when the master is gone.
@@ -478,12 +676,27 @@ impl Broker {
                     s.uptime_secs = self.started.elapsed().as_secs();
                     s.state = "running".into();
                     s.log_dropped = crate::logging::dropped_lines();
-                    s.channel_queued = self.held.len() as u64;
+                    s.channel_queued = self.grace.len() as u64;
                     let _ = self.control.send_json(&s);
                 }
                 true
             }
             Ok(None) | Err(_) => false,
         }
+    }
+}
+
+/// The name of a frame, for logs (never its body).
+fn frame_name(frame: &wire::Frame<'_>) -> &'static str {
+    match frame {
+        wire::Frame::Hello { .. } => "HELLO",
+        wire::Frame::Subscribe { .. } => "SUBSCRIBE",
+        wire::Frame::Unsubscribe { .. } => "UNSUBSCRIBE",
+        wire::Frame::Resubscribe { .. } => "RESUBSCRIBE",
+        wire::Frame::Message { .. } => "MESSAGE",
+        wire::Frame::Challenge { .. } => "CHALLENGE",
+        wire::Frame::Auth { .. } => "AUTH",
+        wire::Frame::AuthOk { .. } => "AUTH_OK",
+        wire::Frame::Ack { .. } => "ACK",
     }
 }

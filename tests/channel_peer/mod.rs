@@ -1,0 +1,299 @@
+//! Helpers of the broker tests: a raw channel peer that speaks the real protocol through the
+//! public `groupcast::channel::{wire, auth}` modules (so it can authenticate with the test's
+//! secret and then misbehave), and a standalone broker (`groupcast channel`) owned by a guard.
+//!
+//! Built on `tests/common/mod.rs` (`wait_for`, `signal`, `TempDir`, `free_port`).
+#![allow(dead_code)]
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use groupcast::channel::{auth, wire};
+use serde_json::Value;
+
+use crate::common::*;
+
+/// A frame as the test keeps it (owned).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Got {
+    Challenge { flags: u8, nonce: [u8; wire::NONCE_LEN] },
+    AuthOk,
+    Ack(u64),
+    Message { origin: u64, seq: u64, group: String, payload: Vec<u8> },
+    Other(String),
+}
+
+pub enum Link {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Read for Link {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Link::Tcp(s) => s.read(buf),
+            Link::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Link {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Link::Tcp(s) => s.write(buf),
+            Link::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A channel peer driven by the test, frame by frame.
+pub struct RawPeer {
+    pub link: Link,
+    inbuf: Vec<u8>,
+    pub origin: u64,
+}
+
+impl RawPeer {
+    pub fn tcp(port: u16) -> RawPeer {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the broker");
+        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        RawPeer { link: Link::Tcp(s), inbuf: Vec::new(), origin: 0 }
+    }
+
+    pub fn unix(path: &Path) -> RawPeer {
+        let s = UnixStream::connect(path).expect("connect to the broker");
+        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        RawPeer { link: Link::Unix(s), inbuf: Vec::new(), origin: 0 }
+    }
+
+    /// Reads the CHALLENGE, answers it (AUTH with `secret` when the broker asks), checks
+    /// AUTH_OK, sends HELLO with `origin`.
+    pub fn join(mut self, secret: Option<&[u8]>, origin: u64, name: &str) -> RawPeer {
+        let Got::Challenge { flags, nonce } = self.next(Duration::from_secs(10)).expect("a CHALLENGE") else {
+            panic!("the first frame is not a CHALLENGE")
+        };
+        let mut out = Vec::new();
+        if flags & wire::FLAG_AUTH_REQUIRED != 0 {
+            let secret = secret.expect("the broker asks for a secret");
+            let mine = auth::nonce().unwrap();
+            wire::encode_auth(&mut out, &mine, &auth::peer_proof(secret, &nonce, &mine));
+            self.send(&out);
+            out.clear();
+            assert_eq!(self.next(Duration::from_secs(10)), Some(Got::AuthOk));
+        }
+        wire::encode_hello(&mut out, origin, name);
+        self.send(&out);
+        self.origin = origin;
+        self
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.link.write_all(bytes).expect("write to the broker");
+    }
+
+    /// Writes `bytes`; the broker may have closed the connection already.
+    pub fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.link.write_all(bytes)
+    }
+
+    pub fn subscribe(&mut self, group: &str) {
+        let mut out = Vec::new();
+        wire::encode_subscribe(&mut out, group);
+        self.send(&out);
+    }
+
+    pub fn resubscribe(&mut self, group: &str) {
+        let mut out = Vec::new();
+        wire::encode_resubscribe(&mut out, group);
+        self.send(&out);
+    }
+
+    pub fn publish(&mut self, origin: u64, seq: u64, group: &str, payload: &[u8]) {
+        let mut out = Vec::new();
+        wire::encode_message(&mut out, origin, seq, group, payload);
+        self.send(&out);
+    }
+
+    /// The next frame, or `None` at end of stream or after `timeout` of silence.
+    pub fn next(&mut self, timeout: Duration) -> Option<Got> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((frame, used)) = wire::decode(&self.inbuf, usize::MAX).expect("the broker sends valid frames") {
+                let got = match frame {
+                    wire::Frame::Challenge { flags, nonce, .. } => Got::Challenge { flags, nonce },
+                    wire::Frame::AuthOk { .. } => Got::AuthOk,
+                    wire::Frame::Ack { seq } => Got::Ack(seq),
+                    wire::Frame::Message { origin, seq, group, payload } => {
+                        Got::Message { origin, seq, group: group.into(), payload: payload.to_vec() }
+                    }
+                    other => Got::Other(format!("{other:?}")),
+                };
+                self.inbuf.drain(..used);
+                return Some(got);
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            match self.link.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.inbuf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return None,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    if Instant::now() >= deadline {
+                        return None;
+                    }
+                }
+                Err(e) => panic!("read from the broker failed: {e}"),
+            }
+        }
+    }
+
+    /// Whether the broker closed the connection within `timeout` (frames before are skipped).
+    pub fn closed_within(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut chunk = [0u8; 64 * 1024];
+            match self.link.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => return true,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => panic!("read from the broker failed: {e}"),
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+        }
+    }
+}
+
+/// A MESSAGE frame.
+pub fn message(origin: u64, seq: u64, group: &str, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    wire::encode_message(&mut out, origin, seq, group, payload);
+    out
+}
+
+/// The channel row of a status report.
+pub fn channel_of(report: &Value) -> Option<Value> {
+    report["processes"].as_array()?.iter().find(|p| p["role"] == "channel").cloned()
+}
+
+/// A standalone broker (`groupcast channel`) with a shared secret on a loopback TCP port,
+/// started by the test; stopped (and, failing that, killed) on drop.
+pub struct StandaloneBroker {
+    pub dir: TempDir,
+    child: Child,
+    pub pid_file: PathBuf,
+    pub port: u16,
+    pub secret_file: PathBuf,
+    pub secret: Vec<u8>,
+}
+
+impl StandaloneBroker {
+    /// Starts it with the TOML `config` and, when `nofile` is set, those soft and hard
+    /// open-file limits (the hard one never above the test's own): `(1024, u64::MAX)` is what a
+    /// shell with `ulimit -Sn 1024` would give it.
+    pub fn start(name: &str, config: &str, nofile: Option<(u64, u64)>) -> StandaloneBroker {
+        let dir = TempDir::new(name);
+        let secret = b"correct horse battery staple 42".to_vec();
+        let secret_file = dir.join("secret");
+        std::fs::write(&secret_file, &secret).unwrap();
+        let config_file = dir.join("broker.toml");
+        std::fs::write(&config_file, config).unwrap();
+        let port = free_port();
+        let pid_file = dir.join("broker.pid");
+        let log = std::fs::File::create(dir.join("broker.log")).unwrap();
+        let mut command = Command::new(bin());
+        command
+            .args(["channel", "--listen", &format!("127.0.0.1:{port}"), "--channel-secret-file"])
+            .arg(&secret_file)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg("-c")
+            .arg(&config_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some((soft, hard)) = nofile {
+            // SAFETY: runs in the child between fork and exec; getrlimit/setrlimit are
+            // async-signal-safe and nothing is allocated.
+            unsafe {
+                command.pre_exec(move || {
+                    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    lim.rlim_max = hard.min(lim.rlim_max);
+                    lim.rlim_cur = soft.min(lim.rlim_max);
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command.spawn().unwrap();
+        let broker = StandaloneBroker { dir, child, pid_file, port, secret_file, secret };
+        wait_for("the broker to run", Duration::from_secs(30), || broker.channel_pid());
+        broker
+    }
+
+    pub fn status(&self) -> Option<Value> {
+        let out = Command::new(bin()).args(["status", "--json", "--pid-file"]).arg(&self.pid_file).output().ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    pub fn channel_row(&self) -> Option<Value> {
+        channel_of(&self.status()?)
+    }
+
+    /// Pid of the running broker process (the master's channel child).
+    pub fn channel_pid(&self) -> Option<u32> {
+        let row = self.channel_row()?;
+        (row["state"] == "running").then(|| row["pid"].as_u64().unwrap() as u32)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default()
+    }
+
+    /// Starts an instance whose workers use this broker.
+    pub fn instance(&self, config: &str) -> Server {
+        Server::start_with(Opts {
+            workers: Some(2),
+            config: Some(config.to_owned()),
+            extra: vec![
+                "--channel-connect".into(),
+                format!("127.0.0.1:{}", self.port),
+                "--channel-secret-file".into(),
+                self.secret_file.to_string_lossy().into_owned(),
+            ],
+            ..Opts::default()
+        })
+    }
+}
+
+impl Drop for StandaloneBroker {
+    fn drop(&mut self) {
+        let child_pid = self.channel_pid();
+        signal(self.child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(pid) = child_pid {
+            if alive(pid) && belongs_to(pid, &self.pid_file) {
+                signal(pid, libc::SIGKILL);
+            }
+        }
+    }
+}

@@ -1,9 +1,7 @@
-//! The bounds a worker enforces beyond parsing: the connection cap (503), the slow-client
-//! policy (close or drop), and the once-a-second sweep that pings silent clients and closes
+//! The bounds the clients part of a worker enforces beyond parsing: the connection cap (503),
+//! the slow-client policy (close or drop), and the sweep that pings silent clients and closes
 //! idle ones. Each bound has a counter in `status` (see `ProcessStats`).
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -11,10 +9,9 @@ use std::time::{Duration, Instant};
 use log::warn;
 use mio::net::TcpStream;
 
+use super::clients::{Clients, Parts};
 use super::conn::{Conn, ConnState};
-use super::{Worker, CLOSE_TIMEOUT};
 use crate::config::SlowClient;
-use crate::control::ProcessStats;
 use crate::ws::close_code;
 use crate::ws::frame::{self, Kind};
 
@@ -29,37 +26,6 @@ fn sweep_interval(ping_ms: u64, idle_ms: u64) -> Duration {
     Duration::from_millis(shortest / 10).clamp(Duration::from_millis(20), SWEEP_EVERY)
 }
 
-/// Applies `limits.slow_client` to a connection whose send buffer passed `limit`.
-pub(super) fn apply_slow_client_policy(
-    conn: &mut Conn,
-    key: usize,
-    policy: SlowClient,
-    limit: usize,
-    stats: &mut ProcessStats,
-    timers: &mut BinaryHeap<Reverse<(Instant, usize, u64)>>,
-) {
-    match policy {
-        SlowClient::Drop => {
-            let dropped = conn.out.drop_oldest_shared(limit);
-            conn.missed = conn.missed.saturating_add(dropped as u32);
-            stats.slow_dropped += dropped as u64;
-        }
-        SlowClient::Close => {
-            // A reader that does not keep up is cut off rather than allowed to grow.
-            warn!(
-                "connection {} from {} is too slow ({} bytes queued); closing it",
-                conn.id,
-                conn.peer,
-                conn.out.bytes()
-            );
-            stats.slow_closed += 1;
-            conn.out.discard_unsent();
-            conn.start_close(close_code::POLICY_VIOLATION, "send buffer full: client too slow");
-            timers.push(Reverse((Instant::now() + CLOSE_TIMEOUT, key, conn.id)));
-        }
-    }
-}
-
 /// Tells a client that caught up how many group messages the drop policy discarded
 /// (`{"event":"missed","count":N}`), if it asked for replies; resets the count either way.
 pub(super) fn report_missed(conn: &mut Conn) {
@@ -70,11 +36,30 @@ pub(super) fn report_missed(conn: &mut Conn) {
     conn.missed = 0;
 }
 
-impl Worker {
-    /// Worker clock in milliseconds, stored per connection in 4 bytes (wrapping after 49 days;
-    /// only differences are used).
-    pub(super) fn clock_ms(&self) -> u32 {
-        self.started.elapsed().as_millis() as u32
+impl Clients {
+    /// Applies `limits.slow_client` to a connection whose send buffer passed the bound.
+    pub(super) fn apply_slow_client_policy(&mut self, key: usize) {
+        let limit = self.limits.send_buffer_limit;
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        match self.limits.slow_client {
+            SlowClient::Drop => {
+                let dropped = conn.out.drop_oldest_shared(limit);
+                conn.missed = conn.missed.saturating_add(dropped as u32);
+                self.stats.slow_dropped += dropped as u64;
+            }
+            SlowClient::Close => {
+                // A reader that does not keep up is cut off rather than allowed to grow.
+                warn!(
+                    "connection {} from {} is too slow ({} bytes queued); closing it",
+                    conn.id,
+                    conn.peer,
+                    conn.out.bytes()
+                );
+                self.stats.slow_closed += 1;
+                conn.out.discard_unsent();
+                self.close_conn(key, close_code::POLICY_VIOLATION, "send buffer full: client too slow");
+            }
+        }
     }
 
     /// Answers a connection over the limit with 503 and closes it, without registering it.
@@ -92,12 +77,12 @@ impl Worker {
 
     /// Every `sweep_interval`: ping clients silent for `ping_interval_ms`, close those silent
     /// for `idle_timeout_ms` (dead peers that never closed their TCP connection).
-    pub(super) fn sweep_idle(&mut self) {
+    pub(super) fn sweep_idle(&mut self, parts: &mut Parts<'_>) {
         let now = Instant::now();
         if now < self.next_sweep {
             return;
         }
-        let limits = &self.config.limits;
+        let limits = &self.limits;
         self.next_sweep = now + sweep_interval(limits.ping_interval_ms, limits.idle_timeout_ms);
         let clock = self.clock_ms();
         let ping_after = limits.ping_interval_ms.min(u64::from(u32::MAX)) as u32;
@@ -130,7 +115,7 @@ impl Worker {
             self.close_conn(key, close_code::GOING_AWAY, "idle timeout");
         }
         if !self.dirty.is_empty() {
-            self.flush_dirty();
+            self.flush_dirty(parts);
         }
     }
 }

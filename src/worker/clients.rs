@@ -171,7 +171,15 @@ impl Clients {
                 continue;
             };
             conn.dirty = false;
-            match conn.out.write_to(&mut conn.stream) {
+            let result = conn.out.write_to(&mut conn.stream);
+            if conn.paused && conn.out.bytes() <= self.limits.send_buffer_limit / 2 {
+                // Drained to half the bound: read it again. Its socket may hold data that
+                // edge-triggered readiness will not report a second time.
+                conn.paused = false;
+                conn.resumed = true;
+                self.read_again.push(key);
+            }
+            match result {
                 Ok(Flushed::All) if conn.missed > 0 && conn.state.is_open() => {
                     // Caught up after the drop policy discarded messages: say how many.
                     super::limits::report_missed(conn);

@@ -44,6 +44,19 @@ impl Clients {
     /// the per-turn budget is used. `buf` is the worker-wide read buffer.
     pub fn readable(&mut self, key: usize, buf: &mut [u8], parts: &mut Parts<'_>) {
         let now_ms = self.clock_ms();
+        match self.conns.get_mut(key) {
+            None => return,
+            // Edge-triggered: `resume` queues a read when it lets the connection go on.
+            Some(conn) if conn.paused => return,
+            Some(conn) if conn.resumed => {
+                conn.resumed = false;
+                // What arrived before the pause goes first.
+                if !conn.inbuf.is_empty() && self.ingest(key, &mut [], parts) == Flow::Stop {
+                    return;
+                }
+            }
+            Some(_) => {}
+        }
         for _ in 0..READS_PER_TURN {
             let Some(conn) = self.conns.get_mut(key) else {
                 return;
@@ -137,7 +150,7 @@ impl Clients {
                         Ok(None) => return (pos, Flow::Continue),
                         Ok(Some((frame, used))) => {
                             pos += used;
-                            if self.handle_frame(key, frame, parts) == Flow::Stop {
+                            if self.handle_frame(key, frame, parts) == Flow::Stop || self.pause_if_backed_up(key) {
                                 return (pos, Flow::Stop);
                             }
                         }

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use log::warn;
+use log::{debug, warn};
 use mio::net::TcpStream;
 
 use super::clients::{Clients, Parts};
@@ -60,6 +60,22 @@ impl Clients {
                 self.close_conn(key, close_code::POLICY_VIOLATION, "send buffer full: client too slow");
             }
         }
+    }
+
+    /// Backpressure: a connection whose output (replies, errors, pongs: what its own input
+    /// produced) is over `limits.send_buffer_limit` is not read until it drained to half of
+    /// it. Returns whether it was paused.
+    pub(super) fn pause_if_backed_up(&mut self, key: usize) -> bool {
+        let Some(conn) = self.conns.get_mut(key) else { return false };
+        if conn.out.bytes() <= self.limits.send_buffer_limit || !conn.state.is_open() {
+            return false;
+        }
+        if !conn.paused {
+            conn.paused = true;
+            self.stats.backpressure_pauses += 1;
+            debug!("connection {}: {} bytes queued, not reading it until they drain", conn.id, conn.out.bytes());
+        }
+        true
     }
 
     /// Answers a connection over the limit with 503 and closes it, without registering it.

@@ -222,6 +222,17 @@ impl Clients {
         }
     }
 
+    /// Ends a connection once what is queued is written (an HTTP answer, the echo of the
+    /// peer's close frame), or after `CLOSE_TIMEOUT` if the peer does not read it: a client
+    /// with a full queue must not pin its slot and buffers forever.
+    pub(super) fn close_after_flush(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        conn.state = ConnState::Closing(AfterFlush::Drop);
+        let id = conn.id;
+        self.timers.push(Reverse((Instant::now() + CLOSE_TIMEOUT, key, id)));
+        self.mark_dirty(key);
+    }
+
     /// Closes every open connection with `code`, waiting for them until `deadline`; a
     /// handshake completing after this is closed the same way.
     pub fn close_all(&mut self, code: u16, reason: &str, deadline: Instant) {

@@ -138,8 +138,7 @@ impl Clients {
                     Handshake::Reply { response, reason } => {
                         debug!("connection {}: {reason}", conn.id);
                         conn.send_raw(response);
-                        conn.state = ConnState::Closing(AfterFlush::Drop);
-                        self.mark_dirty(key);
+                        self.close_after_flush(key);
                         return (data.len(), Flow::Stop);
                     }
                 },
@@ -235,8 +234,7 @@ impl Clients {
                     &code.map(u16::to_be_bytes).unwrap_or_default()[..code.map_or(0, |_| 2)],
                 );
                 conn.send_raw(reply);
-                conn.state = ConnState::Closing(AfterFlush::Drop);
-                self.mark_dirty(key);
+                self.close_after_flush(key);
                 Flow::Stop
             }
         }

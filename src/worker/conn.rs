@@ -92,6 +92,9 @@ pub struct Conn {
     pub paused: bool,
     /// Reading resumed after a pause: what is left in `inbuf` is processed before reading.
     pub resumed: bool,
+    /// Worker clock (milliseconds, wrapping) when the frame or fragmented message still
+    /// incomplete started to arrive: it must be done within `limits.message_timeout_ms`.
+    pub message_since: Option<u32>,
 }
 
 /// Token bucket for the per-connection command rate (`limits.commands_per_second`, burst
@@ -145,6 +148,7 @@ impl Conn {
             budget,
             paused: false,
             resumed: false,
+            message_since: None,
         }
     }
 

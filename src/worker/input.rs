@@ -50,6 +50,8 @@ impl Clients {
             Some(conn) if conn.paused => return,
             Some(conn) if conn.resumed => {
                 conn.resumed = false;
+                // The wait was ours: a message in progress starts its clock again.
+                conn.message_since = None;
                 // What arrived before the pause goes first.
                 if !conn.inbuf.is_empty() && self.ingest(key, &mut [], parts) == Flow::Stop {
                     return;
@@ -70,7 +72,9 @@ impl Clients {
                     conn.bytes_in += n as u64;
                     conn.last_seen = now_ms;
                     conn.ping_outstanding = false;
-                    self.ingest(key, &mut buf[..n], parts)
+                    let flow = self.ingest(key, &mut buf[..n], parts);
+                    self.track_partial_message(key, now_ms);
+                    flow
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => Flow::Continue,
@@ -85,6 +89,18 @@ impl Clients {
         }
         // Budget used up with data still waiting: come back next turn (edge-triggered).
         self.read_again.push(key);
+    }
+
+    /// Starts or stops the clock of `limits.message_timeout_ms`: running while an open
+    /// connection holds part of a frame or of a fragmented message.
+    fn track_partial_message(&mut self, key: usize, now_ms: u32) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        let partial = conn.state.is_open() && (!conn.inbuf.is_empty() || conn.fragment.is_some());
+        match (partial, conn.message_since) {
+            (true, None) => conn.message_since = Some(now_ms),
+            (false, Some(_)) => conn.message_since = None,
+            _ => {}
+        }
     }
 
     /// Processes `fresh`, just read, together with what the connection had buffered.

@@ -21,8 +21,8 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// How often to sweep: a tenth of the shorter keep-alive interval, at most once a second, at
 /// least every 20 ms, so pings and idle closes land within 10 % of their configured time.
-fn sweep_interval(ping_ms: u64, idle_ms: u64) -> Duration {
-    let shortest = if idle_ms == 0 { ping_ms } else { ping_ms.min(idle_ms) };
+fn sweep_interval(ping_ms: u64, idle_ms: u64, message_ms: u64) -> Duration {
+    let shortest = if idle_ms == 0 { ping_ms } else { ping_ms.min(idle_ms) }.min(message_ms);
     Duration::from_millis(shortest / 10).clamp(Duration::from_millis(20), SWEEP_EVERY)
 }
 
@@ -92,27 +92,36 @@ impl Clients {
     }
 
     /// Every `sweep_interval`: ping clients silent for `ping_interval_ms`, close those silent
-    /// for `idle_timeout_ms` (dead peers that never closed their TCP connection).
+    /// for `idle_timeout_ms` (dead peers that never closed their TCP connection), and those
+    /// that started a frame or message more than `message_timeout_ms` ago without finishing
+    /// it (any byte resets idleness, so trickling would pin a partial message forever).
     pub(super) fn sweep_idle(&mut self, parts: &mut Parts<'_>) {
         let now = Instant::now();
         if now < self.next_sweep {
             return;
         }
         let limits = &self.limits;
-        self.next_sweep = now + sweep_interval(limits.ping_interval_ms, limits.idle_timeout_ms);
+        self.next_sweep =
+            now + sweep_interval(limits.ping_interval_ms, limits.idle_timeout_ms, limits.message_timeout_ms);
         let clock = self.clock_ms();
         let ping_after = limits.ping_interval_ms.min(u64::from(u32::MAX)) as u32;
         let idle_after = match limits.idle_timeout_ms {
             0 => u32::MAX,
             ms => ms.min(u64::from(u32::MAX)) as u32,
         };
+        let message_after = limits.message_timeout_ms.min(u64::from(u32::MAX)) as u32;
         let mut idle = Vec::new();
+        let mut stalled = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
             if conn.state != ConnState::Open {
                 continue;
             }
             let silent = clock.wrapping_sub(conn.last_seen);
-            if silent >= idle_after {
+            // A paused connection's input waits for us, not for the client.
+            let stalled_since = conn.message_since.filter(|_| !conn.paused);
+            if stalled_since.is_some_and(|since| clock.wrapping_sub(since) >= message_after) {
+                stalled.push(key);
+            } else if silent >= idle_after {
                 idle.push(key);
             } else if silent >= ping_after && !conn.ping_outstanding {
                 let mut ping = Vec::with_capacity(2);
@@ -125,6 +134,10 @@ impl Clients {
                     self.dirty.push(key);
                 }
             }
+        }
+        for key in stalled {
+            self.stats.message_timeouts += 1;
+            self.close_conn(key, close_code::POLICY_VIOLATION, "message not completed in time");
         }
         for key in idle {
             self.stats.idle_timeouts += 1;

@@ -6,7 +6,9 @@
 use std::rc::Rc;
 
 use super::clients::{Clients, Parts};
-use super::groups::{Groups, Joined};
+use log::warn;
+
+use super::groups::{GroupId, Groups, Joined};
 use super::outqueue::Chunk;
 use crate::protocol::RequestError;
 use crate::ws::frame;
@@ -42,11 +44,34 @@ impl Clients {
         }
     }
 
-    /// Encodes the frame once and queues the same bytes to every local member of `group`.
-    pub fn deliver(&mut self, groups: &Groups, group: &str, payload: &[u8]) {
+    /// Delivers a message the bus brought: it goes out as a text frame, so it must be UTF-8
+    /// (a client sending text frames could only produce UTF-8; another publisher on the
+    /// channel or in Redis could send anything). Checked once per message, before encoding.
+    pub fn deliver_from_bus(&mut self, groups: &Groups, group: &str, payload: &[u8]) {
         let Some(id) = groups.lookup(group) else {
             return;
         };
+        if std::str::from_utf8(payload).is_err() {
+            self.stats.bus_invalid_utf8 += 1;
+            if self.stats.bus_invalid_utf8.is_power_of_two() {
+                warn!(
+                    "dropped a message for group {group:?} from the bus: not UTF-8 ({} so far)",
+                    self.stats.bus_invalid_utf8
+                );
+            }
+            return;
+        }
+        self.deliver_to(groups, id, payload);
+    }
+
+    /// Encodes the frame once and queues the same bytes to every local member of `group`.
+    pub fn deliver(&mut self, groups: &Groups, group: &str, payload: &[u8]) {
+        if let Some(id) = groups.lookup(group) {
+            self.deliver_to(groups, id, payload);
+        }
+    }
+
+    fn deliver_to(&mut self, groups: &Groups, id: GroupId, payload: &[u8]) {
         let shared: Rc<[u8]> = Rc::from(frame::text(payload));
         let limit = self.limits.send_buffer_limit;
         for member in groups.members(id) {

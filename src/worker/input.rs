@@ -237,18 +237,31 @@ impl Clients {
             }
             Kind::Pong => Flow::Continue,
             Kind::Close => {
-                // Echo the peer's code, then close the TCP connection once the echo is out.
-                let code = match frame.payload {
-                    [] => None,
-                    [a, b, ..] => Some(u16::from_be_bytes([*a, *b])),
-                    [_] => Some(close_code::PROTOCOL_ERROR),
+                // Echo the peer's code if it may go on the wire, then close the TCP
+                // connection once the answer is out.
+                let answer = match frame.payload {
+                    [] => Ok(None),
+                    [_] => Err((close_code::PROTOCOL_ERROR, "close frame with a one-byte body")),
+                    [a, b, reason @ ..] => {
+                        let code = u16::from_be_bytes([*a, *b]);
+                        if !close_code::valid_from_peer(code) {
+                            Err((close_code::PROTOCOL_ERROR, "reserved or unassigned close code"))
+                        } else if std::str::from_utf8(reason).is_err() {
+                            Err((close_code::INVALID_PAYLOAD, "close reason is not valid UTF-8"))
+                        } else {
+                            Ok(Some(code))
+                        }
+                    }
                 };
-                let mut reply = Vec::with_capacity(4);
-                frame::encode(
-                    &mut reply,
-                    Kind::Close,
-                    &code.map(u16::to_be_bytes).unwrap_or_default()[..code.map_or(0, |_| 2)],
-                );
+                let reply = match answer {
+                    Ok(None) => frame::close_empty(),
+                    Ok(Some(code)) => frame::close(code, ""),
+                    Err((code, reason)) => {
+                        self.stats.protocol_errors += 1;
+                        debug!("connection {}: {reason}; answering {code}", conn.id);
+                        frame::close(code, reason)
+                    }
+                };
                 conn.send_raw(reply);
                 self.close_after_flush(key);
                 Flow::Stop

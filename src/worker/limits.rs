@@ -14,8 +14,8 @@ use super::conn::{Conn, ConnState};
 use crate::config::SlowClient;
 use crate::ws::close_code;
 use crate::ws::frame::{self, Kind};
+use crate::ws::handshake;
 
-const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 33\r\nConnection: close\r\nRetry-After: 5\r\n\r\nconnection limit reached, retry\n";
 /// Longest pause between two keep-alive sweeps.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -88,7 +88,7 @@ impl Clients {
             );
         }
         // Best effort: a fresh socket's send buffer takes these few bytes at once.
-        let _ = stream.write(REFUSED);
+        let _ = stream.write(&handshake::service_unavailable());
     }
 
     /// Every `sweep_interval`: ping clients silent for `ping_interval_ms`, close those silent

@@ -220,7 +220,7 @@ impl Worker {
     fn bus_ready(&mut self) {
         let (clients, groups) = (&mut self.clients, &self.groups);
         self.bus.on_ready(self.poll.registry(), &mut self.read_buf, groups.names(), |group, payload| {
-            clients.deliver(groups, group, payload)
+            clients.deliver_from_bus(groups, group, payload)
         });
     }
 }

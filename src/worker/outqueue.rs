@@ -240,6 +240,36 @@ mod tests {
     }
 
     #[test]
+    fn tombstones_write_nothing_and_partial_writes_cross_them() {
+        let a: Rc<[u8]> = Rc::from(&b"aaaa"[..]);
+        let b: Rc<[u8]> = Rc::from(&b"bbbb"[..]);
+        let mut q = OutQueue::default();
+        q.push(Chunk::Shared(a.clone()));
+        q.push(Chunk::Owned(b"r1".to_vec().into_boxed_slice()));
+        q.push(Chunk::Shared(b.clone()));
+        q.push(Chunk::Shared(a.clone()));
+        q.push(Chunk::Owned(b"r2".to_vec().into_boxed_slice()));
+        q.push(Chunk::Shared(b));
+        // 16 + 4 queued: keep 12, so the first two messages go (one before, one after r1).
+        assert_eq!(q.drop_oldest_shared(12), 2);
+        assert_eq!(q.bytes(), 12);
+        let mut sink = Trickle { got: Vec::new(), limit: 3, cap: 5 };
+        assert_eq!(q.write_to(&mut sink).unwrap(), Flushed::Blocked);
+        // The front is partly written now: it is kept, the next message may go.
+        assert_eq!(q.drop_oldest_shared(0), 1);
+        sink.cap = 100;
+        assert_eq!(q.write_to(&mut sink).unwrap(), Flushed::All);
+        assert_eq!(sink.got, b"r1aaaar2");
+        assert!(q.is_empty() && q.bytes() == 0);
+        // Only tombstones left also counts as drained.
+        q.push(Chunk::Shared(a.clone()));
+        q.push(Chunk::Shared(a));
+        assert_eq!(q.drop_oldest_shared(0), 2);
+        assert_eq!(q.write_to(&mut sink).unwrap(), Flushed::All);
+        assert!(q.is_empty());
+    }
+
+    #[test]
     fn partial_writes_resume_where_they_stopped() {
         let shared: Rc<[u8]> = Rc::from(&b"abcdef"[..]);
         let mut q = OutQueue::default();

@@ -120,10 +120,8 @@ fn a_client_flooding_bad_frames_without_reading_is_paused_and_memory_stays_bound
 
 #[test]
 fn rate_limited_commands_with_a_huge_id_cannot_grow_memory() {
-    let server = start(
-        1,
-        &format!("[limits]\nsend_buffer_limit = {BOUND}\ncommands_per_second = 1\ncommands_burst = 1\n"),
-    );
+    let server =
+        start(1, &format!("[limits]\nsend_buffer_limit = {BOUND}\ncommands_per_second = 1\ncommands_burst = 1\n"));
     // Each refusal echoes the ~900 KiB id: 60 of them would be ~54 MiB of replies.
     let id = "i".repeat(900 * 1024);
     let command = json!({"cmd": "add_group", "group_id": "g", "id": id}).to_string();

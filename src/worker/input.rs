@@ -46,7 +46,8 @@ impl Clients {
         let now_ms = self.clock_ms();
         match self.conns.get_mut(key) {
             None => return,
-            // Edge-triggered: `resume` queues a read when it lets the connection go on.
+            // Backpressure. Edge-triggered readiness will not repeat this event: `flush_dirty`
+            // queues a read when the output has drained and the connection may go on.
             Some(conn) if conn.paused => return,
             Some(conn) if conn.resumed => {
                 conn.resumed = false;

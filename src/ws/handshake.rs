@@ -127,10 +127,10 @@ mod tests {
         assert!(is_base64_of_16_bytes("AAAAAAAAAAAAAAAAAAAAAA=="));
         for bad in [
             "abc",
-            "dGhlIHNhbXBsZSBub25jZQ",      // no padding
-            "dGhlIHNhbXBsZSBub25jZR==",    // non-canonical last character
-            "dGhlIHNhbXBsZSBub25jZQ=!",    // bad padding
-            "dGhlIHNhbXBsZSBub25j!Q==",    // outside the alphabet
+            "dGhlIHNhbXBsZSBub25jZQ",       // no padding
+            "dGhlIHNhbXBsZSBub25jZR==",     // non-canonical last character
+            "dGhlIHNhbXBsZSBub25jZQ=!",     // bad padding
+            "dGhlIHNhbXBsZSBub25j!Q==",     // outside the alphabet
             "dGhlIHNhbXBsZSBub25jZXh4eA==", // 17 bytes
             "dGhlIHNhbXBsZSBub25jZQ==x",
         ] {

@@ -34,6 +34,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1 << 20;
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_PING_INTERVAL_MS: u64 = 30_000;
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 75_000;
+/// Time a client has to finish a frame or fragmented message once it started sending it.
+pub const DEFAULT_MESSAGE_TIMEOUT_MS: u64 = 30_000;
+/// Longest `limits.message_timeout_ms` accepted: an hour.
+const MAX_MESSAGE_TIMEOUT_MS: u64 = 3_600_000;
 pub const DEFAULT_COMMANDS_PER_SECOND: u32 = 200;
 pub const DEFAULT_COMMANDS_BURST: u32 = 400;
 /// Bytes the broker queues for one channel peer before it cuts that peer off.
@@ -208,6 +212,9 @@ pub struct Limits {
     pub ping_interval_ms: u64,
     /// Silence after which a client is closed with 1001, ms (default 75000; 0 disables).
     pub idle_timeout_ms: u64,
+    /// Time to complete a frame or a fragmented message once its first byte arrived, ms
+    /// (default 30000): trickled bytes cannot pin a partial message; closed with 1008.
+    pub message_timeout_ms: u64,
     /// Commands a client may send per second on average (default 200).
     pub commands_per_second: u32,
     /// Commands a client may send at once above that rate (default 400).
@@ -228,6 +235,7 @@ impl Default for Limits {
             handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
             ping_interval_ms: DEFAULT_PING_INTERVAL_MS,
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+            message_timeout_ms: DEFAULT_MESSAGE_TIMEOUT_MS,
             commands_per_second: DEFAULT_COMMANDS_PER_SECOND,
             commands_burst: DEFAULT_COMMANDS_BURST,
         }
@@ -258,6 +266,13 @@ impl Limits {
         at_least("limits.send_buffer_limit", self.send_buffer_limit as u64, 1024, " bytes")?;
         at_least("limits.handshake_timeout_ms", self.handshake_timeout_ms, 100, " ms")?;
         at_least("limits.ping_interval_ms", self.ping_interval_ms, 100, " ms")?;
+        at_least("limits.message_timeout_ms", self.message_timeout_ms, 100, " ms")?;
+        if self.message_timeout_ms > MAX_MESSAGE_TIMEOUT_MS {
+            return Err(invalid(
+                "limits.message_timeout_ms",
+                format!("{} is above the maximum of {MAX_MESSAGE_TIMEOUT_MS} ms", self.message_timeout_ms),
+            ));
+        }
         at_least("limits.commands_per_second", u64::from(self.commands_per_second), 1, "")?;
         at_least("limits.commands_burst", u64::from(self.commands_burst), 1, "")?;
         if self.idle_timeout_ms != 0 && self.idle_timeout_ms <= self.ping_interval_ms {

@@ -77,6 +77,12 @@ pub struct ProcessStats {
     pub idle_timeouts: u64,
     /// Pings sent to silent clients.
     pub pings_sent: u64,
+    /// Clients closed for not completing a frame or message within `message_timeout_ms`.
+    pub message_timeouts: u64,
+    /// Times a client was not read because its output was over `limits.send_buffer_limit`.
+    pub backpressure_pauses: u64,
+    /// Group messages from the bus dropped because they were not UTF-8 (text frames must be).
+    pub bus_invalid_utf8: u64,
     /// Whether the worker's channel client is connected.
     pub channel_connected: bool,
     /// Publishes dropped because the channel queue bound was reached (worker), or held

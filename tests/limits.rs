@@ -364,14 +364,16 @@ fn status_shows_every_limit() {
     let config = "[limits]\nmax_connections_per_worker = 70\nmax_connections = 90\nmax_frame_size = 2000\n\
                   max_message_size = 3000\nmax_group_id_len = 13\nmax_groups_per_connection = 11\n\
                   send_buffer_limit = 70000\nslow_client = \"drop\"\nhandshake_timeout_ms = 1500\n\
-                  ping_interval_ms = 2500\nidle_timeout_ms = 9000\ncommands_per_second = 17\ncommands_burst = 19\n";
+                  ping_interval_ms = 2500\nidle_timeout_ms = 9000\nmessage_timeout_ms = 7000\n\
+                  commands_per_second = 17\ncommands_burst = 19\n";
     let server = start(1, config);
     let limits = &server.status()["limits"];
     let expected = json!({
         "max_connections_per_worker": 70, "max_connections": 90, "max_frame_size": 2000,
         "max_message_size": 3000, "max_group_id_len": 13, "max_groups_per_connection": 11,
         "send_buffer_limit": 70000, "slow_client": "drop", "handshake_timeout_ms": 1500,
-        "ping_interval_ms": 2500, "idle_timeout_ms": 9000, "commands_per_second": 17, "commands_burst": 19,
+        "ping_interval_ms": 2500, "idle_timeout_ms": 9000, "message_timeout_ms": 7000,
+        "commands_per_second": 17, "commands_burst": 19,
     });
     assert_eq!(*limits, expected);
     let text = server.cli(&["status"]);

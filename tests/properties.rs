@@ -110,7 +110,7 @@ proptest! {
     }
 
     #[test]
-    fn handshake_with_arbitrary_headers(path in "/[a-z0-9/?=&]{0,30}", key in "[A-Za-z0-9+/]{1,30}={0,2}", extra in "[A-Za-z-]{1,12}") {
+    fn handshake_with_arbitrary_headers(path in "/[a-z0-9/?=&]{0,30}", key in "[A-Za-z0-9+/]{21}[AQgw]==", extra in "[A-Za-z-]{1,12}") {
         let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{extra}: y\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n");
         let upgraded = matches!(handshake::process(req.as_bytes()), handshake::Handshake::Upgrade { consumed, .. } if consumed == req.len());
         prop_assert!(upgraded);

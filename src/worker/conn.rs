@@ -87,6 +87,14 @@ pub struct Conn {
     /// Group messages dropped by the `drop` slow-client policy, not yet reported.
     pub missed: u32,
     pub budget: CommandBudget,
+    /// Not read while its output is over `limits.send_buffer_limit` (backpressure: what it
+    /// sends would only queue more replies).
+    pub paused: bool,
+    /// Reading resumed after a pause: what is left in `inbuf` is processed before reading.
+    pub resumed: bool,
+    /// Worker clock (milliseconds, wrapping) when the frame or fragmented message still
+    /// incomplete started to arrive: it must be done within `limits.message_timeout_ms`.
+    pub message_since: Option<u32>,
 }
 
 /// Token bucket for the per-connection command rate (`limits.commands_per_second`, burst
@@ -138,6 +146,9 @@ impl Conn {
             wants_replies: false,
             missed: 0,
             budget,
+            paused: false,
+            resumed: false,
+            message_since: None,
         }
     }
 

@@ -5,15 +5,12 @@ use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 
-use super::conn::ConnState;
 use super::Worker;
-use crate::control::{binary_identity, ConnectionInfo, ConnectionList, ProcessStats, Request};
+use crate::control::{binary_identity, ConnectionList, ProcessStats, Request};
 use crate::ws::close_code;
 
 /// How the worker is stopping.
 pub struct Stopping {
-    /// Close code sent to every client: 1001 for a stop, 1012 when replaced by a reload.
-    pub code: u16,
     /// Clients still connected then are dropped and the process exits.
     pub deadline: Instant,
 }
@@ -28,10 +25,10 @@ impl Worker {
     /// connection is still in its handshake (those get until `HANDSHAKE_GRACE` after it).
     pub(super) fn finished_stopping(&self, stopping: &Stopping) -> bool {
         let now = Instant::now();
-        if self.conns.is_empty() || now >= stopping.deadline + HANDSHAKE_GRACE {
+        if self.clients.is_empty() || now >= stopping.deadline + HANDSHAKE_GRACE {
             return true;
         }
-        now >= stopping.deadline && !self.conns.iter().any(|(_, c)| c.state == ConnState::Handshaking)
+        now >= stopping.deadline && !self.clients.any_handshaking()
     }
 
     pub(super) fn control_ready(&mut self) {
@@ -67,12 +64,15 @@ impl Worker {
 
     fn snapshot(&self) -> ProcessStats {
         let (version, binary_mtime) = binary_identity();
-        let mut s = self.stats.clone();
+        let mut s = self.clients.counters().clone();
+        s.role.clone_from(&self.stats.role);
+        s.index = self.stats.index;
+        s.pid = self.stats.pid;
         s.version = version;
         s.binary_mtime = binary_mtime;
         s.uptime_secs = self.started.elapsed().as_secs();
         s.state = if self.stopping.is_some() { "retiring".into() } else { "running".into() };
-        s.connections = self.conns.len() as u64;
+        s.connections = self.clients.len() as u64;
         s.groups = self.groups.len() as u64;
         s.memberships = self.groups.memberships() as u64;
         let bus = self.bus.counters();
@@ -86,30 +86,7 @@ impl Worker {
     }
 
     fn connection_list(&self) -> ConnectionList {
-        let pid = std::process::id();
-        let connections = self
-            .conns
-            .iter()
-            .map(|(_, c)| ConnectionInfo {
-                id: c.id,
-                worker: self.index,
-                worker_pid: pid,
-                peer: c.peer.to_string(),
-                state: match c.state {
-                    ConnState::Handshaking => "handshaking",
-                    ConnState::Open => "open",
-                    ConnState::Closing(_) => "closing",
-                }
-                .into(),
-                groups: c.groups.iter().filter_map(|&g| self.groups.name(g).map(str::to_owned)).collect(),
-                age_secs: c.opened.elapsed().as_secs(),
-                bytes_in: c.bytes_in,
-                bytes_out: c.out.total_written(),
-                messages_in: c.messages_in,
-                messages_out: c.messages_out,
-                send_buffer: c.out.bytes() as u64,
-            })
-            .collect();
+        let connections = self.clients.connection_list(self.index, &self.groups);
         ConnectionList { connections, missing_workers: Vec::new() }
     }
 
@@ -140,15 +117,12 @@ impl Worker {
         info!(
             "worker {} stopping: closing {} connections with {code}, waiting up to {:?}",
             self.index,
-            self.conns.len(),
+            self.clients.len(),
             drain
         );
-        self.stopping = Some(Stopping { code, deadline });
+        self.stopping = Some(Stopping { deadline });
         let _ = self.poll.registry().deregister(&mut self.listener);
         let reason = if code == close_code::SERVICE_RESTART { "server restarting" } else { "server shutting down" };
-        let open: Vec<usize> = self.conns.iter().filter(|(_, c)| c.state == ConnState::Open).map(|(k, _)| k).collect();
-        for key in open {
-            self.close_conn_until(key, code, reason, deadline);
-        }
+        self.clients.close_all(code, reason, deadline);
     }
 }

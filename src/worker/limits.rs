@@ -1,63 +1,29 @@
-//! The bounds a worker enforces beyond parsing: the connection cap (503), the slow-client
-//! policy (close or drop), and the once-a-second sweep that pings silent clients and closes
+//! The bounds the clients part of a worker enforces beyond parsing: the connection cap (503),
+//! the slow-client policy (close or drop), and the sweep that pings silent clients and closes
 //! idle ones. Each bound has a counter in `status` (see `ProcessStats`).
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use log::warn;
+use log::{debug, warn};
 use mio::net::TcpStream;
 
+use super::clients::{Clients, Parts};
 use super::conn::{Conn, ConnState};
-use super::{Worker, CLOSE_TIMEOUT};
 use crate::config::SlowClient;
-use crate::control::ProcessStats;
 use crate::ws::close_code;
 use crate::ws::frame::{self, Kind};
+use crate::ws::handshake;
 
-const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 33\r\nConnection: close\r\nRetry-After: 5\r\n\r\nconnection limit reached, retry\n";
 /// Longest pause between two keep-alive sweeps.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// How often to sweep: a tenth of the shorter keep-alive interval, at most once a second, at
 /// least every 20 ms, so pings and idle closes land within 10 % of their configured time.
-fn sweep_interval(ping_ms: u64, idle_ms: u64) -> Duration {
-    let shortest = if idle_ms == 0 { ping_ms } else { ping_ms.min(idle_ms) };
+fn sweep_interval(ping_ms: u64, idle_ms: u64, message_ms: u64) -> Duration {
+    let shortest = if idle_ms == 0 { ping_ms } else { ping_ms.min(idle_ms) }.min(message_ms);
     Duration::from_millis(shortest / 10).clamp(Duration::from_millis(20), SWEEP_EVERY)
-}
-
-/// Applies `limits.slow_client` to a connection whose send buffer passed `limit`.
-pub(super) fn apply_slow_client_policy(
-    conn: &mut Conn,
-    key: usize,
-    policy: SlowClient,
-    limit: usize,
-    stats: &mut ProcessStats,
-    timers: &mut BinaryHeap<Reverse<(Instant, usize, u64)>>,
-) {
-    match policy {
-        SlowClient::Drop => {
-            let dropped = conn.out.drop_oldest_shared(limit);
-            conn.missed = conn.missed.saturating_add(dropped as u32);
-            stats.slow_dropped += dropped as u64;
-        }
-        SlowClient::Close => {
-            // A reader that does not keep up is cut off rather than allowed to grow.
-            warn!(
-                "connection {} from {} is too slow ({} bytes queued); closing it",
-                conn.id,
-                conn.peer,
-                conn.out.bytes()
-            );
-            stats.slow_closed += 1;
-            conn.out.discard_unsent();
-            conn.start_close(close_code::POLICY_VIOLATION, "send buffer full: client too slow");
-            timers.push(Reverse((Instant::now() + CLOSE_TIMEOUT, key, conn.id)));
-        }
-    }
 }
 
 /// Tells a client that caught up how many group messages the drop policy discarded
@@ -70,11 +36,46 @@ pub(super) fn report_missed(conn: &mut Conn) {
     conn.missed = 0;
 }
 
-impl Worker {
-    /// Worker clock in milliseconds, stored per connection in 4 bytes (wrapping after 49 days;
-    /// only differences are used).
-    pub(super) fn clock_ms(&self) -> u32 {
-        self.started.elapsed().as_millis() as u32
+impl Clients {
+    /// Applies `limits.slow_client` to a connection whose send buffer passed the bound.
+    pub(super) fn apply_slow_client_policy(&mut self, key: usize) {
+        let limit = self.limits.send_buffer_limit;
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        match self.limits.slow_client {
+            SlowClient::Drop => {
+                let dropped = conn.out.drop_oldest_shared(limit);
+                conn.missed = conn.missed.saturating_add(dropped as u32);
+                self.stats.slow_dropped += dropped as u64;
+            }
+            SlowClient::Close => {
+                // A reader that does not keep up is cut off rather than allowed to grow.
+                warn!(
+                    "connection {} from {} is too slow ({} bytes queued); closing it",
+                    conn.id,
+                    conn.peer,
+                    conn.out.bytes()
+                );
+                self.stats.slow_closed += 1;
+                conn.out.discard_unsent();
+                self.close_conn(key, close_code::POLICY_VIOLATION, "send buffer full: client too slow");
+            }
+        }
+    }
+
+    /// Backpressure: a connection whose output (replies, errors, pongs: what its own input
+    /// produced) is over `limits.send_buffer_limit` is not read until it drained to half of
+    /// it. Returns whether it was paused.
+    pub(super) fn pause_if_backed_up(&mut self, key: usize) -> bool {
+        let Some(conn) = self.conns.get_mut(key) else { return false };
+        if conn.out.bytes() <= self.limits.send_buffer_limit || !conn.state.is_open() {
+            return false;
+        }
+        if !conn.paused {
+            conn.paused = true;
+            self.stats.backpressure_pauses += 1;
+            debug!("connection {}: {} bytes queued, not reading it until they drain", conn.id, conn.out.bytes());
+        }
+        true
     }
 
     /// Answers a connection over the limit with 503 and closes it, without registering it.
@@ -87,31 +88,40 @@ impl Worker {
             );
         }
         // Best effort: a fresh socket's send buffer takes these few bytes at once.
-        let _ = stream.write(REFUSED);
+        let _ = stream.write(&handshake::service_unavailable());
     }
 
     /// Every `sweep_interval`: ping clients silent for `ping_interval_ms`, close those silent
-    /// for `idle_timeout_ms` (dead peers that never closed their TCP connection).
-    pub(super) fn sweep_idle(&mut self) {
+    /// for `idle_timeout_ms` (dead peers that never closed their TCP connection), and those
+    /// that started a frame or message more than `message_timeout_ms` ago without finishing
+    /// it (any byte resets idleness, so trickling would pin a partial message forever).
+    pub(super) fn sweep_idle(&mut self, parts: &mut Parts<'_>) {
         let now = Instant::now();
         if now < self.next_sweep {
             return;
         }
-        let limits = &self.config.limits;
-        self.next_sweep = now + sweep_interval(limits.ping_interval_ms, limits.idle_timeout_ms);
+        let limits = &self.limits;
+        self.next_sweep =
+            now + sweep_interval(limits.ping_interval_ms, limits.idle_timeout_ms, limits.message_timeout_ms);
         let clock = self.clock_ms();
         let ping_after = limits.ping_interval_ms.min(u64::from(u32::MAX)) as u32;
         let idle_after = match limits.idle_timeout_ms {
             0 => u32::MAX,
             ms => ms.min(u64::from(u32::MAX)) as u32,
         };
+        let message_after = limits.message_timeout_ms.min(u64::from(u32::MAX)) as u32;
         let mut idle = Vec::new();
+        let mut stalled = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
             if conn.state != ConnState::Open {
                 continue;
             }
             let silent = clock.wrapping_sub(conn.last_seen);
-            if silent >= idle_after {
+            // A paused connection's input waits for us, not for the client.
+            let stalled_since = conn.message_since.filter(|_| !conn.paused);
+            if stalled_since.is_some_and(|since| clock.wrapping_sub(since) >= message_after) {
+                stalled.push(key);
+            } else if silent >= idle_after {
                 idle.push(key);
             } else if silent >= ping_after && !conn.ping_outstanding {
                 let mut ping = Vec::with_capacity(2);
@@ -125,12 +135,16 @@ impl Worker {
                 }
             }
         }
+        for key in stalled {
+            self.stats.message_timeouts += 1;
+            self.close_conn(key, close_code::POLICY_VIOLATION, "message not completed in time");
+        }
         for key in idle {
             self.stats.idle_timeouts += 1;
             self.close_conn(key, close_code::GOING_AWAY, "idle timeout");
         }
         if !self.dirty.is_empty() {
-            self.flush_dirty();
+            self.flush_dirty(parts);
         }
     }
 }

@@ -1,6 +1,12 @@
 //! A connection's outgoing bytes: a queue of whole frames, shared ones (a group message encoded
 //! once per worker, referenced by every member) and owned ones (replies, close frames).
 //! Flushed with one writev per loop turn, so a busy connection gets many frames per syscall.
+//!
+//! Every queued byte counts in `bytes()`, whatever the frame, so the worker can hold each
+//! connection to `limits.send_buffer_limit`. The drop policy replaces dropped group messages
+//! in place with `Chunk::Dropped` and remembers where it stopped (`scan`), so queued replies
+//! are passed over once, not on every delivery; tombstones are swept out once they are half
+//! the queue.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
@@ -12,9 +18,14 @@ const MAX_IOV: usize = 64;
 /// A drained queue keeps at most this many slots, so a burst does not pin memory forever.
 const KEEP_SLOTS: usize = 16;
 
+/// Tombstones tolerated before a sweep, whatever the queue length.
+const MIN_SWEEP: usize = 32;
+
 pub enum Chunk {
     Shared(Rc<[u8]>),
     Owned(Box<[u8]>),
+    /// A group message dropped by the drop policy: writes nothing.
+    Dropped,
 }
 
 impl Deref for Chunk {
@@ -23,6 +34,7 @@ impl Deref for Chunk {
         match self {
             Chunk::Shared(b) => b,
             Chunk::Owned(b) => b,
+            Chunk::Dropped => &[],
         }
     }
 }
@@ -36,6 +48,11 @@ pub struct OutQueue {
     bytes: usize,
     /// Bytes written over the connection's life.
     written: u64,
+    /// Index from which unsent group messages may be found: every chunk before it (past a
+    /// partly written front) is a reply, a close frame or a tombstone.
+    scan: usize,
+    /// `Chunk::Dropped` entries in `chunks`.
+    tombstones: usize,
 }
 
 /// How a flush ended.
@@ -70,23 +87,32 @@ impl OutQueue {
         let keep = usize::from(self.offset > 0);
         self.chunks.truncate(keep);
         self.bytes = self.chunks.front().map_or(0, |c| c.len() - self.offset);
+        self.scan = keep;
+        self.tombstones = 0;
     }
 
     /// Drops the oldest group messages not yet started until at most `limit` bytes are
     /// queued; replies and close frames stay. Returns how many messages were dropped.
+    /// Amortised O(1) per queued frame: chunks before `scan` are never looked at again.
     pub fn drop_oldest_shared(&mut self, limit: usize) -> usize {
         let mut dropped = 0;
         // A partly written front frame must finish, or the stream would be corrupt.
-        let mut at = usize::from(self.offset > 0);
+        let mut at = self.scan.max(usize::from(self.offset > 0));
         while self.bytes > limit && at < self.chunks.len() {
             if matches!(self.chunks[at], Chunk::Shared(_)) {
-                if let Some(chunk) = self.chunks.remove(at) {
-                    self.bytes -= chunk.len();
-                    dropped += 1;
-                }
-            } else {
-                at += 1;
+                let chunk = std::mem::replace(&mut self.chunks[at], Chunk::Dropped);
+                self.bytes -= chunk.len();
+                self.tombstones += 1;
+                dropped += 1;
             }
+            at += 1;
+        }
+        self.scan = at;
+        if self.tombstones > MIN_SWEEP && self.tombstones * 2 > self.chunks.len() {
+            self.chunks.retain(|c| !matches!(c, Chunk::Dropped));
+            self.tombstones = 0;
+            // Positions moved: look again from the front (paid for by the drops above).
+            self.scan = 0;
         }
         dropped
     }
@@ -95,10 +121,25 @@ impl OutQueue {
         while !self.chunks.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
             let mut n = 0;
-            for (i, chunk) in self.chunks.iter().take(MAX_IOV).enumerate() {
+            for (i, chunk) in self.chunks.iter().enumerate() {
                 let start = if i == 0 { self.offset } else { 0 };
-                slices[i] = IoSlice::new(&chunk[start..]);
+                if chunk.len() == start {
+                    // A tombstone: nothing to write, no iovec spent on it.
+                    continue;
+                }
+                slices[n] = IoSlice::new(&chunk[start..]);
                 n += 1;
+                if n == MAX_IOV {
+                    break;
+                }
+            }
+            if n == 0 {
+                // Only tombstones left.
+                self.chunks.clear();
+                self.offset = 0;
+                self.scan = 0;
+                self.tombstones = 0;
+                break;
             }
             match out.write_vectored(&slices[..n]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -125,7 +166,10 @@ impl OutQueue {
             }
             written -= left;
             self.offset = 0;
-            self.chunks.pop_front();
+            if matches!(self.chunks.pop_front(), Some(Chunk::Dropped)) {
+                self.tombstones -= 1;
+            }
+            self.scan = self.scan.saturating_sub(1);
         }
     }
 }
@@ -170,6 +214,59 @@ mod tests {
         sink.cap = 100;
         q.write_to(&mut sink).unwrap();
         assert_eq!(sink.got, b"0123456789reply");
+    }
+
+    #[test]
+    fn dropping_passes_over_replies_once() {
+        let msg: Rc<[u8]> = Rc::from(&b"0123456789"[..]);
+        let mut q = OutQueue::default();
+        for _ in 0..1000 {
+            q.push(Chunk::Owned(b"reply".to_vec().into_boxed_slice()));
+        }
+        let mut dropped = 0;
+        for _ in 0..1500 {
+            q.push(Chunk::Shared(msg.clone()));
+            dropped += q.drop_oldest_shared(5000);
+            // Every reply was passed over by the first drop: later ones start past them.
+            assert!(q.scan >= 1000 || q.tombstones == 0, "scan {} tombstones {}", q.scan, q.tombstones);
+        }
+        assert_eq!(dropped, 1500, "replies alone fill the bound: every message goes");
+        assert_eq!(q.bytes(), 5000);
+        assert!(q.chunks.len() < 1000 + 1500, "tombstones are swept: {}", q.chunks.len());
+        let mut sink = Trickle { got: Vec::new(), limit: usize::MAX, cap: usize::MAX };
+        assert_eq!(q.write_to(&mut sink).unwrap(), Flushed::All);
+        assert_eq!(sink.got, b"reply".repeat(1000));
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn tombstones_write_nothing_and_partial_writes_cross_them() {
+        let a: Rc<[u8]> = Rc::from(&b"aaaa"[..]);
+        let b: Rc<[u8]> = Rc::from(&b"bbbb"[..]);
+        let mut q = OutQueue::default();
+        q.push(Chunk::Shared(a.clone()));
+        q.push(Chunk::Owned(b"r1".to_vec().into_boxed_slice()));
+        q.push(Chunk::Shared(b.clone()));
+        q.push(Chunk::Shared(a.clone()));
+        q.push(Chunk::Owned(b"r2".to_vec().into_boxed_slice()));
+        q.push(Chunk::Shared(b));
+        // 16 + 4 queued: keep 12, so the first two messages go (one before, one after r1).
+        assert_eq!(q.drop_oldest_shared(12), 2);
+        assert_eq!(q.bytes(), 12);
+        let mut sink = Trickle { got: Vec::new(), limit: 3, cap: 5 };
+        assert_eq!(q.write_to(&mut sink).unwrap(), Flushed::Blocked);
+        // The front is partly written now: it is kept, the next message may go.
+        assert_eq!(q.drop_oldest_shared(0), 1);
+        sink.cap = 100;
+        assert_eq!(q.write_to(&mut sink).unwrap(), Flushed::All);
+        assert_eq!(sink.got, b"r1aaaar2");
+        assert!(q.is_empty() && q.bytes() == 0);
+        // Only tombstones left also counts as drained.
+        q.push(Chunk::Shared(a.clone()));
+        q.push(Chunk::Shared(a));
+        assert_eq!(q.drop_oldest_shared(0), 2);
+        assert_eq!(q.write_to(&mut sink).unwrap(), Flushed::All);
+        assert!(q.is_empty());
     }
 
     #[test]

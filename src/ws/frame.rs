@@ -120,6 +120,13 @@ pub fn text(payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A close frame without a body (the answer to one without a code).
+pub fn close_empty() -> Vec<u8> {
+    let mut out = Vec::with_capacity(2);
+    encode(&mut out, Kind::Close, &[]);
+    out
+}
+
 /// A close frame with `code` and a reason (cut to fit the 125-byte control frame limit).
 pub fn close(code: u16, reason: &str) -> Vec<u8> {
     let mut payload = code.to_be_bytes().to_vec();

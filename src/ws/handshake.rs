@@ -68,12 +68,28 @@ pub fn process(buf: &[u8]) -> Handshake {
     let Some(key) = header("Sec-WebSocket-Key").map(str::trim).filter(|k| !k.is_empty()) else {
         return reply(400, "Bad Request", "Sec-WebSocket-Key missing\n", "no Sec-WebSocket-Key");
     };
+    if !is_base64_of_16_bytes(key) {
+        return reply(400, "Bad Request", "Sec-WebSocket-Key must be base64 of 16 bytes\n", "bad Sec-WebSocket-Key");
+    }
     let accept = derive_accept_key(key.as_bytes());
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
     )
     .into_bytes();
     Handshake::Upgrade { response, consumed }
+}
+
+/// RFC 6455 section 4.1: the key is 16 random bytes, base64-encoded: 22 characters of the
+/// base64 alphabet, the last of which carries only two bits (so one of `AQgw`), then `==`.
+fn is_base64_of_16_bytes(key: &str) -> bool {
+    let b = key.as_bytes();
+    let alphabet = |c: &u8| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/';
+    b.len() == 24 && b[..21].iter().all(alphabet) && b"AQgw".contains(&b[21]) && &b[22..] == b"=="
+}
+
+/// The answer to a connection over the worker's connection limit.
+pub fn service_unavailable() -> Vec<u8> {
+    response(503, "Service Unavailable", "Retry-After: 5\r\n", "connection limit reached, retry\n")
 }
 
 fn reply(status: u16, text: &str, body: &str, reason: &'static str) -> Handshake {
@@ -103,6 +119,30 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn keys_must_be_base64_of_16_bytes() {
+        assert!(is_base64_of_16_bytes("dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(is_base64_of_16_bytes("AAAAAAAAAAAAAAAAAAAAAA=="));
+        for bad in [
+            "abc",
+            "dGhlIHNhbXBsZSBub25jZQ",       // no padding
+            "dGhlIHNhbXBsZSBub25jZR==",     // non-canonical last character
+            "dGhlIHNhbXBsZSBub25jZQ=!",     // bad padding
+            "dGhlIHNhbXBsZSBub25j!Q==",     // outside the alphabet
+            "dGhlIHNhbXBsZSBub25jZXh4eA==", // 17 bytes
+            "dGhlIHNhbXBsZSBub25jZQ==x",
+        ] {
+            assert!(!is_base64_of_16_bytes(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_503_declares_its_body_length() {
+        let text = String::from_utf8(service_unavailable()).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("Content-Length: {}\r\n", body.len())), "{text}");
     }
 
     #[test]

@@ -16,4 +16,11 @@ pub mod close_code {
     pub const POLICY_VIOLATION: u16 = 1008;
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     pub const SERVICE_RESTART: u16 = 1012;
+
+    /// Whether a peer may send `code` in a close frame (RFC 6455 section 7.4 and the IANA
+    /// registry): 1000-1003, 1007-1014 and the application ranges 3000-4999. 1005, 1006 and
+    /// 1015 are reserved for reports that never go on the wire; the rest are unassigned.
+    pub fn valid_from_peer(code: u16) -> bool {
+        matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+    }
 }

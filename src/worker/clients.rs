@@ -1,0 +1,311 @@
+//! The clients part of a worker: every WebSocket connection (a slab of `Conn`), the list of
+//! connections to flush at the end of the loop turn, the list to read again next turn, the
+//! handshake/close/drain timers, the per-connection output bound and slow-client policy, and
+//! the client counters shown in `status`.
+//!
+//! It owns no group map and no bus: operations that touch them (a command, a departure) are
+//! handed those parts in a `Parts`, so each part keeps its own state and the event loop
+//! (worker/mod.rs) only wires them. Reading and commands are in input.rs, delivery and group
+//! membership in delivery.rs, the bounds in limits.rs.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use log::debug;
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+use slab::Slab;
+
+use super::bus::Bus;
+use super::conn::{AfterFlush, CommandBudget, Conn, ConnState};
+use super::groups::Groups;
+use super::outqueue::Flushed;
+use crate::config::Limits;
+use crate::control::{ConnectionInfo, ProcessStats};
+
+/// Connection tokens are slab keys shifted past the worker's fixed tokens.
+pub const FIRST_CONN: usize = 16;
+/// How long we wait for the peer's close frame after sending ours, or for our last bytes to
+/// leave after answering the peer's close frame.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The other parts a client operation may touch: joining or leaving a group changes the group
+/// map and the bus subscriptions, a departure deregisters the socket.
+pub struct Parts<'a> {
+    pub registry: &'a Registry,
+    pub groups: &'a mut Groups,
+    pub bus: &'a mut Bus,
+}
+
+/// How a stopping worker closes the connections it still holds or completes the handshake of.
+#[derive(Debug, Clone, Copy)]
+pub struct StopClose {
+    pub code: u16,
+    pub deadline: Instant,
+}
+
+pub struct Clients {
+    pub(super) conns: Slab<Conn>,
+    /// Connections with output queued this turn, flushed once at the end of it.
+    pub(super) dirty: Vec<usize>,
+    /// Connections that hit the per-turn read budget (or resumed after backpressure) and may
+    /// still have data in the kernel: edge-triggered readiness will not report it again.
+    pub(super) read_again: Vec<usize>,
+    /// (deadline, slab key, connection id): handshake and close timeouts.
+    pub(super) timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    next_conn_id: u64,
+    pub(super) limits: Limits,
+    /// Connections this worker may hold (`limits.connections_per_worker`).
+    pub(super) max_conns: usize,
+    /// Origin of the worker clock (`clock_ms`) kept per connection.
+    started: Instant,
+    /// When the next idle/ping sweep over all connections is due.
+    pub(super) next_sweep: Instant,
+    /// Set once the worker stops: a handshake completing afterwards is closed at once.
+    pub(super) stopping: Option<StopClose>,
+    /// The client counters of `status` (the rest of `ProcessStats` is filled by the worker).
+    pub(super) stats: ProcessStats,
+}
+
+impl Clients {
+    pub fn new(limits: Limits, max_conns: usize) -> Clients {
+        Clients {
+            conns: Slab::new(),
+            dirty: Vec::new(),
+            read_again: Vec::new(),
+            timers: BinaryHeap::new(),
+            next_conn_id: 1,
+            limits,
+            max_conns,
+            started: Instant::now(),
+            next_sweep: Instant::now(),
+            stopping: None,
+            stats: ProcessStats::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    pub fn counters(&self) -> &ProcessStats {
+        &self.stats
+    }
+
+    /// Whether a connection is still in its HTTP upgrade (a stopping worker waits for those).
+    pub fn any_handshaking(&self) -> bool {
+        self.conns.iter().any(|(_, c)| c.state == ConnState::Handshaking)
+    }
+
+    /// Worker clock in milliseconds, stored per connection in 4 bytes (wrapping after 49 days;
+    /// only differences are used).
+    pub(super) fn clock_ms(&self) -> u32 {
+        self.started.elapsed().as_millis() as u32
+    }
+
+    /// The earliest timer, for the loop's sleep; or `Some(now)` when connections wait to be
+    /// read again.
+    pub fn next_wake(&self) -> Option<Instant> {
+        if !self.read_again.is_empty() {
+            return Some(Instant::now());
+        }
+        let timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
+        Some(timer.map_or(self.next_sweep, |t| t.min(self.next_sweep)))
+    }
+
+    /// Takes a freshly accepted connection: registered, on a handshake timer. Over the
+    /// connection limit it is answered 503 and closed instead.
+    pub fn accept(&mut self, registry: &Registry, mut stream: TcpStream, peer: SocketAddr) {
+        // Group messages are small and latency matters more than packet count; corking
+        // already batches frames per writev.
+        let _ = stream.set_nodelay(true);
+        if self.conns.len() >= self.max_conns {
+            self.refuse_connection(stream, peer);
+            return;
+        }
+        let now_ms = self.clock_ms();
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        let token = Token(key + FIRST_CONN);
+        if let Err(e) = registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE) {
+            log::warn!("cannot register connection from {peer}: {e}");
+            return;
+        }
+        let id = self.next_conn_id;
+        self.next_conn_id += 1;
+        let budget = CommandBudget::new(self.limits.commands_burst, now_ms);
+        entry.insert(Conn::new(stream, id, peer, now_ms, budget));
+        let timeout = Duration::from_millis(self.limits.handshake_timeout_ms);
+        self.timers.push(Reverse((Instant::now() + timeout, key, id)));
+        debug!("connection {id} from {peer}");
+    }
+
+    /// Work done once per loop turn, after every event was handled.
+    pub fn end_of_turn(&mut self, parts: &mut Parts<'_>) {
+        self.flush_dirty(parts);
+        self.expire_timers(parts);
+        self.sweep_idle(parts);
+    }
+
+    // ---- writing and closing ---------------------------------------------------------------
+
+    pub(super) fn mark_dirty(&mut self, key: usize) {
+        if let Some(conn) = self.conns.get_mut(key) {
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(key);
+            }
+        }
+    }
+
+    pub(super) fn flush_dirty(&mut self, parts: &mut Parts<'_>) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for key in dirty.drain(..) {
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            conn.dirty = false;
+            let result = conn.out.write_to(&mut conn.stream);
+            if conn.paused && conn.out.bytes() <= self.limits.send_buffer_limit / 2 {
+                // Drained to half the bound: read it again. Its socket may hold data that
+                // edge-triggered readiness will not report a second time.
+                conn.paused = false;
+                conn.resumed = true;
+                self.read_again.push(key);
+            }
+            match result {
+                Ok(Flushed::All) if conn.missed > 0 && conn.state.is_open() => {
+                    // Caught up after the drop policy discarded messages: say how many.
+                    super::limits::report_missed(conn);
+                    conn.dirty = true;
+                    self.dirty.push(key);
+                }
+                Ok(Flushed::All) => match conn.state {
+                    ConnState::Closing(AfterFlush::Drop) => self.drop_conn(key, "closed by the server", parts),
+                    ConnState::Closing(AfterFlush::AwaitPeer) => {
+                        let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                    }
+                    _ => {}
+                },
+                Ok(Flushed::Blocked) => {}
+                Err(e) => {
+                    self.stats.send_failures += 1;
+                    self.drop_conn(key, &format!("write failed: {e}"), parts);
+                }
+            }
+        }
+        // Connections queued again during this flush (a missed-messages report) stay queued;
+        // the emptied list goes back for reuse of its allocation.
+        let requeued = std::mem::replace(&mut self.dirty, dirty);
+        self.dirty.extend(requeued);
+    }
+
+    /// Server-initiated close with a WebSocket close code.
+    pub(super) fn close_conn(&mut self, key: usize, code: u16, reason: &str) {
+        self.close_conn_until(key, code, reason, Instant::now() + CLOSE_TIMEOUT);
+    }
+
+    /// Like `close_conn`, waiting for the client's close frame until `deadline`.
+    pub(super) fn close_conn_until(&mut self, key: usize, code: u16, reason: &str, deadline: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        debug!("connection {}: closing with {code}: {reason}", conn.id);
+        if conn.start_close(code, reason) {
+            let id = conn.id;
+            self.timers.push(Reverse((deadline, key, id)));
+            self.mark_dirty(key);
+        }
+    }
+
+    /// Ends a connection once what is queued is written (an HTTP answer, the echo of the
+    /// peer's close frame), or after `CLOSE_TIMEOUT` if the peer does not read it: a client
+    /// with a full queue must not pin its slot and buffers forever.
+    pub(super) fn close_after_flush(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        conn.state = ConnState::Closing(AfterFlush::Drop);
+        let id = conn.id;
+        self.timers.push(Reverse((Instant::now() + CLOSE_TIMEOUT, key, id)));
+        self.mark_dirty(key);
+    }
+
+    /// Closes every open connection with `code`, waiting for them until `deadline`; a
+    /// handshake completing after this is closed the same way.
+    pub fn close_all(&mut self, code: u16, reason: &str, deadline: Instant) {
+        self.stopping = Some(StopClose { code, deadline });
+        let open: Vec<usize> = self.conns.iter().filter(|(_, c)| c.state.is_open()).map(|(k, _)| k).collect();
+        for key in open {
+            self.close_conn_until(key, code, reason, deadline);
+        }
+    }
+
+    /// Forgets a connection: socket closed, every group membership removed.
+    pub(super) fn drop_conn(&mut self, key: usize, why: &str, parts: &mut Parts<'_>) {
+        if !self.conns.contains(key) {
+            return;
+        }
+        let mut conn = self.conns.remove(key);
+        let _ = parts.registry.deregister(&mut conn.stream);
+        for id in conn.groups.drain(..) {
+            if let Some(name) = parts.groups.leave(id, key) {
+                parts.bus.unsubscribe(&name);
+            }
+        }
+        debug!("connection {} from {} gone: {why}", conn.id, conn.peer);
+    }
+
+    fn expire_timers(&mut self, parts: &mut Parts<'_>) {
+        let now = Instant::now();
+        while let Some(Reverse((at, key, id))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(conn) = self.conns.get(key) else {
+                continue;
+            };
+            if conn.id != id {
+                continue;
+            }
+            match conn.state {
+                ConnState::Handshaking => {
+                    self.stats.handshake_timeouts += 1;
+                    self.drop_conn(key, "handshake timed out", parts);
+                }
+                ConnState::Closing(_) => self.drop_conn(key, "close timed out", parts),
+                ConnState::Open => {}
+            }
+        }
+    }
+
+    /// The `connections` listing of `status`.
+    pub fn connection_list(&self, worker: usize, groups: &Groups) -> Vec<ConnectionInfo> {
+        let pid = std::process::id();
+        self.conns
+            .iter()
+            .map(|(_, c)| ConnectionInfo {
+                id: c.id,
+                worker,
+                worker_pid: pid,
+                peer: c.peer.to_string(),
+                state: match c.state {
+                    ConnState::Handshaking => "handshaking",
+                    ConnState::Open => "open",
+                    ConnState::Closing(_) => "closing",
+                }
+                .into(),
+                groups: c.groups.iter().filter_map(|&g| groups.name(g).map(str::to_owned)).collect(),
+                age_secs: c.opened.elapsed().as_secs(),
+                bytes_in: c.bytes_in,
+                bytes_out: c.out.total_written(),
+                messages_in: c.messages_in,
+                messages_out: c.messages_out,
+                send_buffer: c.out.bytes() as u64,
+            })
+            .collect()
+    }
+}

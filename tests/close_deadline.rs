@@ -18,9 +18,9 @@ fn a_client_closing_with_a_full_queue_is_dropped_after_the_close_deadline() {
          handshake_timeout_ms = 300\ncommands_per_second = 1000000\ncommands_burst = 1000000\n",
     );
     let connected = std::time::Instant::now();
-    let mut slow = RawConn::upgrade(connect_small_rcvbuf(server.addr, 4096));
+    let mut slow = RawWs::upgrade(connect_small_rcvbuf(server.addr, 4096));
     slow.send_text(r#"{"cmd":"add_group","group_id":"flood"}"#);
-    let mut publisher = RawConn::connect(server.addr);
+    let mut publisher = RawWs::connect(server.addr);
     server.wait_subscriptions(1);
     // The handshake timer must have passed (it used to end such a connection by chance).
     // Fill the kernel buffers and the slow client's queue: the drop policy discards once the
@@ -35,6 +35,6 @@ fn a_client_closing_with_a_full_queue_is_dropped_after_the_close_deadline() {
         (past_handshake_timer && worker_sum(&server.status(), "slow_dropped") > 500).then_some(())
     });
     // Close from the client, which still reads nothing.
-    slow.write_frame(0x88, &1000u16.to_be_bytes());
+    slow.write_frame(0x88, &1000u16.to_be_bytes(), true);
     server.wait_status("the closing client to be dropped", |r| field(&r["totals"], "connections") == 1);
 }

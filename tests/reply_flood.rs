@@ -38,7 +38,7 @@ fn worker_pid(server: &Server) -> u64 {
 
 /// Writes `batches` in order on a thread until done or the socket stays full for the write
 /// timeout (the worker stopped reading it); `done` is set either way.
-fn writer(mut conn: RawConn, batches: Vec<Vec<u8>>, done: Arc<AtomicBool>) -> JoinHandle<(usize, RawConn)> {
+fn writer(mut conn: RawWs, batches: Vec<Vec<u8>>, done: Arc<AtomicBool>) -> JoinHandle<(usize, RawWs)> {
     conn.stream.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
     std::thread::spawn(move || {
         let mut sent = 0;
@@ -62,7 +62,7 @@ fn flood_and_watch(server: &Server, batches: Vec<Vec<u8>>, watch: bool) -> (u64,
     watcher.add_group(&json!("news"));
     let mut publisher = Client::connect(server.addr);
     server.wait_subscriptions(1);
-    let flooder = RawConn::upgrade(connect_small_rcvbuf(server.addr, 4096));
+    let flooder = RawWs::upgrade(connect_small_rcvbuf(server.addr, 4096));
     let baseline = rss_bytes(pid);
     let done = Arc::new(AtomicBool::new(false));
     let handle = writer(flooder, batches, done.clone());

@@ -28,7 +28,7 @@ use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SI
 use signal_hook_mio::v1_0::Signals;
 
 use crate::config::{ChannelAddr, Config, Overrides};
-use crate::control::ReloadOutcome;
+use crate::control::{ReloadOutcome, Request};
 use crate::ws::close_code;
 use children::{ChildProc, Role, Slot};
 use pidfile::PidFile;
@@ -225,7 +225,7 @@ fn run(
     }
     let owned: Vec<&std::path::Path> = owned.iter().map(PathBuf::as_path).collect();
     privileges::drop_privileges(config.user.as_deref(), config.group.as_deref(), &owned)?;
-    let config_json = serde_json::to_string(&config).context("cannot serialize the config")?;
+    let config_json = crate::control::encode_child_config(&config).context("cannot serialize the config")?;
     let mut slots = Vec::new();
     if channel_listener.is_some() {
         slots.push(Slot::new(Role::Channel));
@@ -420,7 +420,7 @@ impl Master {
         notify::notify("STOPPING=1");
         self.reload.abort();
         let drain_ms = if graceful { self.config.graceful_timeout_ms } else { 0 };
-        let shutdown = format!("shutdown {} {drain_ms}", close_code::GOING_AWAY);
+        let shutdown = Request::Shutdown { code: close_code::GOING_AWAY, drain_ms };
         let mut workers: Vec<(Role, ChildProc)> = Vec::new();
         for slot in &mut self.slots {
             slot.respawn_at = None;

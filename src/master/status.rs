@@ -10,7 +10,7 @@ use log::warn;
 
 use super::children::{rss_kib, ChildProc, Role};
 use super::Master;
-use crate::control::{binary_identity, ConnectionList, ProcessStats, StatusReport, Totals};
+use crate::control::{binary_identity, ConnectionList, ProcessStats, Reply, Request, StatusReport, Totals};
 
 impl Master {
     pub(super) fn serve_control(&mut self) {
@@ -57,11 +57,11 @@ impl Master {
     fn status_report(&mut self) -> StatusReport {
         for slot in &mut self.slots {
             if let Some(proc) = slot.proc.as_mut() {
-                proc.request("stats");
+                proc.request(&Request::Stats);
             }
         }
         for r in &mut self.retiring {
-            r.proc.request("stats");
+            r.proc.request(&Request::Stats);
         }
         let deadline = Instant::now() + Duration::from_millis(self.config.status_timeout_ms);
         let master_pid = std::process::id();
@@ -129,7 +129,7 @@ impl Master {
         let mut asked = Vec::new();
         for slot in &mut self.slots {
             if let (Role::Worker(i), Some(proc)) = (slot.role, slot.proc.as_mut()) {
-                if proc.request("connections") {
+                if proc.request(&Request::Connections) {
                     asked.push(i);
                 }
             }
@@ -143,7 +143,10 @@ impl Master {
                 .as_mut()
                 .filter(|_| asked.contains(&i))
                 .and_then(|p| p.read_answer(deadline))
-                .and_then(|line| serde_json::from_str::<ConnectionList>(&line).ok());
+                .and_then(|reply| match reply {
+                    Reply::Connections(list) => Some(list.into_owned()),
+                    _ => None,
+                });
             match answer {
                 Some(part) => list.connections.extend(part.connections),
                 None => list.missing_workers.push(i),
@@ -158,8 +161,11 @@ fn row(role: Role, proc: Option<&mut ChildProc>, deadline: Instant) -> ProcessSt
     let mut stats = match proc {
         Some(proc) => {
             let pid = proc.pid();
-            let mut s =
-                proc.read_answer(deadline).and_then(|l| serde_json::from_str::<ProcessStats>(&l).ok()).map_or_else(
+            let answer = proc.read_answer(deadline).and_then(|reply| match reply {
+                Reply::Stats(stats) => Some(stats.into_owned()),
+                _ => None,
+            });
+            let mut s = answer.map_or_else(
                     || ProcessStats { state: "starting".into(), ..Default::default() },
                     |s| ProcessStats {
                         state: if s.state.is_empty() { "running".into() } else { s.state.clone() },

@@ -74,7 +74,7 @@ pub fn publish(config: &Config, group: &str, message: Option<&str>) -> anyhow::R
         bail!("the group id must be 1 to {} bytes", config.limits.max_group_id_len);
     }
     let secret = config.channel.secret_file.as_deref().map(auth::load_secret).transpose()?;
-    let mut peer = Peer::connect(config.channel_target(), config.channel_max_frame)?;
+    let mut peer = Peer::connect(&config.channel_target(), config.channel.max_frame)?;
     let (flags, broker_nonce) = peer.next_frame(|f| match f {
         wire::Frame::Challenge { flags, nonce, .. } => Ok((flags, nonce)),
         other => bail!("unexpected first frame from the channel server: {other:?}"),

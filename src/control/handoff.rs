@@ -24,7 +24,7 @@ struct ChildConfig<'a> {
 
 /// The value of `CONFIG_ENV` for children of a master running `config`.
 pub fn encode_child_config(config: &Config) -> serde_json::Result<String> {
-    serde_json::to_string(&ChildConfig { syslog: config.syslog, config: std::borrow::Cow::Borrowed(config) })
+    serde_json::to_string(&ChildConfig { syslog: config.log.syslog, config: std::borrow::Cow::Borrowed(config) })
 }
 
 /// Reads the resolved config the master put in the environment.
@@ -34,6 +34,6 @@ pub fn child_config() -> anyhow::Result<Config> {
     let passed: ChildConfig<'static> =
         serde_json::from_str(&json).context("config passed by the master does not parse")?;
     let mut config = passed.config.into_owned();
-    config.syslog = passed.syslog;
+    config.log.syslog = passed.syslog;
     Ok(config)
 }

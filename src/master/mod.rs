@@ -117,8 +117,8 @@ fn bind_all(config: &Config, mode: Mode) -> anyhow::Result<Bound> {
     };
     let channel_listener = if mode.runs_broker(config) {
         Some(
-            crate::channel::bind_listener(&config.channel_listen, config.backlog)
-                .with_context(|| format!("cannot bind the channel server to {}", config.channel_listen))?,
+            crate::channel::bind_listener(&config.channel_listen(), config.backlog)
+                .with_context(|| format!("cannot bind the channel server to {}", config.channel_listen()))?,
         )
     } else {
         None
@@ -141,7 +141,7 @@ pub fn start(mut config: Config, source: ConfigSource, mode: Mode, daemon: bool)
     if !daemon {
         return run(config, source, exe, bound, None);
     }
-    config.syslog = true;
+    config.log.syslog = true;
     // The daemon reports readiness (or why it failed) through this pipe, so `start -d`
     // returns only once the instance serves, with a meaningful exit code.
     let (mut ready_rx, ready_tx) = io::pipe().context("cannot create the readiness pipe")?;
@@ -169,7 +169,7 @@ pub fn start(mut config: Config, source: ConfigSource, mode: Mode, daemon: bool)
         daemonize::Outcome::Parent(Err(e)) => bail!("cannot daemonize: {e}"),
         daemonize::Outcome::Child(Ok(_)) => {
             drop(ready_rx);
-            if let Err(e) = crate::logging::use_syslog(&config.syslog_socket, &config.syslog_facility) {
+            if let Err(e) = crate::logging::use_syslog(&config.log.syslog_socket, &config.log.syslog_facility) {
                 // Nowhere better to say it: stderr is /dev/null now.
                 let _ = writeln!(&ready_tx, "warning {e}");
             }
@@ -220,7 +220,7 @@ fn run(
     let Bound { mut pidfile, worker_listeners, listen, channel_listener, control } = bound;
     pidfile.write_pid().context("cannot write the pid file")?;
     let mut owned = vec![config.pid_file.clone(), config.control_socket()];
-    if let (Some(_), ChannelAddr::Unix(path)) = (&channel_listener, &config.channel_listen) {
+    if let (Some(_), ChannelAddr::Unix(path)) = (&channel_listener, &*config.channel_listen()) {
         owned.push(path.clone());
     }
     let owned: Vec<&std::path::Path> = owned.iter().map(PathBuf::as_path).collect();
@@ -258,7 +258,7 @@ fn run(
             None => info!(
                 "groupcast {} channel server ready on {}",
                 env!("CARGO_PKG_VERSION"),
-                master.config.channel_listen
+                master.config.channel_listen()
             ),
         }
         notify::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
@@ -443,7 +443,7 @@ impl Master {
         }
         wait_or_kill(&mut channel, STOP_GRACE);
         let _ = std::fs::remove_file(self.config.control_socket());
-        if let (Some(_), ChannelAddr::Unix(path)) = (&self.channel_listener, &self.config.channel_listen) {
+        if let (Some(_), ChannelAddr::Unix(path)) = (&self.channel_listener, &*self.config.channel_listen()) {
             let _ = std::fs::remove_file(path);
         }
         if let Some(pidfile) = self.pidfile.take() {

@@ -124,7 +124,7 @@ impl Master {
             warn!("reload keeps the running {}: changing them needs a restart", fixed.join(", "));
         }
         let config = self.config.reloaded(fresh);
-        if let Some(level) = crate::config::log_level_filter(&config.log_level) {
+        if let Some(level) = crate::config::log_level_filter(&config.log.level) {
             log::set_max_level(level);
         }
         self.config_json = crate::control::encode_child_config(&config)?;

@@ -54,7 +54,7 @@ impl Bus {
         let carrier = match config.bus {
             BusKind::Channel => {
                 let settings = ClientSettings {
-                    addr: config.channel_target().clone(),
+                    addr: config.channel_target().into_owned(),
                     secret: config.channel.secret_file.as_deref().map(crate::channel::auth::load_secret).transpose()?,
                     queue_max_messages: config.channel.queue_max_messages,
                     queue_max_bytes: config.channel.queue_max_bytes,
@@ -74,7 +74,7 @@ impl Bus {
                 Carrier::Redis(RedisBus::start(settings, origin, waker)?)
             }
         };
-        Ok(Bus { carrier, dedupe: Dedupe::default(), origin, max_frame: config.channel_max_frame })
+        Ok(Bus { carrier, dedupe: Dedupe::default(), origin, max_frame: config.channel.max_frame })
     }
 
     pub fn subscribe(&mut self, group: &str) {

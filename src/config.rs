@@ -16,10 +16,11 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 /// WebSocket listen address of the seed example.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:1234";
-/// Pid file of an instance started without a config; the channel and control sockets sit beside it.
-pub const DEFAULT_PID_FILE: &str = "/tmp/groupcast.pid";
-/// Pid file of a standalone broker (`groupcast channel`) started without a config.
-pub const DEFAULT_BROKER_PID_FILE: &str = "/tmp/groupcast-channel.pid";
+/// Name of the pid file of an instance started without one, in `runtime_dir()`; the channel
+/// and control sockets sit beside it.
+pub const DEFAULT_PID_FILE_NAME: &str = "groupcast.pid";
+/// Name of the pid file of a standalone broker (`groupcast channel`) started without one.
+pub const DEFAULT_BROKER_PID_FILE_NAME: &str = "groupcast-channel.pid";
 /// Pending-connection queue of each listening socket.
 pub const DEFAULT_BACKLOG: u32 = 1024;
 /// Largest WebSocket message (after reassembly of fragments) a client may send, in bytes.
@@ -294,7 +295,7 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Number of worker processes (default: the CPU count).
     pub workers: usize,
-    /// Pid file, locked while the instance runs (default /tmp/groupcast.pid).
+    /// Pid file, locked while the instance runs (default `runtime_dir()/groupcast.pid`).
     pub pid_file: PathBuf,
     /// Listen backlog of the WebSocket and channel listeners (default 1024).
     pub backlog: u32,
@@ -323,7 +324,7 @@ impl Default for Config {
         Config {
             listen: DEFAULT_LISTEN.parse().expect("default listen address parses"),
             workers: default_workers(),
-            pid_file: PathBuf::from(DEFAULT_PID_FILE),
+            pid_file: default_pid_file(),
             backlog: DEFAULT_BACKLOG,
             status_timeout_ms: DEFAULT_STATUS_TIMEOUT_MS,
             graceful_timeout_ms: DEFAULT_GRACEFUL_TIMEOUT_MS,
@@ -336,6 +337,27 @@ impl Default for Config {
             limits: Limits::default(),
         }
     }
+}
+
+/// The private directory (mode 0700, ours) of the default pid file and sockets: under a loose
+/// umask, sockets in a shared directory such as /tmp would let any local user connect to the
+/// unauthenticated channel socket or read the control socket. `/run/groupcast` as root,
+/// `$XDG_RUNTIME_DIR/groupcast` (itself private by the XDG spec) or `/tmp/groupcast-UID`
+/// otherwise. The master creates it, and refuses it if another user owns it.
+pub fn runtime_dir() -> PathBuf {
+    let uid = nix::unistd::Uid::effective();
+    if uid.is_root() {
+        return PathBuf::from("/run/groupcast");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(dir) if dir.is_absolute() => dir.join("groupcast"),
+        _ => PathBuf::from(format!("/tmp/groupcast-{uid}")),
+    }
+}
+
+/// The pid file used when neither the file nor `--pid-file` names one.
+pub fn default_pid_file() -> PathBuf {
+    runtime_dir().join(DEFAULT_PID_FILE_NAME)
 }
 
 fn default_workers() -> usize {
@@ -568,6 +590,10 @@ impl Config {
                 "log.syslog_facility",
                 format!("{:?} is not a syslog facility (daemon, user, local0..local7)", self.log.syslog_facility),
             ));
+        }
+        if self.group.is_some() && self.user.is_none() {
+            // Root keeps uid 0 and can take back any group: that is no privilege drop.
+            return Err(invalid("group", "set without `user`, the processes would still run as root; set `user` too"));
         }
         self.check_secret_for_remote_peers()
     }

@@ -216,3 +216,10 @@ fn issue10_no_secret_is_refused_with_connect_set() {
     assert_eq!(run.code, Some(1), "{run:?}");
     assert!(run.stderr.contains("invalid value for `channel.listen`"), "{run:?}");
 }
+
+/// Issue 10, defect 13: `group` without `user` left every process running as uid 0 (root can
+/// take back any group): refused at load, naming the key.
+#[test]
+fn issue10_group_without_user_is_refused() {
+    refused("group = \"nogroup\"\n", "invalid value for `group`");
+}

@@ -74,16 +74,21 @@ impl ChildProc {
     }
 
     /// Reaps the process if it has exited.
-    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+    pub fn try_exit(&mut self) -> Option<Ended> {
         match self.child.try_wait() {
-            Ok(status) => status,
-            // ECHILD: already reaped; treat as gone.
-            Err(_) => Some(ExitStatus::default()),
+            Ok(status) => status.map(Ended::Status),
+            // ECHILD: reaped already, by nobody we know of: gone, with no status to report
+            // (not "exited with status 0", which would read as a clean exit).
+            Err(e) if e.raw_os_error() == Some(nix::libc::ECHILD) => Some(Ended::Unknown(e)),
+            Err(e) => {
+                log::warn!("cannot check on pid {}: {e}", self.pid());
+                None
+            }
         }
     }
 
     /// Waits up to `limit` for the process to exit (used once it is known to be dying).
-    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<Ended> {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.try_exit() {
@@ -191,10 +196,26 @@ impl Slot {
         self.respawn_at = Some(Instant::now() + delay);
         Some(format!(
             "{} after {:.1}s; restarting in {:.1}s",
-            describe_exit(status),
+            status,
             lived.as_secs_f64(),
             delay.as_secs_f64()
         ))
+    }
+}
+
+/// How a child ended: its wait status, or, if it could not be had, why.
+#[derive(Debug)]
+pub enum Ended {
+    Status(ExitStatus),
+    Unknown(io::Error),
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::Status(status) => f.write_str(&describe_exit(*status)),
+            Ended::Unknown(e) => write!(f, "ended (exit status unknown: {e})"),
+        }
     }
 }
 

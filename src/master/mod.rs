@@ -5,23 +5,24 @@
 //! It stays single-threaded, because it forks. The life cycle is drawn in LIFECYCLE.md.
 
 pub mod children;
+mod control_clients;
 pub mod listeners;
 pub mod notify;
 pub mod pidfile;
 mod privileges;
 mod reload;
+mod runtime_dir;
 mod status;
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use log::{error, info, warn};
-use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::Signal;
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
@@ -35,6 +36,8 @@ use pidfile::PidFile;
 
 const SIGNALS: Token = Token(0);
 const CONTROL: Token = Token(1);
+/// Control clients get the tokens from here on.
+const FIRST_CONTROL_CLIENT: usize = 16;
 /// How long children get to exit after being told to stop, beyond any drain time, before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long a freshly started child may take to report ready.
@@ -71,7 +74,7 @@ pub struct Master {
     worker_listeners: Vec<OwnedFd>,
     /// The channel listener, when this master runs a broker (not with `channel.connect`).
     channel_listener: Option<OwnedFd>,
-    control: UnixListener,
+    control: control_clients::ControlClients,
     slots: Vec<Slot>,
     retiring: Vec<Retiring>,
     reload: reload::ReloadState,
@@ -107,6 +110,10 @@ impl Mode {
 }
 
 fn bind_all(config: &Config, mode: Mode) -> anyhow::Result<Bound> {
+    // The default location is made private; a directory the operator chose is theirs to set.
+    if config.pid_file.parent() == Some(crate::config::runtime_dir().as_path()) {
+        runtime_dir::ensure_private(&crate::config::runtime_dir())?;
+    }
     let pidfile = PidFile::acquire(&config.pid_file)?;
     let (worker_listeners, listen) = if mode.runs_workers() {
         let (fds, addr) = listeners::bind_worker_listeners(config.listen, config.workers, config.backlog)
@@ -116,21 +123,26 @@ fn bind_all(config: &Config, mode: Mode) -> anyhow::Result<Bound> {
         (Vec::new(), None)
     };
     let channel_listener = if mode.runs_broker(config) {
+        // A Unix channel socket is unauthenticated: 0600, only our processes may connect.
         Some(
-            crate::channel::bind_listener(&config.channel_listen(), config.backlog)
+            runtime_dir::with_private_umask(|| crate::channel::bind_listener(&config.channel_listen(), config.backlog))
                 .with_context(|| format!("cannot bind the channel server to {}", config.channel_listen()))?,
         )
     } else {
         None
     };
     let control_path = config.control_socket();
-    let control = listeners::bind_control_socket(&control_path)
+    let control = runtime_dir::with_private_umask(|| listeners::bind_control_socket(&control_path))
         .with_context(|| format!("cannot bind the control socket {}", control_path.display()))?;
     Ok(Bound { pidfile, worker_listeners, listen, channel_listener, control })
 }
 
 /// `groupcast start [-d]`.
 pub fn start(mut config: Config, source: ConfigSource, mode: Mode, daemon: bool) -> anyhow::Result<()> {
+    // Installed first: a signal during startup waits until the children are up instead of
+    // killing the master (the default action of SIGHUP, SIGUSR1, SIGUSR2).
+    let signals = Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2])
+        .context("cannot install signal handlers")?;
     let exe = current_exe()?;
     if mode == Mode::Broker {
         config.workers = 0;
@@ -139,7 +151,7 @@ pub fn start(mut config: Config, source: ConfigSource, mode: Mode, daemon: bool)
     }
     let bound = bind_all(&config, mode)?;
     if !daemon {
-        return run(config, source, exe, bound, None);
+        return run(config, source, exe, bound, signals, None);
     }
     config.log.syslog = true;
     // The daemon reports readiness (or why it failed) through this pipe, so `start -d`
@@ -174,7 +186,7 @@ pub fn start(mut config: Config, source: ConfigSource, mode: Mode, daemon: bool)
                 let _ = writeln!(&ready_tx, "warning {e}");
             }
             let report = ready_tx.try_clone().ok();
-            let result = run(config, source, exe, bound, Some(ready_tx));
+            let result = run(config, source, exe, bound, signals, Some(ready_tx));
             if let Err(e) = &result {
                 error!("{e:#}");
                 if let Some(mut report) = report {
@@ -215,16 +227,24 @@ fn run(
     source: ConfigSource,
     exe: PathBuf,
     bound: Bound,
+    signals: Signals,
     ready: Option<io::PipeWriter>,
 ) -> anyhow::Result<()> {
     let Bound { mut pidfile, worker_listeners, listen, channel_listener, control } = bound;
     pidfile.write_pid().context("cannot write the pid file")?;
-    let mut owned = vec![config.pid_file.clone(), config.control_socket()];
+    let mut owned = vec![config.control_socket()];
     if let (Some(_), ChannelAddr::Unix(path)) = (&channel_listener, &*config.channel_listen()) {
         owned.push(path.clone());
     }
+    // The private default directory must let the service user reach its sockets.
+    let runtime_dir = crate::config::runtime_dir();
+    if config.pid_file.parent() == Some(runtime_dir.as_path()) {
+        owned.push(runtime_dir);
+    }
     let owned: Vec<&std::path::Path> = owned.iter().map(PathBuf::as_path).collect();
-    privileges::drop_privileges(config.user.as_deref(), config.group.as_deref(), &owned)?;
+    privileges::drop_privileges(config.user.as_deref(), config.group.as_deref(), &pidfile, &owned)?;
+    let control = control_clients::ControlClients::new(control, FIRST_CONTROL_CLIENT)
+        .context("cannot set up the control socket")?;
     let config_json = crate::control::encode_child_config(&config).context("cannot serialize the config")?;
     let mut slots = Vec::new();
     if channel_listener.is_some() {
@@ -265,7 +285,7 @@ fn run(
         if let Some(mut ready) = ready {
             let _ = writeln!(ready, "ok {}", std::process::id());
         }
-        master.supervise()
+        master.supervise(signals)
     });
     let graceful = matches!(result, Ok(Exit::Stop { graceful: true }));
     master.stop(graceful);
@@ -309,17 +329,15 @@ impl Master {
         Ok(())
     }
 
-    fn supervise(&mut self) -> anyhow::Result<Exit> {
+    fn supervise(&mut self, mut signals: Signals) -> anyhow::Result<Exit> {
         let mut poll = Poll::new().context("cannot create the event loop")?;
-        let mut signals = Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2])
-            .context("cannot install signal handlers")?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
-        let control_fd = self.control.as_raw_fd();
-        poll.registry().register(&mut SourceFd(&control_fd), CONTROL, Interest::READABLE)?;
-        let mut events = Events::with_capacity(16);
+        self.control.register(poll.registry(), CONTROL)?;
+        let mut events = Events::with_capacity(64);
         loop {
             let mut wait = Duration::from_secs(1);
-            if let Some(at) = self.slots.iter().filter_map(|s| s.respawn_at).min() {
+            let next = self.slots.iter().filter_map(|s| s.respawn_at).chain(self.control.next_deadline()).min();
+            if let Some(at) = next {
                 wait = wait.min(at.saturating_duration_since(Instant::now()));
             }
             if self.reload.busy() || !self.retiring.is_empty() {
@@ -339,10 +357,13 @@ impl Master {
                             }
                         }
                     }
-                    CONTROL => self.serve_control(),
+                    token if token == CONTROL || self.control.owns(token) => {
+                        self.control_event(poll.registry(), token)
+                    }
                     _ => {}
                 }
             }
+            self.control.expire(poll.registry(), Instant::now());
             self.reap_children();
             self.respawn_due();
             self.advance_reload();
@@ -386,7 +407,7 @@ impl Master {
         let now = Instant::now();
         self.retiring.retain_mut(|r| {
             if let Some(status) = r.proc.try_exit() {
-                info!("retired {} (pid {}) {}", r.role.name(), r.proc.pid(), children::describe_exit(status));
+                info!("retired {} (pid {}) {}", r.role.name(), r.proc.pid(), status);
                 return false;
             }
             if now >= r.kill_at {
@@ -464,7 +485,7 @@ fn wait_or_kill(procs: &mut Vec<(Role, ChildProc)>, limit: Duration) {
     while !procs.is_empty() && Instant::now() < deadline {
         procs.retain_mut(|(role, proc)| match proc.try_exit() {
             Some(status) => {
-                info!("{} (pid {}) {}", role.name(), proc.pid(), children::describe_exit(status));
+                info!("{} (pid {}) {}", role.name(), proc.pid(), status);
                 false
             }
             None => true,

@@ -167,7 +167,7 @@ impl Master {
                         let why = match outcome {
                             // The link closes a moment before the process is reapable.
                             Err(_) => match candidate.wait_exit(Duration::from_secs(1)) {
-                                Some(status) => super::children::describe_exit(status),
+                                Some(status) => status.to_string(),
                                 None => "closed its status link".to_owned(),
                             },
                             _ => format!("was not ready within {READY_TIMEOUT:?}"),

@@ -109,6 +109,53 @@ fn issue10_default_files_live_in_a_private_dir() {
     let stop = run_timed(&["stop"], dir.path());
     assert_eq!(stop.code, Some(0), "{stop:?}");
     wait_for("the master to exit", TIMEOUT, || master.0.try_wait().unwrap());
+    if euid() == 0 {
+        root_with_a_service_user_reuses_the_dir_it_handed_over(&dir, &rundir);
+    }
+}
+
+/// As root with `user`, the master hands the default directory to that user (its children
+/// must reach the sockets in it); the next start as root accepts that owner.
+fn root_with_a_service_user_reuses_the_dir_it_handed_over(dir: &TempDir, rundir: &Path) {
+    let config = dir.join("user.toml");
+    std::fs::write(&config, "user = \"nobody\"\nlisten = \"127.0.0.1:0\"\nworkers = 1\n").unwrap();
+    // Children are exec'd by `nobody`: start from a copy it can surely read and run.
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    let exe = dir.join("bin").join("groupcast");
+    install_executable(&binary_bytes(), &exe, None);
+    let cfg = config.to_str().unwrap();
+    /// Gives the directory back to root however the test ends.
+    struct BackToRoot<'a>(&'a Path);
+    impl Drop for BackToRoot<'_> {
+        fn drop(&mut self) {
+            let _ = std::os::unix::fs::chown(self.0, Some(0), Some(0));
+        }
+    }
+    let _back = BackToRoot(rundir);
+    for round in 0..2 {
+        let mut master = Guard(
+            Command::new(&exe)
+                .args(["-c", cfg, "start"])
+                .stdin(Stdio::null())
+                .stderr(File::create(dir.join(&format!("user-{round}.log"))).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        let pid = master.0.id();
+        let log = || std::fs::read_to_string(dir.join(&format!("user-{round}.log"))).unwrap_or_default();
+        wait_for("the instance to answer status", TIMEOUT, || {
+            assert!(master.0.try_wait().unwrap().is_none(), "start {round} as root with user = nobody failed:\n{}", log());
+            let run = run_timed(&["-c", cfg, "status", "--json"], dir.path());
+            let report: serde_json::Value = serde_json::from_str(&run.stdout).ok()?;
+            (report["master_pid"] == pid && report["processes"].as_array()?.iter().all(|p| p["state"] == "running"))
+                .then_some(())
+        });
+        assert_eq!(std::fs::metadata(rundir).unwrap().uid(), 65534, "the dir is handed to nobody");
+        assert_eq!(mode(rundir), 0o700);
+        let stop = run_timed(&["-c", cfg, "stop"], dir.path());
+        assert_eq!(stop.code, Some(0), "{stop:?}");
+        wait_for("the master to exit", TIMEOUT, || master.0.try_wait().unwrap());
+    }
 }
 
 #[test]

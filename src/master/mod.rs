@@ -112,7 +112,11 @@ impl Mode {
 fn bind_all(config: &Config, mode: Mode) -> anyhow::Result<Bound> {
     // The default location is made private; a directory the operator chose is theirs to set.
     if config.pid_file.parent() == Some(crate::config::runtime_dir().as_path()) {
-        runtime_dir::ensure_private(&crate::config::runtime_dir())?;
+        let service_user = match &config.user {
+            Some(name) => nix::unistd::User::from_name(name).ok().flatten().map(|u| u.uid.as_raw()),
+            None => None,
+        };
+        runtime_dir::ensure_private(&crate::config::runtime_dir(), service_user)?;
     }
     let pidfile = PidFile::acquire(&config.pid_file)?;
     let (worker_listeners, listen) = if mode.runs_workers() {

@@ -22,8 +22,10 @@ pub enum RuntimeDirError {
     Chmod { path: PathBuf, source: io::Error },
 }
 
-/// Makes sure `dir` exists, is a directory owned by the effective user, and has mode 0700.
-pub fn ensure_private(dir: &Path) -> Result<(), RuntimeDirError> {
+/// Makes sure `dir` exists, is a directory owned by the effective user (or by `service_user`,
+/// the configured `user` a root master hands the directory to, as the last run did), and has
+/// mode 0700.
+pub fn ensure_private(dir: &Path, service_user: Option<u32>) -> Result<(), RuntimeDirError> {
     let us = Uid::effective().as_raw();
     let meta = match std::fs::symlink_metadata(dir) {
         Ok(meta) => meta,
@@ -41,7 +43,7 @@ pub fn ensure_private(dir: &Path) -> Result<(), RuntimeDirError> {
     if !meta.file_type().is_dir() {
         return Err(RuntimeDirError::NotADirectory { path: dir.to_owned() });
     }
-    if meta.uid() != us {
+    if meta.uid() != us && Some(meta.uid()) != service_user {
         return Err(RuntimeDirError::WrongOwner { path: dir.to_owned(), owner: meta.uid(), us });
     }
     if meta.mode() & 0o777 != 0o700 {

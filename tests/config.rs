@@ -203,16 +203,14 @@ fn channel_auth_timeout_and_max_peers_are_accepted() {
 #[test]
 fn issue10_no_secret_is_refused_with_connect_set() {
     refused("[channel]\nconnect = \"192.0.2.1:2206\"\n", "invalid value for `channel.connect`");
-    refused(
-        "[channel]\nlisten = \"0.0.0.0:0\"\nconnect = \"127.0.0.1:2206\"\n",
-        "invalid value for `channel.listen`",
-    );
+    refused("[channel]\nlisten = \"0.0.0.0:0\"\nconnect = \"127.0.0.1:2206\"\n", "invalid value for `channel.listen`");
     // The standalone broker started from such a file is refused too.
     let dir = TempDir::new("brokercfg");
     let path = dir.join("b.toml");
     std::fs::write(&path, "[channel]\nlisten = \"0.0.0.0:0\"\nconnect = \"127.0.0.1:2206\"\n").unwrap();
     let pid_file = dir.join("b.pid");
-    let run = run_timed(&["channel", "--pid-file", pid_file.to_str().unwrap(), "-c", path.to_str().unwrap()], dir.path());
+    let run =
+        run_timed(&["channel", "--pid-file", pid_file.to_str().unwrap(), "-c", path.to_str().unwrap()], dir.path());
     assert_eq!(run.code, Some(1), "{run:?}");
     assert!(run.stderr.contains("invalid value for `channel.listen`"), "{run:?}");
 }

@@ -144,7 +144,11 @@ fn root_with_a_service_user_reuses_the_dir_it_handed_over(dir: &TempDir, rundir:
         let pid = master.0.id();
         let log = || std::fs::read_to_string(dir.join(&format!("user-{round}.log"))).unwrap_or_default();
         wait_for("the instance to answer status", TIMEOUT, || {
-            assert!(master.0.try_wait().unwrap().is_none(), "start {round} as root with user = nobody failed:\n{}", log());
+            assert!(
+                master.0.try_wait().unwrap().is_none(),
+                "start {round} as root with user = nobody failed:\n{}",
+                log()
+            );
             let run = run_timed(&["-c", cfg, "status", "--json"], dir.path());
             let report: serde_json::Value = serde_json::from_str(&run.stdout).ok()?;
             (report["master_pid"] == pid && report["processes"].as_array()?.iter().all(|p| p["state"] == "running"))
@@ -164,7 +168,8 @@ fn issue10_sockets_are_0600_in_a_directory_of_the_operators_choice() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let pid_file = dir.join("g.pid");
     let pid_arg = pid_file.to_str().unwrap();
-    let master = spawn_loose_umask(&["start", "--listen", "127.0.0.1:0", "--workers", "1", "--pid-file", pid_arg], dir.path());
+    let master =
+        spawn_loose_umask(&["start", "--listen", "127.0.0.1:0", "--workers", "1", "--pid-file", pid_arg], dir.path());
     wait_status(&["--pid-file", pid_arg], dir.path(), master.0.id());
     assert_eq!(mode(&dir.join("g.ctl.sock")), 0o600);
     assert_eq!(mode(&dir.join("g.channel.sock")), 0o600);

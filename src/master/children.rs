@@ -194,12 +194,7 @@ impl Slot {
             n => (FIRST_BACKOFF * 2u32.saturating_pow(n - 2)).min(MAX_BACKOFF),
         };
         self.respawn_at = Some(Instant::now() + delay);
-        Some(format!(
-            "{} after {:.1}s; restarting in {:.1}s",
-            status,
-            lived.as_secs_f64(),
-            delay.as_secs_f64()
-        ))
+        Some(format!("{} after {:.1}s; restarting in {:.1}s", status, lived.as_secs_f64(), delay.as_secs_f64()))
     }
 }
 

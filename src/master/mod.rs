@@ -361,9 +361,7 @@ impl Master {
                             }
                         }
                     }
-                    token if token == CONTROL || self.control.owns(token) => {
-                        self.control_event(poll.registry(), token)
-                    }
+                    token if token == CONTROL || self.control.owns(token) => self.control_event(poll.registry(), token),
                     _ => {}
                 }
             }

@@ -44,11 +44,12 @@ impl PidFile {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let file = open_nofollow(OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644), path)
-            .map_err(|source| match is_symlink_refusal(&source) {
-                true => PidFileError::Symlink { path: path.to_owned() },
-                false => PidFileError::Open { path: path.to_owned(), source },
-            })?;
+        let file =
+            open_nofollow(OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644), path)
+                .map_err(|source| match is_symlink_refusal(&source) {
+                    true => PidFileError::Symlink { path: path.to_owned() },
+                    false => PidFileError::Open { path: path.to_owned(), source },
+                })?;
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => Ok(PidFile { path: path.to_owned(), lock }),
             Err((mut file, nix::Error::EWOULDBLOCK)) => {

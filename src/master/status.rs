@@ -127,15 +127,13 @@ impl Master {
         let mut list = ConnectionList::default();
         for slot in &mut self.slots {
             let Role::Worker(i) = slot.role else { continue };
-            let answer = slot
-                .proc
-                .as_mut()
-                .filter(|_| asked.contains(&i))
-                .and_then(|p| p.read_answer(deadline))
-                .and_then(|reply| match reply {
-                    Reply::Connections(list) => Some(list.into_owned()),
-                    _ => None,
-                });
+            let answer =
+                slot.proc.as_mut().filter(|_| asked.contains(&i)).and_then(|p| p.read_answer(deadline)).and_then(
+                    |reply| match reply {
+                        Reply::Connections(list) => Some(list.into_owned()),
+                        _ => None,
+                    },
+                );
             match answer {
                 Some(part) => list.connections.extend(part.connections),
                 None => list.missing_workers.push(i),
@@ -155,12 +153,9 @@ fn row(role: Role, proc: Option<&mut ChildProc>, deadline: Instant) -> ProcessSt
                 _ => None,
             });
             let mut s = answer.map_or_else(
-                    || ProcessStats { state: "starting".into(), ..Default::default() },
-                    |s| ProcessStats {
-                        state: if s.state.is_empty() { "running".into() } else { s.state.clone() },
-                        ..s
-                    },
-                );
+                || ProcessStats { state: "starting".into(), ..Default::default() },
+                |s| ProcessStats { state: if s.state.is_empty() { "running".into() } else { s.state.clone() }, ..s },
+            );
             s.pid = pid;
             s.rss_kib = rss_kib(pid);
             s.uptime_secs = proc.started_at.elapsed().as_secs();

@@ -240,6 +240,18 @@ fn render_status(r: &StatusReport) -> String {
         l.commands_per_second,
         l.commands_burst
     );
+    let c = &r.channel_settings;
+    out += &format!(
+        "channel: max peers {}  auth timeout {}ms  max frame {}  peer buffer {}  queue {} msgs / {} bytes  grace {}ms / {} bytes\n",
+        c.max_peers,
+        c.auth_timeout_ms,
+        c.max_frame,
+        c.peer_buffer_limit,
+        c.queue_max_messages,
+        c.queue_max_bytes,
+        c.grace_ms,
+        c.grace_max_bytes
+    );
     out += &format!(
         "limit hits: refused conns {}  oversized {}  too many groups {}  rate limited {}  slow closed {}  slow dropped {}  handshake timeouts {}  idle timeouts {}  protocol errors {}\n\n",
         t.rejected_connections,

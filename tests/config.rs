@@ -188,13 +188,18 @@ fn issue10_out_of_bound_numbers_are_refused() {
     }
 }
 
-/// The channel keys added with issue 10 (`auth_timeout_ms`, `max_peers`) are accepted.
+/// The channel keys added with issue 10 (`auth_timeout_ms`, `max_peers`) are read from the
+/// file and shown by `status` with the other channel settings.
 #[test]
 fn channel_auth_timeout_and_max_peers_are_accepted() {
     let server = Server::start_with(Opts {
         config: Some("[channel]\nauth_timeout_ms = 1000\nmax_peers = 50\n".into()),
         ..Opts::workers(2)
     });
+    let report = server.status();
+    assert_eq!(report["channel_settings"]["auth_timeout_ms"], 1000);
+    assert_eq!(report["channel_settings"]["max_peers"], 50);
+    assert_eq!(report["channel_settings"]["max_frame"], 16 << 20, "defaults shown too");
     check_delivery(&server);
 }
 

@@ -133,6 +133,8 @@ pub struct StatusReport {
     pub graceful_timeout_ms: u64,
     /// The client limits in force (of the running config).
     pub limits: crate::config::Limits,
+    /// The channel settings in force: bounds of the broker and of the workers' channel client.
+    pub channel_settings: crate::config::ChannelSettings,
 }
 
 /// How the most recent reload ended.

@@ -111,6 +111,7 @@ impl Master {
             last_reload: self.last_reload(),
             graceful_timeout_ms: self.config.graceful_timeout_ms,
             limits: self.config.limits.clone(),
+            channel_settings: self.config.channel.clone(),
         }
     }
 

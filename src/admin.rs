@@ -17,13 +17,55 @@ use crate::master::pidfile;
 /// How long `stop` waits for the instance to be gone, beyond a graceful drain.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Whether an instance holds the pid file's lock.
+fn is_running(config: &Config) -> anyhow::Result<bool> {
+    let path = &config.pid_file;
+    Ok(pidfile::running(path).with_context(|| format!("cannot read {}", path.display()))?.is_some())
+}
+
+/// The master's pid, checked before anything signals it: the pid in a locked file may have
+/// been reused, or written by another user to make `stop` signal a process of their choosing.
+/// The file must belong to root, to us, or to the user the named process runs as (a master
+/// that dropped privileges owns its pid file), and the process must be a groupcast master.
 fn running_master(config: &Config) -> anyhow::Result<u32> {
     let path = &config.pid_file;
-    match pidfile::running_pid(path).with_context(|| format!("cannot read {}", path.display()))? {
-        None => bail!("groupcast is not running (no live pid file at {})", path.display()),
-        Some(0) => bail!("pid file {} is locked but holds no pid", path.display()),
-        Some(pid) => Ok(pid),
+    let running = pidfile::running(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let Some(pidfile::Running { pid, file_owner }) = running else {
+        bail!("groupcast is not running (no live pid file at {})", path.display())
+    };
+    if pid == 0 {
+        bail!("pid file {} is locked but holds no pid", path.display());
     }
+    let us = nix::unistd::Uid::effective().as_raw();
+    if file_owner != 0 && file_owner != us && Some(file_owner) != process_uid(pid) {
+        bail!(
+            "pid file {} belongs to uid {file_owner}, neither root, us, nor the user pid {pid} runs as; \
+             not signalling it",
+            path.display()
+        );
+    }
+    if !is_groupcast_master(pid) {
+        bail!("pid {pid} in {} is not a groupcast master; not signalling it", path.display());
+    }
+    Ok(pid)
+}
+
+/// The real uid of `pid`, from /proc.
+fn process_uid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().next()?.parse().ok()
+}
+
+/// Whether `pid` runs a groupcast binary as a master (`start`, `restart` or `channel`), from
+/// /proc.
+fn is_groupcast_master(pid: u32) -> bool {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let exe_name = exe.as_ref().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned());
+    // After an upgrade the old file shows as "groupcast (deleted)".
+    let is_groupcast = exe_name.is_some_and(|n| n.trim_end_matches(" (deleted)").starts_with("groupcast"));
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let master_command = cmdline.split(|&b| b == 0).any(|a| matches!(a, b"start" | b"restart" | b"channel"));
+    is_groupcast && master_command
 }
 
 /// `groupcast stop [-g]`: SIGTERM (or SIGQUIT, graceful) to the master, then wait until its
@@ -40,7 +82,7 @@ pub fn stop(config: &Config, graceful: bool) -> anyhow::Result<()> {
     kill(Pid::from_raw(pid as i32), signal).with_context(|| format!("cannot signal pid {pid}"))?;
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
-        if pidfile::running_pid(&config.pid_file)?.is_none() {
+        if !is_running(config)? {
             println!("groupcast stopped (pid {pid})");
             return Ok(());
         }
@@ -51,7 +93,7 @@ pub fn stop(config: &Config, graceful: bool) -> anyhow::Result<()> {
 
 /// For `restart`: stop the instance if one runs.
 pub fn stop_if_running(config: &Config, graceful: bool) -> anyhow::Result<()> {
-    if pidfile::running_pid(&config.pid_file)?.is_some() {
+    if is_running(config)? {
         stop(config, graceful)?;
     }
     Ok(())
@@ -197,6 +239,18 @@ fn render_status(r: &StatusReport) -> String {
         l.idle_timeout_ms,
         l.commands_per_second,
         l.commands_burst
+    );
+    let c = &r.channel_settings;
+    out += &format!(
+        "channel: max peers {}  auth timeout {}ms  max frame {}  peer buffer {}  queue {} msgs / {} bytes  grace {}ms / {} bytes\n",
+        c.max_peers,
+        c.auth_timeout_ms,
+        c.max_frame,
+        c.peer_buffer_limit,
+        c.queue_max_messages,
+        c.queue_max_bytes,
+        c.grace_ms,
+        c.grace_max_bytes
     );
     out += &format!(
         "limit hits: refused conns {}  oversized {}  too many groups {}  rate limited {}  slow closed {}  slow dropped {}  handshake timeouts {}  idle timeouts {}  protocol errors {}\n\n",

@@ -15,7 +15,8 @@ pub struct Cli {
     /// TOML config file; without one, embedded defaults apply.
     #[arg(short = 'c', long = "config", global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Pid file of the instance (default /tmp/groupcast.pid).
+    /// Pid file of the instance (default /run/groupcast/groupcast.pid as root, else
+    /// $XDG_RUNTIME_DIR/groupcast/groupcast.pid or /tmp/groupcast-UID/groupcast.pid).
     #[arg(long = "pid-file", global = true, value_name = "PATH")]
     pub pid_file: Option<PathBuf>,
     #[command(subcommand)]
@@ -137,7 +138,7 @@ impl Cli {
                 o.channel_insecure = args.insecure;
                 // A standalone broker must not clash with an instance's default pid file.
                 if o.pid_file.is_none() && self.config.is_none() {
-                    o.pid_file = Some(PathBuf::from(crate::config::DEFAULT_BROKER_PID_FILE));
+                    o.pid_file = Some(crate::config::runtime_dir().join(crate::config::DEFAULT_BROKER_PID_FILE_NAME));
                 }
             }
             _ => {}

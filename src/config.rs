@@ -1,24 +1,26 @@
 //! Configuration: embedded defaults, an optional TOML file (`-c FILE`), then command-line flags.
 //!
 //! Precedence, lowest first: the `DEFAULT_*` constants below, the TOML file, the flags of
-//! `groupcast start`. The TOML layer is parsed into `FileConfig` (every field optional, unknown
-//! keys rejected so a typo names itself), merged over `Config::default()`, and the result is
-//! validated once by `Config::validate`. The master hands the resolved `Config` to each child as
-//! JSON, so every process of an instance runs with exactly the same values.
+//! `groupcast start`. The file deserializes straight into `Config` (every table and key has a
+//! serde default, unknown keys are refused so a typo names itself); `Overrides::apply` lays the
+//! flags over it; relative paths are made absolute; `Config::validate` bounds every value,
+//! naming the key. A new key is one field with its default. The master hands the resolved
+//! `Config` to each child as JSON, so every process of an instance runs with the same values.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// WebSocket listen address of the seed example.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:1234";
-/// Pid file of an instance started without a config; the channel and control sockets sit beside it.
-pub const DEFAULT_PID_FILE: &str = "/tmp/groupcast.pid";
-/// Pid file of a standalone broker (`groupcast channel`) started without a config.
-pub const DEFAULT_BROKER_PID_FILE: &str = "/tmp/groupcast-channel.pid";
+/// Name of the pid file of an instance started without one, in `runtime_dir()`; the channel
+/// and control sockets sit beside it.
+pub const DEFAULT_PID_FILE_NAME: &str = "groupcast.pid";
+/// Name of the pid file of a standalone broker (`groupcast channel`) started without one.
+pub const DEFAULT_BROKER_PID_FILE_NAME: &str = "groupcast-channel.pid";
 /// Pending-connection queue of each listening socket.
 pub const DEFAULT_BACKLOG: u32 = 1024;
 /// Largest WebSocket message (after reassembly of fragments) a client may send, in bytes.
@@ -34,7 +36,7 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1 << 20;
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_PING_INTERVAL_MS: u64 = 30_000;
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 75_000;
-/// Time a client has to finish a frame or fragmented message once it started sending it.
+/// Time to complete a started frame or fragmented message, in milliseconds.
 pub const DEFAULT_MESSAGE_TIMEOUT_MS: u64 = 30_000;
 /// Longest `limits.message_timeout_ms` accepted: an hour.
 const MAX_MESSAGE_TIMEOUT_MS: u64 = 3_600_000;
@@ -44,14 +46,24 @@ pub const DEFAULT_COMMANDS_BURST: u32 = 400;
 pub const DEFAULT_CHANNEL_PEER_BUFFER_LIMIT: usize = 256 << 20;
 /// Largest channel frame accepted from a peer, in bytes.
 pub const DEFAULT_CHANNEL_MAX_FRAME: usize = 16 << 20;
-/// How long a channel peer may take to authenticate and send HELLO, in milliseconds.
-pub const DEFAULT_CHANNEL_AUTH_TIMEOUT_MS: u64 = 5_000;
-/// Channel peers one broker serves at once.
-pub const DEFAULT_CHANNEL_MAX_PEERS: usize = 10_000;
 /// How long a worker may take to answer the master's status query, in milliseconds.
 pub const DEFAULT_STATUS_TIMEOUT_MS: u64 = 2000;
 /// How long a graceful stop or reload waits for clients to close, in milliseconds.
 pub const DEFAULT_GRACEFUL_TIMEOUT_MS: u64 = 30_000;
+/// How long a channel peer has to authenticate before the broker drops it, in milliseconds.
+pub const DEFAULT_CHANNEL_AUTH_TIMEOUT_MS: u64 = 5_000;
+/// Most channel peers one broker serves at once.
+pub const DEFAULT_CHANNEL_MAX_PEERS: usize = 10_000;
+
+/// Upper bound of every `*_ms` setting (one day): far beyond any sensible value, and far below
+/// where `Instant + Duration` arithmetic could overflow.
+pub const MAX_DURATION_MS: u64 = 86_400_000;
+/// Upper bound of every byte-count setting (64 GiB).
+pub const MAX_BYTES: u64 = 64 << 30;
+/// Upper bound of every count setting that sizes a table or a queue.
+pub const MAX_COUNT: u64 = 100_000_000;
+/// Longest group id the channel wire can carry: its strings have a `u16` length.
+pub const MAX_GROUP_ID_LEN: u64 = u16::MAX as u64;
 
 /// Where a channel server listens or a channel client connects: `HOST:PORT` or `unix:PATH`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,15 +156,22 @@ impl Default for RedisConfig {
     }
 }
 
-/// How an instance reaches the channel and how the channel protects what it carries.
+/// How an instance reaches the channel and how the channel protects what it carries: the
+/// `[channel]` table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ChannelSettings {
+    /// Where the broker listens (`--channel-listen`); `None`: the Unix socket beside the pid
+    /// file (see `Config::channel_listen`).
+    #[serde(deserialize_with = "channel_listen_addr")]
+    pub listen: Option<ChannelAddr>,
     /// A remote broker to use instead of forking one (`[channel] connect`, `--channel-connect`).
+    #[serde(deserialize_with = "channel_connect_addr")]
     pub connect: Option<ChannelAddr>,
     /// File holding the shared secret peers and broker prove to each other (never the secret
     /// itself on a command line).
     pub secret_file: Option<PathBuf>,
-    /// Let a broker without a secret listen on a non-loopback TCP address.
+    /// Let a broker without a secret listen on (or a worker connect to) a non-loopback address.
     pub insecure: bool,
     /// Unacknowledged publishes a worker keeps for resending, count (default 100000).
     pub queue_max_messages: usize,
@@ -162,15 +181,20 @@ pub struct ChannelSettings {
     pub grace_ms: u64,
     /// Bytes a fresh broker keeps during the grace window (default 64 MiB).
     pub grace_max_bytes: usize,
-    /// Time a channel peer has to authenticate and introduce itself, ms (default 5000).
+    /// Largest channel frame a peer may send, bytes (default 16 MiB).
+    pub max_frame: usize,
+    /// Bytes queued for one channel peer before the broker cuts it off (default 256 MiB).
+    pub peer_buffer_limit: usize,
+    /// Time a peer has to complete authentication, ms (default 5000).
     pub auth_timeout_ms: u64,
-    /// Channel peers a broker serves at once (default 10000); more are refused and counted.
+    /// Most peers one broker serves at once (default 10000); more are refused.
     pub max_peers: usize,
 }
 
 impl Default for ChannelSettings {
     fn default() -> Self {
         ChannelSettings {
+            listen: None,
             connect: None,
             secret_file: None,
             insecure: false,
@@ -178,8 +202,37 @@ impl Default for ChannelSettings {
             queue_max_bytes: 64 << 20,
             grace_ms: 5_000,
             grace_max_bytes: 64 << 20,
+            max_frame: DEFAULT_CHANNEL_MAX_FRAME,
+            peer_buffer_limit: DEFAULT_CHANNEL_PEER_BUFFER_LIMIT,
             auth_timeout_ms: DEFAULT_CHANNEL_AUTH_TIMEOUT_MS,
             max_peers: DEFAULT_CHANNEL_MAX_PEERS,
+        }
+    }
+}
+
+/// Where log lines go and which: the `[log]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// Log level: error, warn, info, debug, trace (default info).
+    pub level: String,
+    /// Path of the syslog socket (default /dev/log).
+    pub syslog_socket: PathBuf,
+    /// Syslog facility name (default daemon).
+    pub syslog_facility: String,
+    /// Log to syslog instead of stderr. Not a key of the file: `start -d` sets it, and the
+    /// master passes it to its children beside the config (control::handoff).
+    #[serde(skip)]
+    pub syslog: bool,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            level: "info".into(),
+            syslog_socket: PathBuf::from("/dev/log"),
+            syslog_facility: "daemon".into(),
+            syslog: false,
         }
     }
 }
@@ -198,7 +251,7 @@ pub struct Limits {
     pub max_frame_size: usize,
     /// Largest client message in bytes, after reassembling fragments (default 1 MiB); 1009.
     pub max_message_size: usize,
-    /// Longest group id in bytes (default 256).
+    /// Longest group id in bytes (default 256, at most 65535: the channel wire's bound).
     pub max_group_id_len: usize,
     /// Most groups per connection (default 1024).
     pub max_groups_per_connection: usize,
@@ -248,70 +301,21 @@ impl Limits {
     pub fn connections_per_worker(&self, workers: usize) -> usize {
         self.max_connections_per_worker.min(self.max_connections.div_ceil(workers.max(1)))
     }
-
-    fn validate(&self) -> Result<(), ConfigError> {
-        let at_least = |key: &'static str, value: u64, min: u64, unit: &str| {
-            if value < min {
-                Err(invalid(key, format!("{value} is below the minimum of {min}{unit}")))
-            } else {
-                Ok(())
-            }
-        };
-        at_least("limits.max_connections_per_worker", self.max_connections_per_worker as u64, 1, "")?;
-        at_least("limits.max_connections", self.max_connections as u64, 1, "")?;
-        at_least("limits.max_frame_size", self.max_frame_size as u64, 16, " bytes")?;
-        at_least("limits.max_message_size", self.max_message_size as u64, 16, " bytes")?;
-        at_least("limits.max_group_id_len", self.max_group_id_len as u64, 1, " bytes")?;
-        at_least("limits.max_groups_per_connection", self.max_groups_per_connection as u64, 1, "")?;
-        at_least("limits.send_buffer_limit", self.send_buffer_limit as u64, 1024, " bytes")?;
-        at_least("limits.handshake_timeout_ms", self.handshake_timeout_ms, 100, " ms")?;
-        at_least("limits.ping_interval_ms", self.ping_interval_ms, 100, " ms")?;
-        at_least("limits.message_timeout_ms", self.message_timeout_ms, 100, " ms")?;
-        if self.message_timeout_ms > MAX_MESSAGE_TIMEOUT_MS {
-            return Err(invalid(
-                "limits.message_timeout_ms",
-                format!("{} is above the maximum of {MAX_MESSAGE_TIMEOUT_MS} ms", self.message_timeout_ms),
-            ));
-        }
-        at_least("limits.commands_per_second", u64::from(self.commands_per_second), 1, "")?;
-        at_least("limits.commands_burst", u64::from(self.commands_burst), 1, "")?;
-        if self.idle_timeout_ms != 0 && self.idle_timeout_ms <= self.ping_interval_ms {
-            return Err(invalid("limits.idle_timeout_ms", "must be 0 (off) or longer than limits.ping_interval_ms"));
-        }
-        Ok(())
-    }
 }
 
-/// The resolved configuration of one instance.
+/// The configuration of one instance: the top level of the TOML file, then its tables.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// WebSocket listen address (default 0.0.0.0:1234).
+    #[serde(deserialize_with = "listen_addr")]
     pub listen: SocketAddr,
     /// Number of worker processes (default: the CPU count).
     pub workers: usize,
-    /// Pid file, locked while the instance runs (default /tmp/groupcast.pid).
+    /// Pid file, locked while the instance runs (default `runtime_dir()/groupcast.pid`).
     pub pid_file: PathBuf,
-    /// Listen backlog of the WebSocket listeners (default 1024).
+    /// Listen backlog of the WebSocket and channel listeners (default 1024).
     pub backlog: u32,
-    /// Channel server address (default: unix socket beside the pid file).
-    pub channel_listen: ChannelAddr,
-    /// Largest channel frame a peer may send, bytes (default 16 MiB).
-    pub channel_max_frame: usize,
-    /// Cluster settings of the channel: remote broker, secret, queues, grace window.
-    pub channel: ChannelSettings,
-    /// The bus between workers and instances (default channel).
-    pub bus: BusKind,
-    pub redis: RedisConfig,
-    /// Bytes queued for one channel peer before the broker cuts it off (default 256 MiB).
-    pub channel_peer_buffer_limit: usize,
-    /// Log level: error, warn, info, debug, trace (default info).
-    pub log_level: String,
-    /// Log to syslog instead of stderr; set by `start -d`.
-    pub syslog: bool,
-    /// Path of the syslog socket (default /dev/log).
-    pub syslog_socket: PathBuf,
-    /// Syslog facility name (default daemon).
-    pub syslog_facility: String,
     /// How long the master waits for each process's status answer, ms (default 2000).
     pub status_timeout_ms: u64,
     /// How long `stop -g` / `reload -g` let clients close before forcing, ms (default 30000).
@@ -320,34 +324,57 @@ pub struct Config {
     pub user: Option<String>,
     /// Group to run as after binding (default: the user's primary group).
     pub group: Option<String>,
+    /// The bus between workers and instances (default channel).
+    pub bus: BusKind,
+    /// `[channel]`: the broker's address, the remote broker, secret, queues, grace window.
+    pub channel: ChannelSettings,
+    /// `[redis]`: the Redis bus (`bus = "redis"`).
+    pub redis: RedisConfig,
+    /// `[log]`: level and syslog.
+    pub log: LogSettings,
+    /// `[limits]`: what one client may do.
     pub limits: Limits,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        let pid_file = PathBuf::from(DEFAULT_PID_FILE);
         Config {
             listen: DEFAULT_LISTEN.parse().expect("default listen address parses"),
             workers: default_workers(),
-            channel_listen: ChannelAddr::Unix(sibling_path(&pid_file, "channel.sock")),
-            pid_file,
+            pid_file: default_pid_file(),
             backlog: DEFAULT_BACKLOG,
-            channel_max_frame: DEFAULT_CHANNEL_MAX_FRAME,
-            channel: ChannelSettings::default(),
-            bus: BusKind::Channel,
-            redis: RedisConfig::default(),
-            channel_peer_buffer_limit: DEFAULT_CHANNEL_PEER_BUFFER_LIMIT,
-            log_level: "info".into(),
-            syslog: false,
-            syslog_socket: PathBuf::from("/dev/log"),
-            syslog_facility: "daemon".into(),
             status_timeout_ms: DEFAULT_STATUS_TIMEOUT_MS,
             graceful_timeout_ms: DEFAULT_GRACEFUL_TIMEOUT_MS,
             user: None,
             group: None,
+            bus: BusKind::Channel,
+            channel: ChannelSettings::default(),
+            redis: RedisConfig::default(),
+            log: LogSettings::default(),
             limits: Limits::default(),
         }
     }
+}
+
+/// The private directory (mode 0700, ours) of the default pid file and sockets: under a loose
+/// umask, sockets in a shared directory such as /tmp would let any local user connect to the
+/// unauthenticated channel socket or read the control socket. `/run/groupcast` as root,
+/// `$XDG_RUNTIME_DIR/groupcast` (itself private by the XDG spec) or `/tmp/groupcast-UID`
+/// otherwise. The master creates it, and refuses it if another user owns it.
+pub fn runtime_dir() -> PathBuf {
+    let uid = nix::unistd::Uid::effective();
+    if uid.is_root() {
+        return PathBuf::from("/run/groupcast");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(dir) if dir.is_absolute() => dir.join("groupcast"),
+        _ => PathBuf::from(format!("/tmp/groupcast-{uid}")),
+    }
+}
+
+/// The pid file used when neither the file nor `--pid-file` names one.
+pub fn default_pid_file() -> PathBuf {
+    runtime_dir().join(DEFAULT_PID_FILE_NAME)
 }
 
 fn default_workers() -> usize {
@@ -361,48 +388,38 @@ pub fn sibling_path(pid_file: &Path, suffix: &str) -> PathBuf {
     pid_file.with_file_name(name)
 }
 
-/// The TOML file as written: every key optional, unknown keys refused.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<String>,
-    workers: Option<usize>,
-    pid_file: Option<PathBuf>,
-    backlog: Option<u32>,
-    status_timeout_ms: Option<u64>,
-    graceful_timeout_ms: Option<u64>,
-    user: Option<String>,
-    group: Option<String>,
-    channel: Option<FileChannel>,
-    bus: Option<BusKind>,
-    redis: Option<RedisConfig>,
-    log: Option<FileLog>,
-    limits: Option<Limits>,
+// Typed values that arrive as strings name their key when they do not parse, as the
+// validation errors do (the TOML error adds line and column).
+fn parsed<'de, D: Deserializer<'de>, T: FromStr>(d: D, key: &str) -> Result<Option<T>, D::Error>
+where
+    T::Err: fmt::Display,
+{
+    match Option::<String>::deserialize(d)? {
+        None => Ok(None),
+        Some(s) => s.parse().map(Some).map_err(|e| serde::de::Error::custom(format!("invalid value for `{key}`: {e}"))),
+    }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileChannel {
-    listen: Option<String>,
-    connect: Option<String>,
-    secret_file: Option<PathBuf>,
-    insecure: Option<bool>,
-    queue_max_messages: Option<usize>,
-    queue_max_bytes: Option<usize>,
-    grace_ms: Option<u64>,
-    grace_max_bytes: Option<usize>,
-    auth_timeout_ms: Option<u64>,
-    max_peers: Option<usize>,
-    max_frame: Option<usize>,
-    peer_buffer_limit: Option<usize>,
+fn listen_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    parsed::<_, HostPort>(d, "listen")?.map(|h| h.0).ok_or_else(|| serde::de::Error::custom("`listen` is empty"))
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileLog {
-    level: Option<String>,
-    syslog_socket: Option<PathBuf>,
-    syslog_facility: Option<String>,
+fn channel_listen_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ChannelAddr>, D::Error> {
+    parsed(d, "channel.listen")
+}
+
+fn channel_connect_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ChannelAddr>, D::Error> {
+    parsed(d, "channel.connect")
+}
+
+/// A `SocketAddr` whose parse error says what was expected.
+struct HostPort(SocketAddr);
+
+impl FromStr for HostPort {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.parse().map(HostPort).map_err(|e| format!("{s:?} is not HOST:PORT ({e})"))
+    }
 }
 
 /// Command-line values that override the file (from `groupcast start` and friends).
@@ -415,6 +432,33 @@ pub struct Overrides {
     pub channel_connect: Option<String>,
     pub channel_secret_file: Option<PathBuf>,
     pub channel_insecure: bool,
+}
+
+impl Overrides {
+    /// Lays the flags over `config` (the one place flags meet the file).
+    fn apply(&self, config: &mut Config) -> Result<(), ConfigError> {
+        let flag = |key, e| invalid(key, e);
+        if let Some(listen) = &self.listen {
+            config.listen = listen.parse::<HostPort>().map_err(|e| flag("listen", e))?.0;
+        }
+        if let Some(workers) = self.workers {
+            config.workers = workers;
+        }
+        if let Some(path) = &self.pid_file {
+            config.pid_file = path.clone();
+        }
+        if let Some(addr) = &self.channel_listen {
+            config.channel.listen = Some(addr.parse().map_err(|e| flag("channel.listen", e))?);
+        }
+        if let Some(addr) = &self.channel_connect {
+            config.channel.connect = Some(addr.parse().map_err(|e| flag("channel.connect", e))?);
+        }
+        if let Some(path) = &self.channel_secret_file {
+            config.channel.secret_file = Some(path.clone());
+        }
+        config.channel.insecure |= self.channel_insecure;
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -431,139 +475,162 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key, message: message.into() }
 }
 
+/// A setting a reload cannot change (it is bound or fixed at start, or belongs to the broker,
+/// which a reload does not replace): how to tell it changed and how to keep the running value.
+struct Fixed {
+    name: &'static str,
+    differs: fn(&Config, &Config) -> bool,
+    keep: fn(&mut Config, &Config),
+}
+
+/// One entry per fixed setting; `fixed_settings_changed` and `reloaded` both read this list,
+/// so what a reload reports it keeps is exactly what it keeps.
+macro_rules! fixed_settings {
+    ($($name:literal => $($field:ident).+;)*) => {
+        &[$(Fixed {
+            name: $name,
+            differs: |old, new| old.$($field).+ != new.$($field).+,
+            keep: |new, old| new.$($field).+ = old.$($field).+.clone(),
+        },)*]
+    };
+}
+
+const FIXED: &[Fixed] = fixed_settings! {
+    "listen" => listen;
+    "workers" => workers;
+    "pid_file" => pid_file;
+    "backlog" => backlog;
+    "user" => user;
+    "group" => group;
+    "bus" => bus;
+    "redis" => redis;
+    "channel.listen" => channel.listen;
+    "channel.connect" => channel.connect;
+    "channel.secret_file" => channel.secret_file;
+    "channel.insecure" => channel.insecure;
+    "channel.max_frame" => channel.max_frame;
+    "channel.peer_buffer_limit" => channel.peer_buffer_limit;
+    "channel.grace_ms" => channel.grace_ms;
+    "channel.grace_max_bytes" => channel.grace_max_bytes;
+    "channel.auth_timeout_ms" => channel.auth_timeout_ms;
+    "channel.max_peers" => channel.max_peers;
+    "log.syslog_socket" => log.syslog_socket;
+    "log.syslog_facility" => log.syslog_facility;
+};
+
 impl Config {
-    /// Defaults, then the file at `path` (if any), then `overrides`; validated.
+    /// Defaults, then the file at `path` (if any), then `overrides`; paths made absolute;
+    /// validated.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
-        let file = match path {
+        let mut config = match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+                toml::from_str::<Config>(&text).map_err(|e| ConfigError::Parse {
                     path: path.to_owned(),
                     message: e.to_string().trim_end().to_owned(),
                 })?
             }
-            None => FileConfig::default(),
+            None => Config::default(),
         };
-        let mut config = Config::default();
-        let mut channel_listen_set = false;
-        let listen = overrides.listen.clone().or(file.listen);
-        if let Some(listen) = listen {
-            config.listen =
-                listen.parse().map_err(|e| invalid("listen", format!("{listen:?} is not HOST:PORT ({e})")))?;
-        }
-        if let Some(workers) = overrides.workers.or(file.workers) {
-            config.workers = workers;
-        }
-        if let Some(pid_file) = overrides.pid_file.clone().or(file.pid_file) {
-            config.pid_file = pid_file;
-        }
-        if let Some(backlog) = file.backlog {
-            config.backlog = backlog;
-        }
-        let channel = file.channel.unwrap_or_default();
-        if let Some(addr) = overrides.channel_listen.clone().or(channel.listen) {
-            config.channel_listen = addr.parse().map_err(|e| invalid("channel.listen", e))?;
-            channel_listen_set = true;
-        }
-        if let Some(addr) = overrides.channel_connect.clone().or(channel.connect) {
-            config.channel.connect = Some(addr.parse().map_err(|e| invalid("channel.connect", e))?);
-        }
-        if let Some(path) = overrides.channel_secret_file.clone().or(channel.secret_file) {
-            config.channel.secret_file = Some(absolute(&path, "channel.secret_file")?);
-        }
-        config.channel.insecure = overrides.channel_insecure || channel.insecure.unwrap_or(false);
-        if let Some(v) = channel.queue_max_messages {
-            config.channel.queue_max_messages = v;
-        }
-        if let Some(v) = channel.queue_max_bytes {
-            config.channel.queue_max_bytes = v;
-        }
-        if let Some(v) = channel.grace_ms {
-            config.channel.grace_ms = v;
-        }
-        if let Some(v) = channel.grace_max_bytes {
-            config.channel.grace_max_bytes = v;
-        }
-        if let Some(v) = channel.auth_timeout_ms {
-            config.channel.auth_timeout_ms = v;
-        }
-        if let Some(v) = channel.max_peers {
-            config.channel.max_peers = v;
-        }
-        if let Some(v) = channel.max_frame {
-            config.channel_max_frame = v;
-        }
-        if let Some(v) = channel.peer_buffer_limit {
-            config.channel_peer_buffer_limit = v;
-        }
-        let log = file.log.unwrap_or_default();
-        if let Some(level) = log.level {
-            config.log_level = level;
-        }
-        if let Some(socket) = log.syslog_socket {
-            config.syslog_socket = socket;
-        }
-        if let Some(facility) = log.syslog_facility {
-            config.syslog_facility = facility;
-        }
-        if let Some(bus) = file.bus {
-            config.bus = bus;
-        }
-        if let Some(redis) = file.redis {
-            config.redis = redis;
-        }
-        if let Some(limits) = file.limits {
-            config.limits = limits;
-        }
-        if let Some(v) = file.status_timeout_ms {
-            config.status_timeout_ms = v;
-        }
-        if let Some(v) = file.graceful_timeout_ms {
-            config.graceful_timeout_ms = v;
-        }
-        config.user = file.user;
-        config.group = file.group;
-        // Paths must survive the daemon's chdir("/"), so they are made absolute here, once.
-        config.pid_file = absolute(&config.pid_file, "pid_file")?;
-        if !channel_listen_set {
-            config.channel_listen = ChannelAddr::Unix(sibling_path(&config.pid_file, "channel.sock"));
-        } else if let ChannelAddr::Unix(p) = &config.channel_listen {
-            config.channel_listen = ChannelAddr::Unix(absolute(p, "channel.listen")?);
-        }
+        overrides.apply(&mut config)?;
+        config.make_paths_absolute()?;
         config.validate()?;
         Ok(config)
     }
 
-    /// Checks the values that parse but make no sense.
+    /// Paths must survive the daemon's chdir("/"), so they are made absolute here, once.
+    fn make_paths_absolute(&mut self) -> Result<(), ConfigError> {
+        self.pid_file = absolute(&self.pid_file, "pid_file")?;
+        if let Some(ChannelAddr::Unix(path)) = &self.channel.listen {
+            self.channel.listen = Some(ChannelAddr::Unix(absolute(path, "channel.listen")?));
+        }
+        if let Some(ChannelAddr::Unix(path)) = &self.channel.connect {
+            self.channel.connect = Some(ChannelAddr::Unix(absolute(path, "channel.connect")?));
+        }
+        if let Some(path) = &self.channel.secret_file {
+            self.channel.secret_file = Some(absolute(path, "channel.secret_file")?);
+        }
+        Ok(())
+    }
+
+    /// Checks every value: numbers within their bounds, names that must mean something, and
+    /// combinations that make no sense. Each error names its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.workers == 0 || self.workers > 1024 {
-            return Err(invalid("workers", format!("{} is not in 1..=1024", self.workers)));
+        let c = &self.channel;
+        let l = &self.limits;
+        let n = |v: usize| v as u64;
+        #[rustfmt::skip]
+        let bounds: &[(&'static str, u64, u64, u64)] = &[
+            ("workers", n(self.workers), 1, 1024),
+            ("backlog", u64::from(self.backlog), 1, 65_535),
+            ("status_timeout_ms", self.status_timeout_ms, 1, MAX_DURATION_MS),
+            ("graceful_timeout_ms", self.graceful_timeout_ms, 1, MAX_DURATION_MS),
+            ("channel.queue_max_messages", n(c.queue_max_messages), 1, MAX_COUNT),
+            ("channel.queue_max_bytes", n(c.queue_max_bytes), 1024, MAX_BYTES),
+            ("channel.grace_ms", c.grace_ms, 0, MAX_DURATION_MS),
+            ("channel.grace_max_bytes", n(c.grace_max_bytes), 0, MAX_BYTES),
+            // The wire's frame length is a u32.
+            ("channel.max_frame", n(c.max_frame), 1024, 1 << 30),
+            ("channel.peer_buffer_limit", n(c.peer_buffer_limit), 1024, MAX_BYTES),
+            ("channel.auth_timeout_ms", c.auth_timeout_ms, 100, MAX_DURATION_MS),
+            ("channel.max_peers", n(c.max_peers), 1, 1_000_000),
+            ("limits.max_connections_per_worker", n(l.max_connections_per_worker), 1, MAX_COUNT),
+            ("limits.max_connections", n(l.max_connections), 1, MAX_COUNT),
+            ("limits.max_frame_size", n(l.max_frame_size), 16, 1 << 30),
+            ("limits.max_message_size", n(l.max_message_size), 16, 1 << 30),
+            ("limits.max_group_id_len", n(l.max_group_id_len), 1, MAX_GROUP_ID_LEN),
+            ("limits.max_groups_per_connection", n(l.max_groups_per_connection), 1, MAX_COUNT),
+            ("limits.send_buffer_limit", n(l.send_buffer_limit), 1024, MAX_BYTES),
+            ("limits.handshake_timeout_ms", l.handshake_timeout_ms, 100, MAX_DURATION_MS),
+            ("limits.ping_interval_ms", l.ping_interval_ms, 100, MAX_DURATION_MS),
+            ("limits.idle_timeout_ms", l.idle_timeout_ms, 0, MAX_DURATION_MS),
+            ("limits.message_timeout_ms", l.message_timeout_ms, 100, MAX_MESSAGE_TIMEOUT_MS),
+            ("redis.connect_timeout_ms", self.redis.connect_timeout_ms, 1, MAX_DURATION_MS),
+            ("redis.io_timeout_ms", self.redis.io_timeout_ms, 1, MAX_DURATION_MS),
+            ("limits.commands_per_second", u64::from(l.commands_per_second), 1, 1_000_000),
+            ("limits.commands_burst", u64::from(l.commands_burst), 1, 1_000_000),
+        ];
+        for &(key, value, min, max) in bounds {
+            if !(min..=max).contains(&value) {
+                return Err(invalid(key, format!("{value} is not in {min}..={max}")));
+            }
         }
-        if self.backlog == 0 {
-            return Err(invalid("backlog", "must be at least 1"));
+        if l.idle_timeout_ms != 0 && l.idle_timeout_ms <= l.ping_interval_ms {
+            return Err(invalid("limits.idle_timeout_ms", "must be 0 (off) or longer than limits.ping_interval_ms"));
         }
-        if log_level_filter(&self.log_level).is_none() {
+        if log_level_filter(&self.log.level).is_none() {
             return Err(invalid(
                 "log.level",
-                format!("{:?} is not one of error, warn, info, debug, trace", self.log_level),
+                format!("{:?} is not one of error, warn, info, debug, trace", self.log.level),
             ));
         }
-        if crate::logging::facility(&self.syslog_facility).is_none() {
+        if crate::logging::facility(&self.log.syslog_facility).is_none() {
             return Err(invalid(
                 "log.syslog_facility",
-                format!("{:?} is not a syslog facility (daemon, user, local0..local7)", self.syslog_facility),
+                format!("{:?} is not a syslog facility (daemon, user, local0..local7)", self.log.syslog_facility),
             ));
         }
-        self.limits.validate()?;
-        if self.graceful_timeout_ms == 0 {
-            return Err(invalid("graceful_timeout_ms", "must be at least 1"));
+        if self.group.is_some() && self.user.is_none() {
+            // Root keeps uid 0 and can take back any group: that is no privilege drop.
+            return Err(invalid("group", "set without `user`, the processes would still run as root; set `user` too"));
         }
-        if self.channel.connect.is_none() {
-            if let ChannelAddr::Tcp(addr) = self.channel_listen {
-                if !addr.ip().is_loopback() && self.channel.secret_file.is_none() && !self.channel.insecure {
+        self.check_secret_for_remote_peers()
+    }
+
+    /// Without a secret, a broker on a non-loopback address lets any host inject into every
+    /// group, and a worker dialing one takes whatever a host on the path sends. Both are
+    /// refused unless `channel.insecure` says it is meant, whether or not `connect` is set:
+    /// the file that names a remote broker may be the one that starts it.
+    fn check_secret_for_remote_peers(&self) -> Result<(), ConfigError> {
+        if self.channel.secret_file.is_some() || self.channel.insecure {
+            return Ok(());
+        }
+        for (key, addr) in [("channel.listen", &self.channel.listen), ("channel.connect", &self.channel.connect)] {
+            if let Some(ChannelAddr::Tcp(addr)) = addr {
+                if !addr.ip().is_loopback() {
                     return Err(invalid(
-                        "channel.listen",
+                        key,
                         format!(
                             "{addr} is reachable from other hosts and no channel.secret_file is set; \
                              set one (or channel.insecure = true to accept unauthenticated peers)"
@@ -572,82 +639,39 @@ impl Config {
                 }
             }
         }
-        if self.channel.queue_max_messages == 0 || self.channel.queue_max_bytes < 1024 {
-            return Err(invalid(
-                "channel.queue_max_messages",
-                "the publish queue needs room (>= 1 message, >= 1024 bytes)",
-            ));
-        }
-        if !(1..=3_600_000).contains(&self.channel.auth_timeout_ms) {
-            return Err(invalid("channel.auth_timeout_ms", "must be 1 to 3600000 (one hour)"));
-        }
-        if !(1..=10_000_000).contains(&self.channel.max_peers) {
-            return Err(invalid("channel.max_peers", "must be 1 to 10000000"));
-        }
-        if self.channel_max_frame < 1024 {
-            return Err(invalid("channel.max_frame", "must be at least 1024 bytes"));
-        }
-        for (key, ms) in [
-            ("redis.connect_timeout_ms", self.redis.connect_timeout_ms),
-            ("redis.io_timeout_ms", self.redis.io_timeout_ms),
-        ] {
-            if !(1..=86_400_000).contains(&ms) {
-                return Err(invalid(key, "must be 1 to 86400000 ms"));
-            }
-        }
         Ok(())
     }
 
-    /// Settings a reload cannot change (they are bound or fixed at start), each named for the
-    /// operator; the reloaded config keeps the running values for them.
+    /// Settings a reload cannot change, each named for the operator; the reloaded config keeps
+    /// the running values for them (see `reloaded`).
     pub fn fixed_settings_changed(&self, new: &Config) -> Vec<&'static str> {
-        let mut changed = Vec::new();
-        let mut check = |name, differs: bool| {
-            if differs {
-                changed.push(name);
-            }
-        };
-        check("listen", self.listen != new.listen);
-        check("workers", self.workers != new.workers);
-        check("pid_file", self.pid_file != new.pid_file);
-        check("backlog", self.backlog != new.backlog);
-        check("channel.listen", self.channel_listen != new.channel_listen);
-        check("channel.connect", self.channel.connect != new.channel.connect);
-        check("bus", self.bus != new.bus);
-        check("redis", self.redis != new.redis);
-        check("channel.secret_file", self.channel.secret_file != new.channel.secret_file);
-        check("user", self.user != new.user);
-        check("group", self.group != new.group);
-        check("log.syslog_socket", self.syslog_socket != new.syslog_socket);
-        check("log.syslog_facility", self.syslog_facility != new.syslog_facility);
-        changed
+        FIXED.iter().filter(|f| (f.differs)(self, new)).map(|f| f.name).collect()
     }
 
-    /// `new` with the settings a reload cannot change taken from `self`.
-    pub fn reloaded(&self, new: Config) -> Config {
-        Config {
-            listen: self.listen,
-            workers: self.workers,
-            pid_file: self.pid_file.clone(),
-            backlog: self.backlog,
-            channel_listen: self.channel_listen.clone(),
-            channel: ChannelSettings {
-                connect: self.channel.connect.clone(),
-                secret_file: self.channel.secret_file.clone(),
-                ..new.channel.clone()
-            },
-            user: self.user.clone(),
-            group: self.group.clone(),
-            syslog: self.syslog,
-            syslog_socket: self.syslog_socket.clone(),
-            syslog_facility: self.syslog_facility.clone(),
-            ..new
+    /// `new` with every fixed setting (and the run-time `log.syslog`) taken from `self`.
+    pub fn reloaded(&self, mut new: Config) -> Config {
+        for fixed in FIXED {
+            (fixed.keep)(&mut new, self);
+        }
+        new.log.syslog = self.log.syslog;
+        new
+    }
+
+    /// Where this instance's broker listens: `channel.listen`, or the Unix socket beside the
+    /// pid file.
+    pub fn channel_listen(&self) -> std::borrow::Cow<'_, ChannelAddr> {
+        match &self.channel.listen {
+            Some(addr) => std::borrow::Cow::Borrowed(addr),
+            None => std::borrow::Cow::Owned(ChannelAddr::Unix(sibling_path(&self.pid_file, "channel.sock"))),
         }
     }
 
     /// The broker this instance's workers talk to: the remote one, or its own.
-    pub fn channel_target(&self) -> &ChannelAddr {
-        self.channel.connect.as_ref().unwrap_or(&self.channel_listen)
+    pub fn channel_target(&self) -> std::borrow::Cow<'_, ChannelAddr> {
+        match &self.channel.connect {
+            Some(addr) => std::borrow::Cow::Borrowed(addr),
+            None => self.channel_listen(),
+        }
     }
 
     /// The master's control socket, beside the pid file.
@@ -672,7 +696,7 @@ mod tests {
     fn defaults_follow_the_seed() {
         let c = Config::load(None, &Overrides::default()).unwrap();
         assert_eq!(c.listen.port(), 1234);
-        assert_eq!(c.channel_listen, ChannelAddr::Unix("/tmp/groupcast.channel.sock".into()));
+        assert_eq!(*c.channel_listen(), ChannelAddr::Unix(sibling_path(&c.pid_file, "channel.sock")));
         assert!(c.workers >= 1);
     }
 
@@ -681,5 +705,29 @@ mod tests {
         assert_eq!("unix:/a/b".parse::<ChannelAddr>().unwrap(), ChannelAddr::Unix("/a/b".into()));
         assert!(matches!("127.0.0.1:2206".parse::<ChannelAddr>().unwrap(), ChannelAddr::Tcp(_)));
         assert!("nonsense".parse::<ChannelAddr>().is_err());
+    }
+
+    #[test]
+    fn the_child_json_round_trips() {
+        let mut c = Config::load(None, &Overrides::default()).unwrap();
+        c.channel.listen = Some("127.0.0.1:9".parse().unwrap());
+        c.user = Some("nobody".into());
+        let back: Config = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn reload_keeps_every_fixed_setting() {
+        let old = Config::load(None, &Overrides::default()).unwrap();
+        let mut new = old.clone();
+        new.bus = BusKind::Redis;
+        new.redis.url = "redis://127.0.0.1:1/".into();
+        new.channel.max_peers = 5;
+        new.limits.max_group_id_len = 9;
+        let changed = old.fixed_settings_changed(&new);
+        assert_eq!(changed, ["bus", "redis", "channel.max_peers"]);
+        let kept = old.reloaded(new);
+        assert!(old.fixed_settings_changed(&kept).is_empty(), "everything reported is kept");
+        assert_eq!(kept.limits.max_group_id_len, 9, "other settings do change");
     }
 }

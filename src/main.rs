@@ -36,7 +36,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref(), &overrides)?;
     let source = ConfigSource { path: cli.config.clone(), overrides };
     let start = |config: Config, source, mode, daemon| {
-        logging::init("master", log_level_filter(&config.log_level).unwrap_or(log::LevelFilter::Info));
+        logging::init("master", log_level_filter(&config.log.level).unwrap_or(log::LevelFilter::Info));
         master::start(config, source, mode, daemon)
     };
     match cli.command {

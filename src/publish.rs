@@ -84,7 +84,7 @@ pub fn publish(config: &Config, group: &str, message: Option<&str>) -> anyhow::R
         return publish_redis(config, group, message);
     }
     let secret = config.channel.secret_file.as_deref().map(auth::load_secret).transpose()?;
-    let mut peer = Peer::connect(config.channel_target(), config.channel_max_frame)?;
+    let mut peer = Peer::connect(&config.channel_target(), config.channel.max_frame)?;
     let mut buf = Vec::with_capacity(BATCH);
     let mut handshake = Handshake::AwaitChallenge;
     while !handshake.is_done() {

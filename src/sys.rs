@@ -18,10 +18,8 @@ const HIGH_FD: RawFd = 64;
 /// Fails instead of adopting a number that is not open, so a child started by hand (without
 /// the master) gets an error rather than closing someone else's descriptor later.
 pub fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: F_GETFD only reads flags; it is valid for any integer and fails with EBADF if
-    // `fd` is not open.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-    if flags < 0 {
+    // F_GETFD only reads flags; it fails with EBADF if `fd` is not open.
+    if fcntl(fd, FcntlArg::F_GETFD).is_err() {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
             format!("descriptor {fd} was not inherited (is this process started by the master?)"),

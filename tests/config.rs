@@ -161,3 +161,68 @@ fn channel_over_a_unix_path_from_the_file() {
     assert!(sock.exists());
     check_delivery(&server);
 }
+
+/// Issue 10, defect 13: every number is bounded at load, naming its key. Huge timeouts used to
+/// be accepted and overflow `Instant + Duration` later; a `max_group_id_len` above 65535 cut
+/// names mid-character in the channel wire's u16-length strings.
+#[test]
+fn issue10_out_of_bound_numbers_are_refused() {
+    // TOML integers are i64: the largest one a file can hold.
+    let huge = i64::MAX;
+    for (config, key) in [
+        (format!("status_timeout_ms = {huge}\n"), "status_timeout_ms"),
+        (format!("graceful_timeout_ms = {huge}\n"), "graceful_timeout_ms"),
+        ("backlog = 4294967295\n".to_string(), "backlog"),
+        (format!("[limits]\nidle_timeout_ms = {huge}\n"), "limits.idle_timeout_ms"),
+        (format!("[limits]\nhandshake_timeout_ms = {huge}\n"), "limits.handshake_timeout_ms"),
+        (format!("[limits]\nping_interval_ms = {huge}\nidle_timeout_ms = 0\n"), "limits.ping_interval_ms"),
+        ("[limits]\nmax_group_id_len = 70000\n".to_string(), "limits.max_group_id_len"),
+        ("[limits]\nsend_buffer_limit = 9223372036854775807\n".to_string(), "limits.send_buffer_limit"),
+        (format!("[channel]\ngrace_ms = {huge}\n"), "channel.grace_ms"),
+        (format!("[channel]\nauth_timeout_ms = {huge}\n"), "channel.auth_timeout_ms"),
+        ("[channel]\nauth_timeout_ms = 0\n".to_string(), "channel.auth_timeout_ms"),
+        ("[channel]\nmax_peers = 0\n".to_string(), "channel.max_peers"),
+        ("[channel]\nmax_frame = 4294967296\n".to_string(), "channel.max_frame"),
+    ] {
+        refused(&config, &format!("invalid value for `{key}`"));
+    }
+}
+
+/// The channel keys added with issue 10 (`auth_timeout_ms`, `max_peers`) are read from the
+/// file and shown by `status` with the other channel settings.
+#[test]
+fn channel_auth_timeout_and_max_peers_are_accepted() {
+    let server = Server::start_with(Opts {
+        config: Some("[channel]\nauth_timeout_ms = 1000\nmax_peers = 50\n".into()),
+        ..Opts::workers(2)
+    });
+    let report = server.status();
+    assert_eq!(report["channel_settings"]["auth_timeout_ms"], 1000);
+    assert_eq!(report["channel_settings"]["max_peers"], 50);
+    assert_eq!(report["channel_settings"]["max_frame"], 16 << 20, "defaults shown too");
+    check_delivery(&server);
+}
+
+/// Issue 10, defect 13: a worker must not dial a non-loopback broker without a secret, and a
+/// file that names a remote broker does not exempt its own non-loopback `channel.listen`.
+#[test]
+fn issue10_no_secret_is_refused_with_connect_set() {
+    refused("[channel]\nconnect = \"192.0.2.1:2206\"\n", "invalid value for `channel.connect`");
+    refused("[channel]\nlisten = \"0.0.0.0:0\"\nconnect = \"127.0.0.1:2206\"\n", "invalid value for `channel.listen`");
+    // The standalone broker started from such a file is refused too.
+    let dir = TempDir::new("brokercfg");
+    let path = dir.join("b.toml");
+    std::fs::write(&path, "[channel]\nlisten = \"0.0.0.0:0\"\nconnect = \"127.0.0.1:2206\"\n").unwrap();
+    let pid_file = dir.join("b.pid");
+    let run =
+        run_timed(&["channel", "--pid-file", pid_file.to_str().unwrap(), "-c", path.to_str().unwrap()], dir.path());
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("invalid value for `channel.listen`"), "{run:?}");
+}
+
+/// Issue 10, defect 13: `group` without `user` left every process running as uid 0 (root can
+/// take back any group): refused at load, naming the key.
+#[test]
+fn issue10_group_without_user_is_refused() {
+    refused("group = \"nogroup\"\n", "invalid value for `group`");
+}

@@ -96,21 +96,21 @@ pub fn run_child() -> anyhow::Result<()> {
     let config = control::child_config()?;
     crate::logging::init(
         "channel",
-        crate::config::log_level_filter(&config.log_level).unwrap_or(log::LevelFilter::Info),
+        crate::config::log_level_filter(&config.log.level).unwrap_or(log::LevelFilter::Info),
     );
-    if config.syslog {
-        if let Err(e) = crate::logging::use_syslog(&config.syslog_socket, &config.syslog_facility) {
+    if config.log.syslog {
+        if let Err(e) = crate::logging::use_syslog(&config.log.syslog_socket, &config.log.syslog_facility) {
             warn!("{e}");
         }
     }
     raise_open_file_limit(config.channel.max_peers);
     let fd =
         crate::sys::adopt_inherited_fd(control::CHILD_LISTENER_FD).context("no channel listener from the master")?;
-    let listener = ChannelListener::from_fd(fd, &config.channel_listen)?;
+    let listener = ChannelListener::from_fd(fd, &config.channel_listen())?;
     let mut broker = Broker::new(listener, &config)?;
     info!(
         "channel server listening on {} ({})",
-        config.channel_listen,
+        config.channel_listen(),
         if broker.secret.is_some() { "peers must prove the shared secret" } else { "no authentication" }
     );
     broker.run()
@@ -155,8 +155,8 @@ impl Broker {
             again: Vec::new(),
             dirty: Vec::new(),
             to_ack: Vec::new(),
-            max_frame: config.channel_max_frame,
-            peer_buffer_limit: config.channel_peer_buffer_limit,
+            max_frame: config.channel.max_frame,
+            peer_buffer_limit: config.channel.peer_buffer_limit,
             secret,
             admissions: VecDeque::new(),
             auth_timeout: Duration::from_millis(config.channel.auth_timeout_ms),

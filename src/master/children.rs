@@ -3,7 +3,7 @@
 //! A `ChildProc` is one process started by fork + exec of the binary at the path the master
 //! was started from, with its listener (descriptor 3) and status link (descriptor 4) inherited.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::control::{CHILD_LINK_FD, CHILD_LISTENER_FD, CONFIG_ENV};
+use crate::control::{MasterLink, Reply, Request, CHILD_LINK_FD, CHILD_LISTENER_FD, CONFIG_ENV};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -45,11 +45,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// One running child process and the master's end of its status link.
 pub struct ChildProc {
     child: Child,
-    link: Option<UnixStream>,
-    /// Bytes read from the link that do not form a whole line yet.
-    linebuf: Vec<u8>,
+    link: MasterLink,
     pub started_at: Instant,
-    /// The child has said `ready`.
+    /// The child has sent `Reply::Ready`.
     ready: bool,
 }
 
@@ -68,7 +66,7 @@ impl ChildProc {
             &mut command,
             &[(listener, CHILD_LISTENER_FD), (theirs.as_fd(), CHILD_LINK_FD)],
         )?;
-        Ok(ChildProc { child, link: Some(ours), linebuf: Vec::new(), started_at: Instant::now(), ready: false })
+        Ok(ChildProc { child, link: MasterLink::new(ours), started_at: Instant::now(), ready: false })
     }
 
     pub fn pid(&self) -> u32 {
@@ -76,16 +74,21 @@ impl ChildProc {
     }
 
     /// Reaps the process if it has exited.
-    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+    pub fn try_exit(&mut self) -> Option<Ended> {
         match self.child.try_wait() {
-            Ok(status) => status,
-            // ECHILD: already reaped; treat as gone.
-            Err(_) => Some(ExitStatus::default()),
+            Ok(status) => status.map(Ended::Status),
+            // ECHILD: reaped already, by nobody we know of: gone, with no status to report
+            // (not "exited with status 0", which would read as a clean exit).
+            Err(e) if e.raw_os_error() == Some(nix::libc::ECHILD) => Some(Ended::Unknown(e)),
+            Err(e) => {
+                log::warn!("cannot check on pid {}: {e}", self.pid());
+                None
+            }
         }
     }
 
     /// Waits up to `limit` for the process to exit (used once it is known to be dying).
-    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<Ended> {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.try_exit() {
@@ -107,49 +110,33 @@ impl ChildProc {
         let _ = self.child.wait();
     }
 
-    /// Sends one request line; false if the link is gone.
-    pub fn send(&mut self, line: &str) -> bool {
-        let Some(link) = self.link.as_mut() else { return false };
-        if link.set_nonblocking(false).is_err() || link.write_all(format!("{line}\n").as_bytes()).is_err() {
-            self.link = None;
-            return false;
-        }
-        true
+    /// Sends one request that has no answer; false if the link is gone.
+    pub fn send(&mut self, request: &Request) -> bool {
+        self.link.send(request)
     }
 
     /// Sends a request that expects an answer, first dropping answers to earlier requests that
     /// timed out so they are not taken for this one's.
-    pub fn request(&mut self, line: &str) -> bool {
-        if let Some(link) = self.link.as_mut() {
-            if link.set_nonblocking(true).is_ok() {
-                let mut scratch = [0u8; 4096];
-                while let Ok(n @ 1..) = link.read(&mut scratch) {
-                    self.linebuf.extend_from_slice(&scratch[..n]);
-                }
-            }
-            self.ready |= self.linebuf.split(|&b| b == b'\n').any(|l| l == b"ready");
-            self.linebuf.clear();
-        }
-        self.send(line)
+    pub fn request(&mut self, request: &Request) -> bool {
+        self.ready |= self.link.discard_pending();
+        self.link.send(request)
     }
 
-    /// Reads the answer to `request` (skipping `ready`), waiting until `deadline`.
-    pub fn read_answer(&mut self, deadline: Instant) -> Option<String> {
+    /// Reads the answer to `request` (noting `Ready` on the way), waiting until `deadline`.
+    pub fn read_answer(&mut self, deadline: Instant) -> Option<Reply<'static>> {
         loop {
-            let line = self.read_line(Some(deadline)).ok()??;
-            if line == "ready" {
-                self.ready = true;
-                continue;
+            match self.link.read_reply(Some(deadline)).ok()?? {
+                Reply::Ready => self.ready = true,
+                answer => return Some(answer),
             }
-            return Some(line);
         }
     }
 
-    /// Waits until the child says `ready`, or `deadline`.
+    /// Waits until the child says it is ready, or `deadline`.
     pub fn wait_ready(&mut self, deadline: Instant) -> io::Result<()> {
         while !self.ready {
-            match self.read_line(Some(deadline))? {
-                Some(line) if line == "ready" => self.ready = true,
+            match self.link.read_reply(Some(deadline))? {
+                Some(Reply::Ready) => self.ready = true,
                 Some(_) => {}
                 None => return Err(io::Error::new(io::ErrorKind::TimedOut, "did not become ready in time")),
             }
@@ -157,53 +144,17 @@ impl ChildProc {
         Ok(())
     }
 
-    /// Non-blocking readiness check for reloads: `Ok(true)` once `ready` was read, `Err` if
+    /// Non-blocking readiness check for reloads: `Ok(true)` once `Ready` was read, `Err` if
     /// the process closed its link (it died).
     pub fn poll_ready(&mut self) -> io::Result<bool> {
         while !self.ready {
-            match self.read_line(None)? {
-                Some(line) if line == "ready" => self.ready = true,
+            match self.link.read_reply(None)? {
+                Some(Reply::Ready) => self.ready = true,
                 Some(_) => {}
                 None => return Ok(false),
             }
         }
         Ok(true)
-    }
-
-    /// Reads one line: blocking until `deadline`, or without blocking when `None`.
-    fn read_line(&mut self, deadline: Option<Instant>) -> io::Result<Option<String>> {
-        let Some(link) = self.link.as_mut() else {
-            return Err(io::Error::new(io::ErrorKind::NotConnected, "no link to the process"));
-        };
-        loop {
-            if let Some(nl) = self.linebuf.iter().position(|&b| b == b'\n') {
-                let line = String::from_utf8_lossy(&self.linebuf[..nl]).into_owned();
-                self.linebuf.drain(..=nl);
-                return Ok(Some(line));
-            }
-            match deadline {
-                Some(deadline) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Ok(None);
-                    }
-                    link.set_nonblocking(false)?;
-                    link.set_read_timeout(Some(left))?;
-                }
-                None => link.set_nonblocking(true)?,
-            }
-            let mut buf = [0u8; 16 * 1024];
-            match link.read(&mut buf) {
-                Ok(0) => {
-                    self.link = None;
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the process closed its link"));
-                }
-                Ok(n) => self.linebuf.extend_from_slice(&buf[..n]),
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Ok(None),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
     }
 }
 
@@ -243,12 +194,23 @@ impl Slot {
             n => (FIRST_BACKOFF * 2u32.saturating_pow(n - 2)).min(MAX_BACKOFF),
         };
         self.respawn_at = Some(Instant::now() + delay);
-        Some(format!(
-            "{} after {:.1}s; restarting in {:.1}s",
-            describe_exit(status),
-            lived.as_secs_f64(),
-            delay.as_secs_f64()
-        ))
+        Some(format!("{} after {:.1}s; restarting in {:.1}s", status, lived.as_secs_f64(), delay.as_secs_f64()))
+    }
+}
+
+/// How a child ended: its wait status, or, if it could not be had, why.
+#[derive(Debug)]
+pub enum Ended {
+    Status(ExitStatus),
+    Unknown(io::Error),
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::Status(status) => f.write_str(&describe_exit(*status)),
+            Ended::Unknown(e) => write!(f, "ended (exit status unknown: {e})"),
+        }
     }
 }
 

@@ -5,36 +5,39 @@
 //! It stays single-threaded, because it forks. The life cycle is drawn in LIFECYCLE.md.
 
 pub mod children;
+mod control_clients;
 pub mod listeners;
 pub mod notify;
 pub mod pidfile;
 mod privileges;
 mod reload;
+mod runtime_dir;
 mod status;
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use log::{error, info, warn};
-use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::Signal;
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::config::{ChannelAddr, Config, Overrides};
-use crate::control::ReloadOutcome;
+use crate::control::{ReloadOutcome, Request};
 use crate::ws::close_code;
 use children::{ChildProc, Role, Slot};
 use pidfile::PidFile;
 
 const SIGNALS: Token = Token(0);
 const CONTROL: Token = Token(1);
+/// Control clients get the tokens from here on.
+const FIRST_CONTROL_CLIENT: usize = 16;
 /// How long children get to exit after being told to stop, beyond any drain time, before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long a freshly started child may take to report ready.
@@ -71,7 +74,7 @@ pub struct Master {
     worker_listeners: Vec<OwnedFd>,
     /// The channel listener, when this master runs a broker (not with `channel.connect`).
     channel_listener: Option<OwnedFd>,
-    control: UnixListener,
+    control: control_clients::ControlClients,
     slots: Vec<Slot>,
     retiring: Vec<Retiring>,
     reload: reload::ReloadState,
@@ -107,6 +110,14 @@ impl Mode {
 }
 
 fn bind_all(config: &Config, mode: Mode) -> anyhow::Result<Bound> {
+    // The default location is made private; a directory the operator chose is theirs to set.
+    if config.pid_file.parent() == Some(crate::config::runtime_dir().as_path()) {
+        let service_user = match &config.user {
+            Some(name) => nix::unistd::User::from_name(name).ok().flatten().map(|u| u.uid.as_raw()),
+            None => None,
+        };
+        runtime_dir::ensure_private(&crate::config::runtime_dir(), service_user)?;
+    }
     let pidfile = PidFile::acquire(&config.pid_file)?;
     let (worker_listeners, listen) = if mode.runs_workers() {
         let (fds, addr) = listeners::bind_worker_listeners(config.listen, config.workers, config.backlog)
@@ -116,21 +127,26 @@ fn bind_all(config: &Config, mode: Mode) -> anyhow::Result<Bound> {
         (Vec::new(), None)
     };
     let channel_listener = if mode.runs_broker(config) {
+        // A Unix channel socket is unauthenticated: 0600, only our processes may connect.
         Some(
-            crate::channel::bind_listener(&config.channel_listen, config.backlog)
-                .with_context(|| format!("cannot bind the channel server to {}", config.channel_listen))?,
+            runtime_dir::with_private_umask(|| crate::channel::bind_listener(&config.channel_listen(), config.backlog))
+                .with_context(|| format!("cannot bind the channel server to {}", config.channel_listen()))?,
         )
     } else {
         None
     };
     let control_path = config.control_socket();
-    let control = listeners::bind_control_socket(&control_path)
+    let control = runtime_dir::with_private_umask(|| listeners::bind_control_socket(&control_path))
         .with_context(|| format!("cannot bind the control socket {}", control_path.display()))?;
     Ok(Bound { pidfile, worker_listeners, listen, channel_listener, control })
 }
 
 /// `groupcast start [-d]`.
 pub fn start(mut config: Config, source: ConfigSource, mode: Mode, daemon: bool) -> anyhow::Result<()> {
+    // Installed first: a signal during startup waits until the children are up instead of
+    // killing the master (the default action of SIGHUP, SIGUSR1, SIGUSR2).
+    let signals = Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2])
+        .context("cannot install signal handlers")?;
     let exe = current_exe()?;
     if mode == Mode::Broker {
         config.workers = 0;
@@ -139,9 +155,9 @@ pub fn start(mut config: Config, source: ConfigSource, mode: Mode, daemon: bool)
     }
     let bound = bind_all(&config, mode)?;
     if !daemon {
-        return run(config, source, exe, bound, None);
+        return run(config, source, exe, bound, signals, None);
     }
-    config.syslog = true;
+    config.log.syslog = true;
     // The daemon reports readiness (or why it failed) through this pipe, so `start -d`
     // returns only once the instance serves, with a meaningful exit code.
     let (mut ready_rx, ready_tx) = io::pipe().context("cannot create the readiness pipe")?;
@@ -169,12 +185,12 @@ pub fn start(mut config: Config, source: ConfigSource, mode: Mode, daemon: bool)
         daemonize::Outcome::Parent(Err(e)) => bail!("cannot daemonize: {e}"),
         daemonize::Outcome::Child(Ok(_)) => {
             drop(ready_rx);
-            if let Err(e) = crate::logging::use_syslog(&config.syslog_socket, &config.syslog_facility) {
+            if let Err(e) = crate::logging::use_syslog(&config.log.syslog_socket, &config.log.syslog_facility) {
                 // Nowhere better to say it: stderr is /dev/null now.
                 let _ = writeln!(&ready_tx, "warning {e}");
             }
             let report = ready_tx.try_clone().ok();
-            let result = run(config, source, exe, bound, Some(ready_tx));
+            let result = run(config, source, exe, bound, signals, Some(ready_tx));
             if let Err(e) = &result {
                 error!("{e:#}");
                 if let Some(mut report) = report {
@@ -215,17 +231,25 @@ fn run(
     source: ConfigSource,
     exe: PathBuf,
     bound: Bound,
+    signals: Signals,
     ready: Option<io::PipeWriter>,
 ) -> anyhow::Result<()> {
     let Bound { mut pidfile, worker_listeners, listen, channel_listener, control } = bound;
     pidfile.write_pid().context("cannot write the pid file")?;
-    let mut owned = vec![config.pid_file.clone(), config.control_socket()];
-    if let (Some(_), ChannelAddr::Unix(path)) = (&channel_listener, &config.channel_listen) {
+    let mut owned = vec![config.control_socket()];
+    if let (Some(_), ChannelAddr::Unix(path)) = (&channel_listener, &*config.channel_listen()) {
         owned.push(path.clone());
     }
+    // The private default directory must let the service user reach its sockets.
+    let runtime_dir = crate::config::runtime_dir();
+    if config.pid_file.parent() == Some(runtime_dir.as_path()) {
+        owned.push(runtime_dir);
+    }
     let owned: Vec<&std::path::Path> = owned.iter().map(PathBuf::as_path).collect();
-    privileges::drop_privileges(config.user.as_deref(), config.group.as_deref(), &owned)?;
-    let config_json = serde_json::to_string(&config).context("cannot serialize the config")?;
+    privileges::drop_privileges(config.user.as_deref(), config.group.as_deref(), &pidfile, &owned)?;
+    let control = control_clients::ControlClients::new(control, FIRST_CONTROL_CLIENT)
+        .context("cannot set up the control socket")?;
+    let config_json = crate::control::encode_child_config(&config).context("cannot serialize the config")?;
     let mut slots = Vec::new();
     if channel_listener.is_some() {
         slots.push(Slot::new(Role::Channel));
@@ -258,14 +282,14 @@ fn run(
             None => info!(
                 "groupcast {} channel server ready on {}",
                 env!("CARGO_PKG_VERSION"),
-                master.config.channel_listen
+                master.config.channel_listen()
             ),
         }
         notify::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
         if let Some(mut ready) = ready {
             let _ = writeln!(ready, "ok {}", std::process::id());
         }
-        master.supervise()
+        master.supervise(signals)
     });
     let graceful = matches!(result, Ok(Exit::Stop { graceful: true }));
     master.stop(graceful);
@@ -309,17 +333,15 @@ impl Master {
         Ok(())
     }
 
-    fn supervise(&mut self) -> anyhow::Result<Exit> {
+    fn supervise(&mut self, mut signals: Signals) -> anyhow::Result<Exit> {
         let mut poll = Poll::new().context("cannot create the event loop")?;
-        let mut signals = Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2])
-            .context("cannot install signal handlers")?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
-        let control_fd = self.control.as_raw_fd();
-        poll.registry().register(&mut SourceFd(&control_fd), CONTROL, Interest::READABLE)?;
-        let mut events = Events::with_capacity(16);
+        self.control.register(poll.registry(), CONTROL)?;
+        let mut events = Events::with_capacity(64);
         loop {
             let mut wait = Duration::from_secs(1);
-            if let Some(at) = self.slots.iter().filter_map(|s| s.respawn_at).min() {
+            let next = self.slots.iter().filter_map(|s| s.respawn_at).chain(self.control.next_deadline()).min();
+            if let Some(at) = next {
                 wait = wait.min(at.saturating_duration_since(Instant::now()));
             }
             if self.reload.busy() || !self.retiring.is_empty() {
@@ -339,10 +361,11 @@ impl Master {
                             }
                         }
                     }
-                    CONTROL => self.serve_control(),
+                    token if token == CONTROL || self.control.owns(token) => self.control_event(poll.registry(), token),
                     _ => {}
                 }
             }
+            self.control.expire(poll.registry(), Instant::now());
             self.reap_children();
             self.respawn_due();
             self.advance_reload();
@@ -386,7 +409,7 @@ impl Master {
         let now = Instant::now();
         self.retiring.retain_mut(|r| {
             if let Some(status) = r.proc.try_exit() {
-                info!("retired {} (pid {}) {}", r.role.name(), r.proc.pid(), children::describe_exit(status));
+                info!("retired {} (pid {}) {}", r.role.name(), r.proc.pid(), status);
                 return false;
             }
             if now >= r.kill_at {
@@ -420,7 +443,7 @@ impl Master {
         notify::notify("STOPPING=1");
         self.reload.abort();
         let drain_ms = if graceful { self.config.graceful_timeout_ms } else { 0 };
-        let shutdown = format!("shutdown {} {drain_ms}", close_code::GOING_AWAY);
+        let shutdown = Request::Shutdown { code: close_code::GOING_AWAY, drain_ms };
         let mut workers: Vec<(Role, ChildProc)> = Vec::new();
         for slot in &mut self.slots {
             slot.respawn_at = None;
@@ -443,7 +466,7 @@ impl Master {
         }
         wait_or_kill(&mut channel, STOP_GRACE);
         let _ = std::fs::remove_file(self.config.control_socket());
-        if let (Some(_), ChannelAddr::Unix(path)) = (&self.channel_listener, &self.config.channel_listen) {
+        if let (Some(_), ChannelAddr::Unix(path)) = (&self.channel_listener, &*self.config.channel_listen()) {
             let _ = std::fs::remove_file(path);
         }
         if let Some(pidfile) = self.pidfile.take() {
@@ -464,7 +487,7 @@ fn wait_or_kill(procs: &mut Vec<(Role, ChildProc)>, limit: Duration) {
     while !procs.is_empty() && Instant::now() < deadline {
         procs.retain_mut(|(role, proc)| match proc.try_exit() {
             Some(status) => {
-                info!("{} (pid {}) {}", role.name(), proc.pid(), children::describe_exit(status));
+                info!("{} (pid {}) {}", role.name(), proc.pid(), status);
                 false
             }
             None => true,

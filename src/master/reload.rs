@@ -17,7 +17,7 @@ use log::{error, info, warn};
 use super::children::{ChildProc, Role};
 use super::{notify, Master, Retiring, READY_TIMEOUT, STOP_GRACE};
 use crate::config::Config;
-use crate::control::ReloadOutcome;
+use crate::control::{ReloadOutcome, Request};
 use crate::ws::close_code;
 
 #[derive(Default)]
@@ -124,10 +124,10 @@ impl Master {
             warn!("reload keeps the running {}: changing them needs a restart", fixed.join(", "));
         }
         let config = self.config.reloaded(fresh);
-        if let Some(level) = crate::config::log_level_filter(&config.log_level) {
+        if let Some(level) = crate::config::log_level_filter(&config.log.level) {
             log::set_max_level(level);
         }
-        self.config_json = serde_json::to_string(&config)?;
+        self.config_json = crate::control::encode_child_config(&config)?;
         self.config = config;
         Ok(())
     }
@@ -167,7 +167,7 @@ impl Master {
                         let why = match outcome {
                             // The link closes a moment before the process is reapable.
                             Err(_) => match candidate.wait_exit(Duration::from_secs(1)) {
-                                Some(status) => super::children::describe_exit(status),
+                                Some(status) => status.to_string(),
                                 None => "closed its status link".to_owned(),
                             },
                             _ => format!("was not ready within {READY_TIMEOUT:?}"),
@@ -198,7 +198,8 @@ impl Master {
         job.replaced += 1;
         let Some(mut old) = old else { return };
         let drain = if job.graceful { Duration::from_millis(self.config.graceful_timeout_ms) } else { Duration::ZERO };
-        if !old.send(&format!("shutdown {} {}", close_code::SERVICE_RESTART, drain.as_millis())) {
+        let shutdown = Request::Shutdown { code: close_code::SERVICE_RESTART, drain_ms: duration_ms(drain) };
+        if !old.send(&shutdown) {
             old.signal(nix::sys::signal::Signal::SIGTERM);
         }
         let old_pid = old.pid();
@@ -233,4 +234,9 @@ impl Master {
             self.begin_reload(graceful);
         }
     }
+}
+
+/// Whole milliseconds of `d`, saturating (a drain time is bounded at load anyway).
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -1,67 +1,56 @@
-//! The master's control socket: one request line (`status`, `connections`, `ping`), one JSON
-//! answer line, then the connection closes. Figures are gathered live from each child over its
-//! status link, within `status_timeout_ms`.
+//! The master's answers on its control socket: one request line (`status`, `connections`,
+//! `ping`), one JSON answer line, then the connection closes (control_clients.rs does the
+//! socket side without blocking). Figures are gathered live from each child over its status
+//! link, within `status_timeout_ms`.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
+
+use mio::{Registry, Token};
 
 use log::warn;
 
 use super::children::{rss_kib, ChildProc, Role};
+use super::control_clients::Event;
 use super::Master;
-use crate::control::{binary_identity, ConnectionList, ProcessStats, StatusReport, Totals};
+use crate::control::{binary_identity, ConnectionList, ProcessStats, Reply, Request, StatusReport, Totals};
 
 impl Master {
-    pub(super) fn serve_control(&mut self) {
-        loop {
-            match self.control.accept() {
-                Ok((stream, _)) => {
-                    if let Err(e) = self.answer(stream) {
-                        warn!("control request failed: {e}");
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    warn!("control accept failed: {e}");
-                    return;
-                }
-            }
+    /// Accepts control clients, or reads/writes for one; a complete request is answered here.
+    pub(super) fn control_event(&mut self, registry: &Registry, token: Token) {
+        if token == super::CONTROL {
+            self.control.accept(registry);
+            return;
+        }
+        if let Event::Request { key, line } = self.control.ready(registry, token) {
+            let answer = self.answer(&line);
+            self.control.answer(registry, key, &answer);
         }
     }
 
-    fn answer(&mut self, stream: UnixStream) -> io::Result<()> {
-        stream.set_nonblocking(false)?;
-        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-        let mut line = String::new();
-        BufReader::new(&stream).take(1024).read_line(&mut line)?;
-        let mut out = &stream;
-        match line.trim() {
-            "status" => {
-                let report = self.status_report();
-                serde_json::to_writer(&mut out, &report).map_err(io::Error::other)?;
-                out.write_all(b"\n")
-            }
-            "connections" => {
-                let list = self.connection_list();
-                serde_json::to_writer(&mut out, &list).map_err(io::Error::other)?;
-                out.write_all(b"\n")
-            }
-            "ping" => out.write_all(b"pong\n"),
-            other => writeln!(out, "error unknown request {other:?}"),
+    /// The answer line to one request line.
+    fn answer(&mut self, request: &str) -> Vec<u8> {
+        let mut out = match request {
+            "status" => serde_json::to_vec(&self.status_report()),
+            "connections" => serde_json::to_vec(&self.connection_list()),
+            "ping" => Ok(b"pong".to_vec()),
+            other => Ok(format!("error unknown request {other:?}").into_bytes()),
         }
+        .unwrap_or_else(|e| {
+            warn!("cannot encode a control answer: {e}");
+            b"error cannot encode the answer".to_vec()
+        });
+        out.push(b'\n');
+        out
     }
 
     fn status_report(&mut self) -> StatusReport {
         for slot in &mut self.slots {
             if let Some(proc) = slot.proc.as_mut() {
-                proc.request("stats");
+                proc.request(&Request::Stats);
             }
         }
         for r in &mut self.retiring {
-            r.proc.request("stats");
+            r.proc.request(&Request::Stats);
         }
         let deadline = Instant::now() + Duration::from_millis(self.config.status_timeout_ms);
         let master_pid = std::process::id();
@@ -122,6 +111,7 @@ impl Master {
             last_reload: self.last_reload(),
             graceful_timeout_ms: self.config.graceful_timeout_ms,
             limits: self.config.limits.clone(),
+            channel_settings: self.config.channel.clone(),
         }
     }
 
@@ -129,7 +119,7 @@ impl Master {
         let mut asked = Vec::new();
         for slot in &mut self.slots {
             if let (Role::Worker(i), Some(proc)) = (slot.role, slot.proc.as_mut()) {
-                if proc.request("connections") {
+                if proc.request(&Request::Connections) {
                     asked.push(i);
                 }
             }
@@ -138,12 +128,13 @@ impl Master {
         let mut list = ConnectionList::default();
         for slot in &mut self.slots {
             let Role::Worker(i) = slot.role else { continue };
-            let answer = slot
-                .proc
-                .as_mut()
-                .filter(|_| asked.contains(&i))
-                .and_then(|p| p.read_answer(deadline))
-                .and_then(|line| serde_json::from_str::<ConnectionList>(&line).ok());
+            let answer =
+                slot.proc.as_mut().filter(|_| asked.contains(&i)).and_then(|p| p.read_answer(deadline)).and_then(
+                    |reply| match reply {
+                        Reply::Connections(list) => Some(list.into_owned()),
+                        _ => None,
+                    },
+                );
             match answer {
                 Some(part) => list.connections.extend(part.connections),
                 None => list.missing_workers.push(i),
@@ -158,14 +149,14 @@ fn row(role: Role, proc: Option<&mut ChildProc>, deadline: Instant) -> ProcessSt
     let mut stats = match proc {
         Some(proc) => {
             let pid = proc.pid();
-            let mut s =
-                proc.read_answer(deadline).and_then(|l| serde_json::from_str::<ProcessStats>(&l).ok()).map_or_else(
-                    || ProcessStats { state: "starting".into(), ..Default::default() },
-                    |s| ProcessStats {
-                        state: if s.state.is_empty() { "running".into() } else { s.state.clone() },
-                        ..s
-                    },
-                );
+            let answer = proc.read_answer(deadline).and_then(|reply| match reply {
+                Reply::Stats(stats) => Some(stats.into_owned()),
+                _ => None,
+            });
+            let mut s = answer.map_or_else(
+                || ProcessStats { state: "starting".into(), ..Default::default() },
+                |s| ProcessStats { state: if s.state.is_empty() { "running".into() } else { s.state.clone() }, ..s },
+            );
             s.pid = pid;
             s.rss_kib = rss_kib(pid);
             s.uptime_secs = proc.started_at.elapsed().as_secs();

@@ -56,7 +56,7 @@ impl Bus {
         let carrier = match config.bus {
             BusKind::Channel => {
                 let settings = ClientSettings {
-                    addr: config.channel_target().clone(),
+                    addr: config.channel_target().into_owned(),
                     secret: config.channel.secret_file.as_deref().map(crate::channel::auth::load_secret).transpose()?,
                     queue_max_messages: config.channel.queue_max_messages,
                     queue_max_bytes: config.channel.queue_max_bytes,
@@ -74,12 +74,12 @@ impl Bus {
                     queue_max_messages: config.channel.queue_max_messages,
                     queue_max_bytes: config.channel.queue_max_bytes,
                     timeouts: Timeouts::from_millis(config.redis.connect_timeout_ms, config.redis.io_timeout_ms),
-                    max_message: config.channel_max_frame,
+                    max_message: config.channel.max_frame,
                 };
                 Carrier::Redis(RedisBus::start(settings, origin, waker)?)
             }
         };
-        Ok(Bus { carrier, dedupe: Dedupe::default(), origin, max_frame: config.channel_max_frame })
+        Ok(Bus { carrier, dedupe: Dedupe::default(), origin, max_frame: config.channel.max_frame })
     }
 
     pub fn subscribe(&mut self, group: &str) {

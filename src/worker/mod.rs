@@ -73,10 +73,10 @@ pub fn run(index: usize) -> anyhow::Result<()> {
     let config = control::child_config()?;
     crate::logging::init(
         &format!("worker-{index}"),
-        crate::config::log_level_filter(&config.log_level).unwrap_or(log::LevelFilter::Info),
+        crate::config::log_level_filter(&config.log.level).unwrap_or(log::LevelFilter::Info),
     );
-    if config.syslog {
-        if let Err(e) = crate::logging::use_syslog(&config.syslog_socket, &config.syslog_facility) {
+    if config.log.syslog {
+        if let Err(e) = crate::logging::use_syslog(&config.log.syslog_socket, &config.log.syslog_facility) {
             warn!("{e}");
         }
     }

@@ -1,22 +1,9 @@
-//! The status link between the master and each child: a Unix socket pair created at spawn
-//! (the child's end is descriptor 4). Newline-delimited text: the child first writes `ready`;
-//! the master sends `stats` (answered by one JSON `ProcessStats` line), `connections`
-//! (answered by one JSON `ConnectionList` line) and `shutdown CODE DRAIN_MS` (no answer: the
-//! child closes its clients with CODE, waits up to DRAIN_MS for them, and exits).
-//! Figures therefore always come live from the running processes, never from a file.
+//! What the CLI shows: the master's answers on its control socket (`StatusReport`,
+//! `ConnectionList`) and the per-process figures (`ProcessStats`) children send over their
+//! status link to build them. Plain serde data, shared by the master, the children and
+//! `groupcast status`/`connections`.
 
-use std::io::{self, Read};
-
-use mio::net::UnixStream;
-use mio::{Interest, Registry, Token};
 use serde::{Deserialize, Serialize};
-
-/// Descriptor number at which a child finds its end of the status link.
-pub const CHILD_LINK_FD: i32 = 4;
-/// Descriptor number at which a child finds the listener the master bound for it.
-pub const CHILD_LISTENER_FD: i32 = 3;
-/// Environment variable carrying the resolved config (JSON) from master to child.
-pub const CONFIG_ENV: &str = "GROUPCAST_CHILD_CONFIG";
 
 /// Live figures of one process, as `status` shows them.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -99,42 +86,6 @@ pub struct ProcessStats {
     pub log_dropped: u64,
 }
 
-/// The child's end of the status link, driven by the child's own event loop.
-pub struct ChildLink {
-    stream: UnixStream,
-    inbuf: Vec<u8>,
-    outbuf: crate::sendbuf::SendBuf,
-}
-
-/// What the master asked for.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Request {
-    Stats,
-    Connections,
-    /// Close every client with `code`, wait up to `drain_ms` for them to go, then exit.
-    Shutdown {
-        code: u16,
-        drain_ms: u64,
-    },
-}
-
-impl Request {
-    fn parse(line: &[u8]) -> Option<Request> {
-        let line = std::str::from_utf8(line).ok()?;
-        let mut words = line.split_whitespace();
-        match words.next()? {
-            "stats" => Some(Request::Stats),
-            "connections" => Some(Request::Connections),
-            "shutdown" => {
-                let code = words.next()?.parse().ok()?;
-                let drain_ms = words.next()?.parse().ok()?;
-                Some(Request::Shutdown { code, drain_ms })
-            }
-            _ => None,
-        }
-    }
-}
-
 /// One client connection, as `groupcast connections` lists it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -164,66 +115,6 @@ pub struct ConnectionList {
     pub missing_workers: Vec<usize>,
 }
 
-impl ChildLink {
-    /// Adopts descriptor 4 and registers it; queues the `ready` line.
-    pub fn inherit(registry: &Registry, token: Token) -> io::Result<ChildLink> {
-        let fd = crate::sys::adopt_inherited_fd(CHILD_LINK_FD)?;
-        let std_stream = std::os::unix::net::UnixStream::from(fd);
-        std_stream.set_nonblocking(true)?;
-        let mut stream = UnixStream::from_std(std_stream);
-        registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
-        let mut link = ChildLink { stream, inbuf: Vec::new(), outbuf: Default::default() };
-        link.outbuf.extend_from_slice(b"ready\n");
-        link.flush()?;
-        Ok(link)
-    }
-
-    /// Reads what the master sent. `Ok(None)` at end of stream: the master is gone.
-    pub fn read_requests(&mut self) -> io::Result<Option<Vec<Request>>> {
-        let mut buf = [0u8; 512];
-        loop {
-            match self.stream.read(&mut buf) {
-                Ok(0) => return Ok(None),
-                Ok(n) => self.inbuf.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        let mut requests = Vec::new();
-        while let Some(nl) = self.inbuf.iter().position(|&b| b == b'\n') {
-            if let Some(request) = Request::parse(&self.inbuf[..nl]) {
-                requests.push(request);
-            }
-            self.inbuf.drain(..=nl);
-        }
-        if self.inbuf.len() > 4096 {
-            self.inbuf.clear();
-        }
-        Ok(Some(requests))
-    }
-
-    /// Sends one JSON line (a `ProcessStats` or a `ConnectionList`).
-    pub fn send_json(&mut self, value: &impl Serialize) -> io::Result<()> {
-        serde_json::to_writer(self.outbuf.tail(), value).map_err(io::Error::other)?;
-        self.outbuf.extend_from_slice(b"\n");
-        self.flush()
-    }
-
-    /// Writes what is queued; the rest waits for the next writable event.
-    pub fn flush(&mut self) -> io::Result<()> {
-        self.outbuf.write_to(&mut self.stream)
-    }
-}
-
-/// Reads the resolved config the master put in the environment.
-pub fn child_config() -> anyhow::Result<crate::config::Config> {
-    use anyhow::Context;
-    let json = std::env::var(CONFIG_ENV)
-        .with_context(|| format!("{CONFIG_ENV} is not set: this subcommand is started by the master"))?;
-    serde_json::from_str(&json).context("config passed by the master does not parse")
-}
-
 /// The master's answer to `status`: instance figures plus one row per process.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -248,6 +139,8 @@ pub struct StatusReport {
     pub graceful_timeout_ms: u64,
     /// The client limits in force (of the running config).
     pub limits: crate::config::Limits,
+    /// The channel settings in force: bounds of the broker and of the workers' channel client.
+    pub channel_settings: crate::config::ChannelSettings,
 }
 
 /// How the most recent reload ended.

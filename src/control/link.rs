@@ -1,0 +1,161 @@
+//! Both ends of the status link, a Unix socket pair made at spawn: `ChildLink` is the child's
+//! end, driven by the child's own event loop (non-blocking, registered with mio);
+//! `MasterLink` is the master's end, read with a deadline while the master gathers figures.
+//! Every line is a `Request` (master to child) or a `Reply` (child to master) in JSON.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::time::Instant;
+
+use log::warn;
+use mio::net::UnixStream;
+use mio::{Interest, Registry, Token};
+
+use super::handoff::CHILD_LINK_FD;
+use super::messages::{decode_line, encode_line, Reply, Request};
+use crate::sendbuf::SendBuf;
+
+/// Longest request line a child keeps; a longer one is not from the master and is dropped.
+const MAX_REQUEST_LINE: usize = 4096;
+
+/// The child's end of the status link.
+pub struct ChildLink {
+    stream: UnixStream,
+    inbuf: Vec<u8>,
+    outbuf: SendBuf,
+}
+
+impl ChildLink {
+    /// Adopts descriptor 4 and registers it; queues the `Ready` reply.
+    pub fn inherit(registry: &Registry, token: Token) -> io::Result<ChildLink> {
+        let fd = crate::sys::adopt_inherited_fd(CHILD_LINK_FD)?;
+        let std_stream = StdUnixStream::from(fd);
+        std_stream.set_nonblocking(true)?;
+        let mut stream = UnixStream::from_std(std_stream);
+        registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
+        let mut link = ChildLink { stream, inbuf: Vec::new(), outbuf: SendBuf::default() };
+        link.send_json(Reply::Ready)?;
+        Ok(link)
+    }
+
+    /// Reads what the master sent. `Ok(None)` at end of stream: the master is gone.
+    pub fn read_requests(&mut self) -> io::Result<Option<Vec<Request>>> {
+        let mut buf = [0u8; 512];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Ok(None),
+                Ok(n) => self.inbuf.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let mut requests = Vec::new();
+        let mut start = 0;
+        while let Some(nl) = self.inbuf[start..].iter().position(|&b| b == b'\n') {
+            let line = &self.inbuf[start..start + nl];
+            match decode_line::<Request>(line) {
+                Ok(request) => requests.push(request),
+                Err(e) => warn!("ignoring a malformed request from the master: {e}"),
+            }
+            start += nl + 1;
+        }
+        self.inbuf.drain(..start);
+        if self.inbuf.len() > MAX_REQUEST_LINE {
+            self.inbuf.clear();
+        }
+        Ok(Some(requests))
+    }
+
+    /// Sends one reply (a `&ProcessStats` or a `&ConnectionList` converts into one).
+    pub fn send_json<'a>(&mut self, reply: impl Into<Reply<'a>>) -> io::Result<()> {
+        encode_line(&reply.into(), self.outbuf.tail()).map_err(io::Error::other)?;
+        self.flush()
+    }
+
+    /// Writes what is queued; the rest waits for the next writable event.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.outbuf.write_to(&mut self.stream)
+    }
+}
+
+/// The master's end of one child's status link.
+pub struct MasterLink {
+    stream: Option<StdUnixStream>,
+    /// Bytes read that do not form a whole line yet.
+    linebuf: Vec<u8>,
+}
+
+impl MasterLink {
+    pub fn new(stream: StdUnixStream) -> MasterLink {
+        MasterLink { stream: Some(stream), linebuf: Vec::new() }
+    }
+
+    /// Sends one request; false if the link is gone.
+    pub fn send(&mut self, request: &Request) -> bool {
+        let Some(stream) = self.stream.as_mut() else { return false };
+        let mut line = Vec::new();
+        if encode_line(request, &mut line).is_err()
+            || stream.set_nonblocking(false).is_err()
+            || stream.write_all(&line).is_err()
+        {
+            self.stream = None;
+            return false;
+        }
+        true
+    }
+
+    /// Reads and discards whatever is already waiting (late answers to earlier requests that
+    /// timed out, so they are not taken for the next one's); true if a `Ready` was among them.
+    pub fn discard_pending(&mut self) -> bool {
+        let mut ready = false;
+        while let Ok(Some(reply)) = self.read_reply(None) {
+            ready |= matches!(reply, Reply::Ready);
+        }
+        self.linebuf.clear();
+        ready
+    }
+
+    /// Reads one reply: blocking until `deadline`, or without blocking when `None`.
+    /// `Ok(None)`: nothing (more) in time. A line that does not parse is skipped with a warning.
+    pub fn read_reply(&mut self, deadline: Option<Instant>) -> io::Result<Option<Reply<'static>>> {
+        loop {
+            if let Some(nl) = self.linebuf.iter().position(|&b| b == b'\n') {
+                let parsed = decode_line::<Reply<'static>>(&self.linebuf[..nl]);
+                self.linebuf.drain(..=nl);
+                match parsed {
+                    Ok(reply) => return Ok(Some(reply)),
+                    Err(e) => {
+                        warn!("ignoring a malformed reply on a status link: {e}");
+                        continue;
+                    }
+                }
+            }
+            let Some(stream) = self.stream.as_mut() else {
+                return Err(io::Error::new(io::ErrorKind::NotConnected, "no link to the process"));
+            };
+            match deadline {
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(None);
+                    }
+                    stream.set_nonblocking(false)?;
+                    stream.set_read_timeout(Some(left))?;
+                }
+                None => stream.set_nonblocking(true)?,
+            }
+            let mut buf = [0u8; 16 * 1024];
+            match stream.read(&mut buf) {
+                Ok(0) => {
+                    self.stream = None;
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the process closed its link"));
+                }
+                Ok(n) => self.linebuf.extend_from_slice(&buf[..n]),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

@@ -75,16 +75,8 @@ impl ChildProc {
 
     /// Reaps the process if it has exited.
     pub fn try_exit(&mut self) -> Option<Ended> {
-        match self.child.try_wait() {
-            Ok(status) => status.map(Ended::Status),
-            // ECHILD: reaped already, by nobody we know of: gone, with no status to report
-            // (not "exited with status 0", which would read as a clean exit).
-            Err(e) if e.raw_os_error() == Some(nix::libc::ECHILD) => Some(Ended::Unknown(e)),
-            Err(e) => {
-                log::warn!("cannot check on pid {}: {e}", self.pid());
-                None
-            }
-        }
+        let pid = self.pid();
+        reaped(self.child.try_wait(), pid)
     }
 
     /// Waits up to `limit` for the process to exit (used once it is known to be dying).
@@ -205,6 +197,21 @@ pub enum Ended {
     Unknown(io::Error),
 }
 
+/// What a `try_wait` result says about a child: ended (with its status when known), or not
+/// yet, or not known now (a transient error is retried at the next check).
+fn reaped(result: io::Result<Option<ExitStatus>>, pid: u32) -> Option<Ended> {
+    match result {
+        Ok(status) => status.map(Ended::Status),
+        // ECHILD: reaped already, by nobody we know of: gone, with no status to report
+        // (not "exited with status 0", which would read as a clean exit).
+        Err(e) if e.raw_os_error() == Some(nix::libc::ECHILD) => Some(Ended::Unknown(e)),
+        Err(e) => {
+            log::warn!("cannot check on pid {pid}: {e}");
+            None
+        }
+    }
+}
+
 impl std::fmt::Display for Ended {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -236,4 +243,18 @@ pub fn rss_kib(pid: u32) -> u64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_wait_is_never_read_as_a_clean_exit() {
+        let gone = reaped(Err(io::Error::from_raw_os_error(nix::libc::ECHILD)), 1);
+        assert!(matches!(gone, Some(Ended::Unknown(_))), "ECHILD: ended, status unknown");
+        assert!(gone.unwrap().to_string().contains("unknown"));
+        assert!(reaped(Err(io::Error::from_raw_os_error(nix::libc::EINTR)), 1).is_none(), "transient: ask again");
+        assert!(reaped(Ok(None), 1).is_none());
+    }
 }

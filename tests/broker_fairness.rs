@@ -16,19 +16,17 @@ use serde_json::json;
 
 #[test]
 fn a_flooding_publisher_does_not_starve_the_others() {
-    let server = Server::start_with(Opts {
-        config: Some("[limits]\ncommands_per_second = 100000\ncommands_burst = 100000\n".into()),
-        ..Opts::workers(2)
-    });
+    let broker = Broker::start("fairness");
+    let server = broker.instance("[limits]\ncommands_per_second = 100000\ncommands_burst = 100000\n");
     let (mut clients, on) = server.connect_spread(1);
     let sender = on.iter().position(|&w| w == 0).unwrap();
     let receiver = on.iter().position(|&w| w == 1).unwrap();
     clients[receiver].add_group(&json!("g"));
     clients[receiver].sync();
-    server.wait_subscriptions(1);
+    broker.wait_memberships(1);
 
     // The flooder: small MESSAGE frames to a group nobody reads, written without pause.
-    let flooder = RawPeer::unix(&server.dir.join("g.channel.sock")).join(None, 0xf100d, "flooder");
+    let flooder = RawPeer::tcp(broker.port()).join(Some(BROKER_SECRET), 0xf100d, "flooder");
     let mut batch = Vec::new();
     for seq in 1..=100_000u64 {
         batch.extend(message(0xf100d, seq, "f", b""));

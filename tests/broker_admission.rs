@@ -102,17 +102,9 @@ fn idle_and_oversized_unauthenticated_peers_are_dropped_while_an_instance_delive
 
     // An authenticated instance connects (Server waits for every worker's channel link) and
     // delivers across its workers through the broker.
-    let instance = broker.instance(FAST);
-    let (mut clients, on) = instance.connect_spread(1);
-    let sender = on.iter().position(|&w| w == 0).unwrap();
-    let receiver = on.iter().position(|&w| w == 1).unwrap();
-    clients[receiver].add_group(&json!("room"));
-    clients[receiver].sync();
-    wait_for("the receiver's subscription at the broker", Duration::from_secs(30), || {
-        (broker.channel_row()?["memberships"].as_u64()? >= 1).then_some(())
-    });
-    clients[sender].send_to_group(&json!("room"), "through the broker");
-    assert_eq!(clients[receiver].recv(), "through the broker");
+    let (_instance, mut sender, mut receiver) = broker.sender_and_receiver(FAST, "room");
+    sender.send_to_group(&json!("room"), "through the broker");
+    assert_eq!(receiver.recv(), "through the broker");
 
     // Every idle peer is dropped at the deadline.
     let deadline = opened + Duration::from_secs(60);

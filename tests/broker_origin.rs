@@ -19,19 +19,14 @@ const FAST: &str = "[limits]\ncommands_per_second = 100000\ncommands_burst = 100
 #[test]
 fn a_peer_cannot_publish_under_another_workers_origin() {
     let broker = Broker::start("origin");
-    let server = broker.instance(FAST);
-    let (mut clients, on) = server.connect_spread(1);
-    let sender = on.iter().position(|&w| w == 0).unwrap();
-    let receiver = on.iter().position(|&w| w == 1).unwrap();
-    clients[receiver].add_group(&json!("g"));
-    clients[receiver].sync();
+    let (_server, mut sender, mut receiver) = broker.sender_and_receiver(FAST, "g");
 
     // A peer that knows the secret listens to "g" to learn worker 0's origin.
     let mut rogue = RawPeer::tcp(broker.port()).join(Some(BROKER_SECRET), 0x0bad_0000, "rogue");
     rogue.subscribe("g");
     broker.wait_memberships(2);
-    clients[sender].send_to_group(&json!("g"), "probe");
-    assert_eq!(clients[receiver].recv(), "probe");
+    sender.send_to_group(&json!("g"), "probe");
+    assert_eq!(receiver.recv(), "probe");
     let victim = match rogue.next(Duration::from_secs(10)) {
         Some(Got::Message { origin, .. }) => origin,
         other => panic!("expected the probe, got {other:?}"),
@@ -55,12 +50,12 @@ fn a_peer_cannot_publish_under_another_workers_origin() {
 
     // The victim's real messages still reach the other worker; the spoof never did.
     for i in 0..20 {
-        clients[sender].send_to_group(&json!("g"), &format!("real-{i}"));
+        sender.send_to_group(&json!("g"), &format!("real-{i}"));
     }
     for i in 0..20 {
-        assert_eq!(clients[receiver].recv(), format!("real-{i}"));
+        assert_eq!(receiver.recv(), format!("real-{i}"));
     }
-    assert!(clients[receiver].sync().is_empty());
+    assert!(receiver.sync().is_empty());
     let ch = broker.channel_row().unwrap();
     assert!(field(&ch, "protocol_errors") >= 2, "{ch}");
     assert!(broker.log().contains("origin"), "the refusal is logged:\n{}", broker.log());

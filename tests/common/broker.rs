@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{alive, belongs_to, bin, free_port, signal, wait_for, Opts, Server, TempDir, POLL, TIMEOUT};
+use super::{alive, belongs_to, bin, free_port, signal, wait_for, Client, Opts, Server, TempDir, POLL, TIMEOUT};
 
 /// The shared secret of a test broker, as peers prove it (the file holds it plus a newline,
 /// which the loader strips).
@@ -177,6 +177,22 @@ impl Broker {
     /// An instance (2 workers, on loopback) using this broker, with the TOML `config`.
     pub fn instance(&self, config: &str) -> Server {
         Server::start_with(Opts { config: Some(config.to_owned()), extra: self.connect_args(), ..Opts::workers(2) })
+    }
+
+    /// An instance as `instance` starts it, a client on its worker 0 (the sender) and one on
+    /// worker 1 (the receiver) that is a member of `group`, its subscription at this broker: a
+    /// message between them crosses the broker.
+    pub fn sender_and_receiver(&self, config: &str, group: &str) -> (Server, Client, Client) {
+        let server = self.instance(config);
+        let (clients, on) = server.connect_spread(1);
+        let mut clients: Vec<(usize, Client)> = on.into_iter().zip(clients).collect();
+        let mut on_worker = |w: usize| clients.remove(clients.iter().position(|(on, _)| *on == w).unwrap()).1;
+        let sender = on_worker(0);
+        let mut receiver = on_worker(1);
+        receiver.add_group(&serde_json::json!(group));
+        receiver.sync();
+        self.wait_memberships(1);
+        (server, sender, receiver)
     }
 }
 

@@ -224,46 +224,55 @@ fn render_status(r: &StatusReport) -> String {
         t.connections, t.memberships, t.messages_in, t.messages_out, t.published, t.send_failures, t.bad_requests, t.restarts
     );
     let l = &r.limits;
-    out += &format!(
-        "limits: conns {}/worker (total {})  frame {}  message {}  groups/conn {}  group id {}  send buffer {} ({:?})\n        handshake {}ms  ping {}ms  idle {}ms  commands {}/s burst {}\n",
-        l.max_connections_per_worker,
-        l.max_connections,
-        l.max_frame_size,
-        l.max_message_size,
-        l.max_groups_per_connection,
-        l.max_group_id_len,
-        l.send_buffer_limit,
-        l.slow_client,
-        l.handshake_timeout_ms,
-        l.ping_interval_ms,
-        l.idle_timeout_ms,
-        l.commands_per_second,
-        l.commands_burst
+    out += &labelled(
+        "limits:",
+        6,
+        &[
+            ("conns", &format!("{}/worker (total {})", l.max_connections_per_worker, l.max_connections)),
+            ("frame", &l.max_frame_size),
+            ("message", &l.max_message_size),
+            ("groups/conn", &l.max_groups_per_connection),
+            ("group id", &l.max_group_id_len),
+            ("send buffer", &format!("{} ({:?})", l.send_buffer_limit, l.slow_client)),
+            ("handshake", &format!("{}ms", l.handshake_timeout_ms)),
+            ("ping", &format!("{}ms", l.ping_interval_ms)),
+            ("idle", &format!("{}ms", l.idle_timeout_ms)),
+            ("message timeout", &format!("{}ms", l.message_timeout_ms)),
+            ("commands", &format!("{}/s burst {}", l.commands_per_second, l.commands_burst)),
+        ],
     );
     let c = &r.channel_settings;
-    out += &format!(
-        "channel: max peers {}  auth timeout {}ms  max frame {}  peer buffer {}  queue {} msgs / {} bytes  grace {}ms / {} bytes\n",
-        c.max_peers,
-        c.auth_timeout_ms,
-        c.max_frame,
-        c.peer_buffer_limit,
-        c.queue_max_messages,
-        c.queue_max_bytes,
-        c.grace_ms,
-        c.grace_max_bytes
+    out += &labelled(
+        "channel:",
+        6,
+        &[
+            ("max peers", &c.max_peers),
+            ("auth timeout", &format!("{}ms", c.auth_timeout_ms)),
+            ("max frame", &c.max_frame),
+            ("peer buffer", &c.peer_buffer_limit),
+            ("queue", &format!("{} msgs / {} bytes", c.queue_max_messages, c.queue_max_bytes)),
+            ("grace", &format!("{}ms / {} bytes", c.grace_ms, c.grace_max_bytes)),
+        ],
     );
-    out += &format!(
-        "limit hits: refused conns {}  oversized {}  too many groups {}  rate limited {}  slow closed {}  slow dropped {}  handshake timeouts {}  idle timeouts {}  protocol errors {}\n\n",
-        t.rejected_connections,
-        t.oversized,
-        t.too_many_groups,
-        t.rate_limited,
-        t.slow_closed,
-        t.slow_dropped,
-        t.handshake_timeouts,
-        t.idle_timeouts,
-        t.protocol_errors
+    out += &labelled(
+        "limit hits:",
+        7,
+        &[
+            ("refused conns", &t.rejected_connections),
+            ("oversized", &t.oversized),
+            ("too many groups", &t.too_many_groups),
+            ("rate limited", &t.rate_limited),
+            ("slow closed", &t.slow_closed),
+            ("slow dropped", &t.slow_dropped),
+            ("backpressure pauses", &t.backpressure_pauses),
+            ("handshake timeouts", &t.handshake_timeouts),
+            ("idle timeouts", &t.idle_timeouts),
+            ("message timeouts", &t.message_timeouts),
+            ("protocol errors", &t.protocol_errors),
+            ("bus invalid utf8", &t.bus_invalid_utf8),
+        ],
     );
+    out += "\n";
     out += &format!(
         "{:<10} {:>8} {:<9} {:<8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>10} {:>10} {:>9} {:>8} {:>8}\n",
         "role",
@@ -305,4 +314,44 @@ fn render_status(r: &StatusReport) -> String {
         );
     }
     out
+}
+
+/// A section of the status table: `heading`, then `label value` items two spaces apart,
+/// `per_row` to a row, the rows after the first indented under the first.
+fn labelled(heading: &str, per_row: usize, items: &[(&str, &dyn std::fmt::Display)]) -> String {
+    let indent = " ".repeat(heading.len());
+    let mut out = String::new();
+    for (i, row) in items.chunks(per_row).enumerate() {
+        let row: Vec<String> = row.iter().map(|(label, value)| format!("{label} {value}")).collect();
+        out += &format!("{} {}\n", if i == 0 { heading } else { &indent }, row.join("  "));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_shows_every_limit_and_counter() {
+        let mut r = StatusReport::default();
+        r.limits.message_timeout_ms = 7000;
+        r.channel_settings.max_peers = 9;
+        r.channel_settings.auth_timeout_ms = 1500;
+        r.totals.backpressure_pauses = 3;
+        r.totals.message_timeouts = 4;
+        r.totals.bus_invalid_utf8 = 5;
+        let table = render_status(&r);
+        for shown in [
+            "message timeout 7000ms",
+            "max peers 9",
+            "auth timeout 1500ms",
+            "backpressure pauses 3",
+            "message timeouts 4",
+            "bus invalid utf8 5",
+            "limit hits: refused conns 0",
+        ] {
+            assert!(table.contains(shown), "{shown:?} missing from:\n{table}");
+        }
+    }
 }

@@ -20,6 +20,11 @@ const FAST: &str = "[limits]\ncommands_per_second = 1000000\ncommands_burst = 10
 const IDLE_PEERS: usize = 2000;
 const BIG_FRAMES: usize = 20;
 
+/// A standalone broker with the TOML `config` and, when set, those open-file limits.
+fn start(name: &str, config: &str, nofile: Option<(u64, u64)>) -> Broker {
+    Broker::start_with(name, BrokerOpts { config: Some(config.to_owned()), nofile, ..BrokerOpts::default() })
+}
+
 /// Raises this test's own soft open-file limit to `want`; false when the hard limit is lower.
 fn allow_open_files(want: u64) -> bool {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -69,7 +74,7 @@ fn idle_and_oversized_unauthenticated_peers_are_dropped_while_an_instance_delive
         return;
     }
     // Started as from a shell with `ulimit -n 1024`: only its own raise makes room.
-    let broker = StandaloneBroker::start("admission", "[channel]\nauth_timeout_ms = 3000\n", Some((1024, u64::MAX)));
+    let broker = start("admission", "[channel]\nauth_timeout_ms = 3000\n", Some((1024, u64::MAX)));
     let pid = broker.channel_pid().unwrap();
     let (soft, hard) = open_file_limits(pid);
     assert_eq!(soft, hard, "the standalone broker raised its open-file limit to the hard limit");
@@ -77,7 +82,7 @@ fn idle_and_oversized_unauthenticated_peers_are_dropped_while_an_instance_delive
     // 2,000 connections that never authenticate.
     let mut idle = Vec::with_capacity(IDLE_PEERS);
     for i in 0..IDLE_PEERS {
-        let s = TcpStream::connect_timeout(&([127, 0, 0, 1], broker.port).into(), Duration::from_secs(5))
+        let s = TcpStream::connect_timeout(&([127, 0, 0, 1], broker.port()).into(), Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("idle connection {i} not accepted: {e}\n{}", broker.log()));
         idle.push(s);
     }
@@ -86,7 +91,7 @@ fn idle_and_oversized_unauthenticated_peers_are_dropped_while_an_instance_delive
     // Peers announcing 16 MiB frames before authenticating are cut off at the length prefix:
     // the body never fits in.
     for i in 0..BIG_FRAMES {
-        let mut s = TcpStream::connect(("127.0.0.1", broker.port)).unwrap();
+        let mut s = TcpStream::connect(("127.0.0.1", broker.port())).unwrap();
         s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut head = (16u32 << 20).to_be_bytes().to_vec();
         head.push(6); // AUTH
@@ -97,17 +102,9 @@ fn idle_and_oversized_unauthenticated_peers_are_dropped_while_an_instance_delive
 
     // An authenticated instance connects (Server waits for every worker's channel link) and
     // delivers across its workers through the broker.
-    let instance = broker.instance(FAST);
-    let (mut clients, on) = instance.connect_spread(1);
-    let sender = on.iter().position(|&w| w == 0).unwrap();
-    let receiver = on.iter().position(|&w| w == 1).unwrap();
-    clients[receiver].add_group(&json!("room"));
-    clients[receiver].sync();
-    wait_for("the receiver's subscription at the broker", Duration::from_secs(30), || {
-        (broker.channel_row()?["memberships"].as_u64()? >= 1).then_some(())
-    });
-    clients[sender].send_to_group(&json!("room"), "through the broker");
-    assert_eq!(clients[receiver].recv(), "through the broker");
+    let (_instance, mut sender, mut receiver) = broker.sender_and_receiver(FAST, "room");
+    sender.send_to_group(&json!("room"), "through the broker");
+    assert_eq!(receiver.recv(), "through the broker");
 
     // Every idle peer is dropped at the deadline.
     let deadline = opened + Duration::from_secs(60);
@@ -125,13 +122,13 @@ fn idle_and_oversized_unauthenticated_peers_are_dropped_while_an_instance_delive
 
 #[test]
 fn peers_beyond_max_peers_are_refused_and_counted() {
-    let broker = StandaloneBroker::start("admission-cap", "[channel]\nmax_peers = 8\nauth_timeout_ms = 60000\n", None);
-    let mut first: Vec<RawPeer> = (0..8).map(|_| RawPeer::tcp(broker.port)).collect();
+    let broker = start("admission-cap", "[channel]\nmax_peers = 8\nauth_timeout_ms = 60000\n", None);
+    let mut first: Vec<RawPeer> = (0..8).map(|_| RawPeer::tcp(broker.port())).collect();
     for p in &mut first {
         assert!(matches!(p.next(Duration::from_secs(10)), Some(Got::Challenge { .. })), "served up to the cap");
     }
     for _ in 0..4 {
-        let mut over = RawPeer::tcp(broker.port);
+        let mut over = RawPeer::tcp(broker.port());
         assert_eq!(over.next(Duration::from_secs(10)), None, "a peer over the cap is closed without a CHALLENGE");
     }
     let row = broker.channel_row().unwrap();
@@ -148,8 +145,8 @@ fn peers_beyond_max_peers_are_refused_and_counted() {
 #[test]
 fn out_of_descriptors_the_broker_pauses_accepting_and_resumes() {
     // Soft and hard limit 128: no raise helps; 200 idle peers exhaust the descriptors.
-    let broker = StandaloneBroker::start("admission-emfile", "[channel]\nauth_timeout_ms = 1000\n", Some((128, 128)));
-    let idle: Vec<TcpStream> = (0..200).map(|_| TcpStream::connect(("127.0.0.1", broker.port)).unwrap()).collect();
+    let broker = start("admission-emfile", "[channel]\nauth_timeout_ms = 1000\n", Some((128, 128)));
+    let idle: Vec<TcpStream> = (0..200).map(|_| TcpStream::connect(("127.0.0.1", broker.port())).unwrap()).collect();
     wait_for("the broker to pause accepting", Duration::from_secs(30), || {
         broker.log().contains("channel accept paused").then_some(())
     });

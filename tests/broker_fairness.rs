@@ -16,19 +16,12 @@ use serde_json::json;
 
 #[test]
 fn a_flooding_publisher_does_not_starve_the_others() {
-    let server = Server::start_with(Opts {
-        config: Some("[limits]\ncommands_per_second = 100000\ncommands_burst = 100000\n".into()),
-        ..Opts::workers(2)
-    });
-    let (mut clients, on) = server.connect_spread(1);
-    let sender = on.iter().position(|&w| w == 0).unwrap();
-    let receiver = on.iter().position(|&w| w == 1).unwrap();
-    clients[receiver].add_group(&json!("g"));
-    clients[receiver].sync();
-    server.wait_subscriptions(1);
+    let broker = Broker::start("fairness");
+    let fast = "[limits]\ncommands_per_second = 100000\ncommands_burst = 100000\n";
+    let (_server, mut sender, mut receiver) = broker.sender_and_receiver(fast, "g");
 
     // The flooder: small MESSAGE frames to a group nobody reads, written without pause.
-    let flooder = RawPeer::unix(&server.dir.join("g.channel.sock")).join(None, 0xf100d, "flooder");
+    let flooder = RawPeer::tcp(broker.port()).join(Some(BROKER_SECRET), 0xf100d, "flooder");
     let mut batch = Vec::new();
     for seq in 1..=100_000u64 {
         batch.extend(message(0xf100d, seq, "f", b""));
@@ -53,8 +46,8 @@ fn a_flooding_publisher_does_not_starve_the_others() {
 
     // While it runs, the worker's messages get through, each within a generous deadline.
     for i in 0..10 {
-        clients[sender].send_to_group(&json!("g"), &format!("m{i}"));
-        let got = clients[receiver].next_message(Duration::from_secs(10));
+        sender.send_to_group(&json!("g"), &format!("m{i}"));
+        let got = receiver.next_message(Duration::from_secs(10));
         let text = got.map(|m| m.into_text().unwrap().as_str().to_owned());
         assert_eq!(text.as_deref(), Some(format!("m{i}").as_str()), "starved behind the flood");
     }

@@ -13,18 +13,19 @@ use common::*;
 const PUBLISHER: u64 = 0xaaa0;
 const LATE: u64 = 0xbbb0;
 
-/// An instance whose broker stays in its grace window for the whole test.
-fn start(extra: &str) -> Server {
-    Server::start_with(Opts { config: Some(format!("[channel]\ngrace_ms = 600000\n{extra}")), ..Opts::workers(1) })
+/// A broker that stays in its grace window for the whole test.
+fn start(extra: &str) -> Broker {
+    let config = format!("[channel]\ngrace_ms = 600000\n{extra}");
+    Broker::start_with("grace-replay", BrokerOpts { config: Some(config), ..BrokerOpts::default() })
 }
 
-fn peer(server: &Server, origin: u64, name: &str) -> RawPeer {
-    RawPeer::unix(&server.dir.join("g.channel.sock")).join(None, origin, name)
+fn peer(broker: &Broker, origin: u64, name: &str) -> RawPeer {
+    RawPeer::tcp(broker.port()).join(Some(BROKER_SECRET), origin, name)
 }
 
 /// Publishes `count` messages of `size` bytes to `group` and waits until the broker has them.
-fn hold(server: &Server, group: &str, count: u64, size: usize) {
-    let mut p = peer(server, PUBLISHER, "publisher");
+fn hold(broker: &Broker, group: &str, count: u64, size: usize) {
+    let mut p = peer(broker, PUBLISHER, "publisher");
     let payload = vec![b'x'; size];
     for seq in 1..=count {
         p.publish(PUBLISHER, seq, group, &payload);
@@ -55,9 +56,9 @@ fn frames_before_ack(p: &mut RawPeer, seq: u64) -> Vec<(u64, u64, usize)> {
 
 #[test]
 fn a_repeated_resubscribe_replays_nothing_twice() {
-    let server = start("");
-    hold(&server, "r", 50, 10);
-    let mut late = peer(&server, LATE, "late");
+    let broker = start("");
+    hold(&broker, "r", 50, 10);
+    let mut late = peer(&broker, LATE, "late");
     late.resubscribe("r");
     let first = frames_before_ack(&mut late, 1);
     assert_eq!(first, (1..=50).map(|s| (PUBLISHER, s, 10)).collect::<Vec<_>>(), "the held messages, in order");
@@ -68,9 +69,9 @@ fn a_repeated_resubscribe_replays_nothing_twice() {
 #[test]
 fn a_replay_stays_within_peer_buffer_limit() {
     let limit = 1 << 20;
-    let server = start(&format!("peer_buffer_limit = {limit}\n"));
-    hold(&server, "big", 48, 64 * 1024);
-    let mut late = peer(&server, LATE, "late");
+    let broker = start(&format!("peer_buffer_limit = {limit}\n"));
+    hold(&broker, "big", 48, 64 * 1024);
+    let mut late = peer(&broker, LATE, "late");
     late.resubscribe("big");
     let got = frames_before_ack(&mut late, 1);
     let bytes: usize = got.iter().map(|(_, _, n)| n).sum();

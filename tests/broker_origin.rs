@@ -2,7 +2,8 @@
 //! that sends a MESSAGE under another worker's origin (with seq u64::MAX, which would make
 //! every receiver drop that worker's real messages as repeats) is disconnected and the frame
 //! is not forwarded; so is a second peer claiming an origin a connected peer holds. The real
-//! worker's messages keep flowing.
+//! worker's messages keep flowing. The broker is a standalone one with a secret on loopback TCP,
+//! as on a cluster.
 
 mod channel_peer;
 mod common;
@@ -13,46 +14,26 @@ use channel_peer::*;
 use common::*;
 use serde_json::json;
 
-const SECRET: &[u8] = b"an origin test secret, 32 bytes";
-
-/// An instance of two workers whose broker listens on loopback TCP with a secret.
-fn instance(dir: &TempDir) -> (Server, u16) {
-    let secret = dir.join("secret");
-    std::fs::write(&secret, SECRET).unwrap();
-    let port = free_port();
-    let config = format!(
-        "[channel]\nlisten = \"127.0.0.1:{port}\"\nsecret_file = {:?}\n\
-         [limits]\ncommands_per_second = 100000\ncommands_burst = 100000\n",
-        secret.to_str().unwrap()
-    );
-    (Server::start_with(Opts { config: Some(config), ..Opts::workers(2) }), port)
-}
+const FAST: &str = "[limits]\ncommands_per_second = 100000\ncommands_burst = 100000\n";
 
 #[test]
 fn a_peer_cannot_publish_under_another_workers_origin() {
-    let dir = TempDir::new("origin-secret");
-    let (server, port) = instance(&dir);
-    let (mut clients, on) = server.connect_spread(1);
-    let sender = on.iter().position(|&w| w == 0).unwrap();
-    let receiver = on.iter().position(|&w| w == 1).unwrap();
-    clients[receiver].add_group(&json!("g"));
-    clients[receiver].sync();
+    let broker = Broker::start("origin");
+    let (_server, mut sender, mut receiver) = broker.sender_and_receiver(FAST, "g");
 
     // A peer that knows the secret listens to "g" to learn worker 0's origin.
-    let mut rogue = RawPeer::tcp(port).join(Some(SECRET), 0x0bad_0000, "rogue");
+    let mut rogue = RawPeer::tcp(broker.port()).join(Some(BROKER_SECRET), 0x0bad_0000, "rogue");
     rogue.subscribe("g");
-    server.wait_status("the receiver's and the rogue's subscriptions", |r| {
-        r["totals"]["memberships"] == 1 && channel_row(r)["memberships"] == 2
-    });
-    clients[sender].send_to_group(&json!("g"), "probe");
-    assert_eq!(clients[receiver].recv(), "probe");
+    broker.wait_memberships(2);
+    sender.send_to_group(&json!("g"), "probe");
+    assert_eq!(receiver.recv(), "probe");
     let victim = match rogue.next(Duration::from_secs(10)) {
         Some(Got::Message { origin, .. }) => origin,
         other => panic!("expected the probe, got {other:?}"),
     };
 
     // A second peer may not take over the origin its owner is connected with.
-    let mut thief = RawPeer::tcp(port).join(Some(SECRET), victim, "thief");
+    let mut thief = RawPeer::tcp(broker.port()).join(Some(BROKER_SECRET), victim, "thief");
     // (It may be gone before this write lands.)
     let _ = thief.try_send(&message(victim, u64::MAX, "g", b"stolen"));
     assert!(thief.closed_within(Duration::from_secs(10)), "a peer claiming a connected worker's origin is dropped");
@@ -69,13 +50,13 @@ fn a_peer_cannot_publish_under_another_workers_origin() {
 
     // The victim's real messages still reach the other worker; the spoof never did.
     for i in 0..20 {
-        clients[sender].send_to_group(&json!("g"), &format!("real-{i}"));
+        sender.send_to_group(&json!("g"), &format!("real-{i}"));
     }
     for i in 0..20 {
-        assert_eq!(clients[receiver].recv(), format!("real-{i}"));
+        assert_eq!(receiver.recv(), format!("real-{i}"));
     }
-    assert!(clients[receiver].sync().is_empty());
-    let ch = channel_row(&server.status());
+    assert!(receiver.sync().is_empty());
+    let ch = broker.channel_row().unwrap();
     assert!(field(&ch, "protocol_errors") >= 2, "{ch}");
-    assert!(server.log().contains("origin"), "the refusal is logged");
+    assert!(broker.log().contains("origin"), "the refusal is logged:\n{}", broker.log());
 }

@@ -12,11 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{wait_for, Client, Opts, Server, TempDir};
+use common::{connect_args, wait_for, write_secret, Client, Opts, Server, TempDir, BROKER_SECRET};
 use groupcast::channel::{auth, wire};
 use serde_json::json;
-
-const SECRET: &[u8] = b"correct horse battery staple 42";
 
 /// What the fake broker does with a new connection.
 const HONEST: u8 = 0;
@@ -59,23 +57,13 @@ impl FakeBroker {
             }
         });
         let dir = TempDir::new("fakebroker");
-        let secret_file = dir.join("secret");
-        std::fs::write(&secret_file, SECRET).unwrap();
+        let secret_file = write_secret(dir.path());
         FakeBroker { port, state, _dir: dir, secret_file }
     }
 
     fn instance(&self, config: &str) -> Server {
-        Server::start_with(Opts {
-            workers: Some(1),
-            config: Some(config.to_owned()),
-            extra: vec![
-                "--channel-connect".into(),
-                format!("127.0.0.1:{}", self.port),
-                "--channel-secret-file".into(),
-                self.secret_file.to_string_lossy().into_owned(),
-            ],
-            ..Opts::default()
-        })
+        let extra = connect_args(format!("127.0.0.1:{}", self.port), &self.secret_file);
+        Server::start_with(Opts { config: Some(config.to_owned()), extra, ..Opts::workers(1) })
     }
 
     /// From now on every new connection gets `mode`; the honest ones are dropped.
@@ -128,7 +116,7 @@ fn serve(mut stream: TcpStream, state: &State) {
     if mode == HONEST {
         let Ok(Some((wire::Frame::Auth { nonce: cn, .. }, _))) = wire::decode(&auth_frame, 1024) else { return };
         out.clear();
-        wire::encode_auth_ok(&mut out, &auth::broker_proof(SECRET, &cn, &sn));
+        wire::encode_auth_ok(&mut out, &auth::broker_proof(BROKER_SECRET, &cn, &sn));
         if stream.write_all(&out).is_err() {
             return;
         }

@@ -164,25 +164,64 @@ pub fn binary_identity() -> (String, u64) {
     (env!("CARGO_PKG_VERSION").to_owned(), mtime)
 }
 
-/// Sums over the workers.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Totals {
-    pub connections: u64,
-    pub memberships: u64,
-    pub messages_in: u64,
-    pub messages_out: u64,
-    pub published: u64,
-    pub send_failures: u64,
-    pub bad_requests: u64,
-    pub restarts: u64,
-    pub protocol_errors: u64,
-    pub slow_closed: u64,
-    pub slow_dropped: u64,
-    pub rejected_connections: u64,
-    pub oversized: u64,
-    pub too_many_groups: u64,
-    pub rate_limited: u64,
-    pub handshake_timeouts: u64,
-    pub idle_timeouts: u64,
+/// Declares `Totals` with the instance-wide `restarts` plus one `u64` per listed counter of
+/// `ProcessStats`, and `Totals::add` summing a row into it: the summed counters are named
+/// once, here, so a counter added to the list is summed and shown under the same JSON name.
+macro_rules! totals_of {
+    ($($counter:ident),* $(,)?) => {
+        /// Sums over the workers (same field names as `ProcessStats`).
+        #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+        #[serde(default)]
+        pub struct Totals {
+            /// Restarts of every slot (workers and the channel).
+            pub restarts: u64,
+            $(pub $counter: u64,)*
+        }
+
+        impl Totals {
+            /// Adds the counters of one process's row.
+            pub fn add(&mut self, row: &ProcessStats) {
+                $(self.$counter += row.$counter;)*
+            }
+        }
+    };
+}
+
+totals_of!(
+    connections,
+    memberships,
+    messages_in,
+    messages_out,
+    published,
+    send_failures,
+    bad_requests,
+    protocol_errors,
+    slow_closed,
+    slow_dropped,
+    rejected_connections,
+    oversized,
+    too_many_groups,
+    rate_limited,
+    handshake_timeouts,
+    idle_timeouts,
+    message_timeouts,
+    backpressure_pauses,
+    bus_invalid_utf8,
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_sum_rows_under_the_row_names() {
+        let row = ProcessStats { connections: 2, idle_timeouts: 3, bus_invalid_utf8: 4, ..Default::default() };
+        let mut t = Totals::default();
+        t.add(&row);
+        t.add(&row);
+        let json = serde_json::to_value(&t).unwrap();
+        assert_eq!((json["connections"].as_u64(), json["idle_timeouts"].as_u64()), (Some(4), Some(6)));
+        assert_eq!(json["bus_invalid_utf8"], 8);
+        assert_eq!(json["restarts"], 0);
+    }
 }

@@ -79,22 +79,7 @@ impl Master {
             processes.push(stats);
         }
         for p in processes.iter().filter(|p| p.role == "worker") {
-            totals.connections += p.connections;
-            totals.memberships += p.memberships;
-            totals.messages_in += p.messages_in;
-            totals.messages_out += p.messages_out;
-            totals.published += p.published;
-            totals.send_failures += p.send_failures;
-            totals.bad_requests += p.bad_requests;
-            totals.protocol_errors += p.protocol_errors;
-            totals.slow_closed += p.slow_closed;
-            totals.slow_dropped += p.slow_dropped;
-            totals.rejected_connections += p.rejected_connections;
-            totals.oversized += p.oversized;
-            totals.too_many_groups += p.too_many_groups;
-            totals.rate_limited += p.rate_limited;
-            totals.handshake_timeouts += p.handshake_timeouts;
-            totals.idle_timeouts += p.idle_timeouts;
+            totals.add(p);
         }
         StatusReport {
             version: env!("CARGO_PKG_VERSION").into(),

@@ -140,15 +140,43 @@ pub fn close(code: u16, reason: &str) -> Vec<u8> {
     out
 }
 
+/// Appends a client frame as it goes on the wire: `first` is the FIN/RSV/opcode byte, taken as
+/// is (so a test can send reserved bits or opcodes), and the payload is masked with `mask`
+/// (RFC 6455 5.3), or left unmasked with `None`, which a server must refuse. The server never
+/// masks; this is the one encoder for what plays the client: the tests, the load generator.
+pub fn encode_client(out: &mut Vec<u8>, first: u8, payload: &[u8], mask: Option<[u8; 4]>) {
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    out.reserve(14 + payload.len());
+    out.push(first);
+    match payload.len() {
+        n if n < 126 => out.push(mask_bit | n as u8),
+        n if n <= 0xffff => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let start = out.len();
+    if let Some(mask) = mask {
+        out.extend_from_slice(&mask);
+    }
+    out.extend_from_slice(payload);
+    if let Some(mask) = mask.filter(|m| *m != [0; 4]) {
+        // Masking is the same XOR as unmasking; a zero key (cheap floods) changes nothing.
+        unmask(&mut out[start + 4..], mask);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [1, 2, 3, 4];
-        let mut out = vec![first, 0x80 | payload.len() as u8];
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        let mut out = Vec::new();
+        encode_client(&mut out, first, payload, Some([1, 2, 3, 4]));
         out
     }
 
@@ -179,35 +207,5 @@ mod tests {
         assert_eq!(text(b"hi"), vec![0x81, 2, b'h', b'i']);
         assert_eq!(text(&[0; 300])[..4], [0x81, 126, 1, 44]);
         assert_eq!(close(1003, "binary")[..4], [0x88, 8, 0x03, 0xEB]);
-    }
-}
-
-/// Appends a client frame as it goes on the wire: `first` is the FIN/RSV/opcode byte, taken as
-/// is (so a test can send reserved bits or opcodes), and the payload is masked with `mask`
-/// (RFC 6455 5.3), or left unmasked with `None`, which a server must refuse. The server never
-/// masks; this is the one encoder for what plays the client: the tests, the load generator.
-pub fn encode_client(out: &mut Vec<u8>, first: u8, payload: &[u8], mask: Option<[u8; 4]>) {
-    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
-    out.reserve(14 + payload.len());
-    out.push(first);
-    match payload.len() {
-        n if n < 126 => out.push(mask_bit | n as u8),
-        n if n <= 0xffff => {
-            out.push(mask_bit | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(mask_bit | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    let start = out.len();
-    if let Some(mask) = mask {
-        out.extend_from_slice(&mask);
-    }
-    out.extend_from_slice(payload);
-    if let Some(mask) = mask.filter(|m| *m != [0; 4]) {
-        // Masking is the same XOR as unmasking; a zero key (cheap floods) changes nothing.
-        unmask(&mut out[start + 4..], mask);
     }
 }

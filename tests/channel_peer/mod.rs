@@ -1,22 +1,15 @@
-//! Helpers of the broker tests: a raw channel peer that speaks the real protocol through the
-//! public `groupcast::channel::{wire, auth}` modules (so it can authenticate with the test's
-//! secret and then misbehave), and a standalone broker (`groupcast channel`) owned by a guard.
-//!
-//! Built on `tests/common/mod.rs` (`wait_for`, `signal`, `TempDir`, `free_port`).
+//! Helper of the broker tests: a raw channel peer that speaks the real protocol through the
+//! public `groupcast::channel::{wire, auth}` modules, so it can authenticate with the test's
+//! secret and then misbehave. The broker it talks to is an instance's own or a `common::Broker`.
 #![allow(dead_code)]
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use groupcast::channel::{auth, wire};
-use serde_json::Value;
-
-use crate::common::*;
 
 /// A frame as the test keeps it (owned).
 #[derive(Debug, Clone, PartialEq)]
@@ -178,122 +171,4 @@ pub fn message(origin: u64, seq: u64, group: &str, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     wire::encode_message(&mut out, origin, seq, group, payload);
     out
-}
-
-/// The channel row of a status report.
-pub fn channel_of(report: &Value) -> Option<Value> {
-    report["processes"].as_array()?.iter().find(|p| p["role"] == "channel").cloned()
-}
-
-/// A standalone broker (`groupcast channel`) with a shared secret on a loopback TCP port,
-/// started by the test; stopped (and, failing that, killed) on drop.
-pub struct StandaloneBroker {
-    pub dir: TempDir,
-    child: Child,
-    pub pid_file: PathBuf,
-    pub port: u16,
-    pub secret_file: PathBuf,
-    pub secret: Vec<u8>,
-}
-
-impl StandaloneBroker {
-    /// Starts it with the TOML `config` and, when `nofile` is set, those soft and hard
-    /// open-file limits (the hard one never above the test's own): `(1024, u64::MAX)` is what a
-    /// shell with `ulimit -Sn 1024` would give it.
-    pub fn start(name: &str, config: &str, nofile: Option<(u64, u64)>) -> StandaloneBroker {
-        let dir = TempDir::new(name);
-        let secret = b"correct horse battery staple 42".to_vec();
-        let secret_file = dir.join("secret");
-        std::fs::write(&secret_file, &secret).unwrap();
-        let config_file = dir.join("broker.toml");
-        std::fs::write(&config_file, config).unwrap();
-        let port = free_port();
-        let pid_file = dir.join("broker.pid");
-        let log = std::fs::File::create(dir.join("broker.log")).unwrap();
-        let mut command = Command::new(bin());
-        command
-            .args(["channel", "--listen", &format!("127.0.0.1:{port}"), "--channel-secret-file"])
-            .arg(&secret_file)
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .arg("-c")
-            .arg(&config_file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        if let Some((soft, hard)) = nofile {
-            // SAFETY: runs in the child between fork and exec; getrlimit/setrlimit are
-            // async-signal-safe and nothing is allocated.
-            unsafe {
-                command.pre_exec(move || {
-                    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    lim.rlim_max = hard.min(lim.rlim_max);
-                    lim.rlim_cur = soft.min(lim.rlim_max);
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let child = command.spawn().unwrap();
-        let broker = StandaloneBroker { dir, child, pid_file, port, secret_file, secret };
-        wait_for("the broker to run", Duration::from_secs(30), || broker.channel_pid());
-        broker
-    }
-
-    pub fn status(&self) -> Option<Value> {
-        let out = Command::new(bin()).args(["status", "--json", "--pid-file"]).arg(&self.pid_file).output().ok()?;
-        serde_json::from_slice(&out.stdout).ok()
-    }
-
-    pub fn channel_row(&self) -> Option<Value> {
-        channel_of(&self.status()?)
-    }
-
-    /// Pid of the running broker process (the master's channel child).
-    pub fn channel_pid(&self) -> Option<u32> {
-        let row = self.channel_row()?;
-        (row["state"] == "running").then(|| row["pid"].as_u64().unwrap() as u32)
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default()
-    }
-
-    /// Starts an instance whose workers use this broker.
-    pub fn instance(&self, config: &str) -> Server {
-        Server::start_with(Opts {
-            workers: Some(2),
-            config: Some(config.to_owned()),
-            extra: vec![
-                "--channel-connect".into(),
-                format!("127.0.0.1:{}", self.port),
-                "--channel-secret-file".into(),
-                self.secret_file.to_string_lossy().into_owned(),
-            ],
-            ..Opts::default()
-        })
-    }
-}
-
-impl Drop for StandaloneBroker {
-    fn drop(&mut self) {
-        let child_pid = self.channel_pid();
-        signal(self.child.id(), libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(pid) = child_pid {
-            if alive(pid) && belongs_to(pid, &self.pid_file) {
-                signal(pid, libc::SIGKILL);
-            }
-        }
-    }
 }

@@ -16,7 +16,7 @@ mod watchers;
 
 // Each test crate uses some of these only.
 #[allow(unused_imports)]
-pub use broker::Broker;
+pub use broker::{connect_args, write_secret, Broker, BrokerOpts, BROKER_SECRET};
 #[allow(unused_imports)]
 pub use watchers::Watchers;
 

@@ -191,7 +191,7 @@ fn issue10_silent_control_clients_do_not_delay_status() {
 }
 
 #[test]
-fn issue11_a_symlinked_pid_file_is_refused() {
+fn issue10_a_symlinked_pid_file_is_refused() {
     let dir = TempDir::new("pidlink");
     let victim = dir.join("victim");
     std::fs::write(&victim, "precious\n").unwrap();
@@ -216,7 +216,7 @@ fn locked_pid_file(path: &Path, pid: u32) -> File {
 }
 
 #[test]
-fn issue11_stop_refuses_a_pid_that_is_not_a_groupcast_master() {
+fn issue10_stop_refuses_a_pid_that_is_not_a_groupcast_master() {
     let dir = TempDir::new("notmaster");
     let sleeper = Guard(Command::new("sleep").arg("60").spawn().expect("spawn sleep"));
     let pid = sleeper.0.id();
@@ -229,7 +229,7 @@ fn issue11_stop_refuses_a_pid_that_is_not_a_groupcast_master() {
 }
 
 #[test]
-fn issue11_stop_refuses_a_pid_file_of_another_user() {
+fn issue10_stop_refuses_a_pid_file_of_another_user() {
     if euid() != 0 {
         assert!(std::env::var_os("CI").is_none(), "CI: this test needs root (to give a file to another user)");
         eprintln!("note: not root; skipping the pid-file owner test");

@@ -254,6 +254,11 @@ fn render_status(r: &StatusReport) -> String {
             ("grace", &format!("{}ms / {} bytes", c.grace_ms, c.grace_max_bytes)),
         ],
     );
+    let origins = match r.auth.allowed_origins.as_slice() {
+        [] => "any".to_owned(),
+        list => list.join(" "),
+    };
+    out += &labelled("auth:", 6, &[("origins", &origins)]);
     out += &labelled(
         "limit hits:",
         7,
@@ -270,6 +275,7 @@ fn render_status(r: &StatusReport) -> String {
             ("message timeouts", &t.message_timeouts),
             ("protocol errors", &t.protocol_errors),
             ("bus invalid utf8", &t.bus_invalid_utf8),
+            ("forbidden origins", &t.forbidden_origins),
         ],
     );
     out += "\n";

@@ -334,6 +334,75 @@ pub struct Config {
     pub log: LogSettings,
     /// `[limits]`: what one client may do.
     pub limits: Limits,
+    /// `[auth]`: who may connect.
+    pub auth: AuthSettings,
+}
+
+/// Most entries of `auth.allowed_origins`.
+const MAX_ALLOWED_ORIGINS: usize = 1024;
+
+/// `[auth]`: who may open a WebSocket. Without it (the default) anyone may, as in the seed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Origins (`scheme://host[:port]`, as browsers send them) whose pages may connect; a
+    /// handshake with another `Origin` header gets 403 (cross-site WebSocket hijacking). Empty
+    /// (the default): any Origin. A request without `Origin` (not from a browser: a backend, a
+    /// script) is not refused by this list.
+    pub allowed_origins: Vec<String>,
+}
+
+impl AuthSettings {
+    /// Whether a handshake with this `Origin` header value (if any) may upgrade.
+    pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
+        match origin {
+            Some(origin) if !self.allowed_origins.is_empty() => {
+                let origin = origin.trim();
+                self.allowed_origins.iter().any(|allowed| allowed.eq_ignore_ascii_case(origin))
+            }
+            _ => true,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.allowed_origins.len() > MAX_ALLOWED_ORIGINS {
+            return Err(invalid(
+                "auth.allowed_origins",
+                format!("{} entries; at most {MAX_ALLOWED_ORIGINS}", self.allowed_origins.len()),
+            ));
+        }
+        for origin in &self.allowed_origins {
+            if !is_origin(origin) {
+                return Err(invalid(
+                    "auth.allowed_origins",
+                    format!("{origin:?} is not an origin such as \"https://app.example.com\" (scheme://host[:port], no path)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `http(s)://host[:port]` with nothing after it: what a browser puts in `Origin`.
+fn is_origin(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix("https://").or_else(|| s.strip_prefix("http://")) else { return false };
+    let (host, port) = match rest.strip_prefix('[') {
+        // An IPv6 literal: `[addr]` or `[addr]:port`.
+        Some(v6) => match v6.split_once(']') {
+            Some((addr, after)) => {
+                (addr, after.strip_prefix(':').map(Some).unwrap_or((!after.is_empty()).then_some("")))
+            }
+            None => return false,
+        },
+        None => match rest.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (rest, None),
+        },
+    };
+    s.len() <= 2048
+        && !host.is_empty()
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:".contains(&b))
+        && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
 }
 
 impl Default for Config {
@@ -352,6 +421,7 @@ impl Default for Config {
             redis: RedisConfig::default(),
             log: LogSettings::default(),
             limits: Limits::default(),
+            auth: AuthSettings::default(),
         }
     }
 }
@@ -615,6 +685,7 @@ impl Config {
             // Root keeps uid 0 and can take back any group: that is no privilege drop.
             return Err(invalid("group", "set without `user`, the processes would still run as root; set `user` too"));
         }
+        self.auth.validate()?;
         self.check_secret_for_remote_peers()
     }
 
@@ -691,6 +762,34 @@ fn absolute(path: &Path, key: &'static str) -> Result<PathBuf, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn origins_are_scheme_host_and_port_only() {
+        for good in ["https://app.example.com", "http://127.0.0.1:8080", "https://[::1]", "http://[::1]:3000"] {
+            assert!(is_origin(good), "{good}");
+        }
+        for bad in [
+            "app.example.com",
+            "https://",
+            "https://a.com/",
+            "https://a.com/x",
+            "ftp://a.com",
+            "https://a.com:0",
+            "https://a.com:99999",
+            "https://[::1",
+            "https://[::1]x",
+            "https://a b.com",
+            "null",
+            "*",
+        ] {
+            assert!(!is_origin(bad), "{bad}");
+        }
+        let auth = AuthSettings { allowed_origins: vec!["https://App.example.com".into()] };
+        assert!(auth.origin_allowed(Some("https://app.example.com")));
+        assert!(auth.origin_allowed(None), "no Origin: not a browser");
+        assert!(!auth.origin_allowed(Some("https://evil.example.com")));
+        assert!(AuthSettings::default().origin_allowed(Some("https://evil.example.com")), "empty list: any Origin");
+    }
 
     #[test]
     fn defaults_follow_the_seed() {

@@ -106,14 +106,33 @@ proptest! {
 
     #[test]
     fn handshake_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
-        let _ = handshake::process(&bytes);
+        let _ = handshake::process(&bytes, &Default::default());
     }
 
     #[test]
     fn handshake_with_arbitrary_headers(path in "/[a-z0-9/?=&]{0,30}", key in "[A-Za-z0-9+/]{21}[AQgw]==", extra in "[A-Za-z-]{1,12}") {
         let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{extra}: y\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n");
-        let upgraded = matches!(handshake::process(req.as_bytes()), handshake::Handshake::Upgrade { consumed, .. } if consumed == req.len());
+        let upgraded = matches!(handshake::process(req.as_bytes(), &Default::default()), handshake::Handshake::Upgrade { consumed, .. } if consumed == req.len());
         prop_assert!(upgraded);
+    }
+
+    #[test]
+    fn only_a_listed_origin_upgrades(origin in "[ -~]{0,40}", listed in "https?://[a-z0-9.-]{1,20}(:[1-9][0-9]{0,3})?") {
+        // Any printable Origin value: it upgrades exactly when it names the listed origin
+        // (ASCII case aside); everything else is answered 403, never a panic or a 101.
+        let auth = groupcast::config::AuthSettings { allowed_origins: vec![listed.clone()] };
+        let req = format!("GET / HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+        let answer = handshake::process(req.as_bytes(), &auth);
+        let upgraded = matches!(answer, handshake::Handshake::Upgrade { .. });
+        let forbidden = matches!(answer, handshake::Handshake::ForbiddenOrigin { .. });
+        if origin.trim().eq_ignore_ascii_case(&listed) {
+            prop_assert!(upgraded, "{:?}: {:?}", origin, answer);
+        } else {
+            prop_assert!(forbidden, "{:?}: {:?}", origin, answer);
+        }
+        let same = req.replace(&format!("Origin: {origin}\r"), &format!("Origin: {}\r", listed.to_ascii_uppercase()));
+        let listed_upgrades = matches!(handshake::process(same.as_bytes(), &auth), handshake::Handshake::Upgrade { .. });
+        prop_assert!(listed_upgrades, "{:?}", same);
     }
 
     #[test]

@@ -70,6 +70,8 @@ pub struct ProcessStats {
     pub backpressure_pauses: u64,
     /// Group messages from the bus dropped because they were not UTF-8 (text frames must be).
     pub bus_invalid_utf8: u64,
+    /// Handshakes refused with 403: their Origin is not in `auth.allowed_origins`.
+    pub forbidden_origins: u64,
     /// Whether the worker's channel client is connected.
     pub channel_connected: bool,
     /// Publishes dropped because the channel queue bound was reached (worker), or held
@@ -141,6 +143,8 @@ pub struct StatusReport {
     pub limits: crate::config::Limits,
     /// The channel settings in force: bounds of the broker and of the workers' channel client.
     pub channel_settings: crate::config::ChannelSettings,
+    /// Who may connect (`[auth]`): the Origin allow-list in force.
+    pub auth: crate::config::AuthSettings,
 }
 
 /// How the most recent reload ended.
@@ -207,6 +211,7 @@ totals_of!(
     message_timeouts,
     backpressure_pauses,
     bus_invalid_utf8,
+    forbidden_origins,
 );
 
 #[cfg(test)]

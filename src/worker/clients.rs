@@ -22,7 +22,7 @@ use super::bus::Bus;
 use super::conn::{AfterFlush, CommandBudget, Conn, ConnState};
 use super::groups::Groups;
 use super::outqueue::Flushed;
-use crate::config::Limits;
+use crate::config::{AuthSettings, Limits};
 use crate::control::{ConnectionInfo, ProcessStats};
 
 /// Connection tokens are slab keys shifted past the worker's fixed tokens.
@@ -57,6 +57,8 @@ pub struct Clients {
     pub(super) timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     next_conn_id: u64,
     pub(super) limits: Limits,
+    /// Which pages may connect (`[auth] allowed_origins`).
+    pub(super) auth: AuthSettings,
     /// Connections this worker may hold (`limits.connections_per_worker`).
     pub(super) max_conns: usize,
     /// Origin of the worker clock (`clock_ms`) kept per connection.
@@ -70,7 +72,7 @@ pub struct Clients {
 }
 
 impl Clients {
-    pub fn new(limits: Limits, max_conns: usize) -> Clients {
+    pub fn new(limits: Limits, auth: AuthSettings, max_conns: usize) -> Clients {
         Clients {
             conns: Slab::new(),
             dirty: Vec::new(),
@@ -78,6 +80,7 @@ impl Clients {
             timers: BinaryHeap::new(),
             next_conn_id: 1,
             limits,
+            auth,
             max_conns,
             started: Instant::now(),
             next_sweep: Instant::now(),

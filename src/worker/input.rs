@@ -138,7 +138,7 @@ impl Clients {
             };
             match conn.state {
                 ConnState::Closing(AfterFlush::Drop) => return (data.len(), Flow::Stop),
-                ConnState::Handshaking => match handshake::process(&data[pos..]) {
+                ConnState::Handshaking => match handshake::process(&data[pos..], &self.auth) {
                     Handshake::Incomplete => return (pos, Flow::Continue),
                     Handshake::Upgrade { response, consumed } => {
                         conn.send_raw(response);
@@ -154,6 +154,13 @@ impl Clients {
                     }
                     Handshake::Reply { response, reason } => {
                         debug!("connection {}: {reason}", conn.id);
+                        conn.send_raw(response);
+                        self.close_after_flush(key);
+                        return (data.len(), Flow::Stop);
+                    }
+                    Handshake::ForbiddenOrigin { response } => {
+                        debug!("connection {}: Origin not in auth.allowed_origins: 403", conn.id);
+                        self.stats.forbidden_origins += 1;
                         conn.send_raw(response);
                         self.close_after_flush(key);
                         return (data.len(), Flow::Stop);

@@ -99,7 +99,11 @@ impl Worker {
         let pid = std::process::id() as u64;
         let bus = bus::Bus::start(&config, poll.registry(), index)?;
         let stats = ProcessStats { role: "worker".into(), index: Some(index), pid: pid as u32, ..Default::default() };
-        let clients = Clients::new(config.limits.clone(), config.limits.connections_per_worker(config.workers));
+        let clients = Clients::new(
+            config.limits.clone(),
+            config.auth.clone(),
+            config.limits.connections_per_worker(config.workers),
+        );
         Ok(Worker {
             index,
             poll,

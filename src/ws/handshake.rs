@@ -3,6 +3,8 @@
 
 use tungstenite::handshake::derive_accept_key;
 
+use crate::config::AuthSettings;
+
 /// Largest request head accepted before the connection is refused with 431.
 pub const MAX_REQUEST_HEAD: usize = 8192;
 const MAX_HEADERS: usize = 32;
@@ -16,9 +18,12 @@ pub enum Handshake {
     Upgrade { response: Vec<u8>, consumed: usize },
     /// Send `response` and close: a plain HTTP request or a malformed one.
     Reply { response: Vec<u8>, reason: &'static str },
+    /// Send `response` (403) and close: the page's Origin is not in `auth.allowed_origins`.
+    ForbiddenOrigin { response: Vec<u8> },
 }
 
-pub fn process(buf: &[u8]) -> Handshake {
+/// Parses the request head in `buf`; `auth` decides which pages (Origin) may connect.
+pub fn process(buf: &[u8], auth: &AuthSettings) -> Handshake {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let consumed = match req.parse(buf) {
@@ -71,6 +76,9 @@ pub fn process(buf: &[u8]) -> Handshake {
     if !is_base64_of_16_bytes(key) {
         return reply(400, "Bad Request", "Sec-WebSocket-Key must be base64 of 16 bytes\n", "bad Sec-WebSocket-Key");
     }
+    if !auth.origin_allowed(header("Origin")) {
+        return Handshake::ForbiddenOrigin { response: response(403, "Forbidden", "", "origin not allowed\n") };
+    }
     let accept = derive_accept_key(key.as_bytes());
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
@@ -111,7 +119,7 @@ mod tests {
     #[test]
     fn rfc6455_example_key() {
         let req = b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\nrest";
-        match process(req) {
+        match process(req, &AuthSettings::default()) {
             Handshake::Upgrade { response, consumed } => {
                 assert_eq!(consumed, req.len() - 4);
                 let text = String::from_utf8(response).unwrap();
@@ -147,12 +155,39 @@ mod tests {
 
     #[test]
     fn partial_plain_and_garbage() {
-        assert_eq!(process(b"GET / HTTP/1.1\r\nHost: x\r\n"), Handshake::Incomplete);
-        let Handshake::Reply { response, .. } = process(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") else { panic!() };
+        assert_eq!(process(b"GET / HTTP/1.1\r\nHost: x\r\n", &AuthSettings::default()), Handshake::Incomplete);
+        let Handshake::Reply { response, .. } = process(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", &AuthSettings::default())
+        else {
+            panic!()
+        };
         assert!(response.starts_with(b"HTTP/1.1 426 "));
-        let Handshake::Reply { response, .. } = process(b"GET /health HTTP/1.1\r\n\r\n") else { panic!() };
+        let Handshake::Reply { response, .. } = process(b"GET /health HTTP/1.1\r\n\r\n", &AuthSettings::default())
+        else {
+            panic!()
+        };
         assert!(response.starts_with(b"HTTP/1.1 200 "));
-        let Handshake::Reply { response, .. } = process(b"\x16\x03\x01garbage\r\n\r\n") else { panic!() };
+        let Handshake::Reply { response, .. } = process(b"\x16\x03\x01garbage\r\n\r\n", &AuthSettings::default())
+        else {
+            panic!()
+        };
         assert!(response.starts_with(b"HTTP/1.1 400 "));
+    }
+
+    #[test]
+    fn an_origin_outside_the_allow_list_gets_403() {
+        let auth = AuthSettings { allowed_origins: vec!["https://app.example.com".into()] };
+        let upgrade = |origin: &str| {
+            format!(
+                "GET / HTTP/1.1\r\nHost: x\r\n{origin}Upgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+        };
+        let req = upgrade("Origin: https://evil.example.com\r\n");
+        let Handshake::ForbiddenOrigin { response } = process(req.as_bytes(), &auth) else { panic!() };
+        assert!(response.starts_with(b"HTTP/1.1 403 "));
+        for allowed in ["Origin: https://app.example.com\r\n", "origin: HTTPS://APP.example.com\r\n", ""] {
+            let req = upgrade(allowed);
+            assert!(matches!(process(req.as_bytes(), &auth), Handshake::Upgrade { .. }), "{allowed:?}");
+        }
     }
 }

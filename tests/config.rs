@@ -69,19 +69,6 @@ fn flags_override_the_file() {
 }
 
 /// Starts with `config` (on 127.0.0.1:0 unless it sets `listen`); expects exit 1 naming `key`.
-fn refused(config: &str, key: &str) {
-    let dir = TempDir::new("badcfg");
-    let path = dir.join("g.toml");
-    let text =
-        if config.starts_with("listen") { config.to_string() } else { format!("listen = \"127.0.0.1:0\"\n{config}") };
-    std::fs::write(&path, text).unwrap();
-    let pid_file = dir.join("g.pid");
-    let run = run_timed(&["start", "--pid-file", pid_file.to_str().unwrap(), "-c", path.to_str().unwrap()], dir.path());
-    assert_eq!(run.code, Some(1), "config {config:?}: {run:?}");
-    assert!(run.stderr.contains(key), "config {config:?}: stderr does not name {key:?}: {run:?}");
-    assert!(!pid_file.exists(), "a refused config left a pid file");
-    assert!(!dir.join("g.ctl.sock").exists());
-}
 
 #[test]
 fn unknown_keys_are_refused() {

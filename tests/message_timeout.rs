@@ -61,13 +61,6 @@ fn a_fragmented_message_trickled_frame_by_frame_is_closed_with_1008() {
 #[test]
 fn message_timeout_ms_out_of_range_is_refused() {
     for value in ["0", "99", "3600001", "9223372036854775807"] {
-        let dir = TempDir::new("badcfg");
-        let path = dir.join("g.toml");
-        std::fs::write(&path, format!("listen = \"127.0.0.1:0\"\n[limits]\nmessage_timeout_ms = {value}\n")).unwrap();
-        let pid_file = dir.join("g.pid");
-        let run =
-            run_timed(&["start", "--pid-file", pid_file.to_str().unwrap(), "-c", path.to_str().unwrap()], dir.path());
-        assert_eq!(run.code, Some(1), "message_timeout_ms = {value}: {run:?}");
-        assert!(run.stderr.contains("invalid value for `limits.message_timeout_ms`"), "{value}: {run:?}");
+        refused(&format!("[limits]\nmessage_timeout_ms = {value}\n"), "invalid value for `limits.message_timeout_ms`");
     }
 }

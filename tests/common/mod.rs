@@ -93,6 +93,22 @@ pub struct Run {
     pub stderr: String,
 }
 
+/// Starts groupcast with the TOML `config` (on a loopback port unless it sets `listen`) and
+/// checks that it refuses it at load: exit 1, an error naming `key`, no pid file or socket left.
+pub fn refused(config: &str, key: &str) {
+    let dir = TempDir::new("badcfg");
+    let path = dir.join("g.toml");
+    let text =
+        if config.starts_with("listen") { config.to_string() } else { format!("listen = \"127.0.0.1:0\"\n{config}") };
+    std::fs::write(&path, text).unwrap();
+    let pid_file = dir.join("g.pid");
+    let run = run_timed(&["start", "--pid-file", pid_file.to_str().unwrap(), "-c", path.to_str().unwrap()], dir.path());
+    assert_eq!(run.code, Some(1), "config {config:?}: {run:?}");
+    assert!(run.stderr.contains(key), "config {config:?}: stderr does not name {key:?}: {run:?}");
+    assert!(!pid_file.exists(), "a refused config left a pid file");
+    assert!(!dir.join("g.ctl.sock").exists());
+}
+
 /// Runs `groupcast ARGS` with its output in files under `dir` (a daemon may keep pipes open),
 /// killing it if it has not exited after `TIMEOUT`.
 pub fn run_timed(args: &[&str], dir: &Path) -> Run {

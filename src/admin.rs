@@ -239,6 +239,7 @@ fn render_status(r: &StatusReport) -> String {
             ("idle", &format!("{}ms", l.idle_timeout_ms)),
             ("message timeout", &format!("{}ms", l.message_timeout_ms)),
             ("commands", &format!("{}/s burst {}", l.commands_per_second, l.commands_burst)),
+            ("per IP", &per_ip_text(l)),
         ],
     );
     let c = &r.channel_settings;
@@ -276,6 +277,7 @@ fn render_status(r: &StatusReport) -> String {
             ("protocol errors", &t.protocol_errors),
             ("bus invalid utf8", &t.bus_invalid_utf8),
             ("forbidden origins", &t.forbidden_origins),
+            ("per-IP refused", &t.per_ip_refused),
         ],
     );
     out += "\n";
@@ -334,6 +336,18 @@ fn labelled(heading: &str, per_row: usize, items: &[(&str, &dyn std::fmt::Displa
     out
 }
 
+/// `limits.max_connections_per_ip` and its exemptions, for the status table.
+fn per_ip_text(l: &crate::config::Limits) -> String {
+    if l.max_connections_per_ip == 0 {
+        return "off".to_owned();
+    }
+    let exempt: Vec<String> = l.per_ip_exempt.iter().map(ToString::to_string).collect();
+    match exempt.as_slice() {
+        [] => l.max_connections_per_ip.to_string(),
+        _ => format!("{} (exempt {})", l.max_connections_per_ip, exempt.join(" ")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,3 +375,4 @@ mod tests {
         }
     }
 }
+

@@ -42,6 +42,14 @@ pub const DEFAULT_MESSAGE_TIMEOUT_MS: u64 = 30_000;
 const MAX_MESSAGE_TIMEOUT_MS: u64 = 3_600_000;
 pub const DEFAULT_COMMANDS_PER_SECOND: u32 = 200;
 pub const DEFAULT_COMMANDS_BURST: u32 = 400;
+/// Connections one client address may hold (`limits.max_connections_per_ip`).
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 1000;
+/// Most entries of `limits.per_ip_exempt`.
+const MAX_PER_IP_EXEMPT: usize = 1024;
+
+fn default_per_ip_exempt() -> Vec<ipnet::IpNet> {
+    ["127.0.0.0/8", "::1/128"].iter().filter_map(|n| n.parse().ok()).collect()
+}
 /// Bytes the broker queues for one channel peer before it cuts that peer off.
 pub const DEFAULT_CHANNEL_PEER_BUFFER_LIMIT: usize = 256 << 20;
 /// Largest channel frame accepted from a peer, in bytes.
@@ -272,6 +280,12 @@ pub struct Limits {
     pub commands_per_second: u32,
     /// Commands a client may send at once above that rate (default 400).
     pub commands_burst: u32,
+    /// Connections one client address may hold on the whole instance (default 1000; 0: no
+    /// cap); the next is answered 503. IPv6 addresses count per /64.
+    pub max_connections_per_ip: u32,
+    /// Networks the per-IP cap does not apply to (default loopback: a reverse proxy on the
+    /// same host brings every client from there).
+    pub per_ip_exempt: Vec<ipnet::IpNet>,
 }
 
 impl Default for Limits {
@@ -291,11 +305,23 @@ impl Default for Limits {
             message_timeout_ms: DEFAULT_MESSAGE_TIMEOUT_MS,
             commands_per_second: DEFAULT_COMMANDS_PER_SECOND,
             commands_burst: DEFAULT_COMMANDS_BURST,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            per_ip_exempt: default_per_ip_exempt(),
         }
     }
 }
 
 impl Limits {
+    /// The per-IP cap that applies to a client at `ip`, if any.
+    pub fn per_ip_cap(&self, ip: std::net::IpAddr) -> Option<u64> {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        let exempt = self.per_ip_exempt.iter().any(|net| net.contains(&ip));
+        (self.max_connections_per_ip > 0 && !exempt).then_some(u64::from(self.max_connections_per_ip))
+    }
+
     /// Connections one of `workers` workers may hold: its share of the total, at most the
     /// per-worker limit.
     pub fn connections_per_worker(&self, workers: usize) -> usize {
@@ -660,6 +686,8 @@ impl Config {
             ("redis.io_timeout_ms", self.redis.io_timeout_ms, 1, MAX_DURATION_MS),
             ("limits.commands_per_second", u64::from(l.commands_per_second), 1, 1_000_000),
             ("limits.commands_burst", u64::from(l.commands_burst), 1, 1_000_000),
+            ("limits.max_connections_per_ip", u64::from(l.max_connections_per_ip), 0, MAX_COUNT),
+            ("limits.per_ip_exempt", n(l.per_ip_exempt.len()), 0, n(MAX_PER_IP_EXEMPT)),
         ];
         for &(key, value, min, max) in bounds {
             if !(min..=max).contains(&value) {

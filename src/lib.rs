@@ -19,13 +19,15 @@ pub mod control;
 pub mod logging;
 /// The master: daemonizing, pid file, binding, spawning and supervising children.
 pub mod master;
+/// Connections per client address, counted across workers in shared memory.
+pub mod per_ip;
 /// Client commands (JSON) and their replies.
 pub mod protocol;
 /// `groupcast publish`: push messages to a group through the channel.
 pub mod publish;
 /// Unsent bytes of a non-blocking socket, written from an offset (no quadratic draining).
 pub mod sendbuf;
-/// The only unsafe code: inherited descriptors and the fork/exec hook.
+/// The only unsafe code: inherited descriptors, the fork/exec hook, the shared counters' mapping.
 pub mod sys;
 /// A worker process: event loop, connections, local groups.
 pub mod worker;

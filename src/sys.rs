@@ -1,5 +1,6 @@
-//! The only `unsafe` in groupcast: adopting inherited descriptors and preparing a child
-//! between fork and exec. Everything else goes through safe std/nix/mio calls.
+//! The only `unsafe` in groupcast: adopting inherited descriptors, preparing a child between
+//! fork and exec, and mapping the one shared-memory region the workers count in
+//! (`SharedWords`). Everything else goes through safe std/nix/mio calls.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -83,4 +84,54 @@ pub fn raise_open_file_limit() -> nix::Result<u64> {
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     }
     Ok(getrlimit(Resource::RLIMIT_NOFILE)?.0)
+}
+
+/// An array of 32-bit atomic counters in memory shared by every process that maps it: a memfd
+/// the master creates and hands to its children like a listener. Used for the per-IP
+/// connection counts (`per_ip.rs`), which all workers must see at once.
+pub struct SharedWords {
+    ptr: std::ptr::NonNull<std::ffi::c_void>,
+    len: usize,
+}
+
+impl SharedWords {
+    /// Creates a zeroed region of `words` counters; returns the descriptor to hand down.
+    pub fn create(words: usize) -> io::Result<(OwnedFd, SharedWords)> {
+        use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+        let fd = memfd_create(c"groupcast-shared", MemFdCreateFlag::MFD_CLOEXEC)?;
+        let bytes = words.checked_mul(4).ok_or_else(|| io::Error::other("shared region too large"))?;
+        nix::unistd::ftruncate(&fd, bytes as libc::off_t)?;
+        let map = SharedWords::map(&fd)?;
+        Ok((fd, map))
+    }
+
+    /// Maps the whole region behind `fd` (created by `create`, possibly in another process).
+    pub fn map(fd: &OwnedFd) -> io::Result<SharedWords> {
+        use nix::sys::mman::{mmap, MapFlags, ProtFlags};
+        let bytes = nix::sys::stat::fstat(fd.as_raw_fd())?.st_size as usize;
+        let length = std::num::NonZeroUsize::new(bytes)
+            .filter(|_| bytes.is_multiple_of(4))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("shared region of {bytes} bytes")))?;
+        // SAFETY: a fresh shared mapping of a file we hold open; it aliases no Rust object.
+        // Other processes write it concurrently, which is why it is only ever accessed as
+        // atomics (`words`).
+        let ptr = unsafe {
+            mmap(None, length, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, fd, 0)?
+        };
+        Ok(SharedWords { ptr, len: bytes / 4 })
+    }
+
+    pub fn words(&self) -> &[std::sync::atomic::AtomicU32] {
+        // SAFETY: the mapping is page-aligned, `len * 4` bytes long, lives until `self` drops
+        // (the borrow cannot outlive it), and `AtomicU32` has the size and alignment of `u32`;
+        // all access, ours and other processes', is atomic.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast(), self.len) }
+    }
+}
+
+impl Drop for SharedWords {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly what mmap returned; no borrow of `words` outlives self.
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr, self.len * 4) };
+    }
 }

@@ -365,7 +365,8 @@ fn status_shows_every_limit() {
                   max_message_size = 3000\nmax_group_id_len = 13\nmax_groups_per_connection = 11\n\
                   send_buffer_limit = 70000\nslow_client = \"drop\"\nhandshake_timeout_ms = 1500\n\
                   ping_interval_ms = 2500\nidle_timeout_ms = 9000\nmessage_timeout_ms = 7000\n\
-                  commands_per_second = 17\ncommands_burst = 19\n";
+                  commands_per_second = 17\ncommands_burst = 19\nmax_connections_per_ip = 23\n\
+                  per_ip_exempt = [\"10.0.0.0/8\"]\n";
     let server = start(1, config);
     let limits = &server.status()["limits"];
     let expected = json!({
@@ -373,13 +374,14 @@ fn status_shows_every_limit() {
         "max_message_size": 3000, "max_group_id_len": 13, "max_groups_per_connection": 11,
         "send_buffer_limit": 70000, "slow_client": "drop", "handshake_timeout_ms": 1500,
         "ping_interval_ms": 2500, "idle_timeout_ms": 9000, "message_timeout_ms": 7000,
-        "commands_per_second": 17, "commands_burst": 19,
+        "commands_per_second": 17, "commands_burst": 19, "max_connections_per_ip": 23,
+        "per_ip_exempt": ["10.0.0.0/8"],
     });
     assert_eq!(*limits, expected);
     let text = server.cli(&["status"]);
     assert_eq!(text.code, Some(0), "{text:?}");
     let line = text.stdout.lines().position(|l| l.starts_with("limits:")).expect("a limits: line");
-    let block: String = text.stdout.lines().skip(line).take(2).collect::<Vec<_>>().join("\n");
+    let block: String = text.stdout.lines().skip(line).take(3).collect::<Vec<_>>().join("\n");
     for shown in [
         "conns 70/worker (total 90)",
         "frame 2000",
@@ -391,6 +393,7 @@ fn status_shows_every_limit() {
         "ping 2500ms",
         "idle 9000ms",
         "commands 17/s burst 19",
+        "per IP 23 (exempt 10.0.0.0/8)",
     ] {
         assert!(block.contains(shown), "{shown:?} missing from:\n{block}");
     }

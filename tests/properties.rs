@@ -173,3 +173,41 @@ proptest! {
         prop_assert_eq!(parsed.payload, &payload[..]);
     }
 }
+
+proptest! {
+    // Each case maps a shared table (a memfd of a few MiB): fewer cases.
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// The shared per-IP counts against a model: any interleaving of admits and releases by
+    /// three workers for a few addresses admits exactly while the address holds fewer than the
+    /// cap, and the table's count always equals the model's (no collisions among a few
+    /// addresses in 2 x 65536 buckets, barring a 1-in-2^32 accident).
+    #[test]
+    fn per_ip_counts_match_a_model(
+        ops in proptest::collection::vec((0usize..3, 0u8..4, any::<bool>()), 0..200),
+        max in 1u64..6,
+    ) {
+        use groupcast::per_ip::{PerIpCounter, PerIpTable};
+        use std::net::{IpAddr, Ipv4Addr};
+        let (fd, table) = PerIpTable::create(3).unwrap();
+        let workers: Vec<PerIpCounter> =
+            (0..3).map(|c| PerIpCounter::new(PerIpTable::adopt(&fd).unwrap(), c).unwrap()).collect();
+        // model[worker][address]: connections that worker holds from that address.
+        let mut model = [[0u64; 4]; 3];
+        for (worker, addr, admit) in ops {
+            let ip = IpAddr::V4(Ipv4Addr::new(198, 51, 100, addr));
+            let held: u64 = model.iter().map(|w| w[addr as usize]).sum();
+            if admit {
+                prop_assert_eq!(workers[worker].admit(ip, max), held < max);
+                if held < max {
+                    model[worker][addr as usize] += 1;
+                }
+            } else if model[worker][addr as usize] > 0 {
+                workers[worker].release(ip);
+                model[worker][addr as usize] -= 1;
+            }
+            let held: u64 = model.iter().map(|w| w[addr as usize]).sum();
+            prop_assert_eq!(table.count(ip), held);
+        }
+    }
+}

@@ -1,5 +1,5 @@
-//! What a child inherits from the master across exec: its listener and its end of the status
-//! link at fixed descriptor numbers, and the resolved config in the environment, so every
+//! What a child inherits from the master across exec: its listener, its end of the status
+//! link and (workers) the per-IP table at fixed descriptor numbers, and the resolved config in the environment, so every
 //! process of an instance runs with exactly the master's values.
 
 use anyhow::Context;
@@ -11,6 +11,10 @@ use crate::config::Config;
 pub const CHILD_LISTENER_FD: i32 = 3;
 /// Descriptor number at which a child finds its end of the status link.
 pub const CHILD_LINK_FD: i32 = 4;
+/// Descriptor number at which a worker finds the shared per-IP connection table (`per_ip.rs`).
+pub const CHILD_PER_IP_FD: i32 = 6;
+/// Environment variable naming the per-IP table column a worker writes.
+pub const PER_IP_COLUMN_ENV: &str = "GROUPCAST_PER_IP_COLUMN";
 /// Environment variable carrying the resolved config (JSON) from master to child.
 pub const CONFIG_ENV: &str = "GROUPCAST_CHILD_CONFIG";
 

@@ -72,6 +72,8 @@ pub struct ProcessStats {
     pub bus_invalid_utf8: u64,
     /// Handshakes refused with 403: their Origin is not in `auth.allowed_origins`.
     pub forbidden_origins: u64,
+    /// Connections refused with 503 because their address held `limits.max_connections_per_ip`.
+    pub per_ip_refused: u64,
     /// Whether the worker's channel client is connected.
     pub channel_connected: bool,
     /// Publishes dropped because the channel queue bound was reached (worker), or held
@@ -212,6 +214,7 @@ totals_of!(
     backpressure_pauses,
     bus_invalid_utf8,
     forbidden_origins,
+    per_ip_refused,
 );
 
 #[cfg(test)]

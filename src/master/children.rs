@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use crate::control::handoff::{CHILD_PER_IP_FD, PER_IP_COLUMN_ENV};
 use crate::control::{MasterLink, Reply, Request, CHILD_LINK_FD, CHILD_LISTENER_FD, CONFIG_ENV};
+use crate::per_ip::ColumnLease;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -49,11 +51,27 @@ pub struct ChildProc {
     pub started_at: Instant,
     /// The child has sent `Reply::Ready`.
     ready: bool,
+    /// A worker's column of the per-IP table; freed (and zeroed) when this process is dropped
+    /// after it was reaped.
+    _per_ip: Option<ColumnLease>,
+}
+
+/// The per-IP table a worker inherits (descriptor 6) and the column it writes.
+pub struct PerIpHandoff<'a> {
+    pub table: BorrowedFd<'a>,
+    pub lease: ColumnLease,
 }
 
 impl ChildProc {
-    /// Starts `role` from `exe` with `listener` as descriptor 3 and a fresh link as 4.
-    pub fn spawn(role: Role, exe: &Path, config_json: &str, listener: BorrowedFd<'_>) -> io::Result<ChildProc> {
+    /// Starts `role` from `exe` with `listener` as descriptor 3, a fresh link as 4 and, for a
+    /// worker, the per-IP table as 6.
+    pub fn spawn(
+        role: Role,
+        exe: &Path,
+        config_json: &str,
+        listener: BorrowedFd<'_>,
+        per_ip: Option<PerIpHandoff<'_>>,
+    ) -> io::Result<ChildProc> {
         let (ours, theirs) = UnixStream::pair()?;
         let mut command = Command::new(exe);
         match role {
@@ -62,11 +80,14 @@ impl ChildProc {
         };
         // NOTIFY_SOCKET is the master's alone: systemd takes readiness from the main process.
         command.env(CONFIG_ENV, config_json).env_remove("NOTIFY_SOCKET").stdin(Stdio::null());
-        let child = crate::sys::spawn_with_fds(
-            &mut command,
-            &[(listener, CHILD_LISTENER_FD), (theirs.as_fd(), CHILD_LINK_FD)],
-        )?;
-        Ok(ChildProc { child, link: MasterLink::new(ours), started_at: Instant::now(), ready: false })
+        let mut fds = vec![(listener, CHILD_LISTENER_FD), (theirs.as_fd(), CHILD_LINK_FD)];
+        let lease = per_ip.map(|PerIpHandoff { table, lease }| {
+            fds.push((table, CHILD_PER_IP_FD));
+            command.env(PER_IP_COLUMN_ENV, lease.column.to_string());
+            lease
+        });
+        let child = crate::sys::spawn_with_fds(&mut command, &fds)?;
+        Ok(ChildProc { child, link: MasterLink::new(ours), started_at: Instant::now(), ready: false, _per_ip: lease })
     }
 
     pub fn pid(&self) -> u32 {

@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -31,7 +32,8 @@ use signal_hook_mio::v1_0::Signals;
 use crate::config::{ChannelAddr, Config, Overrides};
 use crate::control::{ReloadOutcome, Request};
 use crate::ws::close_code;
-use children::{ChildProc, Role, Slot};
+use crate::per_ip::{Columns, PerIpTable, COLUMNS_PER_WORKER};
+use children::{ChildProc, PerIpHandoff, Role, Slot};
 use pidfile::PidFile;
 
 const SIGNALS: Token = Token(0);
@@ -79,6 +81,8 @@ pub struct Master {
     retiring: Vec<Retiring>,
     reload: reload::ReloadState,
     pidfile: Option<PidFile>,
+    /// The per-IP connection table the workers share, and who holds which column.
+    per_ip: Option<(OwnedFd, Rc<Columns>)>,
 }
 
 /// Everything bound before daemonizing, so failures reach the operator's terminal.
@@ -255,6 +259,14 @@ fn run(
         slots.push(Slot::new(Role::Channel));
     }
     slots.extend((0..worker_listeners.len()).map(|i| Slot::new(Role::Worker(i))));
+    let per_ip = match worker_listeners.len() {
+        0 => None,
+        workers => {
+            let (fd, table) = PerIpTable::create(workers * COLUMNS_PER_WORKER)
+                .context("cannot create the shared per-IP connection table")?;
+            Some((fd, Columns::new(table)))
+        }
+    };
     let mut master = Master {
         config,
         config_json,
@@ -269,6 +281,7 @@ fn run(
         retiring: Vec::new(),
         reload: reload::ReloadState::default(),
         pidfile: Some(pidfile),
+        per_ip,
     };
     let result = master.start_children().and_then(|()| {
         match master.listen {
@@ -320,7 +333,11 @@ impl Master {
     }
 
     fn spawn_proc(&self, role: Role) -> anyhow::Result<ChildProc> {
-        let proc = ChildProc::spawn(role, &self.exe, &self.config_json, self.listener_for(role))
+        let per_ip = match (role, &self.per_ip) {
+            (Role::Worker(_), Some((fd, columns))) => Some(PerIpHandoff { table: fd.as_fd(), lease: columns.lease() }),
+            _ => None,
+        };
+        let proc = ChildProc::spawn(role, &self.exe, &self.config_json, self.listener_for(role), per_ip)
             .with_context(|| format!("cannot start {} from {}", role.name(), self.exe.display()))?;
         info!("started {} (pid {})", role.name(), proc.pid());
         Ok(proc)

@@ -24,6 +24,7 @@ use super::groups::Groups;
 use super::outqueue::Flushed;
 use crate::config::{AuthSettings, Limits};
 use crate::control::{ConnectionInfo, ProcessStats};
+use crate::per_ip::PerIpCounter;
 
 /// Connection tokens are slab keys shifted past the worker's fixed tokens.
 pub const FIRST_CONN: usize = 16;
@@ -61,6 +62,8 @@ pub struct Clients {
     pub(super) auth: AuthSettings,
     /// Connections this worker may hold (`limits.connections_per_worker`).
     pub(super) max_conns: usize,
+    /// This worker's column of the instance-wide per-IP counts (`limits.max_connections_per_ip`).
+    per_ip: PerIpCounter,
     /// Origin of the worker clock (`clock_ms`) kept per connection.
     started: Instant,
     /// When the next idle/ping sweep over all connections is due.
@@ -72,7 +75,7 @@ pub struct Clients {
 }
 
 impl Clients {
-    pub fn new(limits: Limits, auth: AuthSettings, max_conns: usize) -> Clients {
+    pub fn new(limits: Limits, auth: AuthSettings, max_conns: usize, per_ip: PerIpCounter) -> Clients {
         Clients {
             conns: Slab::new(),
             dirty: Vec::new(),
@@ -82,6 +85,7 @@ impl Clients {
             limits,
             auth,
             max_conns,
+            per_ip,
             started: Instant::now(),
             next_sweep: Instant::now(),
             stopping: None,
@@ -132,12 +136,22 @@ impl Clients {
             self.refuse_connection(stream, peer);
             return;
         }
+        let per_ip_cap = self.limits.per_ip_cap(peer.ip());
+        if let Some(cap) = per_ip_cap {
+            if !self.per_ip.admit(peer.ip(), cap) {
+                self.refuse_per_ip(stream, peer);
+                return;
+            }
+        }
         let now_ms = self.clock_ms();
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         let token = Token(key + FIRST_CONN);
         if let Err(e) = registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE) {
             log::warn!("cannot register connection from {peer}: {e}");
+            if per_ip_cap.is_some() {
+                self.per_ip.release(peer.ip());
+            }
             return;
         }
         let id = self.next_conn_id;
@@ -253,6 +267,10 @@ impl Clients {
         }
         let mut conn = self.conns.remove(key);
         let _ = parts.registry.deregister(&mut conn.stream);
+        // Counted at accept exactly when a cap applied; the limits do not change in a worker.
+        if self.limits.per_ip_cap(conn.peer.ip()).is_some() {
+            self.per_ip.release(conn.peer.ip());
+        }
         for id in conn.groups.drain(..) {
             if let Some(name) = parts.groups.leave(id, key) {
                 parts.bus.unsubscribe(&name);

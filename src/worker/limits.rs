@@ -91,6 +91,14 @@ impl Clients {
         let _ = stream.write(&handshake::service_unavailable());
     }
 
+    /// Answers a connection whose address holds `limits.max_connections_per_ip` already with
+    /// 503 and closes it, without registering it.
+    pub(super) fn refuse_per_ip(&mut self, mut stream: TcpStream, peer: SocketAddr) {
+        self.stats.per_ip_refused += 1;
+        debug!("refusing {peer}: it holds limits.max_connections_per_ip = {}", self.limits.max_connections_per_ip);
+        let _ = stream.write(&handshake::too_many_from_address());
+    }
+
     /// Every `sweep_interval`: ping clients silent for `ping_interval_ms`, close those silent
     /// for `idle_timeout_ms` (dead peers that never closed their TCP connection), and those
     /// that started a frame or message more than `message_timeout_ms` ago without finishing

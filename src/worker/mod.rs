@@ -103,6 +103,7 @@ impl Worker {
             config.limits.clone(),
             config.auth.clone(),
             config.limits.connections_per_worker(config.workers),
+            inherit_per_ip_counter()?,
         );
         Ok(Worker {
             index,
@@ -227,4 +228,17 @@ impl Worker {
             clients.deliver_from_bus(groups, group, payload)
         });
     }
+}
+
+/// The per-IP table the master handed down (descriptor and column), mapped.
+fn inherit_per_ip_counter() -> anyhow::Result<crate::per_ip::PerIpCounter> {
+    use crate::control::handoff::{CHILD_PER_IP_FD, PER_IP_COLUMN_ENV};
+    let fd = crate::sys::adopt_inherited_fd(CHILD_PER_IP_FD).context("no per-IP table from the master")?;
+    let column = std::env::var(PER_IP_COLUMN_ENV)
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("{PER_IP_COLUMN_ENV} is not a column number"))?;
+    let table = crate::per_ip::PerIpTable::adopt(&fd).context("cannot map the per-IP table")?;
+    // The mapping stays valid after the descriptor closes.
+    Ok(crate::per_ip::PerIpCounter::new(table, column)?)
 }

@@ -100,6 +100,11 @@ pub fn service_unavailable() -> Vec<u8> {
     response(503, "Service Unavailable", "Retry-After: 5\r\n", "connection limit reached, retry\n")
 }
 
+/// The answer to a connection from an address over `limits.max_connections_per_ip`.
+pub fn too_many_from_address() -> Vec<u8> {
+    response(503, "Service Unavailable", "Retry-After: 5\r\n", "too many connections from your address\n")
+}
+
 fn reply(status: u16, text: &str, body: &str, reason: &'static str) -> Handshake {
     Handshake::Reply { response: response(status, text, "", body), reason }
 }

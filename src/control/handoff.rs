@@ -12,7 +12,7 @@ pub const CHILD_LISTENER_FD: i32 = 3;
 /// Descriptor number at which a child finds its end of the status link.
 pub const CHILD_LINK_FD: i32 = 4;
 /// Descriptor number at which a worker finds the shared per-IP connection table (`per_ip.rs`).
-pub const CHILD_PER_IP_FD: i32 = 6;
+pub const CHILD_PER_IP_FD: i32 = 7;
 /// Environment variable naming the per-IP table column a worker writes.
 pub const PER_IP_COLUMN_ENV: &str = "GROUPCAST_PER_IP_COLUMN";
 /// Environment variable carrying the resolved config (JSON) from master to child.

@@ -56,7 +56,7 @@ pub struct ChildProc {
     _per_ip: Option<ColumnLease>,
 }
 
-/// The per-IP table a worker inherits (descriptor 6) and the column it writes.
+/// The per-IP table a worker inherits (descriptor 7) and the column it writes.
 pub struct PerIpHandoff<'a> {
     pub table: BorrowedFd<'a>,
     pub lease: ColumnLease,
@@ -64,7 +64,7 @@ pub struct PerIpHandoff<'a> {
 
 impl ChildProc {
     /// Starts `role` from `exe` with `listener` as descriptor 3, a fresh link as 4 and, for a
-    /// worker, the per-IP table as 6.
+    /// worker, the per-IP table as 7.
     pub fn spawn(
         role: Role,
         exe: &Path,

@@ -220,7 +220,10 @@ mod tests {
 
     #[test]
     fn seed_commands() {
-        assert_eq!(parse(r#"{"cmd":"add_group","group_id":"123"}"#), Ok(Command::AddGroup { group: "123".into(), token: None }));
+        assert_eq!(
+            parse(r#"{"cmd":"add_group","group_id":"123"}"#),
+            Ok(Command::AddGroup { group: "123".into(), token: None })
+        );
         assert_eq!(
             parse(r#"{"cmd":"add_group","group_id":123}"#),
             Ok(Command::AddGroup { group: "123".into(), token: None })

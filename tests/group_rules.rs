@@ -130,7 +130,10 @@ fn per_group_tokens() {
         forbidden("group token is for another sub", 4),
         "a connection with a sub needs a group token for it"
     );
-    assert_eq!(join(&mut alice, "user.7.feed", &group_token(json!({"group":"user.7.feed","sub":"alice"})), 5)["ok"], true);
+    assert_eq!(
+        join(&mut alice, "user.7.feed", &group_token(json!({"group":"user.7.feed","sub":"alice"})), 5)["ok"],
+        true
+    );
     assert_eq!(
         join(&mut alice, "user.9", &group_token(json!({"group":"user.9","sub":"alice","exp":now() - 60})), 6),
         forbidden("group token: token expired", 6)

@@ -7,7 +7,6 @@
 mod auth_support;
 mod common;
 
-
 use auth_support::*;
 use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey};
@@ -31,8 +30,16 @@ fn bad_tokens_get_401_with_the_reason() {
         base64url(json!({"sub":"u1"}).to_string().as_bytes())
     );
     let cases: Vec<(&str, String, &str)> = vec![
-        ("bad signature", mint_with(Algorithm::HS256, &EncodingKey::from_secret(b"another secret"), &json!({"sub":"u1"})), "bad signature"),
-        ("wrong algorithm", mint_with(Algorithm::HS384, &EncodingKey::from_secret(SECRET), &json!({"sub":"u1"})), "algorithm not allowed"),
+        (
+            "bad signature",
+            mint_with(Algorithm::HS256, &EncodingKey::from_secret(b"another secret"), &json!({"sub":"u1"})),
+            "bad signature",
+        ),
+        (
+            "wrong algorithm",
+            mint_with(Algorithm::HS384, &EncodingKey::from_secret(SECRET), &json!({"sub":"u1"})),
+            "algorithm not allowed",
+        ),
         ("alg none", alg_none, "algorithm not allowed"),
         ("expired", mint(&json!({"sub":"u1","exp":t - 60})), "token expired"),
         ("not yet valid", mint(&json!({"sub":"u1","nbf":t + 600})), "token not yet valid"),
@@ -124,7 +131,11 @@ fn bad_token_input_gets_401() {
     let cases: Vec<(Vec<u8>, Vec<u8>, &str)> = vec![
         (format!("/?token={long}").into_bytes(), vec![], "token too long"),
         (b"/".to_vec(), format!("Authorization: Bearer {long}\r\n").into_bytes(), "token too long"),
-        (format!("/?token={good}").into_bytes(), format!("Authorization: Bearer {good}\r\n").into_bytes(), "two tokens (URL and Authorization)"),
+        (
+            format!("/?token={good}").into_bytes(),
+            format!("Authorization: Bearer {good}\r\n").into_bytes(),
+            "two tokens (URL and Authorization)",
+        ),
         (format!("/?token={good}&token={good}").into_bytes(), vec![], "two tokens (URL and Authorization)"),
         (b"/".to_vec(), b"Authorization: Bearer \xff\xfe\r\n".to_vec(), "malformed token"),
         (b"/".to_vec(), format!("Authorization: Basic {good}\r\n").into_bytes(), "malformed token"),

@@ -93,7 +93,12 @@ impl Gate {
     }
 
     /// May this connection publish to `group` (with `send_to_group`), governed by `rule`?
-    pub fn may_publish(&self, rule: Option<&GroupRule>, group: &str, identity: Option<&Identity>) -> Result<(), String> {
+    pub fn may_publish(
+        &self,
+        rule: Option<&GroupRule>,
+        group: &str,
+        identity: Option<&Identity>,
+    ) -> Result<(), String> {
         match rule.map_or(Access::Anyone, |r| r.publish) {
             Access::Anyone => Ok(()),
             Access::None => Err(format!("no one may publish to {group:?} from a WebSocket")),

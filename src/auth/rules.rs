@@ -69,7 +69,10 @@ pub fn validate_rules(rules: &[GroupRule]) -> Result<(), String> {
         }
         if let Some(rate) = rule.commands_per_second {
             if !(1..=MAX_RATE).contains(&rate) {
-                return Err(format!("rule {n} ({:?}): commands_per_second {rate} is not in 1..={MAX_RATE}", rule.pattern));
+                return Err(format!(
+                    "rule {n} ({:?}): commands_per_second {rate} is not in 1..={MAX_RATE}",
+                    rule.pattern
+                ));
             }
         }
         match (rule.commands_per_second, rule.commands_burst) {
@@ -111,7 +114,13 @@ mod tests {
     use super::*;
 
     fn rule(pattern: &str, join: Access) -> GroupRule {
-        GroupRule { pattern: pattern.into(), join, publish: Access::Anyone, commands_per_second: None, commands_burst: None }
+        GroupRule {
+            pattern: pattern.into(),
+            join,
+            publish: Access::Anyone,
+            commands_per_second: None,
+            commands_burst: None,
+        }
     }
 
     #[test]

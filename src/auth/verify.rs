@@ -138,7 +138,8 @@ impl Verifier {
         // The header first, by hand: jsonwebtoken cannot even parse `"alg":"none"` and would
         // call it malformed; the operator should read what it is.
         let header = token.split('.').next().ok_or(TokenError::Malformed)?;
-        let header = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header).map_err(|_| TokenError::Malformed)?;
+        let header =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header).map_err(|_| TokenError::Malformed)?;
         let header: HeaderAlg = serde_json::from_slice(&header).map_err(|_| TokenError::Malformed)?;
         if header.alg != self.alg.name() {
             return Err(TokenError::WrongAlgorithm);

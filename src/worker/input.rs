@@ -143,7 +143,8 @@ impl Clients {
                     Handshake::Upgrade { response, consumed, identity } => {
                         if let Some(identity) = identity {
                             debug!("connection {}: token for sub {:?}", conn.id, identity.sub);
-                            conn.auth = Some(Box::new(ConnAuth { identity: Some(*identity), rule_budgets: Vec::new() }));
+                            conn.auth =
+                                Some(Box::new(ConnAuth { identity: Some(*identity), rule_budgets: Vec::new() }));
                         }
                         conn.send_raw(response);
                         conn.state = ConnState::Open;

@@ -112,13 +112,13 @@ fn unauthorized(reason: TokenError) -> Handshake {
 /// one silently preferred; a header that is not UTF-8 or not `Bearer` is malformed.
 fn token_of(path: &str, authorization: Option<&[u8]>) -> Result<Option<String>, TokenError> {
     let from_query = match path.split_once('?') {
-        Some((_, query)) => query
-            .split('&')
-            .filter_map(|pair| pair.strip_prefix("token="))
-            .try_fold(None, |seen: Option<String>, value| match seen {
+        Some((_, query)) => query.split('&').filter_map(|pair| pair.strip_prefix("token=")).try_fold(
+            None,
+            |seen: Option<String>, value| match seen {
                 Some(_) => Err(TokenError::Twice),
                 None => percent_decode(value).map(Some),
-            })?,
+            },
+        )?,
         None => None,
     };
     let from_header = match authorization {
@@ -232,18 +232,15 @@ mod tests {
     #[test]
     fn partial_plain_and_garbage() {
         assert_eq!(process(b"GET / HTTP/1.1\r\nHost: x\r\n", &Gate::default()), Handshake::Incomplete);
-        let Handshake::Reply { response, .. } = process(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", &Gate::default())
-        else {
+        let Handshake::Reply { response, .. } = process(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", &Gate::default()) else {
             panic!()
         };
         assert!(response.starts_with(b"HTTP/1.1 426 "));
-        let Handshake::Reply { response, .. } = process(b"GET /health HTTP/1.1\r\n\r\n", &Gate::default())
-        else {
+        let Handshake::Reply { response, .. } = process(b"GET /health HTTP/1.1\r\n\r\n", &Gate::default()) else {
             panic!()
         };
         assert!(response.starts_with(b"HTTP/1.1 200 "));
-        let Handshake::Reply { response, .. } = process(b"\x16\x03\x01garbage\r\n\r\n", &Gate::default())
-        else {
+        let Handshake::Reply { response, .. } = process(b"\x16\x03\x01garbage\r\n\r\n", &Gate::default()) else {
             panic!()
         };
         assert!(response.starts_with(b"HTTP/1.1 400 "));
@@ -276,7 +273,8 @@ mod tests {
 
     #[test]
     fn an_origin_outside_the_allow_list_gets_403() {
-        let auth = Gate::from(AuthSettings { allowed_origins: vec!["https://app.example.com".into()], ..Default::default() });
+        let auth =
+            Gate::from(AuthSettings { allowed_origins: vec!["https://app.example.com".into()], ..Default::default() });
         let upgrade = |origin: &str| {
             format!(
                 "GET / HTTP/1.1\r\nHost: x\r\n{origin}Upgrade: websocket\r\nConnection: Upgrade\r\n\

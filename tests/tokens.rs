@@ -211,7 +211,8 @@ fn refresh_before_expiry_keeps_the_connection() {
 /// the connection is gone by then).
 #[test]
 fn a_refused_refresh_leaves_the_old_expiry() {
-    let (server, _keys) = server_with_secret("", "", 1);
+    // At trace level, where command bodies are logged: tokens must still stay out of the log.
+    let (server, _keys) = server_with_secret("", "[log]\nlevel = \"trace\"\n", 1);
     let mut c = WsClient::with_token(server.addr, &mint(&json!({"sub":"u","exp":now() + 3})));
     let other = mint(&json!({"sub":"mallory","exp":now() + 600}));
     let (reply, _) = c.request(json!({"cmd":"refresh","token":other}), 1);
@@ -227,6 +228,9 @@ fn a_refused_refresh_leaves_the_old_expiry() {
     let (reply, _) = anon.request(json!({"cmd":"refresh","token":mint(&json!({"sub":"u"}))}), 4);
     assert_eq!(reply["error"], "forbidden");
     server.wait_status("counted", |r| r["totals"]["bad_tokens"] == 4 && r["totals"]["expired_tokens"] == 1);
+    let log = server.log();
+    assert!(log.contains("refresh token is for another sub"), "debug lines are there: {log}");
+    assert!(!log.contains(&other) && !log.contains(&expired), "a token reached the log");
 }
 
 /// `leeway_secs` lets a token a little past its exp in.

@@ -304,7 +304,14 @@ impl Clients {
         let limits = &self.limits;
         let Some(conn) = self.conns.get_mut(key) else { return Flow::Stop };
         conn.messages_in += 1;
-        trace!("connection {key}: {text}");
+        if log::log_enabled!(log::Level::Trace) {
+            // Tokens (refresh, per-group) stay out of every log, trace included.
+            if text.contains("token") {
+                trace!("connection {key}: a command of {} bytes with a token (not logged)", text.len());
+            } else {
+                trace!("connection {key}: {text}");
+            }
+        }
         let default_rate = (limits.commands_per_second, limits.commands_burst);
         let request = match protocol::parse_request(text, limits) {
             Ok(r) => r,

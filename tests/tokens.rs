@@ -286,3 +286,15 @@ fn reload_reads_the_secret_again() {
     let new = mint_with(Algorithm::HS256, &EncodingKey::from_secret(b"the new secret"), &json!({"sub":"u"}));
     WsClient::with_token(server.addr, &new);
 }
+
+/// A reload with a broken key file fails with the reason and leaves the workers as they were.
+#[test]
+fn a_broken_key_file_fails_the_reload() {
+    let (server, keys) = server_with_secret("", "", 1);
+    let token = mint(&json!({"sub":"u"}));
+    std::fs::write(keys.join("jwt.secret"), "\n").unwrap();
+    let out = groupcast(&["reload", "--pid-file", &server.pid_file_arg()]);
+    assert!(!out.status.success(), "reload with an empty secret succeeded");
+    assert!(stderr(&out).contains("auth.jwt_secret_file"), "{}", stderr(&out));
+    WsClient::with_token(server.addr, &token);
+}

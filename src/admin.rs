@@ -175,12 +175,12 @@ pub fn connections(config: &Config, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:>8} {:>6} {:>8} {:<22} {:<8} {:>7} {:>10} {:>10} {:>8} {:>8} {:>8}  groups",
-        "id", "worker", "pid", "peer", "state", "age", "bytes in", "bytes out", "msgs in", "msgs out", "sendbuf"
+        "{:>8} {:>6} {:>8} {:<22} {:<8} {:>7} {:>10} {:>10} {:>8} {:>8} {:>8} {:<16} groups",
+        "id", "worker", "pid", "peer", "state", "age", "bytes in", "bytes out", "msgs in", "msgs out", "sendbuf", "sub"
     );
     for c in &list.connections {
         println!(
-            "{:>8} {:>6} {:>8} {:<22} {:<8} {:>6}s {:>10} {:>10} {:>8} {:>8} {:>8}  {}",
+            "{:>8} {:>6} {:>8} {:<22} {:<8} {:>6}s {:>10} {:>10} {:>8} {:>8} {:>8} {:<16} {}",
             c.id,
             c.worker,
             c.worker_pid,
@@ -192,6 +192,7 @@ pub fn connections(config: &Config, json: bool) -> anyhow::Result<()> {
             c.messages_in,
             c.messages_out,
             c.send_buffer,
+            c.sub.as_deref().unwrap_or("-"),
             c.groups.join(",")
         );
     }
@@ -259,7 +260,35 @@ fn render_status(r: &StatusReport) -> String {
         [] => "any".to_owned(),
         list => list.join(" "),
     };
-    out += &labelled("auth:", 6, &[("origins", &origins)]);
+    let a = &r.auth;
+    let key = match (&a.algorithm, &a.jwt_secret_file, &a.jwt_public_key_file) {
+        (Some(alg), Some(file), _) | (Some(alg), None, Some(file)) => format!("{alg} from {}", file.display()),
+        _ => "none (tokens refused)".to_owned(),
+    };
+    out += &labelled(
+        "auth:",
+        6,
+        &[
+            ("origins", &origins),
+            ("tokens", &key),
+            ("required", &a.require_token),
+            ("leeway", &format!("{}s", a.leeway_secs)),
+            ("group rules", &a.groups.len()),
+        ],
+    );
+    for (n, rule) in a.groups.iter().enumerate() {
+        let rate = match rule.rate() {
+            Some((rate, burst)) => format!("  commands {rate}/s burst {burst}"),
+            None => String::new(),
+        };
+        out += &format!(
+            "  rule {:<4} {:<32} join {:<7} publish {:<7}{rate}\n",
+            n + 1,
+            rule.pattern,
+            format!("{:?}", rule.join).to_lowercase(),
+            format!("{:?}", rule.publish).to_lowercase()
+        );
+    }
     out += &labelled(
         "limit hits:",
         7,
@@ -278,6 +307,10 @@ fn render_status(r: &StatusReport) -> String {
             ("bus invalid utf8", &t.bus_invalid_utf8),
             ("forbidden origins", &t.forbidden_origins),
             ("per-IP refused", &t.per_ip_refused),
+            ("forbidden joins", &t.forbidden_joins),
+            ("forbidden publishes", &t.forbidden_publishes),
+            ("bad tokens", &t.bad_tokens),
+            ("expired tokens", &t.expired_tokens),
         ],
     );
     out += "\n";
@@ -361,6 +394,17 @@ mod tests {
         r.totals.backpressure_pauses = 3;
         r.totals.message_timeouts = 4;
         r.totals.bus_invalid_utf8 = 5;
+        r.totals.bad_tokens = 6;
+        r.totals.expired_tokens = 7;
+        r.auth.algorithm = Some("HS256".into());
+        r.auth.jwt_secret_file = Some("/etc/gc/jwt.secret".into());
+        r.auth.groups = vec![crate::auth::GroupRule {
+            pattern: "user.*".into(),
+            join: crate::auth::Access::Token,
+            publish: crate::auth::Access::None,
+            commands_per_second: Some(5),
+            commands_burst: None,
+        }];
         let table = render_status(&r);
         for shown in [
             "message timeout 7000ms",
@@ -370,6 +414,11 @@ mod tests {
             "message timeouts 4",
             "bus invalid utf8 5",
             "limit hits: refused conns 0",
+            "bad tokens 6",
+            "expired tokens 7",
+            "tokens HS256 from /etc/gc/jwt.secret",
+            "join token   publish none",
+            "commands 5/s burst 10",
         ] {
             assert!(table.contains(shown), "{shown:?} missing from:\n{table}");
         }

@@ -360,25 +360,67 @@ pub struct Config {
     pub log: LogSettings,
     /// `[limits]`: what one client may do.
     pub limits: Limits,
-    /// `[auth]`: who may connect.
+    /// `[auth]`: who may connect: tokens, the Origin allow-list.
     pub auth: AuthSettings,
+    /// `[[groups]]`: who may join and publish to which groups, first match wins (default none:
+    /// anyone may do anything, as in the seed).
+    pub groups: Vec<crate::auth::GroupRule>,
 }
 
 /// Most entries of `auth.allowed_origins`.
 const MAX_ALLOWED_ORIGINS: usize = 1024;
 
+/// Largest `auth.leeway_secs`: five minutes of clock skew is already generous.
+const MAX_LEEWAY_SECS: u64 = 300;
+
 /// `[auth]`: who may open a WebSocket. Without it (the default) anyone may, as in the seed.
+/// docs/security.md explains the keys together.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthSettings {
+    /// File holding the HS256 secret of connection and group tokens (trailing newline removed;
+    /// default none). Exclusive with `jwt_public_key_file`.
+    pub jwt_secret_file: Option<PathBuf>,
+    /// PEM public key verifying tokens: RSA means RS256, EC P-256 means ES256 (default none).
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Refuse (401) a handshake without a token (default false: anonymous connections allowed;
+    /// a token that is present is always checked).
+    pub require_token: bool,
+    /// Clock skew tolerated on `exp` and `nbf`, seconds (default 0, at most 300).
+    pub leeway_secs: u64,
     /// Origins (`scheme://host[:port]`, as browsers send them) whose pages may connect; a
     /// handshake with another `Origin` header gets 403 (cross-site WebSocket hijacking). Empty
     /// (the default): any Origin. A request without `Origin` (not from a browser: a backend, a
     /// script) is not refused by this list.
     pub allowed_origins: Vec<String>,
+    /// The key read from one of the files at load (never a key of the file: the master reads
+    /// it and hands it to its children beside the config, see control::handoff).
+    #[serde(skip)]
+    pub jwt_key: Option<crate::auth::JwtKey>,
 }
 
 impl AuthSettings {
+    /// Reads the key file named by `jwt_secret_file` or `jwt_public_key_file` (the master does
+    /// this at start and at every reload); errors name the key and the file.
+    fn load_key(&mut self) -> Result<(), ConfigError> {
+        self.jwt_key = match (&self.jwt_secret_file, &self.jwt_public_key_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "auth.jwt_secret_file",
+                    "set together with auth.jwt_public_key_file; set one (HS256 secret or RS256/ES256 public key)",
+                ))
+            }
+            (Some(path), None) => {
+                Some(crate::auth::keys::load_secret(path).map_err(|e| invalid("auth.jwt_secret_file", e))?)
+            }
+            (None, Some(path)) => {
+                Some(crate::auth::keys::load_public_key(path).map_err(|e| invalid("auth.jwt_public_key_file", e))?)
+            }
+            (None, None) => None,
+        };
+        Ok(())
+    }
+
     /// Whether a handshake with this `Origin` header value (if any) may upgrade.
     pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
         match origin {
@@ -391,6 +433,15 @@ impl AuthSettings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.leeway_secs > MAX_LEEWAY_SECS {
+            return Err(invalid("auth.leeway_secs", format!("{} is not in 0..={MAX_LEEWAY_SECS}", self.leeway_secs)));
+        }
+        if self.require_token && self.jwt_secret_file.is_none() && self.jwt_public_key_file.is_none() {
+            return Err(invalid(
+                "auth.require_token",
+                "true, but no auth.jwt_secret_file or auth.jwt_public_key_file to check tokens with",
+            ));
+        }
         if self.allowed_origins.len() > MAX_ALLOWED_ORIGINS {
             return Err(invalid(
                 "auth.allowed_origins",
@@ -448,6 +499,7 @@ impl Default for Config {
             log: LogSettings::default(),
             limits: Limits::default(),
             auth: AuthSettings::default(),
+            groups: Vec::new(),
         }
     }
 }
@@ -632,6 +684,7 @@ impl Config {
         overrides.apply(&mut config)?;
         config.make_paths_absolute()?;
         config.validate()?;
+        config.auth.load_key()?;
         Ok(config)
     }
 
@@ -646,6 +699,12 @@ impl Config {
         }
         if let Some(path) = &self.channel.secret_file {
             self.channel.secret_file = Some(absolute(path, "channel.secret_file")?);
+        }
+        if let Some(path) = &self.auth.jwt_secret_file {
+            self.auth.jwt_secret_file = Some(absolute(path, "auth.jwt_secret_file")?);
+        }
+        if let Some(path) = &self.auth.jwt_public_key_file {
+            self.auth.jwt_public_key_file = Some(absolute(path, "auth.jwt_public_key_file")?);
         }
         Ok(())
     }
@@ -714,6 +773,7 @@ impl Config {
             return Err(invalid("group", "set without `user`, the processes would still run as root; set `user` too"));
         }
         self.auth.validate()?;
+        crate::auth::rules::validate_rules(&self.groups).map_err(|e| invalid("groups", e))?;
         self.check_secret_for_remote_peers()
     }
 
@@ -812,7 +872,7 @@ mod tests {
         ] {
             assert!(!is_origin(bad), "{bad}");
         }
-        let auth = AuthSettings { allowed_origins: vec!["https://App.example.com".into()] };
+        let auth = AuthSettings { allowed_origins: vec!["https://App.example.com".into()], ..Default::default() };
         assert!(auth.origin_allowed(Some("https://app.example.com")));
         assert!(auth.origin_allowed(None), "no Origin: not a browser");
         assert!(!auth.origin_allowed(Some("https://evil.example.com")));

@@ -7,6 +7,8 @@
 
 /// Operator commands run from the shell: stop, status (talk to a running master).
 pub mod admin;
+/// Client access control: JWT tokens, per-group tokens, `[[groups]]` rules (docs/security.md).
+pub mod auth;
 /// The channel: broker process, worker-side client, wire format.
 pub mod channel;
 /// Command-line parsing.

@@ -14,8 +14,14 @@ use crate::config::Limits;
 /// A command a client may send.
 #[derive(Debug, PartialEq)]
 pub enum Command<'a> {
+    /// `token`: a per-group token (docs/security.md), for groups whose rule says `join = "token"`.
     AddGroup {
         group: Cow<'a, str>,
+        token: Option<Cow<'a, str>>,
+    },
+    /// Replace the connection token before it expires.
+    Refresh {
+        token: Cow<'a, str>,
     },
     LeaveGroup {
         group: Cow<'a, str>,
@@ -47,12 +53,15 @@ pub enum RequestError {
     MissingField(&'static str),
     #[error("field `{field}` {reason}")]
     InvalidField { field: &'static str, reason: String },
-    #[error("unknown cmd {0:?} (expected add_group, send_to_group or leave_group)")]
+    #[error("unknown cmd {0:?} (expected add_group, send_to_group, leave_group or refresh)")]
     UnknownCmd(String),
     #[error("this connection is already in {0} groups, the most allowed")]
     TooManyGroups(usize),
     #[error("more than {0} commands per second: command refused")]
     RateLimited(u32),
+    /// A group rule or the connection's token does not allow the command (docs/security.md).
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 impl RequestError {
@@ -66,6 +75,7 @@ impl RequestError {
             RequestError::UnknownCmd(_) => "unknown_cmd",
             RequestError::TooManyGroups(_) => "too_many_groups",
             RequestError::RateLimited(_) => "rate_limited",
+            RequestError::Forbidden(_) => "forbidden",
         }
     }
 }
@@ -82,6 +92,8 @@ struct RawRequest<'a> {
     message: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    token: Option<&'a RawValue>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -109,7 +121,11 @@ fn parse_command<'a>(raw: &RawRequest<'a>, limits: &Limits) -> Result<Command<'a
     let cmd = json_string(cmd)
         .ok_or_else(|| RequestError::InvalidField { field: "cmd", reason: "must be a string".into() })?;
     match cmd.as_ref() {
-        "add_group" => Ok(Command::AddGroup { group: group_id(raw.group_id, limits)? }),
+        "add_group" => {
+            let group = group_id(raw.group_id, limits)?;
+            Ok(Command::AddGroup { group, token: raw.token.map(token).transpose()? })
+        }
+        "refresh" => Ok(Command::Refresh { token: token(raw.token.ok_or(RequestError::MissingField("token"))?)? }),
         "leave_group" => Ok(Command::LeaveGroup { group: group_id(raw.group_id, limits)? }),
         "send_to_group" => {
             let group = group_id(raw.group_id, limits)?;
@@ -118,6 +134,15 @@ fn parse_command<'a>(raw: &RawRequest<'a>, limits: &Limits) -> Result<Command<'a
         }
         other => Err(RequestError::UnknownCmd(other.chars().take(64).collect())),
     }
+}
+
+/// A token: a string of at most `auth::MAX_TOKEN_LEN` bytes (checked before any decoding).
+fn token(raw: &RawValue) -> Result<Cow<'_, str>, RequestError> {
+    let max = crate::auth::MAX_TOKEN_LEN;
+    if raw.get().len() > max + 2 {
+        return Err(RequestError::InvalidField { field: "token", reason: format!("is longer than {max} bytes") });
+    }
+    json_string(raw).ok_or_else(|| RequestError::InvalidField { field: "token", reason: "must be a string".into() })
 }
 
 /// A JSON string's value, borrowed when it has no escapes.
@@ -195,8 +220,14 @@ mod tests {
 
     #[test]
     fn seed_commands() {
-        assert_eq!(parse(r#"{"cmd":"add_group","group_id":"123"}"#), Ok(Command::AddGroup { group: "123".into() }));
-        assert_eq!(parse(r#"{"cmd":"add_group","group_id":123}"#), Ok(Command::AddGroup { group: "123".into() }));
+        assert_eq!(
+            parse(r#"{"cmd":"add_group","group_id":"123"}"#),
+            Ok(Command::AddGroup { group: "123".into(), token: None })
+        );
+        assert_eq!(
+            parse(r#"{"cmd":"add_group","group_id":123}"#),
+            Ok(Command::AddGroup { group: "123".into(), token: None })
+        );
         assert_eq!(
             parse(r#"{"cmd":"send_to_group","group_id":"g","message":{"a": [1, 2]}}"#),
             Ok(Command::SendToGroup { group: "g".into(), message: r#"{"a":[1,2]}"#.into() })
@@ -227,6 +258,19 @@ mod tests {
         assert_eq!(parse(r#"{"cmd":7,"group_id":"1"}"#).unwrap_err().code(), "invalid_field");
         assert_eq!(parse(r#"{"cmd":null,"group_id":"1"}"#).unwrap_err().code(), "invalid_field");
         assert_eq!(parse(r#"{"cmd":"add_group","group_id":null}"#).unwrap_err().code(), "invalid_field");
+    }
+
+    #[test]
+    fn tokens() {
+        assert_eq!(
+            parse(r#"{"cmd":"add_group","group_id":"r","token":"a.b.c"}"#),
+            Ok(Command::AddGroup { group: "r".into(), token: Some("a.b.c".into()) })
+        );
+        assert_eq!(parse(r#"{"cmd":"refresh","token":"a.b.c"}"#), Ok(Command::Refresh { token: "a.b.c".into() }));
+        assert_eq!(parse(r#"{"cmd":"refresh"}"#).unwrap_err(), RequestError::MissingField("token"));
+        assert_eq!(parse(r#"{"cmd":"refresh","token":7}"#).unwrap_err().code(), "invalid_field");
+        let huge = format!(r#"{{"cmd":"refresh","token":"{}"}}"#, "a".repeat(5000));
+        assert_eq!(parse(&huge).unwrap_err().code(), "invalid_field");
     }
 
     #[test]

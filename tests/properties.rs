@@ -48,6 +48,63 @@ impl GroupArg {
     }
 }
 
+/// A `token` field as a client may write it (or leave out).
+#[derive(Clone, Debug)]
+enum TokenArg {
+    Absent,
+    Str(String),
+    /// Raw JSON of another type.
+    Other(&'static str),
+}
+
+impl TokenArg {
+    fn field(&self) -> String {
+        match self {
+            TokenArg::Absent => String::new(),
+            TokenArg::Str(s) => format!(",\"token\":{}", serde_json::to_string(s).unwrap()),
+            TokenArg::Other(raw) => format!(",\"token\":{raw}"),
+        }
+    }
+
+    /// `add_group`: no token, or a string of at most 4096 bytes (JSON text), else invalid_field.
+    fn optional(&self) -> Result<Option<String>, &'static str> {
+        match self {
+            TokenArg::Absent => Ok(None),
+            TokenArg::Str(s) if serde_json::to_string(s).unwrap().len() <= 4096 + 2 => Ok(Some(s.clone())),
+            _ => Err("invalid_field"),
+        }
+    }
+
+    /// `refresh`: the token must be there.
+    fn required(&self) -> Result<String, &'static str> {
+        match self {
+            TokenArg::Absent => Err("missing_field"),
+            _ => self.optional().map(|t| t.unwrap_or_default()),
+        }
+    }
+}
+
+/// The glob semantics of docs/security.md, written the obvious (exponential) way.
+fn reference_glob(p: &[char], n: &[char]) -> bool {
+    match p.split_first() {
+        None => n.is_empty(),
+        Some(('*', rest)) => (0..=n.len()).any(|i| reference_glob(rest, &n[i..])),
+        Some(('?', rest)) => !n.is_empty() && reference_glob(rest, &n[1..]),
+        Some((c, rest)) => n.first() == Some(c) && reference_glob(rest, &n[1..]),
+    }
+}
+
+const GATE_SECRET: &[u8] = b"property-test-secret";
+
+/// A worker's gate with an HS256 key, as the master would hand it over.
+fn hs256_gate() -> groupcast::auth::Gate {
+    let auth = groupcast::config::AuthSettings {
+        jwt_key: Some(groupcast::auth::JwtKey { alg: groupcast::auth::JwtAlg::HS256, material: GATE_SECRET.to_vec() }),
+        ..Default::default()
+    };
+    groupcast::auth::Gate::from(auth)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
@@ -58,30 +115,41 @@ proptest! {
 
     #[test]
     fn command_parser_on_json_shaped_input(
-        cmd in prop_oneof![Just("add_group".to_owned()), Just("send_to_group".to_owned()), Just("leave_group".to_owned()), ".{0,10}"],
+        cmd in prop_oneof![Just("add_group".to_owned()), Just("send_to_group".to_owned()), Just("leave_group".to_owned()), Just("refresh".to_owned()), ".{0,10}"],
         group in prop_oneof![prop_oneof![any::<i64>(), -99_999i64..99_999].prop_map(GroupArg::Int), "\\PC{0,20}".prop_map(GroupArg::Str), Just(GroupArg::Other("null")), Just(GroupArg::Other("[]"))],
         message in prop_oneof![
             "\\PC{0,40}".prop_map(|s| serde_json::to_string(&s).unwrap()),
             (any::<i32>(), 0u32..1000).prop_map(|(a, b)| format!("{a}.{b}")),
             Just("{\"a\": [1, {}]}".to_owned()),
         ],
+        token in prop_oneof![Just(TokenArg::Absent), "\\PC{0,30}".prop_map(TokenArg::Str), Just(TokenArg::Str("x".repeat(5000))), Just(TokenArg::Other("7")), Just(TokenArg::Other("null"))],
     ) {
         let text = format!(
-            r#"{{"cmd":{},"group_id":{},"message":{message}}}"#,
+            r#"{{"cmd":{},"group_id":{},"message":{message}{}}}"#,
             serde_json::to_string(&cmd).unwrap(),
-            group.json()
+            group.json(),
+            token.field()
         );
         // A small length limit, so generated ids fall on both sides of it.
         let limits = Limits { max_group_id_len: 16, ..Limits::default() };
-        // What the documented protocol says, checked in the parser's order: cmd, group_id, message.
+        // What the documented protocol says, checked in the parser's order: cmd, group_id,
+        // token (add_group, refresh), message.
         let expected: Result<(String, &str), &str> = match cmd.as_str() {
-            "add_group" | "leave_group" | "send_to_group" => group.canonical(limits.max_group_id_len).map(|g| (g, cmd.as_str())),
+            "add_group" => group.canonical(limits.max_group_id_len).and_then(|g| token.optional().map(|_| (g, "add_group"))),
+            "refresh" => token.required().map(|t| (t, "refresh")),
+            "leave_group" | "send_to_group" => group.canonical(limits.max_group_id_len).map(|g| (g, cmd.as_str())),
             _ => Err("unknown_cmd"),
         };
         match (parse_request(&text, &limits), expected) {
             (Ok(r), Ok((g, name))) => {
                 match (&r.command, name) {
-                    (Command::AddGroup { group }, "add_group") | (Command::LeaveGroup { group }, "leave_group") => prop_assert_eq!(group.as_ref(), g.as_str()),
+                    (Command::AddGroup { group, token: t }, "add_group") => {
+                        prop_assert_eq!(group.as_ref(), g.as_str());
+                        let want = token.optional().unwrap();
+                        prop_assert_eq!(t.as_deref(), want.as_deref());
+                    }
+                    (Command::LeaveGroup { group }, "leave_group") => prop_assert_eq!(group.as_ref(), g.as_str()),
+                    (Command::Refresh { token: t }, "refresh") => prop_assert_eq!(t.as_ref(), g.as_str()),
                     (Command::SendToGroup { group, message: delivered }, "send_to_group") => {
                         prop_assert_eq!(group.as_ref(), g.as_str());
                         // A string is delivered as its text, anything else as the same JSON value.
@@ -96,6 +164,49 @@ proptest! {
             }
             (Err((e, _)), Err(code)) => prop_assert_eq!(e.code(), code, "{}: {}", text, e),
             (got, want) => prop_assert!(false, "{text}: parsed as {:?}, expected {want:?}", got.map(|r| r.command).map_err(|e| e.0)),
+        }
+    }
+
+    #[test]
+    fn glob_matches_like_the_reference(pattern in "[ab.*?]{0,8}", name in "[ab.é]{0,10}") {
+        prop_assert_eq!(groupcast::auth::glob::matches(&pattern, &name), reference_glob(&pattern.chars().collect::<Vec<_>>(), &name.chars().collect::<Vec<_>>()), "{:?} vs {:?}", pattern, name);
+    }
+
+    #[test]
+    fn arbitrary_tokens_never_upgrade(token in "[ -~]{0,300}", header in any::<bool>()) {
+        // Any printable text as a token, in the URL or the header: a 401 (never a panic, never
+        // a 101), unless it is exactly empty-after-trim in the header, which is malformed too.
+        let gate = hs256_gate();
+        let (path, auth) = if header { ("/".to_owned(), format!("Authorization: Bearer {token}\r\n")) } else { (format!("/?token={}", token.replace(['%', '&', '#', ' '], "x")), String::new()) };
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+        let answer = handshake::process(req.as_bytes(), &gate);
+        prop_assert!(!matches!(answer, handshake::Handshake::Upgrade { .. }), "{:?}", req);
+    }
+
+    #[test]
+    fn only_a_token_signed_with_the_key_upgrades(sub in "[a-z0-9]{1,20}", key in proptest::collection::vec(any::<u8>(), 1..40), flip in any::<prop::sample::Index>()) {
+        let gate = hs256_gate();
+        let claims = serde_json::json!({"sub": sub});
+        let upgrades = |token: &str| {
+            let req = format!("GET /?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+            match handshake::process(req.as_bytes(), &gate) {
+                handshake::Handshake::Upgrade { identity, .. } => identity.map(|i| i.sub.to_string()),
+                _ => None,
+            }
+        };
+        let good = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(GATE_SECRET)).unwrap();
+        prop_assert_eq!(upgrades(&good), Some(sub.clone()));
+        if key != GATE_SECRET {
+            let other = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(&key)).unwrap();
+            prop_assert_eq!(upgrades(&other), None);
+        }
+        // One character of the signed token changed: refused.
+        let mut bytes = good.clone().into_bytes();
+        let at = flip.index(bytes.len());
+        bytes[at] = if bytes[at] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(bytes).unwrap();
+        if tampered != good {
+            prop_assert_eq!(upgrades(&tampered), None, "{}", tampered);
         }
     }
 
@@ -120,7 +231,7 @@ proptest! {
     fn only_a_listed_origin_upgrades(origin in "[ -~]{0,40}", listed in "https?://[a-z0-9.-]{1,20}(:[1-9][0-9]{0,3})?") {
         // Any printable Origin value: it upgrades exactly when it names the listed origin
         // (ASCII case aside); everything else is answered 403, never a panic or a 101.
-        let auth = groupcast::config::AuthSettings { allowed_origins: vec![listed.clone()] };
+        let auth = groupcast::auth::Gate::from(groupcast::config::AuthSettings { allowed_origins: vec![listed.clone()], ..Default::default() });
         let req = format!("GET / HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
         let answer = handshake::process(req.as_bytes(), &auth);
         let upgraded = matches!(answer, handshake::Handshake::Upgrade { .. });

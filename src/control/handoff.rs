@@ -23,12 +23,20 @@ pub const CONFIG_ENV: &str = "GROUPCAST_CHILD_CONFIG";
 #[derive(Serialize, Deserialize)]
 struct ChildConfig<'a> {
     syslog: bool,
+    /// The token key the master read from `auth.jwt_*_file`: workers may not be able to read
+    /// that file after the privilege drop.
+    #[serde(default)]
+    jwt_key: Option<crate::auth::JwtKey>,
     config: std::borrow::Cow<'a, Config>,
 }
 
 /// The value of `CONFIG_ENV` for children of a master running `config`.
 pub fn encode_child_config(config: &Config) -> serde_json::Result<String> {
-    serde_json::to_string(&ChildConfig { syslog: config.log.syslog, config: std::borrow::Cow::Borrowed(config) })
+    serde_json::to_string(&ChildConfig {
+        syslog: config.log.syslog,
+        jwt_key: config.auth.jwt_key.clone(),
+        config: std::borrow::Cow::Borrowed(config),
+    })
 }
 
 /// Reads the resolved config the master put in the environment.
@@ -39,5 +47,6 @@ pub fn child_config() -> anyhow::Result<Config> {
         serde_json::from_str(&json).context("config passed by the master does not parse")?;
     let mut config = passed.config.into_owned();
     config.log.syslog = passed.syslog;
+    config.auth.jwt_key = passed.jwt_key;
     Ok(config)
 }

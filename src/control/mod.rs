@@ -19,4 +19,6 @@ pub mod report;
 pub use handoff::{child_config, encode_child_config, CHILD_LINK_FD, CHILD_LISTENER_FD, CONFIG_ENV};
 pub use link::{ChildLink, MasterLink};
 pub use messages::{Reply, Request};
-pub use report::{binary_identity, ConnectionInfo, ConnectionList, ProcessStats, ReloadOutcome, StatusReport, Totals};
+pub use report::{
+    binary_identity, AuthReport, ConnectionInfo, ConnectionList, ProcessStats, ReloadOutcome, StatusReport, Totals,
+};

@@ -74,6 +74,15 @@ pub struct ProcessStats {
     pub forbidden_origins: u64,
     /// Connections refused with 503 because their address held `limits.max_connections_per_ip`.
     pub per_ip_refused: u64,
+    /// `add_group` refused by a `[[groups]]` rule (`forbidden` error).
+    pub forbidden_joins: u64,
+    /// `send_to_group` refused by a `[[groups]]` rule (`forbidden` error).
+    pub forbidden_publishes: u64,
+    /// Tokens refused: handshakes answered 401 (a missing token where one is required
+    /// included) and refused `refresh` commands.
+    pub bad_tokens: u64,
+    /// Connections closed with 4001 because their token's `exp` passed without a refresh.
+    pub expired_tokens: u64,
     /// Whether the worker's channel client is connected.
     pub channel_connected: bool,
     /// Publishes dropped because the channel queue bound was reached (worker), or held
@@ -108,6 +117,8 @@ pub struct ConnectionInfo {
     pub messages_out: u64,
     /// Bytes queued for the client, not yet written.
     pub send_buffer: u64,
+    /// The connection token's `sub`, when it presented one.
+    pub sub: Option<String>,
 }
 
 /// A worker's answer to `connections`, and the master's merged answer to the CLI.
@@ -145,8 +156,38 @@ pub struct StatusReport {
     pub limits: crate::config::Limits,
     /// The channel settings in force: bounds of the broker and of the workers' channel client.
     pub channel_settings: crate::config::ChannelSettings,
-    /// Who may connect (`[auth]`): the Origin allow-list in force.
-    pub auth: crate::config::AuthSettings,
+    /// Who may connect (`[auth]`) and the `[[groups]]` rules in force; never a key.
+    pub auth: AuthReport,
+}
+
+/// `[auth]` and `[[groups]]` as `status` shows them: which algorithm and which file, never
+/// the secret or the key.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AuthReport {
+    /// `HS256`, `RS256`, `ES256`, or `None` when no key is configured (tokens refused).
+    pub algorithm: Option<String>,
+    pub jwt_secret_file: Option<std::path::PathBuf>,
+    pub jwt_public_key_file: Option<std::path::PathBuf>,
+    pub require_token: bool,
+    pub leeway_secs: u64,
+    pub allowed_origins: Vec<String>,
+    pub groups: Vec<crate::auth::GroupRule>,
+}
+
+impl AuthReport {
+    pub fn of(config: &crate::config::Config) -> AuthReport {
+        let a = &config.auth;
+        AuthReport {
+            algorithm: a.jwt_key.as_ref().map(|k| k.alg.name().to_owned()),
+            jwt_secret_file: a.jwt_secret_file.clone(),
+            jwt_public_key_file: a.jwt_public_key_file.clone(),
+            require_token: a.require_token,
+            leeway_secs: a.leeway_secs,
+            allowed_origins: a.allowed_origins.clone(),
+            groups: config.groups.clone(),
+        }
+    }
 }
 
 /// How the most recent reload ended.
@@ -215,6 +256,10 @@ totals_of!(
     bus_invalid_utf8,
     forbidden_origins,
     per_ip_refused,
+    forbidden_joins,
+    forbidden_publishes,
+    bad_tokens,
+    expired_tokens,
 );
 
 #[cfg(test)]

@@ -22,7 +22,8 @@ use super::bus::Bus;
 use super::conn::{AfterFlush, CommandBudget, Conn, ConnState};
 use super::groups::Groups;
 use super::outqueue::Flushed;
-use crate::config::{AuthSettings, Limits};
+use crate::auth::Gate;
+use crate::config::Limits;
 use crate::control::{ConnectionInfo, ProcessStats};
 use crate::per_ip::PerIpCounter;
 
@@ -58,8 +59,8 @@ pub struct Clients {
     pub(super) timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     next_conn_id: u64,
     pub(super) limits: Limits,
-    /// Which pages may connect (`[auth] allowed_origins`).
-    pub(super) auth: AuthSettings,
+    /// Who may connect, join and publish (`[auth]`, `[[groups]]`).
+    pub(super) gate: Gate,
     /// Connections this worker may hold (`limits.connections_per_worker`).
     pub(super) max_conns: usize,
     /// This worker's column of the instance-wide per-IP counts (`limits.max_connections_per_ip`).
@@ -75,7 +76,7 @@ pub struct Clients {
 }
 
 impl Clients {
-    pub fn new(limits: Limits, auth: AuthSettings, max_conns: usize, per_ip: PerIpCounter) -> Clients {
+    pub fn new(limits: Limits, gate: Gate, max_conns: usize, per_ip: PerIpCounter) -> Clients {
         Clients {
             conns: Slab::new(),
             dirty: Vec::new(),
@@ -83,7 +84,7 @@ impl Clients {
             timers: BinaryHeap::new(),
             next_conn_id: 1,
             limits,
-            auth,
+            gate,
             max_conns,
             per_ip,
             started: Instant::now(),
@@ -326,6 +327,7 @@ impl Clients {
                 messages_in: c.messages_in,
                 messages_out: c.messages_out,
                 send_buffer: c.out.bytes() as u64,
+                sub: c.identity().map(|i| i.sub.to_string()),
             })
             .collect()
     }

@@ -9,6 +9,7 @@ use mio::net::TcpStream;
 
 use super::groups::GroupId;
 use super::outqueue::{Chunk, OutQueue};
+use crate::auth::{Identity, RateOverride};
 use crate::ws::frame;
 
 /// How a connection that is closing ends.
@@ -95,6 +96,19 @@ pub struct Conn {
     /// Worker clock (milliseconds, wrapping) when the frame or fragmented message still
     /// incomplete started to arrive: it must be done within `limits.message_timeout_ms`.
     pub message_since: Option<u32>,
+    /// Access-control state, boxed and absent for an anonymous connection that never used a
+    /// rate rule: the common case pays 8 bytes.
+    pub auth: Option<Box<ConnAuth>>,
+}
+
+/// What access control keeps per connection (docs/security.md).
+#[derive(Debug, Default)]
+pub struct ConnAuth {
+    /// The connection token's claims; replaced by `refresh`.
+    pub identity: Option<Identity>,
+    /// Token buckets of `[[groups]]` rules with their own command rate, by rule index, each
+    /// created the first time a command names one of the rule's groups.
+    pub rule_budgets: Vec<(usize, CommandBudget)>,
 }
 
 /// Token bucket for the per-connection command rate (`limits.commands_per_second`, burst
@@ -149,6 +163,45 @@ impl Conn {
             paused: false,
             resumed: false,
             message_since: None,
+            auth: None,
+        }
+    }
+
+    /// The connection token's claims, if it presented one.
+    pub fn identity(&self) -> Option<&Identity> {
+        self.auth.as_ref().and_then(|a| a.identity.as_ref())
+    }
+
+    /// Takes one command from the bucket that governs it: none for a token with
+    /// `rate_limit: false`; the token's own rate for `rate_limit: N`; else the bucket of the
+    /// group's rule when it sets a rate (`rule_rate`: rule index, per second, burst); else
+    /// the connection's bucket at `default` (per second, burst). `Err(rate)` when over it.
+    pub fn take_command(
+        &mut self,
+        now_ms: u32,
+        rule_rate: Option<(usize, (u32, u32))>,
+        default: (u32, u32),
+    ) -> Result<(), u32> {
+        let (bucket, (rate, burst)) = match (self.identity().map(|i| i.rate), rule_rate) {
+            (Some(RateOverride::Unlimited), _) => return Ok(()),
+            (Some(RateOverride::PerSecond(n)), _) => (&mut self.budget, (n, n.saturating_mul(2))),
+            (_, Some((rule, rate))) => {
+                let auth = self.auth.get_or_insert_with(Box::default);
+                let at = match auth.rule_budgets.iter().position(|(r, _)| *r == rule) {
+                    Some(at) => at,
+                    None => {
+                        auth.rule_budgets.push((rule, CommandBudget::new(rate.1, now_ms)));
+                        auth.rule_budgets.len() - 1
+                    }
+                };
+                (&mut auth.rule_budgets[at].1, rate)
+            }
+            (_, None) => (&mut self.budget, default),
+        };
+        if bucket.take(now_ms, rate, burst) {
+            Ok(())
+        } else {
+            Err(rate)
         }
     }
 

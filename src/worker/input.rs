@@ -7,7 +7,7 @@ use std::io::{self, Read};
 use log::{debug, trace};
 
 use super::clients::{Clients, Parts};
-use super::conn::{AfterFlush, ConnState, Fragment};
+use super::conn::{AfterFlush, ConnAuth, ConnState, Fragment};
 use crate::protocol::{self, Command, RequestError};
 use crate::ws::close_code;
 use crate::ws::frame::{self, Frame, Kind};
@@ -138,9 +138,14 @@ impl Clients {
             };
             match conn.state {
                 ConnState::Closing(AfterFlush::Drop) => return (data.len(), Flow::Stop),
-                ConnState::Handshaking => match handshake::process(&data[pos..], &self.auth) {
+                ConnState::Handshaking => match handshake::process(&data[pos..], &self.gate) {
                     Handshake::Incomplete => return (pos, Flow::Continue),
-                    Handshake::Upgrade { response, consumed } => {
+                    Handshake::Upgrade { response, consumed, identity } => {
+                        if let Some(identity) = identity {
+                            debug!("connection {}: token for sub {:?}", conn.id, identity.sub);
+                            conn.auth =
+                                Some(Box::new(ConnAuth { identity: Some(*identity), rule_budgets: Vec::new() }));
+                        }
                         conn.send_raw(response);
                         conn.state = ConnState::Open;
                         pos += consumed;
@@ -154,6 +159,13 @@ impl Clients {
                     }
                     Handshake::Reply { response, reason } => {
                         debug!("connection {}: {reason}", conn.id);
+                        conn.send_raw(response);
+                        self.close_after_flush(key);
+                        return (data.len(), Flow::Stop);
+                    }
+                    Handshake::Unauthorized { response, reason } => {
+                        debug!("connection {}: token refused: {reason}: 401", conn.id);
+                        self.stats.bad_tokens += 1;
                         conn.send_raw(response);
                         self.close_after_flush(key);
                         return (data.len(), Flow::Stop);
@@ -292,11 +304,20 @@ impl Clients {
         let limits = &self.limits;
         let Some(conn) = self.conns.get_mut(key) else { return Flow::Stop };
         conn.messages_in += 1;
-        let within_rate = conn.budget.take(now_ms, limits.commands_per_second, limits.commands_burst);
-        trace!("connection {key}: {text}");
+        if log::log_enabled!(log::Level::Trace) {
+            // Tokens (refresh, per-group) stay out of every log, trace included.
+            if text.contains("token") {
+                trace!("connection {key}: a command of {} bytes with a token (not logged)", text.len());
+            } else {
+                trace!("connection {key}: {text}");
+            }
+        }
+        let default_rate = (limits.commands_per_second, limits.commands_burst);
         let request = match protocol::parse_request(text, limits) {
             Ok(r) => r,
             Err((e, id)) => {
+                // Garbage costs a command too (the answer is the parse error either way).
+                let _ = conn.take_command(now_ms, None, default_rate);
                 self.reply_error(key, &e, id);
                 return Flow::Continue;
             }
@@ -304,15 +325,46 @@ impl Clients {
         if request.id.is_some() {
             conn.wants_replies = true;
         }
-        if !within_rate {
+        // The first `[[groups]]` rule for the command's group: its rate and who may do what.
+        let group = match &request.command {
+            Command::AddGroup { group, .. } | Command::LeaveGroup { group } | Command::SendToGroup { group, .. } => {
+                Some(group.as_ref())
+            }
+            Command::Refresh { .. } => None,
+        };
+        let rule = match group {
+            Some(group) if !self.gate.rules().is_empty() => self.gate.rules().find(group),
+            _ => None,
+        };
+        let rule_rate = rule.and_then(|(at, r)| r.rate().map(|rate| (at, rate)));
+        if let Err(rate) = conn.take_command(now_ms, rule_rate, default_rate) {
             // Refused, not queued: the client is told at once and nothing is executed.
             self.stats.rate_limited += 1;
-            let rate = limits.commands_per_second;
             self.reply_error(key, &RequestError::RateLimited(rate), request.id);
             return Flow::Continue;
         }
+        let rule = rule.map(|(_, r)| r);
+        let allowed = match &request.command {
+            Command::AddGroup { group, token } => {
+                self.gate.may_join(rule, group, conn.identity(), token.as_deref()).map_err(|e| (e, "join"))
+            }
+            Command::SendToGroup { group, .. } => {
+                self.gate.may_publish(rule, group, conn.identity()).map_err(|e| (e, "publish"))
+            }
+            Command::LeaveGroup { .. } | Command::Refresh { .. } => Ok(()),
+        };
+        if let Err((why, what)) = allowed {
+            debug!("connection {}: {what} forbidden: {why}", conn.id);
+            if what == "join" {
+                self.stats.forbidden_joins += 1;
+            } else {
+                self.stats.forbidden_publishes += 1;
+            }
+            self.reply_error(key, &RequestError::Forbidden(why), request.id);
+            return Flow::Continue;
+        }
         let outcome = match request.command {
-            Command::AddGroup { group } => self.join(key, &group, parts),
+            Command::AddGroup { group, .. } => self.join(key, &group, parts),
             Command::LeaveGroup { group } => {
                 self.leave(key, &group, parts);
                 Ok(())
@@ -323,6 +375,7 @@ impl Clients {
                 self.stats.published += 1;
                 Ok(())
             }
+            Command::Refresh { token } => self.refresh(key, &token),
         };
         match (outcome, request.id) {
             (Err(e), id) => self.reply_error(key, &e, id),
@@ -330,6 +383,36 @@ impl Clients {
             (Ok(()), None) => {}
         }
         Flow::Continue
+    }
+
+    /// `refresh`: a fresh, valid connection token for the same `sub` replaces the claims
+    /// (groups already joined stay joined). Anything else is refused and the old token keeps
+    /// ruling, so the connection still closes at its `exp`.
+    fn refresh(&mut self, key: usize, token: &str) -> Result<(), RequestError> {
+        let Some(conn) = self.conns.get_mut(key) else { return Ok(()) };
+        let checked = match (self.gate.verifier(), conn.identity()) {
+            (None, _) => Err("tokens not configured".to_owned()),
+            (Some(_), None) => Err("this connection has no token to refresh; connect with one".to_owned()),
+            (Some(verifier), Some(old)) => match verifier.connection(token) {
+                Ok(new) if new.sub == old.sub => Ok(new),
+                Ok(_) => Err("refresh token is for another sub".to_owned()),
+                Err(e) => Err(format!("refresh refused: {e}")),
+            },
+        };
+        match checked {
+            Ok(new) => {
+                debug!("connection {}: token refreshed (exp {:?})", conn.id, new.exp);
+                if let Some(auth) = conn.auth.as_mut() {
+                    auth.identity = Some(new);
+                }
+                Ok(())
+            }
+            Err(why) => {
+                debug!("connection {}: {why}", conn.id);
+                self.stats.bad_tokens += 1;
+                Err(RequestError::Forbidden(why))
+            }
+        }
     }
 
     fn reply_error(&mut self, key: usize, error: &RequestError, id: Option<&serde_json::value::RawValue>) {

@@ -120,8 +120,18 @@ impl Clients {
         let message_after = limits.message_timeout_ms.min(u64::from(u32::MAX)) as u32;
         let mut idle = Vec::new();
         let mut stalled = Vec::new();
+        let mut expired = Vec::new();
+        // Token expiry is in Unix seconds, as `exp` is; `leeway_secs` as at the handshake.
+        let now_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            .saturating_sub(self.gate.settings().leeway_secs);
         for (key, conn) in self.conns.iter_mut() {
             if conn.state != ConnState::Open {
+                continue;
+            }
+            if conn.identity().and_then(|i| i.exp).is_some_and(|exp| exp < now_unix) {
+                expired.push(key);
                 continue;
             }
             let silent = clock.wrapping_sub(conn.last_seen);
@@ -146,6 +156,10 @@ impl Clients {
         for key in stalled {
             self.stats.message_timeouts += 1;
             self.close_conn(key, close_code::POLICY_VIOLATION, "message not completed in time");
+        }
+        for key in expired {
+            self.stats.expired_tokens += 1;
+            self.close_conn(key, close_code::TOKEN_EXPIRED, "token expired");
         }
         for key in idle {
             self.stats.idle_timeouts += 1;

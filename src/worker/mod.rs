@@ -101,7 +101,8 @@ impl Worker {
         let stats = ProcessStats { role: "worker".into(), index: Some(index), pid: pid as u32, ..Default::default() };
         let clients = Clients::new(
             config.limits.clone(),
-            config.auth.clone(),
+            crate::auth::Gate::new(config.auth.clone(), config.groups.clone())
+                .map_err(|e| anyhow::anyhow!("token key from the master: {e}"))?,
             config.limits.connections_per_worker(config.workers),
             inherit_per_ip_counter()?,
         );

@@ -16,6 +16,8 @@ pub mod close_code {
     pub const POLICY_VIOLATION: u16 = 1008;
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     pub const SERVICE_RESTART: u16 = 1012;
+    /// Application range: the connection token's `exp` passed without a `refresh`.
+    pub const TOKEN_EXPIRED: u16 = 4001;
 
     /// Whether a peer may send `code` in a close frame (RFC 6455 section 7.4 and the IANA
     /// registry): 1000-1003, 1007-1014 and the application ranges 3000-4999. 1005, 1006 and

@@ -111,6 +111,10 @@ impl Mode {
 }
 
 fn bind_all(config: &Config, mode: Mode) -> anyhow::Result<Bound> {
+    // First, so a bad certificate leaves nothing behind; read as the user that started us
+    // (root, before the privilege drop) and before daemonizing, so the operator's terminal
+    // hears about it.
+    let tls_material = if mode.runs_workers() { load_tls_material(config)? } else { None };
     // The default location is made private; a directory the operator chose is theirs to set.
     if config.pid_file.parent() == Some(crate::config::runtime_dir().as_path()) {
         let service_user = match &config.user {
@@ -120,13 +124,10 @@ fn bind_all(config: &Config, mode: Mode) -> anyhow::Result<Bound> {
         runtime_dir::ensure_private(&crate::config::runtime_dir(), service_user)?;
     }
     let pidfile = PidFile::acquire(&config.pid_file)?;
-    let (sockets, tls_material) = if mode.runs_workers() {
-        // Read here, as the user that started us (root, before the privilege drop) and before
-        // daemonizing, so a bad certificate is reported on the operator's terminal.
-        let material = load_tls_material(config)?;
-        (listeners::WorkerSockets::bind(config.listen, config.tls.listen, config.workers, config.backlog)?, material)
+    let sockets = if mode.runs_workers() {
+        listeners::WorkerSockets::bind(config.listen, config.tls.listen, config.workers, config.backlog)?
     } else {
-        (listeners::WorkerSockets::default(), None)
+        listeners::WorkerSockets::default()
     };
     let channel_listener = if mode.runs_broker(config) {
         // A Unix channel socket is unauthenticated: 0600, only our processes may connect.

@@ -429,3 +429,39 @@ fn a_wss_only_instance_serves_and_no_listener_at_all_is_refused() {
     refused("listen = \"\"\n", "listen");
     refused("listen = \"\"\n[tls]\nlisten = \"\"\n", "listen");
 }
+
+/// Random bytes (raw, or behind a TLS handshake record header so they reach rustls's
+/// handshake parser) sent to the TLS port never kill a worker; the port keeps serving.
+#[test]
+fn random_bytes_to_the_tls_port_never_crash_a_worker() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let ca = Ca::new();
+    let dir = TempDir::new("tls-fuzz");
+    let server = start_tls(&dir, &ca.leaf("fuzz"), 1, "[limits]\nhandshake_timeout_ms = 200\n");
+    let addr = tls_addr(&server);
+    let pids: Vec<u64> = worker_rows(&server.status()).iter().map(|w| field(w, "pid")).collect();
+    let input = (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..2000));
+    let mut runner = TestRunner::new(Config { cases: 64, failure_persistence: None, ..Config::default() });
+    runner
+        .run(&input, |(as_handshake, body)| {
+            let mut bytes = Vec::new();
+            if as_handshake {
+                bytes.extend_from_slice(&[0x16, 0x03, 0x01]);
+                bytes.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            }
+            bytes.extend_from_slice(&body);
+            let mut s = TcpStream::connect(addr).unwrap();
+            let _ = s.write_all(&bytes);
+            // Whatever comes back, until the server drops it (or the handshake timeout does).
+            s.set_read_timeout(Some(TIMEOUT)).unwrap();
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink);
+            Ok(())
+        })
+        .unwrap();
+    let report = server.status();
+    let now: Vec<u64> = worker_rows(&report).iter().map(|w| field(w, "pid")).collect();
+    assert_eq!(now, pids, "a worker died");
+    assert!(Wss::connect(addr, &ca.client_config()).sync("after").is_empty());
+}

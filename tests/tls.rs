@@ -465,3 +465,43 @@ fn random_bytes_to_the_tls_port_never_crash_a_worker() {
     assert_eq!(now, pids, "a worker died");
     assert!(Wss::connect(addr, &ca.client_config()).sync("after").is_empty());
 }
+
+/// Proportional set size of `pid` in KiB (/proc/PID/smaps_rollup).
+fn pss_kib(pid: u64) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    let line = text.lines().find(|l| l.starts_with("Pss:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Rough idle memory per connection, ws against wss, in one worker: run by hand with
+/// `cargo test --release --test tls idle_memory -- --ignored --nocapture` (not a timed or
+/// sized assertion; the benchmark line gives the official figure).
+#[test]
+#[ignore]
+fn idle_memory_per_connection_ws_and_wss() {
+    const N: usize = 1000;
+    let ca = Ca::new();
+    let dir = TempDir::new("tls-mem");
+    let server = start_tls(&dir, &ca.leaf("mem"), 1, "");
+    let addr = tls_addr(&server);
+    let tls = ca.client_config();
+    let pid = field(&worker_rows(&server.status())[0], "pid");
+    // Warm-up: the first connections of each kind grow tables that are not per connection.
+    let warm: Vec<_> = (0..20).map(|_| (Client::connect(server.addr), Wss::connect(addr, &tls))).collect();
+    drop(warm);
+    server.wait_status("warm-up closed", |r| r["totals"]["connections"] == 0);
+    let base = pss_kib(pid);
+    let ws: Vec<Client> = (0..N).map(|_| Client::connect(server.addr)).collect();
+    server.wait_status("ws open", |r| r["totals"]["connections"] == N as u64);
+    let with_ws = pss_kib(pid);
+    let wss: Vec<Wss> = (0..N).map(|_| Wss::connect(addr, &tls)).collect();
+    server.wait_status("wss open", |r| r["totals"]["tls_connections"] == N as u64);
+    let with_wss = pss_kib(pid);
+    let per = |kib: u64| kib as f64 * 1024.0 / N as f64;
+    println!(
+        "worker PSS: base {base} KiB, +{N} ws {with_ws} KiB ({:.0} B/conn), +{N} wss {with_wss} KiB ({:.0} B/conn)",
+        per(with_ws - base),
+        per(with_wss - with_ws)
+    );
+    drop((ws, wss));
+}

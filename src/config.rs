@@ -909,11 +909,14 @@ mod tests {
 
     #[test]
     fn empty_listen_addresses_mean_none_and_one_must_remain() {
-        let parse = |text: &str| toml::from_str::<Config>(text).map_err(|e| e.to_string()).and_then(|c| {
-            c.validate().map_err(|e| e.to_string())?;
-            Ok(c)
-        });
-        let tls_only = parse("listen = \"\"\n[tls]\nlisten = \"127.0.0.1:0\"\ncert_file = \"c\"\nkey_file = \"k\"\n").unwrap();
+        let parse = |text: &str| {
+            toml::from_str::<Config>(text).map_err(|e| e.to_string()).and_then(|c| {
+                c.validate().map_err(|e| e.to_string())?;
+                Ok(c)
+            })
+        };
+        let tls_only =
+            parse("listen = \"\"\n[tls]\nlisten = \"127.0.0.1:0\"\ncert_file = \"c\"\nkey_file = \"k\"\n").unwrap();
         assert_eq!(tls_only.listen, None);
         assert!(tls_only.tls.listen.is_some());
         let json = serde_json::to_string(&tls_only).unwrap();

@@ -50,7 +50,11 @@ impl Ca {
         params.distinguished_name.push(DnType::CommonName, name);
         let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
         // The chain: leaf first, then the CA (a chain in the file is allowed).
-        Leaf { cert_pem: format!("{}{}", cert.pem(), self.cert.pem()), key_pem: key.serialize_pem(), der: cert.der().to_vec() }
+        Leaf {
+            cert_pem: format!("{}{}", cert.pem(), self.cert.pem()),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+        }
     }
 
     fn client_config(&self) -> Arc<ClientConfig> {
@@ -343,7 +347,8 @@ fn start_refuses_a_missing_or_broken_certificate() {
     let dir = TempDir::new("tls-start");
     let missing = tls_config(dir.path(), "");
     refused(&missing, "tls.cert_file");
-    std::fs::write(dir.join("cert.pem"), "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n").unwrap();
+    std::fs::write(dir.join("cert.pem"), "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n")
+        .unwrap();
     std::fs::write(dir.join("key.pem"), Ca::new().leaf("k").key_pem).unwrap();
     refused(&missing, "tls.cert_file");
     let ca = Ca::new();

@@ -510,3 +510,33 @@ fn idle_memory_per_connection_ws_and_wss() {
     );
     drop((ws, wss));
 }
+
+/// A wss client that stops reading is cut off by `limits.send_buffer_limit` like a ws one:
+/// rustls holds only a bounded batch, the rest queues where the slow-client policy sees it.
+#[test]
+fn a_wss_client_that_stops_reading_is_closed_as_too_slow() {
+    let ca = Ca::new();
+    let dir = TempDir::new("tls-slow");
+    let extra = "[limits]\nsend_buffer_limit = 65536\ncommands_per_second = 100000\ncommands_burst = 100000\n";
+    let server = start_tls(&dir, &ca.leaf("slow"), 1, extra);
+    let addr = tls_addr(&server);
+    let mut slow = Wss::connect(addr, &ca.client_config());
+    slow.send_json(&json!({"cmd":"add_group","group_id":"flood"}));
+    assert!(slow.sync("joined").is_empty());
+    server.wait_subscriptions(1);
+    // From here on `slow` reads nothing.
+    let mut publisher = Client::connect(server.addr);
+    let chunk = "y".repeat(16 * 1024);
+    let deadline = Instant::now() + TIMEOUT;
+    let mut sent = 0;
+    while field(&server.status()["totals"], "slow_closed") == 0 {
+        assert!(Instant::now() < deadline, "not closed after {sent} messages of 16 KiB");
+        for _ in 0..64 {
+            publisher.send_to_group(&json!("flood"), &chunk);
+            sent += 1;
+        }
+        publisher.sync_quiet();
+    }
+    server.wait_status("the slow wss connection gone", |r| r["totals"]["tls_connections"] == 0);
+    drop(slow);
+}

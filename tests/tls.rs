@@ -435,8 +435,9 @@ fn a_wss_only_instance_serves_and_no_listener_at_all_is_refused() {
     refused("listen = \"\"\n[tls]\nlisten = \"\"\n", "listen");
 }
 
-/// Random bytes (raw, or behind a TLS handshake record header so they reach rustls's
-/// handshake parser) sent to the TLS port never kill a worker; the port keeps serving.
+/// Random bytes (raw, behind a TLS handshake record header so they reach rustls's handshake
+/// parser, or after a real ClientHello so they reach the states beyond it) sent to the TLS
+/// port never kill a worker; the port keeps serving.
 #[test]
 fn random_bytes_to_the_tls_port_never_crash_a_worker() {
     use proptest::prelude::*;
@@ -446,14 +447,24 @@ fn random_bytes_to_the_tls_port_never_crash_a_worker() {
     let server = start_tls(&dir, &ca.leaf("fuzz"), 1, "[limits]\nhandshake_timeout_ms = 200\n");
     let addr = tls_addr(&server);
     let pids: Vec<u64> = worker_rows(&server.status()).iter().map(|w| field(w, "pid")).collect();
-    let input = (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..2000));
-    let mut runner = TestRunner::new(Config { cases: 64, failure_persistence: None, ..Config::default() });
+    let tls = ca.client_config();
+    let cases = std::env::var("TLS_FUZZ_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(64);
+    let input = (0..3u8, proptest::collection::vec(any::<u8>(), 0..2000));
+    let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
     runner
-        .run(&input, |(as_handshake, body)| {
+        .run(&input, |(mode, body)| {
             let mut bytes = Vec::new();
-            if as_handshake {
-                bytes.extend_from_slice(&[0x16, 0x03, 0x01]);
-                bytes.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            match mode {
+                0 => {}
+                1 => {
+                    bytes.extend_from_slice(&[0x16, 0x03, 0x01]);
+                    bytes.extend_from_slice(&(body.len() as u16).to_be_bytes());
+                }
+                _ => {
+                    let mut hello =
+                        ClientConnection::new(tls.clone(), ServerName::try_from("localhost").unwrap()).unwrap();
+                    hello.write_tls(&mut bytes).unwrap();
+                }
             }
             bytes.extend_from_slice(&body);
             let mut s = TcpStream::connect(addr).unwrap();
@@ -467,7 +478,7 @@ fn random_bytes_to_the_tls_port_never_crash_a_worker() {
         .unwrap();
     let report = server.status();
     let now: Vec<u64> = worker_rows(&report).iter().map(|w| field(w, "pid")).collect();
-    assert_eq!(now, pids, "a worker died");
+    assert_eq!(now, pids, "a worker died:\n{}", server.log());
     assert!(Wss::connect(addr, &ca.client_config()).sync("after").is_empty());
 }
 

@@ -267,6 +267,7 @@ fn render_status(r: &StatusReport) -> String {
             &[
                 ("listen", &r.tls_listen),
                 ("cert", &path(&r.tls.cert_file)),
+                ("expires", &r.tls_not_after),
                 ("key", &path(&r.tls.key_file)),
                 ("open", &t.tls_connections),
             ],

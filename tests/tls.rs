@@ -48,6 +48,7 @@ impl Ca {
         let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
         params.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
         params.distinguished_name.push(DnType::CommonName, name);
+        params.not_after = rcgen::date_time_ymd(2031, 1, 2);
         let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
         // The chain: leaf first, then the CA (a chain in the file is allowed).
         Leaf {
@@ -230,6 +231,7 @@ fn wss_and_ws_clients_share_a_group_across_workers() {
     assert_eq!(ws.recv(), big);
     let report = server.status();
     assert!(report["tls"]["cert_file"].as_str().unwrap().ends_with("cert.pem"), "{}", report["tls"]);
+    assert_eq!(report["tls_not_after"], "2031-01-02 00:00:00 UTC");
     let text = server.cli(&["status"]);
     assert!(text.stdout.contains("tls:") && text.stdout.contains("tls handshake failures"), "{text:?}");
 }

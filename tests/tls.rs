@@ -553,3 +553,45 @@ fn a_wss_client_that_stops_reading_is_closed_as_too_slow() {
     server.wait_status("the slow wss connection gone", |r| r["totals"]["tls_connections"] == 0);
     drop(slow);
 }
+
+/// Started as root with `user`: the master reads a root-only key before dropping privileges
+/// and serves wss; a reload, run by the unprivileged master, cannot read it, says so, and
+/// leaves the workers serving (docs/tls.md: make the key readable by the service user).
+#[test]
+fn a_root_only_key_is_read_before_the_privilege_drop() {
+    use std::os::unix::fs::PermissionsExt;
+    if !require(is_root(), "needs root to drop privileges") {
+        return;
+    }
+    let nobody = std::process::Command::new("id").args(["-u", "nobody"]).output().ok().filter(|o| o.status.success());
+    if nobody.is_none() {
+        return skip_or_fail("needs a user `nobody` to drop to");
+    }
+    let ca = Ca::new();
+    let dir = TempDir::new("tls-privs");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::set_permissions(dir.join("bin"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = dir.join("bin").join("groupcast");
+    install_executable(&binary_bytes(), &exe, None);
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::set_permissions(&certs, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let leaf = ca.leaf("root-only");
+    leaf.write(&certs);
+    std::fs::set_permissions(certs.join("key.pem"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = tls_config(&certs, "user = \"nobody\"");
+    let server = Server::launch(Launch {
+        bin: exe.clone(),
+        ..Launch::new(dir, Opts { config: Some(config), ..Opts::workers(1) })
+    });
+    let addr = tls_addr(&server);
+    let tls = ca.client_config();
+    let mut c = Wss::connect(addr, &tls);
+    assert_eq!(c.served, leaf.der);
+    let run = server.cli(&["reload"]);
+    assert_ne!(run.code, Some(0), "{run:?}");
+    assert!(run.stderr.contains("cannot read tls.") && run.stderr.contains("ermission denied"), "{run:?}");
+    assert!(c.sync("after").is_empty());
+    assert_eq!(Wss::connect(addr, &tls).served, leaf.der);
+}

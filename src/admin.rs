@@ -289,6 +289,20 @@ fn render_status(r: &StatusReport) -> String {
             format!("{:?}", rule.publish).to_lowercase()
         );
     }
+    if !r.tls_listen.is_empty() {
+        let path = |p: &Option<std::path::PathBuf>| p.as_ref().map_or("-".into(), |p| p.display().to_string());
+        out += &labelled(
+            "tls:",
+            6,
+            &[
+                ("listen", &r.tls_listen),
+                ("cert", &path(&r.tls.cert_file)),
+                ("key", &path(&r.tls.key_file)),
+                ("expires", &r.tls_not_after),
+                ("open", &t.tls_connections),
+            ],
+        );
+    }
     out += &labelled(
         "limit hits:",
         7,
@@ -311,6 +325,7 @@ fn render_status(r: &StatusReport) -> String {
             ("forbidden publishes", &t.forbidden_publishes),
             ("bad tokens", &t.bad_tokens),
             ("expired tokens", &t.expired_tokens),
+            ("tls handshake failures", &t.tls_handshake_failures),
         ],
     );
     out += "\n";

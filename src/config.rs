@@ -333,9 +333,10 @@ impl Limits {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// WebSocket listen address (default 0.0.0.0:1234).
+    /// Plain (`ws://`) listen address (default 0.0.0.0:1234); `listen = ""`: no plain
+    /// listener (then `tls.listen` must be set).
     #[serde(deserialize_with = "listen_addr")]
-    pub listen: SocketAddr,
+    pub listen: Option<SocketAddr>,
     /// Number of worker processes (default: the CPU count).
     pub workers: usize,
     /// Pid file, locked while the instance runs (default `runtime_dir()/groupcast.pid`).
@@ -365,6 +366,37 @@ pub struct Config {
     /// `[[groups]]`: who may join and publish to which groups, first match wins (default none:
     /// anyone may do anything, as in the seed).
     pub groups: Vec<crate::auth::GroupRule>,
+    /// `[tls]`: the `wss://` listener and its certificate.
+    pub tls: TlsSettings,
+}
+
+/// `[tls]`: serving `wss://` with rustls. Without `listen` (the default) there is no TLS
+/// listener. The certificate and key are read by the master at start and again at every
+/// `reload` (renewing a certificate is a reload); see docs/tls.md.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// TLS listen address, e.g. `0.0.0.0:1443` (default: none; `""` is none too).
+    #[serde(deserialize_with = "tls_listen_addr")]
+    pub listen: Option<SocketAddr>,
+    /// PEM certificate chain, leaf first (required with `listen`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of the leaf certificate: PKCS#8, RSA or SEC1 EC (required with `listen`).
+    pub key_file: Option<PathBuf>,
+}
+
+impl TlsSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.listen.is_some() {
+            if self.cert_file.is_none() {
+                return Err(invalid("tls.cert_file", "required when tls.listen is set"));
+            }
+            if self.key_file.is_none() {
+                return Err(invalid("tls.key_file", "required when tls.listen is set"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Most entries of `auth.allowed_origins`.
@@ -485,7 +517,7 @@ fn is_origin(s: &str) -> bool {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: DEFAULT_LISTEN.parse().expect("default listen address parses"),
+            listen: Some(DEFAULT_LISTEN.parse().expect("default listen address parses")),
             workers: default_workers(),
             pid_file: default_pid_file(),
             backlog: DEFAULT_BACKLOG,
@@ -500,6 +532,7 @@ impl Default for Config {
             limits: Limits::default(),
             auth: AuthSettings::default(),
             groups: Vec::new(),
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -548,8 +581,24 @@ where
     }
 }
 
-fn listen_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
-    parsed::<_, HostPort>(d, "listen")?.map(|h| h.0).ok_or_else(|| serde::de::Error::custom("`listen` is empty"))
+/// A listen address where `""` (and, in the JSON handed to children, `null`) means "none".
+fn optional_listen<'de, D: Deserializer<'de>>(d: D, key: &str) -> Result<Option<SocketAddr>, D::Error> {
+    match Option::<String>::deserialize(d)? {
+        None => Ok(None),
+        Some(s) if s.trim().is_empty() => Ok(None),
+        Some(s) => s
+            .parse::<HostPort>()
+            .map(|h| Some(h.0))
+            .map_err(|e| serde::de::Error::custom(format!("invalid value for `{key}`: {e}"))),
+    }
+}
+
+fn listen_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    optional_listen(d, "listen")
+}
+
+fn tls_listen_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    optional_listen(d, "tls.listen")
 }
 
 fn channel_listen_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ChannelAddr>, D::Error> {
@@ -587,7 +636,10 @@ impl Overrides {
     fn apply(&self, config: &mut Config) -> Result<(), ConfigError> {
         let flag = |key, e| invalid(key, e);
         if let Some(listen) = &self.listen {
-            config.listen = listen.parse::<HostPort>().map_err(|e| flag("listen", e))?.0;
+            config.listen = match listen.trim() {
+                "" => None,
+                addr => Some(addr.parse::<HostPort>().map_err(|e| flag("listen", e))?.0),
+            };
         }
         if let Some(workers) = self.workers {
             config.workers = workers;
@@ -664,6 +716,7 @@ const FIXED: &[Fixed] = fixed_settings! {
     "channel.max_peers" => channel.max_peers;
     "log.syslog_socket" => log.syslog_socket;
     "log.syslog_facility" => log.syslog_facility;
+    "tls.listen" => tls.listen;
 };
 
 impl Config {
@@ -705,6 +758,12 @@ impl Config {
         }
         if let Some(path) = &self.auth.jwt_public_key_file {
             self.auth.jwt_public_key_file = Some(absolute(path, "auth.jwt_public_key_file")?);
+        }
+        if let Some(path) = &self.tls.cert_file {
+            self.tls.cert_file = Some(absolute(path, "tls.cert_file")?);
+        }
+        if let Some(path) = &self.tls.key_file {
+            self.tls.key_file = Some(absolute(path, "tls.key_file")?);
         }
         Ok(())
     }
@@ -772,6 +831,10 @@ impl Config {
             // Root keeps uid 0 and can take back any group: that is no privilege drop.
             return Err(invalid("group", "set without `user`, the processes would still run as root; set `user` too"));
         }
+        if self.listen.is_none() && self.tls.listen.is_none() {
+            return Err(invalid("listen", "is empty and so is tls.listen: nothing to serve; set one of them"));
+        }
+        self.tls.validate()?;
         self.auth.validate()?;
         crate::auth::rules::validate_rules(&self.groups).map_err(|e| invalid("groups", e))?;
         self.check_secret_for_remote_peers()
@@ -882,7 +945,8 @@ mod tests {
     #[test]
     fn defaults_follow_the_seed() {
         let c = Config::load(None, &Overrides::default()).unwrap();
-        assert_eq!(c.listen.port(), 1234);
+        assert_eq!(c.listen.map(|a| a.port()), Some(1234));
+        assert_eq!(c.tls.listen, None);
         assert_eq!(*c.channel_listen(), ChannelAddr::Unix(sibling_path(&c.pid_file, "channel.sock")));
         assert!(c.workers >= 1);
     }
@@ -916,5 +980,39 @@ mod tests {
         let kept = old.reloaded(new);
         assert!(old.fixed_settings_changed(&kept).is_empty(), "everything reported is kept");
         assert_eq!(kept.limits.max_group_id_len, 9, "other settings do change");
+    }
+
+    #[test]
+    fn tls_listen_is_fixed_and_its_files_are_not() {
+        let old = Config::load(None, &Overrides::default()).unwrap();
+        let mut new = old.clone();
+        new.tls.listen = Some("127.0.0.1:1443".parse().unwrap());
+        new.tls.cert_file = Some("/c.pem".into());
+        let changed = old.fixed_settings_changed(&new);
+        assert_eq!(changed, ["tls.listen"]);
+        let kept = old.reloaded(new);
+        assert_eq!(kept.tls.listen, None);
+        assert_eq!(kept.tls.cert_file.as_deref(), Some(Path::new("/c.pem")), "certificate files reload");
+    }
+
+    #[test]
+    fn empty_listen_addresses_mean_none_and_one_must_remain() {
+        let parse = |text: &str| {
+            toml::from_str::<Config>(text).map_err(|e| e.to_string()).and_then(|c| {
+                c.validate().map_err(|e| e.to_string())?;
+                Ok(c)
+            })
+        };
+        let tls_only =
+            parse("listen = \"\"\n[tls]\nlisten = \"127.0.0.1:0\"\ncert_file = \"c\"\nkey_file = \"k\"\n").unwrap();
+        assert_eq!(tls_only.listen, None);
+        assert!(tls_only.tls.listen.is_some());
+        let json = serde_json::to_string(&tls_only).unwrap();
+        assert_eq!(serde_json::from_str::<Config>(&json).unwrap(), tls_only, "the child's JSON keeps `none`");
+        assert!(parse("listen = \"\"\n").unwrap_err().contains("nothing to serve"));
+        assert!(parse("[tls]\nlisten = \"127.0.0.1:0\"\n").unwrap_err().contains("tls.cert_file"));
+        assert!(parse("[tls]\nlisten = \"127.0.0.1:0\"\ncert_file = \"c\"\n").unwrap_err().contains("tls.key_file"));
+        assert!(parse("[tls]\nlisten = \"nope\"\n").unwrap_err().contains("tls.listen"));
+        assert_eq!(parse("[tls]\nlisten = \"\"\n").unwrap().tls.listen, None);
     }
 }

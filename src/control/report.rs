@@ -83,6 +83,11 @@ pub struct ProcessStats {
     pub bad_tokens: u64,
     /// Connections closed with 4001 because their token's `exp` passed without a refresh.
     pub expired_tokens: u64,
+    /// Connections open now on the `wss://` listener (included in `connections`).
+    pub tls_connections: u64,
+    /// `wss://` connections whose TLS handshake failed: not TLS (plain HTTP, garbage), no
+    /// common cipher or version, or an alert from the client (it refused our certificate).
+    pub tls_handshake_failures: u64,
     /// Whether the worker's channel client is connected.
     pub channel_connected: bool,
     /// Publishes dropped because the channel queue bound was reached (worker), or held
@@ -137,8 +142,10 @@ pub struct StatusReport {
     pub version: String,
     pub master_pid: u32,
     pub uptime_secs: u64,
-    /// The WebSocket address actually bound (useful with port 0).
+    /// The WebSocket address actually bound (useful with port 0); empty with `listen = ""`.
     pub listen: String,
+    /// The `wss://` address actually bound; empty without `tls.listen`.
+    pub tls_listen: String,
     pub channel: String,
     pub workers: usize,
     /// 1, 5 and 15 minute load averages of the host.
@@ -158,6 +165,10 @@ pub struct StatusReport {
     pub channel_settings: crate::config::ChannelSettings,
     /// Who may connect (`[auth]`) and the `[[groups]]` rules in force; never a key.
     pub auth: AuthReport,
+    /// `[tls]` in force: its listen address and certificate and key files.
+    pub tls: crate::config::TlsSettings,
+    /// Expiry of the certificate workers serve now (`YYYY-MM-DD HH:MM:SS UTC`); empty without TLS.
+    pub tls_not_after: String,
 }
 
 /// `[auth]` and `[[groups]]` as `status` shows them: which algorithm and which file, never
@@ -260,6 +271,8 @@ totals_of!(
     forbidden_publishes,
     bad_tokens,
     expired_tokens,
+    tls_connections,
+    tls_handshake_failures,
 );
 
 #[cfg(test)]

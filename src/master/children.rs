@@ -1,7 +1,7 @@
 //! The master's children. A `Slot` is a role (the channel server, worker 0..N-1) that outlives
 //! its processes: when its `ChildProc` dies, the next one takes its place with the same index.
 //! A `ChildProc` is one process started by fork + exec of the binary at the path the master
-//! was started from, with its listener (descriptor 3) and status link (descriptor 4) inherited.
+//! was started from, with its listeners and status link inherited (see `control::handoff`).
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::control::handoff::{CHILD_PER_IP_FD, PER_IP_COLUMN_ENV};
-use crate::control::{MasterLink, Reply, Request, CHILD_LINK_FD, CHILD_LISTENER_FD, CONFIG_ENV};
+use crate::control::handoff::PER_IP_COLUMN_ENV;
+use crate::control::{MasterLink, Reply, Request, CHILD_LINK_FD, CONFIG_ENV};
 use crate::per_ip::ColumnLease;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,21 +56,17 @@ pub struct ChildProc {
     _per_ip: Option<ColumnLease>,
 }
 
-/// The per-IP table a worker inherits (descriptor 7) and the column it writes.
-pub struct PerIpHandoff<'a> {
-    pub table: BorrowedFd<'a>,
-    pub lease: ColumnLease,
-}
 
 impl ChildProc {
-    /// Starts `role` from `exe` with `listener` as descriptor 3, a fresh link as 4 and, for a
-    /// worker, the per-IP table as 7.
+    /// Starts `role` from `exe` with each of `inherit` at its descriptor number (the listeners
+    /// and, for a worker, the per-IP table; see `control::handoff`), a fresh link as 4, and a
+    /// worker's per-IP column (`per_ip`) named in its environment.
     pub fn spawn(
         role: Role,
         exe: &Path,
         config_json: &str,
-        listener: BorrowedFd<'_>,
-        per_ip: Option<PerIpHandoff<'_>>,
+        inherit: &[(BorrowedFd<'_>, i32)],
+        per_ip: Option<ColumnLease>,
     ) -> io::Result<ChildProc> {
         let (ours, theirs) = UnixStream::pair()?;
         let mut command = Command::new(exe);
@@ -80,14 +76,13 @@ impl ChildProc {
         };
         // NOTIFY_SOCKET is the master's alone: systemd takes readiness from the main process.
         command.env(CONFIG_ENV, config_json).env_remove("NOTIFY_SOCKET").stdin(Stdio::null());
-        let mut fds = vec![(listener, CHILD_LISTENER_FD), (theirs.as_fd(), CHILD_LINK_FD)];
-        let lease = per_ip.map(|PerIpHandoff { table, lease }| {
-            fds.push((table, CHILD_PER_IP_FD));
+        if let Some(lease) = &per_ip {
             command.env(PER_IP_COLUMN_ENV, lease.column.to_string());
-            lease
-        });
+        }
+        let mut fds = inherit.to_vec();
+        fds.push((theirs.as_fd(), CHILD_LINK_FD));
         let child = crate::sys::spawn_with_fds(&mut command, &fds)?;
-        Ok(ChildProc { child, link: MasterLink::new(ours), started_at: Instant::now(), ready: false, _per_ip: lease })
+        Ok(ChildProc { child, link: MasterLink::new(ours), started_at: Instant::now(), ready: false, _per_ip: per_ip })
     }
 
     pub fn pid(&self) -> u32 {

@@ -595,3 +595,27 @@ fn a_root_only_key_is_read_before_the_privilege_drop() {
     assert!(c.sync("after").is_empty());
     assert_eq!(Wss::connect(addr, &tls).served, leaf.der);
 }
+
+/// `limits.max_connections_per_ip` counts ws and wss together; over the cap a wss connection is
+/// closed before the TLS handshake (an HTTP 503 cannot precede it) and counted.
+#[test]
+fn the_per_ip_cap_counts_wss_and_ws_together() {
+    let ca = Ca::new();
+    let dir = TempDir::new("tls-per-ip");
+    let server = start_tls(&dir, &ca.leaf("one"), 2, "[limits]\nmax_connections_per_ip = 3\nper_ip_exempt = []");
+    let addr = tls_addr(&server);
+    let tls = ca.client_config();
+    let _wss = [Wss::connect(addr, &tls), Wss::connect(addr, &tls)];
+    let _ws = Client::connect(server.addr);
+    let refused = try_wss(addr, &tls).err().expect("a fourth connection from 127.0.0.1 is refused");
+    assert!(refused.starts_with("TLS handshake"), "{refused}");
+    assert_eq!(tls_totals(&server, "per_ip_refused"), 1);
+    assert_eq!(tls_totals(&server, "tls_handshake_failures"), 0, "refused before any TLS");
+    // The plain port answers at accept, before any request: read without sending one.
+    let mut plain = TcpStream::connect(server.addr).unwrap();
+    plain.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut answer = String::new();
+    plain.read_to_string(&mut answer).expect("the 503 answer");
+    assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+    assert_eq!(tls_totals(&server, "per_ip_refused"), 2);
+}

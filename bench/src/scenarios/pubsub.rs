@@ -1,4 +1,5 @@
-//! S1 latency, S2 fan-out capacity (stepped rate), S4 exactly-once with overlapping groups.
+//! S1 latency, S2 fan-out capacity (stepped rate), S4 exactly-once with overlapping groups,
+//! T2 CPU per delivery over wss:// (S2's swarm at two fixed rates).
 
 use anyhow::Result;
 use serde_json::json;
@@ -51,6 +52,19 @@ pub async fn s4(ctx: &Ctx) -> Result<Outcome> {
 /// S2: 2,000 connections in 20 groups of 100; rate stepped up until a step loses
 /// messages or its p99 reaches 100 ms (or the loader cannot publish the rate).
 pub async fn s2(ctx: &Ctx) -> Result<Outcome> {
+    let steps = ctx.pick(&ctx.o.steps, vec![100.0, 1000.0, 2000.0, 5000.0, 10000.0, 15000.0, 20000.0], vec![100.0, 500.0]);
+    stepped(ctx, steps).await
+}
+
+/// T2 (run over wss://): S2's swarm at 1,000 then 5,000 msg/s, for the server's CPU per
+/// delivery with TLS; stops early like S2 if a step fails.
+pub async fn t2(ctx: &Ctx) -> Result<Outcome> {
+    let steps = ctx.pick(&ctx.o.steps, vec![1000.0, 5000.0], vec![100.0, 500.0]);
+    stepped(ctx, steps).await
+}
+
+/// 2,000 connections in 20 groups of 100, 2 publishers, one phase per rate step.
+async fn stepped(ctx: &Ctx, steps: Vec<f64>) -> Result<Outcome> {
     let o = &ctx.o;
     let spec = Spec {
         members: ctx.pick(&o.connections, 2000, 40),
@@ -58,7 +72,6 @@ pub async fn s2(ctx: &Ctx) -> Result<Outcome> {
         per_conn: 1,
         publishers: ctx.pick(&o.publishers, 2, 2),
     };
-    let steps = ctx.pick(&o.steps, vec![100.0, 1000.0, 2000.0, 5000.0, 10000.0, 15000.0, 20000.0], vec![100.0, 500.0]);
     let size = ctx.pick(&o.size, SIZE, SIZE);
     let duration = ctx.duration(10.0, 1.5);
     let mut swarm = Swarm::open(ctx.target()?, spec.clone(), ctx.concurrency()).await?;
@@ -76,7 +89,7 @@ pub async fn s2(ctx: &Ctx) -> Result<Outcome> {
         v["pass"] = json!(pass);
         v["publisher_behind"] = json!(behind);
         eprintln!(
-            "  s2 step {rate} msg/s: pass={pass} p99={:.2}ms lost={} cpu/delivery={}",
+            "  step {rate} msg/s: pass={pass} p99={:.2}ms lost={} cpu/delivery={}",
             r.p99_ms(),
             r.lost,
             v["server_cpu_us_per_delivery"]

@@ -1,0 +1,85 @@
+//! wss:// for the TLS lines: the bench certificate (generated per invocation, ECDSA P-256,
+//! the key type most production certificates use) and the rustls client that trusts it.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use anyhow::{bail, Context, Result};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+/// Client side of wss://: the connector and the name the certificate must carry.
+#[derive(Clone)]
+pub struct Tls {
+    connector: TlsConnector,
+    name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tls({:?})", self.name)
+    }
+}
+
+impl Tls {
+    /// Trust exactly the certificates in `ca_file` (PEM); verify the server as `name`
+    /// (an IP address or a DNS name in the certificate's subjectAltName).
+    pub fn new(ca_file: &Path, name: &str) -> Result<Tls> {
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca_file).with_context(|| format!("reading {}", ca_file.display()))? {
+            roots.add(cert.with_context(|| format!("parsing {}", ca_file.display()))?)?;
+        }
+        if roots.is_empty() {
+            bail!("no certificate in {}", ca_file.display());
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = ServerName::try_from(name.to_owned()).with_context(|| format!("server name {name}"))?;
+        Ok(Tls { connector: TlsConnector::from(Arc::new(config)), name })
+    }
+
+    /// TLS handshake on an open TCP stream (certificate verified against the bench root).
+    pub async fn connect(&self, tcp: TcpStream) -> Result<TlsStream<TcpStream>> {
+        let s = self.connector.connect(self.name.clone(), tcp).await.context("TLS handshake")?;
+        NEGOTIATED.get_or_init(|| {
+            let c = s.get_ref().1;
+            json!({
+                "version": c.protocol_version().map(|v| format!("{v:?}")),
+                "cipher_suite": c.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())),
+                "key_exchange": c.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name())),
+            })
+        });
+        Ok(s)
+    }
+}
+
+static NEGOTIATED: OnceLock<Value> = OnceLock::new();
+
+/// What the first TLS connection negotiated (version, cipher suite, key exchange), if any.
+pub fn negotiated() -> Option<Value> {
+    NEGOTIATED.get().cloned()
+}
+
+/// Write a fresh self-signed ECDSA P-256 certificate for `localhost` and 127.0.0.1
+/// to `dir/cert.pem` and its PKCS#8 key to `dir/key.pem`.
+pub fn write_cert(dir: &Path) -> Result<Value> {
+    let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let cert = rcgen::CertificateParams::new(names)?.self_signed(&key)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_file, cert.pem()).with_context(|| format!("writing {}", cert_file.display()))?;
+    std::fs::write(&key_file, key.serialize_pem()).with_context(|| format!("writing {}", key_file.display()))?;
+    Ok(json!({
+        "cert_file": cert_file, "key_file": key_file,
+        "key": "ECDSA P-256 (PKCS#8)", "signature": "ecdsa-with-SHA256", "names": ["localhost", "127.0.0.1"],
+    }))
+}

@@ -259,6 +259,19 @@ fn render_status(r: &StatusReport) -> String {
         list => list.join(" "),
     };
     out += &labelled("auth:", 6, &[("origins", &origins)]);
+    if !r.tls_listen.is_empty() {
+        let path = |p: &Option<std::path::PathBuf>| p.as_ref().map_or("-".into(), |p| p.display().to_string());
+        out += &labelled(
+            "tls:",
+            6,
+            &[
+                ("listen", &r.tls_listen),
+                ("cert", &path(&r.tls.cert_file)),
+                ("key", &path(&r.tls.key_file)),
+                ("open", &t.tls_connections),
+            ],
+        );
+    }
     out += &labelled(
         "limit hits:",
         7,
@@ -276,6 +289,7 @@ fn render_status(r: &StatusReport) -> String {
             ("protocol errors", &t.protocol_errors),
             ("bus invalid utf8", &t.bus_invalid_utf8),
             ("forbidden origins", &t.forbidden_origins),
+            ("tls handshake failures", &t.tls_handshake_failures),
         ],
     );
     out += "\n";

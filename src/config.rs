@@ -307,9 +307,10 @@ impl Limits {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// WebSocket listen address (default 0.0.0.0:1234).
+    /// Plain (`ws://`) listen address (default 0.0.0.0:1234); `listen = ""`: no plain
+    /// listener (then `tls.listen` must be set).
     #[serde(deserialize_with = "listen_addr")]
-    pub listen: SocketAddr,
+    pub listen: Option<SocketAddr>,
     /// Number of worker processes (default: the CPU count).
     pub workers: usize,
     /// Pid file, locked while the instance runs (default `runtime_dir()/groupcast.pid`).
@@ -336,6 +337,37 @@ pub struct Config {
     pub limits: Limits,
     /// `[auth]`: who may connect.
     pub auth: AuthSettings,
+    /// `[tls]`: the `wss://` listener and its certificate.
+    pub tls: TlsSettings,
+}
+
+/// `[tls]`: serving `wss://` with rustls. Without `listen` (the default) there is no TLS
+/// listener. The certificate and key are read by the master at start and again at every
+/// `reload` (renewing a certificate is a reload); see docs/tls.md.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// TLS listen address, e.g. `0.0.0.0:1443` (default: none; `""` is none too).
+    #[serde(deserialize_with = "tls_listen_addr")]
+    pub listen: Option<SocketAddr>,
+    /// PEM certificate chain, leaf first (required with `listen`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of the leaf certificate: PKCS#8, RSA or SEC1 EC (required with `listen`).
+    pub key_file: Option<PathBuf>,
+}
+
+impl TlsSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.listen.is_some() {
+            if self.cert_file.is_none() {
+                return Err(invalid("tls.cert_file", "required when tls.listen is set"));
+            }
+            if self.key_file.is_none() {
+                return Err(invalid("tls.key_file", "required when tls.listen is set"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Most entries of `auth.allowed_origins`.
@@ -408,7 +440,7 @@ fn is_origin(s: &str) -> bool {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: DEFAULT_LISTEN.parse().expect("default listen address parses"),
+            listen: Some(DEFAULT_LISTEN.parse().expect("default listen address parses")),
             workers: default_workers(),
             pid_file: default_pid_file(),
             backlog: DEFAULT_BACKLOG,
@@ -422,6 +454,7 @@ impl Default for Config {
             log: LogSettings::default(),
             limits: Limits::default(),
             auth: AuthSettings::default(),
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -470,8 +503,24 @@ where
     }
 }
 
-fn listen_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
-    parsed::<_, HostPort>(d, "listen")?.map(|h| h.0).ok_or_else(|| serde::de::Error::custom("`listen` is empty"))
+/// A listen address where `""` (and, in the JSON handed to children, `null`) means "none".
+fn optional_listen<'de, D: Deserializer<'de>>(d: D, key: &str) -> Result<Option<SocketAddr>, D::Error> {
+    match Option::<String>::deserialize(d)? {
+        None => Ok(None),
+        Some(s) if s.trim().is_empty() => Ok(None),
+        Some(s) => s
+            .parse::<HostPort>()
+            .map(|h| Some(h.0))
+            .map_err(|e| serde::de::Error::custom(format!("invalid value for `{key}`: {e}"))),
+    }
+}
+
+fn listen_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    optional_listen(d, "listen")
+}
+
+fn tls_listen_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    optional_listen(d, "tls.listen")
 }
 
 fn channel_listen_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ChannelAddr>, D::Error> {
@@ -509,7 +558,10 @@ impl Overrides {
     fn apply(&self, config: &mut Config) -> Result<(), ConfigError> {
         let flag = |key, e| invalid(key, e);
         if let Some(listen) = &self.listen {
-            config.listen = listen.parse::<HostPort>().map_err(|e| flag("listen", e))?.0;
+            config.listen = match listen.trim() {
+                "" => None,
+                addr => Some(addr.parse::<HostPort>().map_err(|e| flag("listen", e))?.0),
+            };
         }
         if let Some(workers) = self.workers {
             config.workers = workers;
@@ -586,6 +638,7 @@ const FIXED: &[Fixed] = fixed_settings! {
     "channel.max_peers" => channel.max_peers;
     "log.syslog_socket" => log.syslog_socket;
     "log.syslog_facility" => log.syslog_facility;
+    "tls.listen" => tls.listen;
 };
 
 impl Config {
@@ -620,6 +673,12 @@ impl Config {
         }
         if let Some(path) = &self.channel.secret_file {
             self.channel.secret_file = Some(absolute(path, "channel.secret_file")?);
+        }
+        if let Some(path) = &self.tls.cert_file {
+            self.tls.cert_file = Some(absolute(path, "tls.cert_file")?);
+        }
+        if let Some(path) = &self.tls.key_file {
+            self.tls.key_file = Some(absolute(path, "tls.key_file")?);
         }
         Ok(())
     }
@@ -685,6 +744,10 @@ impl Config {
             // Root keeps uid 0 and can take back any group: that is no privilege drop.
             return Err(invalid("group", "set without `user`, the processes would still run as root; set `user` too"));
         }
+        if self.listen.is_none() && self.tls.listen.is_none() {
+            return Err(invalid("listen", "is empty and so is tls.listen: nothing to serve; set one of them"));
+        }
+        self.tls.validate()?;
         self.auth.validate()?;
         self.check_secret_for_remote_peers()
     }
@@ -794,7 +857,8 @@ mod tests {
     #[test]
     fn defaults_follow_the_seed() {
         let c = Config::load(None, &Overrides::default()).unwrap();
-        assert_eq!(c.listen.port(), 1234);
+        assert_eq!(c.listen.map(|a| a.port()), Some(1234));
+        assert_eq!(c.tls.listen, None);
         assert_eq!(*c.channel_listen(), ChannelAddr::Unix(sibling_path(&c.pid_file, "channel.sock")));
         assert!(c.workers >= 1);
     }

@@ -27,6 +27,8 @@ pub mod publish;
 pub mod sendbuf;
 /// The only unsafe code: inherited descriptors and the fork/exec hook.
 pub mod sys;
+/// `wss://`: the certificate and key (master), rustls over a client socket (worker).
+pub mod tls;
 /// A worker process: event loop, connections, local groups.
 pub mod worker;
 /// WebSocket handshake and frames.

@@ -1,5 +1,5 @@
-//! What a child inherits from the master across exec: its listener and its end of the status
-//! link at fixed descriptor numbers, and the resolved config in the environment, so every
+//! What a child inherits from the master across exec: its listeners (plain and TLS), its end of
+//! the status link and the TLS certificate and key (a sealed memfd) at fixed descriptor numbers, and the resolved config in the environment, so every
 //! process of an instance runs with exactly the master's values.
 
 use anyhow::Context;
@@ -11,6 +11,11 @@ use crate::config::Config;
 pub const CHILD_LISTENER_FD: i32 = 3;
 /// Descriptor number at which a child finds its end of the status link.
 pub const CHILD_LINK_FD: i32 = 4;
+/// Descriptor number at which a worker finds its `wss://` listener (with `tls.listen`).
+pub const CHILD_TLS_LISTENER_FD: i32 = 5;
+/// Descriptor number of the sealed memfd with the certificate chain and key the master read
+/// and checked (with `tls.listen`); see `tls::Material`.
+pub const CHILD_TLS_MATERIAL_FD: i32 = 6;
 /// Environment variable carrying the resolved config (JSON) from master to child.
 pub const CONFIG_ENV: &str = "GROUPCAST_CHILD_CONFIG";
 

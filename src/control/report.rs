@@ -72,6 +72,11 @@ pub struct ProcessStats {
     pub bus_invalid_utf8: u64,
     /// Handshakes refused with 403: their Origin is not in `auth.allowed_origins`.
     pub forbidden_origins: u64,
+    /// Connections open now on the `wss://` listener (included in `connections`).
+    pub tls_connections: u64,
+    /// `wss://` connections whose TLS handshake failed: not TLS (plain HTTP, garbage), no
+    /// common cipher or version, or an alert from the client (it refused our certificate).
+    pub tls_handshake_failures: u64,
     /// Whether the worker's channel client is connected.
     pub channel_connected: bool,
     /// Publishes dropped because the channel queue bound was reached (worker), or held
@@ -124,8 +129,10 @@ pub struct StatusReport {
     pub version: String,
     pub master_pid: u32,
     pub uptime_secs: u64,
-    /// The WebSocket address actually bound (useful with port 0).
+    /// The WebSocket address actually bound (useful with port 0); empty with `listen = ""`.
     pub listen: String,
+    /// The `wss://` address actually bound; empty without `tls.listen`.
+    pub tls_listen: String,
     pub channel: String,
     pub workers: usize,
     /// 1, 5 and 15 minute load averages of the host.
@@ -145,6 +152,8 @@ pub struct StatusReport {
     pub channel_settings: crate::config::ChannelSettings,
     /// Who may connect (`[auth]`): the Origin allow-list in force.
     pub auth: crate::config::AuthSettings,
+    /// `[tls]` in force: its listen address and certificate and key files.
+    pub tls: crate::config::TlsSettings,
 }
 
 /// How the most recent reload ended.
@@ -212,6 +221,8 @@ totals_of!(
     backpressure_pauses,
     bus_invalid_utf8,
     forbidden_origins,
+    tls_connections,
+    tls_handshake_failures,
 );
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The master's children. A `Slot` is a role (the channel server, worker 0..N-1) that outlives
 //! its processes: when its `ChildProc` dies, the next one takes its place with the same index.
 //! A `ChildProc` is one process started by fork + exec of the binary at the path the master
-//! was started from, with its listener (descriptor 3) and status link (descriptor 4) inherited.
+//! was started from, with its listeners and status link inherited (see `control::handoff`).
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::control::{MasterLink, Reply, Request, CHILD_LINK_FD, CHILD_LISTENER_FD, CONFIG_ENV};
+use crate::control::{MasterLink, Reply, Request, CHILD_LINK_FD, CONFIG_ENV};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -52,8 +52,14 @@ pub struct ChildProc {
 }
 
 impl ChildProc {
-    /// Starts `role` from `exe` with `listener` as descriptor 3 and a fresh link as 4.
-    pub fn spawn(role: Role, exe: &Path, config_json: &str, listener: BorrowedFd<'_>) -> io::Result<ChildProc> {
+    /// Starts `role` from `exe` with each of `inherit` at its descriptor number (the listeners,
+    /// see `control::handoff`) and a fresh link as 4.
+    pub fn spawn(
+        role: Role,
+        exe: &Path,
+        config_json: &str,
+        inherit: &[(BorrowedFd<'_>, i32)],
+    ) -> io::Result<ChildProc> {
         let (ours, theirs) = UnixStream::pair()?;
         let mut command = Command::new(exe);
         match role {
@@ -62,10 +68,9 @@ impl ChildProc {
         };
         // NOTIFY_SOCKET is the master's alone: systemd takes readiness from the main process.
         command.env(CONFIG_ENV, config_json).env_remove("NOTIFY_SOCKET").stdin(Stdio::null());
-        let child = crate::sys::spawn_with_fds(
-            &mut command,
-            &[(listener, CHILD_LISTENER_FD), (theirs.as_fd(), CHILD_LINK_FD)],
-        )?;
+        let mut fds = inherit.to_vec();
+        fds.push((theirs.as_fd(), CHILD_LINK_FD));
+        let child = crate::sys::spawn_with_fds(&mut command, &fds)?;
         Ok(ChildProc { child, link: MasterLink::new(ours), started_at: Instant::now(), ready: false })
     }
 

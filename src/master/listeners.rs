@@ -1,5 +1,6 @@
 //! Sockets the master binds before forking, so they outlive any child: one WebSocket
-//! listener per worker index (SO_REUSEPORT, so the kernel spreads connections evenly and a
+//! listener per worker index (and one `wss://` listener per index with `tls.listen`, bound
+//! the same way) (SO_REUSEPORT, so the kernel spreads connections evenly and a
 //! respawned worker finds the connections that queued while it was down), and the control
 //! socket that `status` talks to.
 
@@ -9,6 +10,44 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use socket2::{Domain, Protocol, Socket, Type};
+
+/// The client listeners of every worker index: plain (`listen`) and TLS (`tls.listen`), each
+/// either one per index or none.
+#[derive(Default)]
+pub struct WorkerSockets {
+    pub plain: Vec<OwnedFd>,
+    /// The plain address actually bound.
+    pub listen: Option<SocketAddr>,
+    pub tls: Vec<OwnedFd>,
+    /// The TLS address actually bound.
+    pub tls_listen: Option<SocketAddr>,
+    /// Worker indexes (slots) to run.
+    pub workers: usize,
+}
+
+impl WorkerSockets {
+    /// Binds what `listen` and `tls_listen` ask for, `workers` of each.
+    pub fn bind(
+        listen: Option<SocketAddr>,
+        tls_listen: Option<SocketAddr>,
+        workers: usize,
+        backlog: u32,
+    ) -> anyhow::Result<WorkerSockets> {
+        use anyhow::Context;
+        let mut sockets = WorkerSockets { workers, ..Default::default() };
+        if let Some(addr) = listen {
+            let (fds, bound) =
+                bind_worker_listeners(addr, workers, backlog).with_context(|| format!("cannot listen on {addr}"))?;
+            (sockets.plain, sockets.listen) = (fds, Some(bound));
+        }
+        if let Some(addr) = tls_listen {
+            let (fds, bound) = bind_worker_listeners(addr, workers, backlog)
+                .with_context(|| format!("cannot listen on {addr} (tls.listen)"))?;
+            (sockets.tls, sockets.tls_listen) = (fds, Some(bound));
+        }
+        Ok(sockets)
+    }
+}
 
 /// Binds `count` listeners on `addr` (port 0 picks one port for all) and returns them with
 /// the address actually bound.

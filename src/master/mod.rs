@@ -15,7 +15,6 @@ mod runtime_dir;
 mod status;
 
 use std::io::{self, BufRead, BufReader, Write};
-use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -69,9 +68,11 @@ pub struct Master {
     /// binary installed there later is what new children run (the upgrade path of reload).
     exe: PathBuf,
     started: Instant,
-    /// The WebSocket address bound (none for a standalone broker).
-    listen: Option<SocketAddr>,
-    worker_listeners: Vec<OwnedFd>,
+    /// The workers' listeners, plain and TLS (none for a standalone broker).
+    sockets: listeners::WorkerSockets,
+    /// The certificate chain and key workers are started with (a sealed memfd, see
+    /// `tls::Material`); replaced by each reload that reads them anew.
+    tls_material: Option<OwnedFd>,
     /// The channel listener, when this master runs a broker (not with `channel.connect`).
     channel_listener: Option<OwnedFd>,
     control: control_clients::ControlClients,
@@ -84,8 +85,8 @@ pub struct Master {
 /// Everything bound before daemonizing, so failures reach the operator's terminal.
 struct Bound {
     pidfile: PidFile,
-    worker_listeners: Vec<OwnedFd>,
-    listen: Option<SocketAddr>,
+    sockets: listeners::WorkerSockets,
+    tls_material: Option<OwnedFd>,
     channel_listener: Option<OwnedFd>,
     control: UnixListener,
 }
@@ -110,6 +111,10 @@ impl Mode {
 }
 
 fn bind_all(config: &Config, mode: Mode) -> anyhow::Result<Bound> {
+    // First, so a bad certificate leaves nothing behind; read as the user that started us
+    // (root, before the privilege drop) and before daemonizing, so the operator's terminal
+    // hears about it.
+    let tls_material = if mode.runs_workers() { load_tls_material(config)? } else { None };
     // The default location is made private; a directory the operator chose is theirs to set.
     if config.pid_file.parent() == Some(crate::config::runtime_dir().as_path()) {
         let service_user = match &config.user {
@@ -119,12 +124,10 @@ fn bind_all(config: &Config, mode: Mode) -> anyhow::Result<Bound> {
         runtime_dir::ensure_private(&crate::config::runtime_dir(), service_user)?;
     }
     let pidfile = PidFile::acquire(&config.pid_file)?;
-    let (worker_listeners, listen) = if mode.runs_workers() {
-        let (fds, addr) = listeners::bind_worker_listeners(config.listen, config.workers, config.backlog)
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
-        (fds, Some(addr))
+    let sockets = if mode.runs_workers() {
+        listeners::WorkerSockets::bind(config.listen, config.tls.listen, config.workers, config.backlog)?
     } else {
-        (Vec::new(), None)
+        listeners::WorkerSockets::default()
     };
     let channel_listener = if mode.runs_broker(config) {
         // A Unix channel socket is unauthenticated: 0600, only our processes may connect.
@@ -138,7 +141,14 @@ fn bind_all(config: &Config, mode: Mode) -> anyhow::Result<Bound> {
     let control_path = config.control_socket();
     let control = runtime_dir::with_private_umask(|| listeners::bind_control_socket(&control_path))
         .with_context(|| format!("cannot bind the control socket {}", control_path.display()))?;
-    Ok(Bound { pidfile, worker_listeners, listen, channel_listener, control })
+    Ok(Bound { pidfile, sockets, tls_material, channel_listener, control })
+}
+
+/// Reads and checks `[tls]`'s certificate and key (with `tls.listen`), as the memfd the
+/// workers inherit.
+fn load_tls_material(config: &Config) -> anyhow::Result<Option<OwnedFd>> {
+    let Some(material) = crate::tls::Material::load(&config.tls)? else { return Ok(None) };
+    Ok(Some(material.to_memfd().context("cannot hand the TLS certificate to the workers (memfd)")?))
 }
 
 /// `groupcast start [-d]`.
@@ -234,7 +244,7 @@ fn run(
     signals: Signals,
     ready: Option<io::PipeWriter>,
 ) -> anyhow::Result<()> {
-    let Bound { mut pidfile, worker_listeners, listen, channel_listener, control } = bound;
+    let Bound { mut pidfile, sockets, tls_material, channel_listener, control } = bound;
     pidfile.write_pid().context("cannot write the pid file")?;
     let mut owned = vec![config.control_socket()];
     if let (Some(_), ChannelAddr::Unix(path)) = (&channel_listener, &*config.channel_listen()) {
@@ -254,15 +264,15 @@ fn run(
     if channel_listener.is_some() {
         slots.push(Slot::new(Role::Channel));
     }
-    slots.extend((0..worker_listeners.len()).map(|i| Slot::new(Role::Worker(i))));
+    slots.extend((0..sockets.workers).map(|i| Slot::new(Role::Worker(i))));
     let mut master = Master {
         config,
         config_json,
         source,
         exe,
         started: Instant::now(),
-        listen,
-        worker_listeners,
+        sockets,
+        tls_material,
         channel_listener,
         control,
         slots,
@@ -271,15 +281,16 @@ fn run(
         pidfile: Some(pidfile),
     };
     let result = master.start_children().and_then(|()| {
-        match master.listen {
-            Some(listen) => info!(
-                "groupcast {} ready: {} workers on {}, channel {}",
+        match (master.sockets.listen, master.sockets.tls_listen) {
+            (listen, tls) if listen.is_some() || tls.is_some() => info!(
+                "groupcast {} ready: {} workers on {}{}, channel {}",
                 env!("CARGO_PKG_VERSION"),
                 master.config.workers,
-                listen,
+                listen.map_or_else(String::new, |a| format!("ws://{a}")),
+                tls.map_or_else(String::new, |a| format!(" wss://{a}")),
                 master.config.channel_target()
             ),
-            None => info!(
+            _ => info!(
                 "groupcast {} channel server ready on {}",
                 env!("CARGO_PKG_VERSION"),
                 master.config.channel_listen()
@@ -310,17 +321,33 @@ impl Master {
         Ok(())
     }
 
-    fn listener_for(&self, role: Role) -> std::os::fd::BorrowedFd<'_> {
+    /// What a child of `role` inherits, at the descriptor numbers of `control::handoff`.
+    fn inherited_fds(&self, role: Role) -> Vec<(std::os::fd::BorrowedFd<'_>, i32)> {
+        use crate::control::handoff::{CHILD_TLS_LISTENER_FD, CHILD_TLS_MATERIAL_FD};
+        use crate::control::CHILD_LISTENER_FD;
         match role {
             Role::Channel => {
-                self.channel_listener.as_ref().expect("a channel slot exists only with its listener").as_fd()
+                let fd = self.channel_listener.as_ref().expect("a channel slot exists only with its listener");
+                vec![(fd.as_fd(), CHILD_LISTENER_FD)]
             }
-            Role::Worker(w) => self.worker_listeners[w].as_fd(),
+            Role::Worker(w) => {
+                let mut fds = Vec::with_capacity(3);
+                if let Some(fd) = self.sockets.plain.get(w) {
+                    fds.push((fd.as_fd(), CHILD_LISTENER_FD));
+                }
+                if let Some(fd) = self.sockets.tls.get(w) {
+                    fds.push((fd.as_fd(), CHILD_TLS_LISTENER_FD));
+                }
+                if let Some(fd) = &self.tls_material {
+                    fds.push((fd.as_fd(), CHILD_TLS_MATERIAL_FD));
+                }
+                fds
+            }
         }
     }
 
     fn spawn_proc(&self, role: Role) -> anyhow::Result<ChildProc> {
-        let proc = ChildProc::spawn(role, &self.exe, &self.config_json, self.listener_for(role))
+        let proc = ChildProc::spawn(role, &self.exe, &self.config_json, &self.inherited_fds(role))
             .with_context(|| format!("cannot start {} from {}", role.name(), self.exe.display()))?;
         info!("started {} (pid {})", role.name(), proc.pid());
         Ok(proc)

@@ -124,11 +124,15 @@ impl Master {
             warn!("reload keeps the running {}: changing them needs a restart", fixed.join(", "));
         }
         let config = self.config.reloaded(fresh);
+        // The certificate and key are read again (renewal is a reload) and checked before any
+        // worker is replaced: a broken pair fails the reload and the old workers keep serving.
+        let tls_material = super::load_tls_material(&config)?;
         if let Some(level) = crate::config::log_level_filter(&config.log.level) {
             log::set_max_level(level);
         }
         self.config_json = crate::control::encode_child_config(&config)?;
         self.config = config;
+        self.tls_material = tls_material;
         Ok(())
     }
 

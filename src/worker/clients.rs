@@ -11,6 +11,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::debug;
@@ -22,6 +23,8 @@ use super::bus::Bus;
 use super::conn::{AfterFlush, CommandBudget, Conn, ConnState};
 use super::groups::Groups;
 use super::outqueue::Flushed;
+use super::transport::Transport;
+use crate::tls::stream::TlsConn;
 use crate::config::{AuthSettings, Limits};
 use crate::control::{ConnectionInfo, ProcessStats};
 
@@ -122,16 +125,33 @@ impl Clients {
         Some(timer.map_or(self.next_sweep, |t| t.min(self.next_sweep)))
     }
 
-    /// Takes a freshly accepted connection: registered, on a handshake timer. Over the
-    /// connection limit it is answered 503 and closed instead.
-    pub fn accept(&mut self, registry: &Registry, mut stream: TcpStream, peer: SocketAddr) {
+    /// Takes a freshly accepted connection: registered, on a handshake timer (which covers
+    /// the TLS handshake too, when `tls` gives the server config of the `wss://` listener).
+    /// Over the connection limit it is answered 503 and closed instead.
+    pub fn accept(
+        &mut self,
+        registry: &Registry,
+        stream: TcpStream,
+        peer: SocketAddr,
+        tls: Option<&Arc<rustls::ServerConfig>>,
+    ) {
         // Group messages are small and latency matters more than packet count; corking
         // already batches frames per writev.
         let _ = stream.set_nodelay(true);
         if self.conns.len() >= self.max_conns {
-            self.refuse_connection(stream, peer);
+            self.refuse_connection(stream, peer, tls.is_some());
             return;
         }
+        let mut stream = match tls {
+            None => Transport::Plain(stream),
+            Some(config) => match TlsConn::new(stream, Arc::clone(config)) {
+                Ok(conn) => Transport::Tls(Box::new(conn)),
+                Err(e) => {
+                    log::warn!("cannot start TLS with {peer}: {e}");
+                    return;
+                }
+            },
+        };
         let now_ms = self.clock_ms();
         let entry = self.conns.vacant_entry();
         let key = entry.key();
@@ -143,6 +163,9 @@ impl Clients {
         let id = self.next_conn_id;
         self.next_conn_id += 1;
         let budget = CommandBudget::new(self.limits.commands_burst, now_ms);
+        if stream.is_tls() {
+            self.stats.tls_connections += 1;
+        }
         entry.insert(Conn::new(stream, id, peer, now_ms, budget));
         let timeout = Duration::from_millis(self.limits.handshake_timeout_ms);
         self.timers.push(Reverse((Instant::now() + timeout, key, id)));
@@ -174,7 +197,12 @@ impl Clients {
                 continue;
             };
             conn.dirty = false;
-            let result = conn.out.write_to(&mut conn.stream);
+            // Then what the transport holds itself (TLS records), so "all written" means on
+            // the wire, as for a plain socket.
+            let result = conn.out.write_to(&mut conn.stream).and_then(|flushed| match flushed {
+                Flushed::All if !conn.stream.flush_pending()? => Ok(Flushed::Blocked),
+                flushed => Ok(flushed),
+            });
             if conn.paused && conn.out.bytes() <= self.limits.send_buffer_limit / 2 {
                 // Drained to half the bound: read it again. Its socket may hold data that
                 // edge-triggered readiness will not report a second time.
@@ -192,7 +220,7 @@ impl Clients {
                 Ok(Flushed::All) => match conn.state {
                     ConnState::Closing(AfterFlush::Drop) => self.drop_conn(key, "closed by the server", parts),
                     ConnState::Closing(AfterFlush::AwaitPeer) => {
-                        let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                        let _ = conn.stream.shutdown_write();
                     }
                     _ => {}
                 },
@@ -253,6 +281,12 @@ impl Clients {
         }
         let mut conn = self.conns.remove(key);
         let _ = parts.registry.deregister(&mut conn.stream);
+        if conn.stream.is_tls() {
+            self.stats.tls_connections -= 1;
+            if conn.stream.tls_handshake_failed() {
+                self.stats.tls_handshake_failures += 1;
+            }
+        }
         for id in conn.groups.drain(..) {
             if let Some(name) = parts.groups.leave(id, key) {
                 parts.bus.unsubscribe(&name);

@@ -5,10 +5,9 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use mio::net::TcpStream;
-
 use super::groups::GroupId;
 use super::outqueue::{Chunk, OutQueue};
+use super::transport::Transport;
 use crate::ws::frame;
 
 /// How a connection that is closing ends.
@@ -57,7 +56,8 @@ pub struct Fragment {
 }
 
 pub struct Conn {
-    pub stream: TcpStream,
+    /// The socket, plain or TLS.
+    pub stream: Transport,
     /// Unique for the worker's lifetime, unlike the slab key, which is reused: timers and
     /// logs name connections by it.
     pub id: u64,
@@ -126,7 +126,7 @@ impl CommandBudget {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, id: u64, peer: SocketAddr, now_ms: u32, budget: CommandBudget) -> Conn {
+    pub fn new(stream: Transport, id: u64, peer: SocketAddr, now_ms: u32, budget: CommandBudget) -> Conn {
         Conn {
             stream,
             id,

@@ -121,7 +121,7 @@ impl Worker {
             drain
         );
         self.stopping = Some(Stopping { deadline });
-        let _ = self.poll.registry().deregister(&mut self.listener);
+        self.deregister_listeners();
         let reason = if code == close_code::SERVICE_RESTART { "server restarting" } else { "server shutting down" };
         self.clients.close_all(code, reason, deadline);
     }

@@ -79,7 +79,8 @@ impl Clients {
     }
 
     /// Answers a connection over the limit with 503 and closes it, without registering it.
-    pub(super) fn refuse_connection(&mut self, mut stream: TcpStream, peer: SocketAddr) {
+    /// A TLS connection is closed without an answer: plaintext would not reach its client.
+    pub(super) fn refuse_connection(&mut self, mut stream: TcpStream, peer: SocketAddr, tls: bool) {
         self.stats.rejected_connections += 1;
         if self.stats.rejected_connections.is_power_of_two() {
             warn!(
@@ -88,7 +89,9 @@ impl Clients {
             );
         }
         // Best effort: a fresh socket's send buffer takes these few bytes at once.
-        let _ = stream.write(&handshake::service_unavailable());
+        if !tls {
+            let _ = stream.write(&handshake::service_unavailable());
+        }
     }
 
     /// Every `sweep_interval`: ping clients silent for `ping_interval_ms`, close those silent

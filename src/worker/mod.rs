@@ -17,8 +17,10 @@ mod input;
 mod lifecycle;
 mod limits;
 pub mod outqueue;
+mod transport;
 
 use std::io;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -37,6 +39,7 @@ const LISTENER: Token = Token(0);
 // Token(1) is the bus's (`bus::TOKEN`).
 const CONTROL: Token = Token(2);
 const SIGNALS: Token = Token(3);
+const TLS_LISTENER: Token = Token(4);
 
 /// Size of the worker-wide read buffer every connection reads into.
 const READ_BUF: usize = 64 * 1024;
@@ -50,7 +53,10 @@ pub struct Worker {
     index: usize,
     config: Config,
     poll: Poll,
-    listener: TcpListener,
+    /// The plain (`ws://`) listener; none with `listen = ""`.
+    listener: Option<TcpListener>,
+    /// The `wss://` listener and the server config its connections use (`[tls]`).
+    tls: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
     control: ChildLink,
     signals: Signals,
     clients: Clients,
@@ -88,11 +94,19 @@ pub fn run(index: usize) -> anyhow::Result<()> {
 impl Worker {
     fn new(index: usize, config: Config) -> anyhow::Result<Worker> {
         let poll = Poll::new().context("cannot create the event loop")?;
-        let fd = crate::sys::adopt_inherited_fd(control::CHILD_LISTENER_FD).context("no listener from the master")?;
-        let std_listener = std::net::TcpListener::from(fd);
-        std_listener.set_nonblocking(true)?;
-        let mut listener = TcpListener::from_std(std_listener);
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        let listener = match config.listen {
+            Some(_) => Some(inherit_listener(&poll, control::CHILD_LISTENER_FD, LISTENER)?),
+            None => None,
+        };
+        let tls = match config.tls.listen {
+            Some(_) => {
+                let listener = inherit_listener(&poll, control::handoff::CHILD_TLS_LISTENER_FD, TLS_LISTENER)?;
+                let material = crate::sys::adopt_inherited_fd(control::handoff::CHILD_TLS_MATERIAL_FD)
+                    .context("no TLS certificate from the master")?;
+                Some((listener, crate::tls::inherited_config(material)?))
+            }
+            None => None,
+        };
         let control = ChildLink::inherit(poll.registry(), CONTROL).context("no status link from the master")?;
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT]).context("cannot install signal handlers")?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
@@ -108,6 +122,7 @@ impl Worker {
             index,
             poll,
             listener,
+            tls,
             control,
             signals,
             clients,
@@ -140,7 +155,7 @@ impl Worker {
             }
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => self.accept_all(),
+                    LISTENER | TLS_LISTENER => self.accept_all(),
                     bus::TOKEN => self.bus_ready(),
                     CONTROL => self.control_ready(),
                     SIGNALS => self.signals_ready(),
@@ -194,13 +209,38 @@ impl Worker {
 
     // ---- accepting -------------------------------------------------------------------------
 
+    /// Stops hearing about new connections (a stopping worker; the master keeps the sockets).
+    fn deregister_listeners(&mut self) {
+        if let Some(listener) = self.listener.as_mut() {
+            let _ = self.poll.registry().deregister(listener);
+        }
+        if let Some((listener, _)) = self.tls.as_mut() {
+            let _ = self.poll.registry().deregister(listener);
+        }
+    }
+
+    /// Accepts everything waiting on both listeners (edge-triggered: each until WouldBlock).
     fn accept_all(&mut self) {
+        if self.listener.is_some() {
+            self.accept_from(false);
+        }
+        if self.tls.is_some() {
+            self.accept_from(true);
+        }
+    }
+
+    fn accept_from(&mut self, tls: bool) {
         if self.stopping.is_some() || self.accept_paused_until.is_some() {
             return;
         }
         loop {
-            match self.listener.accept() {
-                Ok((stream, peer)) => self.clients.accept(self.poll.registry(), stream, peer),
+            let (listener, tls_config) = match (tls, &self.listener, &self.tls) {
+                (false, Some(listener), _) => (listener, None),
+                (true, _, Some((listener, config))) => (listener, Some(config)),
+                _ => return,
+            };
+            match listener.accept() {
+                Ok((stream, peer)) => self.clients.accept(self.poll.registry(), stream, peer, tls_config),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e)
@@ -227,4 +267,14 @@ impl Worker {
             clients.deliver_from_bus(groups, group, payload)
         });
     }
+}
+
+/// The listener the master bound for this worker at descriptor `fd`, registered as `token`.
+fn inherit_listener(poll: &Poll, fd: i32, token: Token) -> anyhow::Result<TcpListener> {
+    let fd = crate::sys::adopt_inherited_fd(fd).context("no listener from the master")?;
+    let std_listener = std::net::TcpListener::from(fd);
+    std_listener.set_nonblocking(true)?;
+    let mut listener = TcpListener::from_std(std_listener);
+    poll.registry().register(&mut listener, token, Interest::READABLE)?;
+    Ok(listener)
 }

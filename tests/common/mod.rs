@@ -379,7 +379,10 @@ impl Server {
         if let Some(child) = &self.child {
             assert_eq!(self.master_pid, child.id(), "status names another master");
         }
-        self.addr = report["listen"].as_str().unwrap().parse().unwrap();
+        // Empty with `listen = ""` (a wss-only instance): the address stays a dead one.
+        if let Some(addr) = report["listen"].as_str().and_then(|s| s.parse().ok()) {
+            self.addr = addr;
+        }
         self.workers = report["workers"].as_u64().unwrap() as usize;
     }
 

@@ -83,3 +83,75 @@ pub fn write_cert(dir: &Path) -> Result<Value> {
         "key": "ECDSA P-256 (PKCS#8)", "signature": "ecdsa-with-SHA256", "names": ["localhost", "127.0.0.1"],
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::{self, Target};
+    use rustls::pki_types::PrivateKeyDer;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn cert_dir(tag: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("groupcast-bench-{tag}-{}", std::process::id()));
+        write_cert(&d).expect("write_cert");
+        Dir(d)
+    }
+
+    #[test]
+    fn refuses_a_missing_or_empty_root_file() {
+        let d = cert_dir("empty");
+        assert!(Tls::new(&d.0.join("nope.pem"), "127.0.0.1").is_err());
+        std::fs::write(d.0.join("empty.pem"), "").expect("write");
+        assert!(Tls::new(&d.0.join("empty.pem"), "127.0.0.1").is_err());
+    }
+
+    /// The generated certificate serves a rustls server, the client verifies it for
+    /// 127.0.0.1, and the WebSocket upgrade and a frame pass over the TLS stream.
+    #[tokio::test]
+    async fn wss_roundtrip_with_the_generated_certificate() {
+        let d = cert_dir("roundtrip");
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(d.0.join("cert.pem")).expect("cert").map(|c| c.expect("pem")).collect();
+        let key = PrivateKeyDer::from_pem_file(d.0.join("key.pem")).expect("key");
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let srv = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut s = acceptor.accept(tcp).await.expect("TLS accept");
+            let mut req = Vec::new();
+            while !req.ends_with(b"\r\n\r\n") {
+                let mut b = [0u8; 512];
+                let n = s.read(&mut b).await.expect("read");
+                assert!(n > 0, "EOF in request");
+                req.extend_from_slice(&b[..n]);
+            }
+            s.write_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x81\x02hi").await.expect("write");
+            s.flush().await.expect("flush");
+            let mut b = [0u8; 64];
+            let _ = s.read(&mut b).await; // until the client goes away
+        });
+        let tls = Tls::new(&d.0.join("cert.pem"), "127.0.0.1").expect("client");
+        let t = Target { addr, source_ips: 1, tls: Some(tls) };
+        let (mut r, w) = conn::connect(&t, 0).await.expect("wss connect");
+        assert_eq!(r.next_text(&w).await.expect("frame").as_deref(), Some("hi"));
+        let neg = negotiated().expect("negotiated");
+        assert_eq!(neg["version"], "TLSv1_3");
+        drop((r, w));
+        srv.await.expect("server task");
+    }
+}

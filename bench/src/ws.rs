@@ -266,7 +266,7 @@ mod tests {
     #[test]
     fn parses_unmasked_server_frames() {
         let mut b = vec![0x81, 3, b'a', b'b', b'c', 0x81, 126, 0, 200];
-        b.extend(std::iter::repeat(b'x').take(200));
+        b.extend(std::iter::repeat_n(b'x', 200));
         let (f, n) = parse(&b, 0).unwrap().unwrap();
         assert!(matches!(f, Frame::Text(2, 5)) && n == 5);
         let (f, n) = parse(&b, 5).unwrap().unwrap();

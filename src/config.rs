@@ -893,4 +893,38 @@ mod tests {
         assert!(old.fixed_settings_changed(&kept).is_empty(), "everything reported is kept");
         assert_eq!(kept.limits.max_group_id_len, 9, "other settings do change");
     }
+
+    #[test]
+    fn tls_listen_is_fixed_and_its_files_are_not() {
+        let old = Config::load(None, &Overrides::default()).unwrap();
+        let mut new = old.clone();
+        new.tls.listen = Some("127.0.0.1:1443".parse().unwrap());
+        new.tls.cert_file = Some("/c.pem".into());
+        let changed = old.fixed_settings_changed(&new);
+        assert_eq!(changed, ["tls.listen"]);
+        let kept = old.reloaded(new);
+        assert_eq!(kept.tls.listen, None);
+        assert_eq!(kept.tls.cert_file.as_deref(), Some(Path::new("/c.pem")), "certificate files reload");
+    }
+
+    #[test]
+    fn empty_listen_addresses_mean_none_and_one_must_remain() {
+        let parse = |text: &str| {
+            toml::from_str::<Config>(text).map_err(|e| e.to_string()).and_then(|c| {
+                c.validate().map_err(|e| e.to_string())?;
+                Ok(c)
+            })
+        };
+        let tls_only =
+            parse("listen = \"\"\n[tls]\nlisten = \"127.0.0.1:0\"\ncert_file = \"c\"\nkey_file = \"k\"\n").unwrap();
+        assert_eq!(tls_only.listen, None);
+        assert!(tls_only.tls.listen.is_some());
+        let json = serde_json::to_string(&tls_only).unwrap();
+        assert_eq!(serde_json::from_str::<Config>(&json).unwrap(), tls_only, "the child's JSON keeps `none`");
+        assert!(parse("listen = \"\"\n").unwrap_err().contains("nothing to serve"));
+        assert!(parse("[tls]\nlisten = \"127.0.0.1:0\"\n").unwrap_err().contains("tls.cert_file"));
+        assert!(parse("[tls]\nlisten = \"127.0.0.1:0\"\ncert_file = \"c\"\n").unwrap_err().contains("tls.key_file"));
+        assert!(parse("[tls]\nlisten = \"nope\"\n").unwrap_err().contains("tls.listen"));
+        assert_eq!(parse("[tls]\nlisten = \"\"\n").unwrap().tls.listen, None);
+    }
 }

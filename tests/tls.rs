@@ -50,7 +50,11 @@ impl Ca {
         params.distinguished_name.push(DnType::CommonName, name);
         let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
         // The chain: leaf first, then the CA (a chain in the file is allowed).
-        Leaf { cert_pem: format!("{}{}", cert.pem(), self.cert.pem()), key_pem: key.serialize_pem(), der: cert.der().to_vec() }
+        Leaf {
+            cert_pem: format!("{}{}", cert.pem(), self.cert.pem()),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+        }
     }
 
     fn client_config(&self) -> Arc<ClientConfig> {
@@ -343,7 +347,8 @@ fn start_refuses_a_missing_or_broken_certificate() {
     let dir = TempDir::new("tls-start");
     let missing = tls_config(dir.path(), "");
     refused(&missing, "tls.cert_file");
-    std::fs::write(dir.join("cert.pem"), "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n").unwrap();
+    std::fs::write(dir.join("cert.pem"), "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n")
+        .unwrap();
     std::fs::write(dir.join("key.pem"), Ca::new().leaf("k").key_pem).unwrap();
     refused(&missing, "tls.cert_file");
     let ca = Ca::new();
@@ -464,4 +469,74 @@ fn random_bytes_to_the_tls_port_never_crash_a_worker() {
     let now: Vec<u64> = worker_rows(&report).iter().map(|w| field(w, "pid")).collect();
     assert_eq!(now, pids, "a worker died");
     assert!(Wss::connect(addr, &ca.client_config()).sync("after").is_empty());
+}
+
+/// Proportional set size of `pid` in KiB (/proc/PID/smaps_rollup).
+fn pss_kib(pid: u64) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    let line = text.lines().find(|l| l.starts_with("Pss:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Rough idle memory per connection, ws against wss, in one worker: run by hand with
+/// `cargo test --release --test tls idle_memory -- --ignored --nocapture` (not a timed or
+/// sized assertion; the benchmark line gives the official figure).
+#[test]
+#[ignore]
+fn idle_memory_per_connection_ws_and_wss() {
+    const N: usize = 1000;
+    let ca = Ca::new();
+    let dir = TempDir::new("tls-mem");
+    let server = start_tls(&dir, &ca.leaf("mem"), 1, "");
+    let addr = tls_addr(&server);
+    let tls = ca.client_config();
+    let pid = field(&worker_rows(&server.status())[0], "pid");
+    // Warm-up: the first connections of each kind grow tables that are not per connection.
+    let warm: Vec<_> = (0..20).map(|_| (Client::connect(server.addr), Wss::connect(addr, &tls))).collect();
+    drop(warm);
+    server.wait_status("warm-up closed", |r| r["totals"]["connections"] == 0);
+    let base = pss_kib(pid);
+    let ws: Vec<Client> = (0..N).map(|_| Client::connect(server.addr)).collect();
+    server.wait_status("ws open", |r| r["totals"]["connections"] == N as u64);
+    let with_ws = pss_kib(pid);
+    let wss: Vec<Wss> = (0..N).map(|_| Wss::connect(addr, &tls)).collect();
+    server.wait_status("wss open", |r| r["totals"]["tls_connections"] == N as u64);
+    let with_wss = pss_kib(pid);
+    let per = |kib: u64| kib as f64 * 1024.0 / N as f64;
+    println!(
+        "worker PSS: base {base} KiB, +{N} ws {with_ws} KiB ({:.0} B/conn), +{N} wss {with_wss} KiB ({:.0} B/conn)",
+        per(with_ws - base),
+        per(with_wss - with_ws)
+    );
+    drop((ws, wss));
+}
+
+/// A wss client that stops reading is cut off by `limits.send_buffer_limit` like a ws one:
+/// rustls holds only a bounded batch, the rest queues where the slow-client policy sees it.
+#[test]
+fn a_wss_client_that_stops_reading_is_closed_as_too_slow() {
+    let ca = Ca::new();
+    let dir = TempDir::new("tls-slow");
+    let extra = "[limits]\nsend_buffer_limit = 65536\ncommands_per_second = 100000\ncommands_burst = 100000\n";
+    let server = start_tls(&dir, &ca.leaf("slow"), 1, extra);
+    let addr = tls_addr(&server);
+    let mut slow = Wss::connect(addr, &ca.client_config());
+    slow.send_json(&json!({"cmd":"add_group","group_id":"flood"}));
+    assert!(slow.sync("joined").is_empty());
+    server.wait_subscriptions(1);
+    // From here on `slow` reads nothing.
+    let mut publisher = Client::connect(server.addr);
+    let chunk = "y".repeat(16 * 1024);
+    let deadline = Instant::now() + TIMEOUT;
+    let mut sent = 0;
+    while field(&server.status()["totals"], "slow_closed") == 0 {
+        assert!(Instant::now() < deadline, "not closed after {sent} messages of 16 KiB");
+        for _ in 0..64 {
+            publisher.send_to_group(&json!("flood"), &chunk);
+            sent += 1;
+        }
+        publisher.sync_quiet();
+    }
+    server.wait_status("the slow wss connection gone", |r| r["totals"]["tls_connections"] == 0);
+    drop(slow);
 }

@@ -40,10 +40,6 @@ impl TlsConn {
         Ok(TlsConn { tcp, tls, handshake_failed: false })
     }
 
-    pub fn tcp(&self) -> &TcpStream {
-        &self.tcp
-    }
-
     pub fn tcp_mut(&mut self) -> &mut TcpStream {
         &mut self.tcp
     }
@@ -62,8 +58,14 @@ impl TlsConn {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
-            if self.tls.read_tls(&mut self.tcp)? == 0 {
-                return Ok(0);
+            match self.tls.read_tls(&mut self.tcp) {
+                Ok(0) => return Ok(0),
+                Ok(_) => {}
+                Err(e) => {
+                    // rustls refuses a record too large to buffer (e.g. a huge handshake message).
+                    self.handshake_failed |= e.kind() == io::ErrorKind::InvalidData && self.tls.is_handshaking();
+                    return Err(e);
+                }
             }
             if let Err(e) = self.tls.process_new_packets() {
                 self.handshake_failed |= self.tls.is_handshaking();

@@ -24,9 +24,9 @@ use super::conn::{AfterFlush, CommandBudget, Conn, ConnState};
 use super::groups::Groups;
 use super::outqueue::Flushed;
 use super::transport::Transport;
-use crate::tls::stream::TlsConn;
 use crate::config::{AuthSettings, Limits};
 use crate::control::{ConnectionInfo, ProcessStats};
+use crate::tls::stream::TlsConn;
 
 /// Connection tokens are slab keys shifted past the worker's fixed tokens.
 pub const FIRST_CONN: usize = 16;

@@ -52,7 +52,8 @@ pub async fn s4(ctx: &Ctx) -> Result<Outcome> {
 /// S2: 2,000 connections in 20 groups of 100; rate stepped up until a step loses
 /// messages or its p99 reaches 100 ms (or the loader cannot publish the rate).
 pub async fn s2(ctx: &Ctx) -> Result<Outcome> {
-    let steps = ctx.pick(&ctx.o.steps, vec![100.0, 1000.0, 2000.0, 5000.0, 10000.0, 15000.0, 20000.0], vec![100.0, 500.0]);
+    let steps =
+        ctx.pick(&ctx.o.steps, vec![100.0, 1000.0, 2000.0, 5000.0, 10000.0, 15000.0, 20000.0], vec![100.0, 500.0]);
     stepped(ctx, steps, true).await
 }
 

@@ -40,6 +40,9 @@ struct Args {
     /// Name the server certificate must carry (default: the --addr IP).
     #[arg(long)]
     tls_name: Option<String>,
+    /// Let wss:// connections resume TLS sessions (default: every handshake is a full one).
+    #[arg(long)]
+    tls_resume: bool,
     /// Where `cert` writes cert.pem and key.pem.
     #[arg(long)]
     cert_dir: Option<PathBuf>,
@@ -112,7 +115,7 @@ fn tls_client(args: &Args) -> anyhow::Result<Option<tls::Tls>> {
         (None, Some(a)) => a.ip().to_string(),
         (None, None) => "localhost".to_owned(),
     };
-    Ok(Some(tls::Tls::new(ca, &name)?))
+    Ok(Some(tls::Tls::new(ca, &name, args.tls_resume)?))
 }
 
 fn main() {

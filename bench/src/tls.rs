@@ -2,12 +2,14 @@
 //! the key type most production certificates use) and the rustls client that trusts it.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context, Result};
+use rustls::client::Resumption;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
+use rustls::{ClientConfig, HandshakeKind, RootCertStore};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -28,8 +30,10 @@ impl std::fmt::Debug for Tls {
 
 impl Tls {
     /// Trust exactly the certificates in `ca_file` (PEM); verify the server as `name`
-    /// (an IP address or a DNS name in the certificate's subjectAltName).
-    pub fn new(ca_file: &Path, name: &str) -> Result<Tls> {
+    /// (an IP address or a DNS name in the certificate's subjectAltName). Without `resume`
+    /// every connection makes a full handshake (certificate signed and verified, as for a
+    /// client seen for the first time); with it, rustls resumes with the server's tickets.
+    pub fn new(ca_file: &Path, name: &str, resume: bool) -> Result<Tls> {
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(ca_file).with_context(|| format!("reading {}", ca_file.display()))? {
             roots.add(cert.with_context(|| format!("parsing {}", ca_file.display()))?)?;
@@ -38,10 +42,13 @@ impl Tls {
             bail!("no certificate in {}", ca_file.display());
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = ClientConfig::builder_with_provider(provider)
+        let mut config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        if !resume {
+            config.resumption = Resumption::disabled();
+        }
         let name = ServerName::try_from(name.to_owned()).with_context(|| format!("server name {name}"))?;
         Ok(Tls { connector: TlsConnector::from(Arc::new(config)), name })
     }
@@ -49,8 +56,13 @@ impl Tls {
     /// TLS handshake on an open TCP stream (certificate verified against the bench root).
     pub async fn connect(&self, tcp: TcpStream) -> Result<TlsStream<TcpStream>> {
         let s = self.connector.connect(self.name.clone(), tcp).await.context("TLS handshake")?;
+        let c = s.get_ref().1;
+        match c.handshake_kind() {
+            Some(HandshakeKind::Resumed) => &RESUMED,
+            _ => &FULL,
+        }
+        .fetch_add(1, Relaxed);
         NEGOTIATED.get_or_init(|| {
-            let c = s.get_ref().1;
             json!({
                 "version": c.protocol_version().map(|v| format!("{v:?}")),
                 "cipher_suite": c.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())),
@@ -62,10 +74,15 @@ impl Tls {
 }
 
 static NEGOTIATED: OnceLock<Value> = OnceLock::new();
+static FULL: AtomicU64 = AtomicU64::new(0);
+static RESUMED: AtomicU64 = AtomicU64::new(0);
 
-/// What the first TLS connection negotiated (version, cipher suite, key exchange), if any.
+/// What the first TLS connection negotiated (version, cipher suite, key exchange) and how
+/// many handshakes were full or resumed, if any TLS connection was made.
 pub fn negotiated() -> Option<Value> {
-    NEGOTIATED.get().cloned()
+    let mut v = NEGOTIATED.get().cloned()?;
+    v["handshakes"] = json!({ "full": FULL.load(Relaxed), "resumed": RESUMED.load(Relaxed) });
+    Some(v)
 }
 
 /// Write a fresh self-signed ECDSA P-256 certificate for `localhost` and 127.0.0.1
@@ -108,9 +125,9 @@ mod tests {
     #[test]
     fn refuses_a_missing_or_empty_root_file() {
         let d = cert_dir("empty");
-        assert!(Tls::new(&d.0.join("nope.pem"), "127.0.0.1").is_err());
+        assert!(Tls::new(&d.0.join("nope.pem"), "127.0.0.1", false).is_err());
         std::fs::write(d.0.join("empty.pem"), "").expect("write");
-        assert!(Tls::new(&d.0.join("empty.pem"), "127.0.0.1").is_err());
+        assert!(Tls::new(&d.0.join("empty.pem"), "127.0.0.1", false).is_err());
     }
 
     /// The generated certificate serves a rustls server, the client verifies it for
@@ -145,12 +162,13 @@ mod tests {
             let mut b = [0u8; 64];
             let _ = s.read(&mut b).await; // until the client goes away
         });
-        let tls = Tls::new(&d.0.join("cert.pem"), "127.0.0.1").expect("client");
+        let tls = Tls::new(&d.0.join("cert.pem"), "127.0.0.1", false).expect("client");
         let t = Target { addr, source_ips: 1, tls: Some(tls) };
         let (mut r, w) = conn::connect(&t, 0).await.expect("wss connect");
         assert_eq!(r.next_text(&w).await.expect("frame").as_deref(), Some("hi"));
         let neg = negotiated().expect("negotiated");
         assert_eq!(neg["version"], "TLSv1_3");
+        assert_eq!(neg["handshakes"]["full"], 1);
         drop((r, w));
         srv.await.expect("server task");
     }

@@ -268,6 +268,7 @@ fn render_status(r: &StatusReport) -> String {
                 ("listen", &r.tls_listen),
                 ("cert", &path(&r.tls.cert_file)),
                 ("key", &path(&r.tls.key_file)),
+                ("expires", &r.tls_not_after),
                 ("open", &t.tls_connections),
             ],
         );

@@ -48,6 +48,7 @@ impl Ca {
         let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
         params.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
         params.distinguished_name.push(DnType::CommonName, name);
+        params.not_after = rcgen::date_time_ymd(2031, 1, 2);
         let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
         // The chain: leaf first, then the CA (a chain in the file is allowed).
         Leaf {
@@ -230,6 +231,7 @@ fn wss_and_ws_clients_share_a_group_across_workers() {
     assert_eq!(ws.recv(), big);
     let report = server.status();
     assert!(report["tls"]["cert_file"].as_str().unwrap().ends_with("cert.pem"), "{}", report["tls"]);
+    assert_eq!(report["tls_not_after"], "2031-01-02 00:00:00 UTC");
     let text = server.cli(&["status"]);
     assert!(text.stdout.contains("tls:") && text.stdout.contains("tls handshake failures"), "{text:?}");
 }
@@ -435,8 +437,9 @@ fn a_wss_only_instance_serves_and_no_listener_at_all_is_refused() {
     refused("listen = \"\"\n[tls]\nlisten = \"\"\n", "listen");
 }
 
-/// Random bytes (raw, or behind a TLS handshake record header so they reach rustls's
-/// handshake parser) sent to the TLS port never kill a worker; the port keeps serving.
+/// Random bytes (raw, behind a TLS handshake record header so they reach rustls's handshake
+/// parser, or after a real ClientHello so they reach the states beyond it) sent to the TLS
+/// port never kill a worker; the port keeps serving.
 #[test]
 fn random_bytes_to_the_tls_port_never_crash_a_worker() {
     use proptest::prelude::*;
@@ -446,14 +449,24 @@ fn random_bytes_to_the_tls_port_never_crash_a_worker() {
     let server = start_tls(&dir, &ca.leaf("fuzz"), 1, "[limits]\nhandshake_timeout_ms = 200\n");
     let addr = tls_addr(&server);
     let pids: Vec<u64> = worker_rows(&server.status()).iter().map(|w| field(w, "pid")).collect();
-    let input = (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..2000));
-    let mut runner = TestRunner::new(Config { cases: 64, failure_persistence: None, ..Config::default() });
+    let tls = ca.client_config();
+    let cases = std::env::var("TLS_FUZZ_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(64);
+    let input = (0..3u8, proptest::collection::vec(any::<u8>(), 0..2000));
+    let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
     runner
-        .run(&input, |(as_handshake, body)| {
+        .run(&input, |(mode, body)| {
             let mut bytes = Vec::new();
-            if as_handshake {
-                bytes.extend_from_slice(&[0x16, 0x03, 0x01]);
-                bytes.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            match mode {
+                0 => {}
+                1 => {
+                    bytes.extend_from_slice(&[0x16, 0x03, 0x01]);
+                    bytes.extend_from_slice(&(body.len() as u16).to_be_bytes());
+                }
+                _ => {
+                    let mut hello =
+                        ClientConnection::new(tls.clone(), ServerName::try_from("localhost").unwrap()).unwrap();
+                    hello.write_tls(&mut bytes).unwrap();
+                }
             }
             bytes.extend_from_slice(&body);
             let mut s = TcpStream::connect(addr).unwrap();
@@ -467,7 +480,7 @@ fn random_bytes_to_the_tls_port_never_crash_a_worker() {
         .unwrap();
     let report = server.status();
     let now: Vec<u64> = worker_rows(&report).iter().map(|w| field(w, "pid")).collect();
-    assert_eq!(now, pids, "a worker died");
+    assert_eq!(now, pids, "a worker died:\n{}", server.log());
     assert!(Wss::connect(addr, &ca.client_config()).sync("after").is_empty());
 }
 
@@ -539,4 +552,46 @@ fn a_wss_client_that_stops_reading_is_closed_as_too_slow() {
     }
     server.wait_status("the slow wss connection gone", |r| r["totals"]["tls_connections"] == 0);
     drop(slow);
+}
+
+/// Started as root with `user`: the master reads a root-only key before dropping privileges
+/// and serves wss; a reload, run by the unprivileged master, cannot read it, says so, and
+/// leaves the workers serving (docs/tls.md: make the key readable by the service user).
+#[test]
+fn a_root_only_key_is_read_before_the_privilege_drop() {
+    use std::os::unix::fs::PermissionsExt;
+    if !require(is_root(), "needs root to drop privileges") {
+        return;
+    }
+    let nobody = std::process::Command::new("id").args(["-u", "nobody"]).output().ok().filter(|o| o.status.success());
+    if nobody.is_none() {
+        return skip_or_fail("needs a user `nobody` to drop to");
+    }
+    let ca = Ca::new();
+    let dir = TempDir::new("tls-privs");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::set_permissions(dir.join("bin"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = dir.join("bin").join("groupcast");
+    install_executable(&binary_bytes(), &exe, None);
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::set_permissions(&certs, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let leaf = ca.leaf("root-only");
+    leaf.write(&certs);
+    std::fs::set_permissions(certs.join("key.pem"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = tls_config(&certs, "user = \"nobody\"");
+    let server = Server::launch(Launch {
+        bin: exe.clone(),
+        ..Launch::new(dir, Opts { config: Some(config), ..Opts::workers(1) })
+    });
+    let addr = tls_addr(&server);
+    let tls = ca.client_config();
+    let mut c = Wss::connect(addr, &tls);
+    assert_eq!(c.served, leaf.der);
+    let run = server.cli(&["reload"]);
+    assert_ne!(run.code, Some(0), "{run:?}");
+    assert!(run.stderr.contains("cannot read tls.") && run.stderr.contains("ermission denied"), "{run:?}");
+    assert!(c.sync("after").is_empty());
+    assert_eq!(Wss::connect(addr, &tls).served, leaf.der);
 }

@@ -154,6 +154,8 @@ pub struct StatusReport {
     pub auth: crate::config::AuthSettings,
     /// `[tls]` in force: its listen address and certificate and key files.
     pub tls: crate::config::TlsSettings,
+    /// Expiry of the certificate workers serve now (`YYYY-MM-DD HH:MM:SS UTC`); empty without TLS.
+    pub tls_not_after: String,
 }
 
 /// How the most recent reload ended.

@@ -70,9 +70,9 @@ pub struct Master {
     started: Instant,
     /// The workers' listeners, plain and TLS (none for a standalone broker).
     sockets: listeners::WorkerSockets,
-    /// The certificate chain and key workers are started with (a sealed memfd, see
-    /// `tls::Material`); replaced by each reload that reads them anew.
-    tls_material: Option<OwnedFd>,
+    /// The certificate chain and key workers are started with; replaced by each reload that
+    /// reads them anew.
+    tls_material: Option<TlsMaterial>,
     /// The channel listener, when this master runs a broker (not with `channel.connect`).
     channel_listener: Option<OwnedFd>,
     control: control_clients::ControlClients,
@@ -86,7 +86,7 @@ pub struct Master {
 struct Bound {
     pidfile: PidFile,
     sockets: listeners::WorkerSockets,
-    tls_material: Option<OwnedFd>,
+    tls_material: Option<TlsMaterial>,
     channel_listener: Option<OwnedFd>,
     control: UnixListener,
 }
@@ -144,11 +144,20 @@ fn bind_all(config: &Config, mode: Mode) -> anyhow::Result<Bound> {
     Ok(Bound { pidfile, sockets, tls_material, channel_listener, control })
 }
 
+/// The certificate and key the workers are started with.
+struct TlsMaterial {
+    /// Sealed memfd with the PEM chain and key (`tls::Material`).
+    fd: OwnedFd,
+    /// Expiry of the leaf certificate, for `status`.
+    not_after: Option<String>,
+}
+
 /// Reads and checks `[tls]`'s certificate and key (with `tls.listen`), as the memfd the
 /// workers inherit.
-fn load_tls_material(config: &Config) -> anyhow::Result<Option<OwnedFd>> {
+fn load_tls_material(config: &Config) -> anyhow::Result<Option<TlsMaterial>> {
     let Some(material) = crate::tls::Material::load(&config.tls)? else { return Ok(None) };
-    Ok(Some(material.to_memfd().context("cannot hand the TLS certificate to the workers (memfd)")?))
+    let fd = material.to_memfd().context("cannot hand the TLS certificate to the workers (memfd)")?;
+    Ok(Some(TlsMaterial { fd, not_after: material.not_after }))
 }
 
 /// `groupcast start [-d]`.
@@ -338,8 +347,8 @@ impl Master {
                 if let Some(fd) = self.sockets.tls.get(w) {
                     fds.push((fd.as_fd(), CHILD_TLS_LISTENER_FD));
                 }
-                if let Some(fd) = &self.tls_material {
-                    fds.push((fd.as_fd(), CHILD_TLS_MATERIAL_FD));
+                if let Some(material) = &self.tls_material {
+                    fds.push((material.fd.as_fd(), CHILD_TLS_MATERIAL_FD));
                 }
                 fds
             }

@@ -88,6 +88,7 @@ impl Master {
             listen: self.sockets.listen.map(|a| a.to_string()).unwrap_or_default(),
             tls_listen: self.sockets.tls_listen.map(|a| a.to_string()).unwrap_or_default(),
             tls: self.config.tls.clone(),
+            tls_not_after: self.tls_material.as_ref().and_then(|m| m.not_after.clone()).unwrap_or_default(),
             channel: self.config.channel_target().to_string(),
             workers: self.sockets.workers,
             load: load_average(),

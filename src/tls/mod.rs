@@ -9,6 +9,7 @@
 //! A worker never opens the key file, and never sees material the master did not accept.
 
 pub mod stream;
+mod validity;
 
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
@@ -54,6 +55,8 @@ pub enum TlsError {
 /// The PEM certificate chain followed by the PEM key, as read and checked by the master.
 pub struct Material {
     pem: Vec<u8>,
+    /// Expiry of the leaf certificate (`YYYY-MM-DD HH:MM:SS UTC`), for `status`.
+    pub not_after: Option<String>,
 }
 
 impl Material {
@@ -70,6 +73,7 @@ impl Material {
         let key = read_pem("tls.key_file", key_path)?;
         let chain = certificates(&cert).map_err(|reason| TlsError::Certificate { path: cert_path.clone(), reason })?;
         let private = private_key(&key).map_err(|reason| TlsError::Key { path: key_path.clone(), reason })?;
+        let not_after = validity::not_after(&chain[0]);
         build(chain, private).map_err(|source| TlsError::Rejected {
             cert: cert_path.clone(),
             key: key_path.clone(),
@@ -78,7 +82,7 @@ impl Material {
         let mut pem = cert;
         pem.push(b'\n');
         pem.extend_from_slice(&key);
-        Ok(Some(Material { pem }))
+        Ok(Some(Material { pem, not_after }))
     }
 
     /// A sealed memfd holding the material, for the workers to inherit.

@@ -10,9 +10,10 @@ use futures_util::stream::StreamExt;
 use tokio::net::TcpSocket;
 use tokio::task::JoinHandle;
 
+use crate::tls::Tls;
 use crate::tracker::Tracker;
 use crate::wire;
-use crate::ws::{self, Frame, Reader, Writer};
+use crate::ws::{self, Frame, Reader, Stream, Writer};
 
 /// Where and how to connect.
 #[derive(Clone, Debug)]
@@ -20,9 +21,11 @@ pub struct Target {
     pub addr: SocketAddr,
     /// Spread client source addresses over 127.0.0.1..=127.0.0.N (1 = let the kernel choose).
     pub source_ips: u8,
+    /// wss:// when set: TLS over the TCP connection before the upgrade.
+    pub tls: Option<Tls>,
 }
 
-/// TCP connect (TCP_NODELAY) + WebSocket handshake on path `/`.
+/// TCP connect (TCP_NODELAY) [+ TLS handshake] + WebSocket handshake on path `/`.
 pub async fn connect(t: &Target, idx: usize) -> Result<(Reader, Writer)> {
     let sock = TcpSocket::new_v4()?;
     if t.source_ips > 1 {
@@ -43,6 +46,10 @@ pub async fn connect(t: &Target, idx: usize) -> Result<(Reader, Writer)> {
     }
     let stream = sock.connect(t.addr).await?;
     stream.set_nodelay(true)?;
+    let stream = match &t.tls {
+        Some(tls) => Stream::Tls(Box::new(tls.connect(stream).await?)),
+        None => Stream::Plain(stream),
+    };
     ws::handshake(stream, &t.addr.to_string()).await
 }
 

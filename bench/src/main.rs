@@ -9,11 +9,13 @@ mod procfs;
 mod publisher;
 mod scenarios;
 mod sys;
+mod tls;
 mod tracker;
 mod wire;
 mod ws;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
@@ -22,13 +24,28 @@ use serde_json::json;
 use scenarios::{Ctx, Overrides};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Load generator for the groupcast benchmark scenarios S1..S7 and the soak")]
+#[command(version, about = "Load generator for the groupcast benchmark scenarios S1..S7, T1..T3 and the soak")]
 struct Args {
     /// Scenario: s1 latency, s2 fan-out, s3 idle memory, s4 exactly-once, s5 connect rate,
     /// s6 write() floor, s7 large messages; soak: minutes of churn, slow and bad clients
-    /// (run by scripts/soak).
-    #[arg(value_parser = ["s1", "s2", "s3", "s4", "s5", "s6", "s7", "soak"])]
+    /// (run by scripts/soak). Over wss:// (need --tls-ca): t1 connect rate (as s5),
+    /// t2 CPU per delivery at 1,000 and 5,000 msg/s (s2's swarm), t3 idle memory (as s3).
+    /// cert: write a fresh ECDSA P-256 certificate and key to --cert-dir.
+    #[arg(value_parser = ["s1", "s2", "s3", "s4", "s5", "s6", "s7", "t1", "t2", "t3", "soak", "cert"])]
     scenario: String,
+    /// Connect with wss://, trusting the certificate(s) in this PEM file (any scenario;
+    /// required by t1..t3).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Name the server certificate must carry (default: the --addr IP).
+    #[arg(long)]
+    tls_name: Option<String>,
+    /// Let wss:// connections resume TLS sessions (default: every handshake is a full one).
+    #[arg(long)]
+    tls_resume: bool,
+    /// Where `cert` writes cert.pem and key.pem.
+    #[arg(long)]
+    cert_dir: Option<PathBuf>,
     /// Server WebSocket address (127.0.0.1:PORT); not needed for s6.
     #[arg(long)]
     addr: Option<SocketAddr>,
@@ -70,11 +87,52 @@ struct Args {
     iterations: Option<u64>,
 }
 
+/// The `cert` command: one JSON line naming the files, exit 1 on failure.
+fn write_cert(dir: Option<PathBuf>) -> ! {
+    let res = dir.ok_or_else(|| anyhow::anyhow!("cert needs --cert-dir DIR")).and_then(|d| tls::write_cert(&d));
+    match res {
+        Ok(v) => {
+            println!("{}", json!({ "ok": true, "cert": v }));
+            std::process::exit(0)
+        }
+        Err(e) => {
+            println!("{}", json!({ "ok": false, "error": format!("{e:#}") }));
+            std::process::exit(1)
+        }
+    }
+}
+
+/// The wss client for --tls-ca, if given (and demanded by the t* scenarios).
+fn tls_client(args: &Args) -> anyhow::Result<Option<tls::Tls>> {
+    let Some(ca) = &args.tls_ca else {
+        if args.scenario.starts_with('t') {
+            anyhow::bail!("{} runs over wss:// and needs --tls-ca CERT_PEM", args.scenario);
+        }
+        return Ok(None);
+    };
+    let name = match (&args.tls_name, args.addr) {
+        (Some(n), _) => n.clone(),
+        (None, Some(a)) => a.ip().to_string(),
+        (None, None) => "localhost".to_owned(),
+    };
+    Ok(Some(tls::Tls::new(ca, &name, args.tls_resume)?))
+}
+
 fn main() {
     let args = Args::parse();
+    if args.scenario == "cert" {
+        write_cert(args.cert_dir.clone());
+    }
     let nofile = sys::raise_nofile_limit();
+    let tls = match tls_client(&args) {
+        Ok(t) => t,
+        Err(e) => {
+            println!("{}", json!({ "scenario": args.scenario.to_uppercase(), "ok": false, "error": format!("{e:#}") }));
+            std::process::exit(1);
+        }
+    };
     let ctx = Ctx {
-        target: args.addr.map(|addr| conn::Target { addr, source_ips: args.source_ips.max(1) }),
+        target: args.addr.map(|addr| conn::Target { addr, source_ips: args.source_ips.max(1), tls: tls.clone() }),
         server: procfs::Server(args.server_pid),
         smoke: args.smoke,
         o: Overrides {
@@ -105,6 +163,7 @@ fn main() {
         "smoke": args.smoke,
         "wall_s": (t0.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
         "loader_cpu_us_total": sys::self_cpu_us() - cpu0,
+        "tls": tls::negotiated(),
     });
     let code = match res {
         Ok(o) => {

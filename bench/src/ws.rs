@@ -1,12 +1,16 @@
 //! A lean WebSocket client: hand-written handshake and frame codec over a tokio
-//! TcpStream, so the loader spends little CPU per delivered frame (one read()
-//! drains many frames, one shard lock accounts for all of them).
+//! TcpStream (ws://) or a rustls stream over one (wss://), so the loader spends little
+//! CPU per delivered frame (one read() drains many frames, one shard lock accounts for
+//! all of them).
 
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 
 use anyhow::{bail, Context, Result};
 use groupcast::ws::frame;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
@@ -14,8 +18,96 @@ use tokio::sync::Mutex;
 const MASK: [u8; 4] = [0x5a, 0x17, 0xc3, 0x9e];
 const MAX_FRAME: usize = 64 * 1024 * 1024;
 
+type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// One client connection before the upgrade: plain TCP or TLS over TCP.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream>),
+}
+
+impl From<TcpStream> for Stream {
+    fn from(s: TcpStream) -> Stream {
+        Stream::Plain(s)
+    }
+}
+
+/// Read half of an upgraded connection. An enum rather than a trait object so the
+/// plain path stays what it was (TcpStream's own lock-free halves).
+pub enum ReadHalf {
+    Plain(OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<TlsStream>),
+}
+
+/// Write half of an upgraded connection.
+pub enum WriteHalf {
+    Plain(OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<TlsStream>),
+}
+
+impl Stream {
+    fn split(self) -> (ReadHalf, WriteHalf) {
+        match self {
+            Stream::Plain(s) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Plain(r), WriteHalf::Plain(w))
+            }
+            Stream::Tls(s) => {
+                let (r, w) = tokio::io::split(*s);
+                (ReadHalf::Tls(r), WriteHalf::Tls(w))
+            }
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncRead for ReadHalf {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReadHalf::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ReadHalf::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+/// AsyncWrite by delegation to the variant's stream.
+macro_rules! delegate_write {
+    ($ty:ident) => {
+        impl AsyncWrite for $ty {
+            fn poll_write(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_write(cx, buf),
+                    $ty::Tls(s) => Pin::new(s).poll_write(cx, buf),
+                }
+            }
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_flush(cx),
+                    $ty::Tls(s) => Pin::new(s).poll_flush(cx),
+                }
+            }
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_shutdown(cx),
+                    $ty::Tls(s) => Pin::new(s).poll_shutdown(cx),
+                }
+            }
+        }
+    };
+}
+delegate_write!(Stream);
+delegate_write!(WriteHalf);
+
 /// Write side, shared between the connection's owner (commands) and its reader (pongs).
-pub type Writer = Arc<Mutex<OwnedWriteHalf>>;
+pub type Writer = Arc<Mutex<WriteHalf>>;
 
 /// Append one masked client text frame carrying `text` to `out`.
 pub fn encode_text(text: &str, out: &mut Vec<u8>) {
@@ -36,9 +128,12 @@ pub fn encode_close(code: u16, out: &mut Vec<u8>) {
     encode(0x8, &code.to_be_bytes(), out);
 }
 
-/// Write pre-encoded frames.
+/// Write pre-encoded frames. The flush matters for TLS only: it pushes out records
+/// rustls still holds when the socket was full (a no-op on plain TCP).
 pub async fn send(w: &Writer, frames: &[u8]) -> Result<()> {
-    w.lock().await.write_all(frames).await?;
+    let mut w = w.lock().await;
+    w.write_all(frames).await?;
+    w.flush().await?;
     Ok(())
 }
 
@@ -87,7 +182,7 @@ pub fn parse(buf: &[u8], at: usize) -> Result<Option<(Frame, usize)>> {
 
 /// Read half plus its buffer.
 pub struct Reader {
-    pub half: OwnedReadHalf,
+    pub half: ReadHalf,
     pub buf: Vec<u8>,
     /// Parsed up to here.
     pub pos: usize,
@@ -130,13 +225,15 @@ impl Reader {
     }
 }
 
-/// HTTP upgrade on an open TCP stream; returns the split connection.
-pub async fn handshake(mut stream: TcpStream, host: &str) -> Result<(Reader, Writer)> {
+/// HTTP upgrade on an open (TCP or TLS) stream; returns the split connection.
+pub async fn handshake(stream: impl Into<Stream>, host: &str) -> Result<(Reader, Writer)> {
+    let mut stream = stream.into();
     let req = format!(
         "GET / HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     stream.write_all(req.as_bytes()).await?;
+    stream.flush().await?;
     let mut buf = Vec::with_capacity(4096);
     let end = loop {
         let mut chunk = [0u8; 1024];
@@ -156,7 +253,7 @@ pub async fn handshake(mut stream: TcpStream, host: &str) -> Result<(Reader, Wri
     if !head.starts_with("HTTP/1.1 101") {
         bail!("handshake refused: {}", head.lines().next().unwrap_or(""));
     }
-    let (r, w) = stream.into_split();
+    let (r, w) = stream.split();
     let mut rest = buf.split_off(end);
     rest.reserve(8 * 1024);
     Ok((Reader { half: r, buf: rest, pos: 0 }, Arc::new(Mutex::new(w))))
@@ -169,7 +266,7 @@ mod tests {
     #[test]
     fn parses_unmasked_server_frames() {
         let mut b = vec![0x81, 3, b'a', b'b', b'c', 0x81, 126, 0, 200];
-        b.extend(std::iter::repeat(b'x').take(200));
+        b.extend(std::iter::repeat_n(b'x', 200));
         let (f, n) = parse(&b, 0).unwrap().unwrap();
         assert!(matches!(f, Frame::Text(2, 5)) && n == 5);
         let (f, n) = parse(&b, 5).unwrap().unwrap();

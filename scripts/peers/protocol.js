@@ -47,13 +47,30 @@ function parse(text) {
   }
 }
 
+function usage() {
+  console.error(`usage: node ${process.argv[1]} PORT [--tls CERT_PEM KEY_PEM]`);
+  process.exit(64);
+}
+
 function portArg() {
   const port = Number(process.argv[2]);
-  if (!Number.isInteger(port) || port <= 0 || port > 65535) {
-    console.error(`usage: node ${process.argv[1]} PORT`);
-    process.exit(64);
-  }
+  if (!Number.isInteger(port) || port <= 0 || port > 65535) usage();
   return port;
 }
 
-module.exports = { parse, portArg };
+/** `--tls CERT KEY` after the port: the PEM files to serve wss:// with; null without it. */
+function tlsArgs() {
+  const rest = process.argv.slice(3);
+  if (rest.length === 0) return null;
+  if (rest[0] !== '--tls' || rest.length !== 3) usage();
+  const fs = require('fs');
+  for (const f of rest.slice(1)) {
+    if (!fs.existsSync(f)) {
+      console.error(`no such file: ${f}`);
+      process.exit(66);
+    }
+  }
+  return { cert: rest[1], key: rest[2] };
+}
+
+module.exports = { parse, portArg, tlsArgs };

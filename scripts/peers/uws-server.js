@@ -1,10 +1,12 @@
 // Reference peer on uWebSockets.js: groups are uWS topics, delivery is app.publish.
+// `node uws-server.js PORT --tls CERT KEY` serves wss:// with uWS's SSLApp instead.
 'use strict';
 const uWS = require(process.env.UWS_MODULE || 'uwebsockets');
-const { parse, portArg } = require('./protocol');
+const { parse, portArg, tlsArgs } = require('./protocol');
 
 const port = portArg();
-const app = uWS.App();
+const tls = tlsArgs();
+const app = tls ? uWS.SSLApp({ cert_file_name: tls.cert, key_file_name: tls.key }) : uWS.App();
 
 app.ws('/*', {
   compression: uWS.DISABLED,
@@ -35,6 +37,6 @@ app.listen('127.0.0.1', port, (token) => {
     console.error(`uws peer: cannot listen on 127.0.0.1:${port}`);
     process.exit(1);
   }
-  console.log(`uws peer listening on 127.0.0.1:${port}`);
+  console.log(`uws peer listening on 127.0.0.1:${port}${tls ? ' (TLS, SSLApp)' : ''}`);
 });
 for (const sig of ['SIGTERM', 'SIGINT']) process.on(sig, () => process.exit(0));

@@ -1,4 +1,5 @@
-//! S5 connect rate: TCP connect + WebSocket handshake + add_group (with reply), many at a time.
+//! S5 connect rate: TCP connect + WebSocket handshake + add_group (with reply), many at a time;
+//! T1 is the same over wss:// (a TLS handshake between the TCP connect and the upgrade).
 
 use std::time::{Duration, Instant};
 

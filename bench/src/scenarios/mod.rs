@@ -61,7 +61,7 @@ pub struct Outcome {
     pub body: Value,
 }
 
-/// Run scenario `name` ("s1".."s7", or "soak").
+/// Run scenario `name` ("s1".."s7", "t1".."t3" (wss://, the target carries TLS), or "soak").
 pub async fn run(name: &str, ctx: &Ctx) -> Result<Outcome> {
     match name {
         "s1" => pubsub::s1(ctx).await,
@@ -71,6 +71,9 @@ pub async fn run(name: &str, ctx: &Ctx) -> Result<Outcome> {
         "s5" => connect::s5(ctx).await,
         "s6" => floor::s6(ctx).await,
         "s7" => large::s7(ctx).await,
+        "t1" => connect::s5(ctx).await,
+        "t2" => pubsub::t2(ctx).await,
+        "t3" => idle::s3(ctx).await,
         "soak" => soak::soak(ctx).await,
         other => Ok(Outcome { ok: false, body: json!({ "error": format!("unknown scenario {other}") }) }),
     }

@@ -254,7 +254,7 @@ async fn incarnation(
     if stable {
         inc.join(idx as u32 % groups, &mut out);
         inc.join((idx as u32 * 7 + 3) % groups, &mut out);
-        if idx % 10 == 0 {
+        if idx.is_multiple_of(10) {
             inc.join(hot, &mut out);
         }
     } else {
@@ -572,10 +572,7 @@ async fn bad_client(idx: usize, sh: Arc<Shared>, mismatches: Arc<Mutex<HashMap<&
         tokio::time::sleep(rng.millis(500, 3000)).await;
         let kind = BAD_KINDS[rng.below(BAD_KINDS.len() as u64) as usize];
         sh.c.bad_attempts.fetch_add(1, Relaxed);
-        let ok = match bad_attempt(&sh, kind, &mut rng).await {
-            Ok(ok) => ok,
-            Err(_) => false,
-        };
+        let ok = bad_attempt(&sh, kind, &mut rng).await.unwrap_or_default();
         if ok {
             sh.c.bad_as_documented.fetch_add(1, Relaxed);
         } else if !sh.finishing() {

@@ -115,9 +115,8 @@ impl SharedWords {
         // SAFETY: a fresh shared mapping of a file we hold open; it aliases no Rust object.
         // Other processes write it concurrently, which is why it is only ever accessed as
         // atomics (`words`).
-        let ptr = unsafe {
-            mmap(None, length, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, fd, 0)?
-        };
+        let ptr =
+            unsafe { mmap(None, length, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, fd, 0)? };
         Ok(SharedWords { ptr, len: bytes / 4 })
     }
 

@@ -349,6 +349,14 @@ fn start_refuses_a_missing_or_broken_certificate() {
     let dir = TempDir::new("tls-start");
     let missing = tls_config(dir.path(), "");
     refused(&missing, "tls.cert_file");
+    // The reason is said once, not once more by the error chain.
+    let path = dir.join("g.toml");
+    std::fs::write(&path, format!("listen = \"127.0.0.1:0\"\n{missing}")).unwrap();
+    let run = run_timed(
+        &["start", "--pid-file", dir.join("g.pid").to_str().unwrap(), "-c", path.to_str().unwrap()],
+        dir.path(),
+    );
+    assert_eq!(run.stderr.matches("(os error 2)").count(), 1, "{run:?}");
     std::fs::write(dir.join("cert.pem"), "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n")
         .unwrap();
     std::fs::write(dir.join("key.pem"), Ca::new().leaf("k").key_pem).unwrap();

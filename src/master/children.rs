@@ -56,7 +56,6 @@ pub struct ChildProc {
     _per_ip: Option<ColumnLease>,
 }
 
-
 impl ChildProc {
     /// Starts `role` from `exe` with each of `inherit` at its descriptor number (the listeners
     /// and, for a worker, the per-IP table; see `control::handoff`), a fresh link as 4, and a

@@ -30,8 +30,8 @@ use signal_hook_mio::v1_0::Signals;
 
 use crate::config::{ChannelAddr, Config, Overrides};
 use crate::control::{ReloadOutcome, Request};
-use crate::ws::close_code;
 use crate::per_ip::{Columns, PerIpTable, COLUMNS_PER_WORKER};
+use crate::ws::close_code;
 use children::{ChildProc, Role, Slot};
 use pidfile::PidFile;
 

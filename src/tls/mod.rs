@@ -30,8 +30,9 @@ const MAX_PEM_BYTES: u64 = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A certificate or key file cannot be read.
-    #[error("cannot read {key} {path}: {source}")]
-    Read { key: &'static str, path: PathBuf, source: io::Error },
+    // `cause`, not `source`: the message says it already, so an error chain must not repeat it.
+    #[error("cannot read {key} {path}: {cause}")]
+    Read { key: &'static str, path: PathBuf, cause: io::Error },
     /// The file is larger than any PEM certificate chain or key.
     #[error("{key} {path} is larger than {MAX_PEM_BYTES} bytes: not a PEM certificate or key")]
     TooLarge { key: &'static str, path: PathBuf },
@@ -42,8 +43,8 @@ pub enum TlsError {
     #[error("tls.key_file {path}: {reason}")]
     Key { path: PathBuf, reason: String },
     /// rustls refused the pair: the key does not match the certificate, or an unsupported key.
-    #[error("tls.cert_file {cert} with tls.key_file {key}: {source}")]
-    Rejected { cert: PathBuf, key: PathBuf, source: rustls::Error },
+    #[error("tls.cert_file {cert} with tls.key_file {key}: {cause}")]
+    Rejected { cert: PathBuf, key: PathBuf, cause: rustls::Error },
     /// `tls.listen` is in force (a reload cannot remove it) but the file is not named.
     #[error("{0} is required while tls.listen is in force (removing the TLS listener needs a restart)")]
     Missing(&'static str),
@@ -74,10 +75,10 @@ impl Material {
         let chain = certificates(&cert).map_err(|reason| TlsError::Certificate { path: cert_path.clone(), reason })?;
         let private = private_key(&key).map_err(|reason| TlsError::Key { path: key_path.clone(), reason })?;
         let not_after = validity::not_after(&chain[0]);
-        build(chain, private).map_err(|source| TlsError::Rejected {
+        build(chain, private).map_err(|cause| TlsError::Rejected {
             cert: cert_path.clone(),
             key: key_path.clone(),
-            source,
+            cause,
         })?;
         let mut pem = cert;
         pem.push(b'\n');
@@ -112,7 +113,7 @@ pub fn inherited_config(fd: OwnedFd) -> Result<Arc<ServerConfig>, TlsError> {
 }
 
 fn read_pem(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    let read = |source| TlsError::Read { key, path: path.to_owned(), source };
+    let read = |cause| TlsError::Read { key, path: path.to_owned(), cause };
     let len = std::fs::metadata(path).map_err(read)?.len();
     if len > MAX_PEM_BYTES {
         return Err(TlsError::TooLarge { key, path: path.to_owned() });

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use super::groups::GroupId;
 use super::outqueue::{Chunk, OutQueue};
-use crate::auth::{Identity, RateOverride};
 use super::transport::Transport;
+use crate::auth::{Identity, RateOverride};
 use crate::ws::frame;
 
 /// How a connection that is closing ends.

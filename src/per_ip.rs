@@ -6,8 +6,10 @@
 //!
 //! - **Columns.** Every live worker writes only its own column, so when a worker dies however
 //!   it dies (SIGKILL included) the master zeroes that column and its connections stop counting.
-//!   Columns are leased by the master (`Columns`), several per worker so the workers of a
-//!   reload and the ones they replace never share one.
+//!   Columns are leased by the master (`Columns`), three per configured worker so the workers
+//!   of a reload and the ones still draining normally each have their own. Should more be
+//!   alive at once, two share a column: counting stays exact (every update is an atomic add or
+//!   subtract), and the column is zeroed only when the last of its workers is reaped.
 //! - **Rows.** An address is hashed (SipHash with a random key per instance, so nobody can aim
 //!   collisions) into one bucket in each of two rows; its count is the smaller of the two
 //!   bucket sums (a count-min sketch). Collisions only ever add, so the cap is never exceeded;

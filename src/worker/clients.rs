@@ -147,8 +147,7 @@ impl Clients {
             self.refuse_connection(stream, peer, tls.is_some());
             return;
         }
-        let per_ip_cap = self.limits.per_ip_cap(peer.ip());
-        if let Some(cap) = per_ip_cap {
+        if let Some(cap) = self.limits.per_ip_cap(peer.ip()) {
             if !self.per_ip.admit(peer.ip(), cap) {
                 self.refuse_per_ip(stream, peer, tls.is_some());
                 return;
@@ -160,9 +159,7 @@ impl Clients {
                 Ok(conn) => Transport::Tls(Box::new(conn)),
                 Err(e) => {
                     log::warn!("cannot start TLS with {peer}: {e}");
-                    if per_ip_cap.is_some() {
-                        self.per_ip.release(peer.ip());
-                    }
+                    self.forget_per_ip(peer.ip());
                     return;
                 }
             },
@@ -173,9 +170,7 @@ impl Clients {
         let token = Token(key + FIRST_CONN);
         if let Err(e) = registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE) {
             log::warn!("cannot register connection from {peer}: {e}");
-            if per_ip_cap.is_some() {
-                self.per_ip.release(peer.ip());
-            }
+            self.forget_per_ip(peer.ip());
             return;
         }
         let id = self.next_conn_id;
@@ -292,6 +287,14 @@ impl Clients {
         }
     }
 
+    /// Un-counts a connection from `ip` in the per-IP table. It was counted at accept exactly
+    /// when a cap applied to `ip`, and the limits do not change during a worker's life.
+    fn forget_per_ip(&self, ip: std::net::IpAddr) {
+        if self.limits.per_ip_cap(ip).is_some() {
+            self.per_ip.release(ip);
+        }
+    }
+
     /// Forgets a connection: socket closed, every group membership removed.
     pub(super) fn drop_conn(&mut self, key: usize, why: &str, parts: &mut Parts<'_>) {
         if !self.conns.contains(key) {
@@ -299,10 +302,7 @@ impl Clients {
         }
         let mut conn = self.conns.remove(key);
         let _ = parts.registry.deregister(&mut conn.stream);
-        // Counted at accept exactly when a cap applied; the limits do not change in a worker.
-        if self.limits.per_ip_cap(conn.peer.ip()).is_some() {
-            self.per_ip.release(conn.peer.ip());
-        }
+        self.forget_per_ip(conn.peer.ip());
         if conn.stream.is_tls() {
             self.stats.tls_connections -= 1;
             if conn.stream.tls_handshake_failed() {

@@ -218,6 +218,43 @@ impl Default for ChannelSettings {
     }
 }
 
+/// Per-group history behind protocol 2's offsets and recovery: the `[history]` table
+/// (docs/protocol.md "Protocol 2"). Kept by the channel server, or in Redis Streams on the
+/// Redis bus. Sized for a chat-like application: the last 100 messages of each group for
+/// 5 minutes, 64 MiB in all.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistorySettings {
+    /// Messages kept per group (default 100; 0: no history, offsets only).
+    pub size: usize,
+    /// How long a message is kept, ms (default 300000). A group without members keeps its
+    /// history until then.
+    pub ttl_ms: u64,
+    /// Bytes of history kept in all (default 64 MiB), oldest dropped first.
+    pub max_bytes: usize,
+    /// Most messages one join with `since` replays (default 1000); further back is a gap.
+    pub max_recover: usize,
+    /// Groups whose position (epoch and offset) is kept without members or messages, most
+    /// idle forgotten first (default 100000): a forgotten group starts a new epoch.
+    pub max_groups: usize,
+    /// How long the position of a group without members and messages is kept, ms
+    /// (default 86400000): a client coming back within it to a quiet group loses nothing.
+    pub meta_ttl_ms: u64,
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        HistorySettings {
+            size: 100,
+            ttl_ms: 300_000,
+            max_bytes: 64 << 20,
+            max_recover: 1000,
+            max_groups: 100_000,
+            meta_ttl_ms: 86_400_000,
+        }
+    }
+}
+
 /// Where log lines go and which: the `[log]` table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -355,6 +392,8 @@ pub struct Config {
     pub bus: BusKind,
     /// `[channel]`: the broker's address, the remote broker, secret, queues, grace window.
     pub channel: ChannelSettings,
+    /// Per-group history for protocol 2 (`[history]`).
+    pub history: HistorySettings,
     /// `[redis]`: the Redis bus (`bus = "redis"`).
     pub redis: RedisConfig,
     /// `[log]`: level and syslog.
@@ -527,6 +566,7 @@ impl Default for Config {
             group: None,
             bus: BusKind::Channel,
             channel: ChannelSettings::default(),
+            history: HistorySettings::default(),
             redis: RedisConfig::default(),
             log: LogSettings::default(),
             limits: Limits::default(),
@@ -789,6 +829,12 @@ impl Config {
             ("channel.peer_buffer_limit", n(c.peer_buffer_limit), 1024, MAX_BYTES),
             ("channel.auth_timeout_ms", c.auth_timeout_ms, 100, MAX_DURATION_MS),
             ("channel.max_peers", n(c.max_peers), 1, 1_000_000),
+            ("history.size", n(self.history.size), 0, 1_000_000),
+            ("history.ttl_ms", self.history.ttl_ms, 1, MAX_DURATION_MS),
+            ("history.max_bytes", n(self.history.max_bytes), 0, MAX_BYTES),
+            ("history.max_recover", n(self.history.max_recover), 0, 1_000_000),
+            ("history.max_groups", n(self.history.max_groups), 1, MAX_COUNT),
+            ("history.meta_ttl_ms", self.history.meta_ttl_ms, 1, MAX_DURATION_MS),
             ("limits.max_connections_per_worker", n(l.max_connections_per_worker), 1, MAX_COUNT),
             ("limits.max_connections", n(l.max_connections), 1, MAX_COUNT),
             ("limits.max_frame_size", n(l.max_frame_size), 16, 1 << 30),

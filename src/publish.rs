@@ -96,7 +96,7 @@ pub fn publish(config: &Config, group: &str, message: Option<&str>) -> anyhow::R
         }
     }
     let mut publisher = Publisher::new(auth::random_origin(true)?);
-    wire::encode_hello(&mut buf, publisher.origin(), "publish");
+    wire::encode_hello(&mut buf, wire::VERSION, publisher.origin(), "publish");
     let mut send = |peer: &mut Peer, buf: &mut Vec<u8>, text: &str| -> io::Result<()> {
         publisher.encode(buf, group, text.as_bytes());
         if buf.len() >= BATCH {

@@ -36,7 +36,7 @@ fn raw_frame(kind: u8, body: &[u8]) -> Vec<u8> {
 
 fn hello(name: &str) -> Vec<u8> {
     let mut out = Vec::new();
-    wire::encode_hello(&mut out, 0xdead_0000, name);
+    wire::encode_hello(&mut out, wire::VERSION, 0xdead_0000, name);
     out
 }
 

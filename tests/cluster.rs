@@ -108,7 +108,7 @@ fn peers_without_the_secret_are_refused() {
     let mut raw = TcpStream::connect(broker.addr).unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut hello = Vec::new();
-    wire::encode_hello(&mut hello, 7, "rogue");
+    wire::encode_hello(&mut hello, wire::VERSION, 7, "rogue");
     raw.write_all(&hello).unwrap();
     let mut sink = Vec::new();
     let _ = raw.read_to_end(&mut sink);

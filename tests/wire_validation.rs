@@ -87,7 +87,7 @@ fn a_message_from_the_bus_that_is_not_utf8_is_dropped() {
     let mut peer = UnixStream::connect(server.dir.join("g.channel.sock")).expect("connect to the channel socket");
     let origin = 0x5eed_0000_0000_0001;
     let mut out = Vec::new();
-    wire::encode_hello(&mut out, origin, "test-publisher");
+    wire::encode_hello(&mut out, wire::VERSION, origin, "test-publisher");
     wire::encode_message(&mut out, origin, 1, "g", b"\xff\xfe not text");
     wire::encode_message(&mut out, origin, 2, "g", b"after");
     peer.write_all(&out).unwrap();

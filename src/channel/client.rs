@@ -282,7 +282,7 @@ impl ChannelClient {
     /// Authenticated (or no authentication needed): introduce ourselves, subscribe every local
     /// group, and send again every publish the broker has not acknowledged.
     fn become_ready<'a>(&mut self, groups: impl Iterator<Item = &'a str>) {
-        wire::encode_hello(self.outbuf.tail(), self.publisher.origin(), &self.name);
+        wire::encode_hello(self.outbuf.tail(), wire::VERSION, self.publisher.origin(), &self.name);
         for group in groups {
             wire::encode_resubscribe(self.outbuf.tail(), group);
         }

@@ -434,7 +434,7 @@ impl Broker {
                     self.introduce(key, version, origin, name)?;
                 }
                 (Phase::AwaitHello, other) => {
-                    return Err(Cut::Violation(format!("sent {} before HELLO", frame_name(&other))))
+                    return Err(Cut::Violation(format!("sent {} before HELLO", other.kind())))
                 }
                 (Phase::Ready { .. }, wire::Frame::Hello { .. }) => {
                     return Err(Cut::Violation("sent HELLO twice".into()));
@@ -683,20 +683,5 @@ impl Broker {
             }
             Ok(None) | Err(_) => false,
         }
-    }
-}
-
-/// The name of a frame, for logs (never its body).
-fn frame_name(frame: &wire::Frame<'_>) -> &'static str {
-    match frame {
-        wire::Frame::Hello { .. } => "HELLO",
-        wire::Frame::Subscribe { .. } => "SUBSCRIBE",
-        wire::Frame::Unsubscribe { .. } => "UNSUBSCRIBE",
-        wire::Frame::Resubscribe { .. } => "RESUBSCRIBE",
-        wire::Frame::Message { .. } => "MESSAGE",
-        wire::Frame::Challenge { .. } => "CHALLENGE",
-        wire::Frame::Auth { .. } => "AUTH",
-        wire::Frame::AuthOk { .. } => "AUTH_OK",
-        wire::Frame::Ack { .. } => "ACK",
     }
 }

@@ -4,8 +4,13 @@
 //! Strings are `u16` big-endian length + UTF-8 bytes. A MESSAGE frame travels unchanged from
 //! the publishing worker through the broker to each subscriber, so the broker never re-encodes.
 
-/// Version sent in HELLO; a broker refuses other versions.
+/// Version sent in HELLO and CHALLENGE by peers that know nothing of offsets (`groupcast
+/// publish`, older workers).
 pub const VERSION: u8 = 1;
+/// HELLO version of a peer that speaks the offset frames (PUBLISH, PUBLICATION, STAMP,
+/// HISTORY, HISTORY_ITEM, POSITION): it is sent PUBLICATION instead of MESSAGE and a STAMP for
+/// each of its publishes. A broker accepts both versions.
+pub const VERSION_OFFSETS: u8 = 2;
 
 pub const HELLO: u8 = 1;
 pub const SUBSCRIBE: u8 = 2;
@@ -16,6 +21,37 @@ pub const AUTH: u8 = 6;
 pub const AUTH_OK: u8 = 7;
 pub const ACK: u8 = 8;
 pub const RESUBSCRIBE: u8 = 9;
+pub const PUBLISH: u8 = 10;
+pub const PUBLICATION: u8 = 11;
+pub const STAMP: u8 = 12;
+pub const HISTORY: u8 = 13;
+pub const HISTORY_ITEM: u8 = 14;
+pub const POSITION: u8 = 15;
+
+/// What a payload is, for protocol 2's envelope: the text of a JSON string (enveloped as a
+/// JSON string again) or compact JSON text (enveloped as it is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadKind {
+    Text = 0,
+    Json = 1,
+}
+
+impl PayloadKind {
+    fn from_u8(b: u8) -> Option<PayloadKind> {
+        match b {
+            0 => Some(PayloadKind::Text),
+            1 => Some(PayloadKind::Json),
+            _ => None,
+        }
+    }
+}
+
+/// A client's position in a group's history (`since` of a join), as a peer asks for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Since<'a> {
+    pub epoch: &'a str,
+    pub offset: u64,
+}
 
 /// Bytes of an authentication nonce.
 pub const NONCE_LEN: usize = 16;
@@ -73,6 +109,55 @@ pub enum Frame<'a> {
     Ack {
         seq: u64,
     },
+    /// A publish of an offsets peer (version 2): MESSAGE plus what the payload is.
+    Publish {
+        origin: u64,
+        seq: u64,
+        kind: PayloadKind,
+        group: &'a str,
+        payload: &'a [u8],
+    },
+    /// A group message as the broker sends it to an offsets peer: with the offset the broker
+    /// gave it in its group.
+    Publication {
+        origin: u64,
+        seq: u64,
+        offset: u64,
+        kind: PayloadKind,
+        group: &'a str,
+        payload: &'a [u8],
+    },
+    /// To an offsets peer, for each of its own publishes, in stream order: the offset the
+    /// publish `seq` got. Offset 0: a resend the broker had handled before (offset unknown).
+    Stamp {
+        seq: u64,
+        offset: u64,
+    },
+    /// An offsets peer asks for a group's position and, with `since`, for the messages after
+    /// it (at most `limit`). Answered by HISTORY_ITEMs (only when all of them can be given)
+    /// and then one POSITION, all carrying `request`.
+    History {
+        request: u64,
+        group: &'a str,
+        since: Option<Since<'a>>,
+        limit: u32,
+    },
+    /// One retained message after the `since` of HISTORY `request`, oldest first.
+    HistoryItem {
+        request: u64,
+        offset: u64,
+        kind: PayloadKind,
+        payload: &'a [u8],
+    },
+    /// The end of the answer to HISTORY `request`: the group's epoch and last offset;
+    /// `recovered` when every message after `since` was sent before it. Every message of the
+    /// group after `offset` reaches the peer after this frame (when it is subscribed).
+    Position {
+        request: u64,
+        epoch: &'a str,
+        offset: u64,
+        recovered: bool,
+    },
 }
 
 impl Frame<'_> {
@@ -88,6 +173,12 @@ impl Frame<'_> {
             Frame::Auth { .. } => "AUTH",
             Frame::AuthOk { .. } => "AUTH_OK",
             Frame::Ack { .. } => "ACK",
+            Frame::Publish { .. } => "PUBLISH",
+            Frame::Publication { .. } => "PUBLICATION",
+            Frame::Stamp { .. } => "STAMP",
+            Frame::History { .. } => "HISTORY",
+            Frame::HistoryItem { .. } => "HISTORY_ITEM",
+            Frame::Position { .. } => "POSITION",
         }
     }
 }
@@ -149,6 +240,58 @@ pub fn decode(buf: &[u8], max_frame: usize) -> Result<Option<(Frame<'_>, usize)>
         AUTH_OK => Frame::AuthOk { mac: r.array().ok_or(WireError::Malformed("auth_ok"))? },
         RESUBSCRIBE => Frame::Resubscribe { group: r.str().ok_or(WireError::Malformed("resubscribe"))? },
         ACK => Frame::Ack { seq: r.u64().ok_or(WireError::Malformed("ack"))? },
+        PUBLISH => {
+            let bad = || WireError::Malformed("publish");
+            let origin = r.u64().ok_or_else(bad)?;
+            let seq = r.u64().ok_or_else(bad)?;
+            let kind = r.u8().and_then(PayloadKind::from_u8).ok_or_else(bad)?;
+            let group = r.str().ok_or_else(bad)?;
+            Frame::Publish { origin, seq, kind, group, payload: r.buf }
+        }
+        PUBLICATION => {
+            let bad = || WireError::Malformed("publication");
+            let origin = r.u64().ok_or_else(bad)?;
+            let seq = r.u64().ok_or_else(bad)?;
+            let offset = r.u64().ok_or_else(bad)?;
+            let kind = r.u8().and_then(PayloadKind::from_u8).ok_or_else(bad)?;
+            let group = r.str().ok_or_else(bad)?;
+            Frame::Publication { origin, seq, offset, kind, group, payload: r.buf }
+        }
+        STAMP => {
+            let bad = || WireError::Malformed("stamp");
+            Frame::Stamp { seq: r.u64().ok_or_else(bad)?, offset: r.u64().ok_or_else(bad)? }
+        }
+        HISTORY => {
+            let bad = || WireError::Malformed("history");
+            let request = r.u64().ok_or_else(bad)?;
+            let group = r.str().ok_or_else(bad)?;
+            let since = match r.u8().ok_or_else(bad)? {
+                0 => None,
+                1 => Some(Since { epoch: r.str().ok_or_else(bad)?, offset: r.u64().ok_or_else(bad)? }),
+                _ => return Err(bad()),
+            };
+            let limit = r.u32().ok_or_else(bad)?;
+            Frame::History { request, group, since, limit }
+        }
+        HISTORY_ITEM => {
+            let bad = || WireError::Malformed("history_item");
+            let request = r.u64().ok_or_else(bad)?;
+            let offset = r.u64().ok_or_else(bad)?;
+            let kind = r.u8().and_then(PayloadKind::from_u8).ok_or_else(bad)?;
+            Frame::HistoryItem { request, offset, kind, payload: r.buf }
+        }
+        POSITION => {
+            let bad = || WireError::Malformed("position");
+            let request = r.u64().ok_or_else(bad)?;
+            let epoch = r.str().ok_or_else(bad)?;
+            let offset = r.u64().ok_or_else(bad)?;
+            let recovered = match r.u8().ok_or_else(bad)? {
+                0 => false,
+                1 => true,
+                _ => return Err(bad()),
+            };
+            Frame::Position { request, epoch, offset, recovered }
+        }
         other => return Err(WireError::UnknownType(other)),
     };
     Ok(Some((frame, LEN_PREFIX + len)))
@@ -169,6 +312,9 @@ impl<'a> Reader<'a> {
     }
     fn u64(&mut self) -> Option<u64> {
         self.take(8).map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
     fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
         self.take(N)?.try_into().ok()
@@ -195,9 +341,10 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(bytes);
 }
 
-pub fn encode_hello(out: &mut Vec<u8>, origin: u64, name: &str) {
+/// HELLO with `version` (`VERSION`, or `VERSION_OFFSETS` for a peer that speaks offsets).
+pub fn encode_hello(out: &mut Vec<u8>, version: u8, origin: u64, name: &str) {
     frame(out, HELLO, |o| {
-        o.push(VERSION);
+        o.push(version);
         o.extend_from_slice(&origin.to_be_bytes());
         put_str(o, name);
     });
@@ -247,6 +394,78 @@ pub fn encode_ack(out: &mut Vec<u8>, seq: u64) {
     frame(out, ACK, |o| o.extend_from_slice(&seq.to_be_bytes()));
 }
 
+pub fn encode_publish(out: &mut Vec<u8>, origin: u64, seq: u64, kind: PayloadKind, group: &str, payload: &[u8]) {
+    frame(out, PUBLISH, |o| {
+        o.extend_from_slice(&origin.to_be_bytes());
+        o.extend_from_slice(&seq.to_be_bytes());
+        o.push(kind as u8);
+        put_str(o, group);
+        o.extend_from_slice(payload);
+    });
+}
+
+/// PUBLICATION of a message the broker numbered `offset`.
+pub struct Numbered<'a> {
+    pub origin: u64,
+    pub seq: u64,
+    pub offset: u64,
+    pub kind: PayloadKind,
+    pub group: &'a str,
+    pub payload: &'a [u8],
+}
+
+pub fn encode_publication(out: &mut Vec<u8>, m: &Numbered<'_>) {
+    frame(out, PUBLICATION, |o| {
+        o.extend_from_slice(&m.origin.to_be_bytes());
+        o.extend_from_slice(&m.seq.to_be_bytes());
+        o.extend_from_slice(&m.offset.to_be_bytes());
+        o.push(m.kind as u8);
+        put_str(o, m.group);
+        o.extend_from_slice(m.payload);
+    });
+}
+
+pub fn encode_stamp(out: &mut Vec<u8>, seq: u64, offset: u64) {
+    frame(out, STAMP, |o| {
+        o.extend_from_slice(&seq.to_be_bytes());
+        o.extend_from_slice(&offset.to_be_bytes());
+    });
+}
+
+pub fn encode_history(out: &mut Vec<u8>, request: u64, group: &str, since: Option<Since<'_>>, limit: u32) {
+    frame(out, HISTORY, |o| {
+        o.extend_from_slice(&request.to_be_bytes());
+        put_str(o, group);
+        match since {
+            None => o.push(0),
+            Some(s) => {
+                o.push(1);
+                put_str(o, s.epoch);
+                o.extend_from_slice(&s.offset.to_be_bytes());
+            }
+        }
+        o.extend_from_slice(&limit.to_be_bytes());
+    });
+}
+
+pub fn encode_history_item(out: &mut Vec<u8>, request: u64, offset: u64, kind: PayloadKind, payload: &[u8]) {
+    frame(out, HISTORY_ITEM, |o| {
+        o.extend_from_slice(&request.to_be_bytes());
+        o.extend_from_slice(&offset.to_be_bytes());
+        o.push(kind as u8);
+        o.extend_from_slice(payload);
+    });
+}
+
+pub fn encode_position(out: &mut Vec<u8>, request: u64, epoch: &str, offset: u64, recovered: bool) {
+    frame(out, POSITION, |o| {
+        o.extend_from_slice(&request.to_be_bytes());
+        put_str(o, epoch);
+        o.extend_from_slice(&offset.to_be_bytes());
+        o.push(u8::from(recovered));
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,7 +473,7 @@ mod tests {
     #[test]
     fn round_trip_every_frame() {
         let mut buf = Vec::new();
-        encode_hello(&mut buf, 7, "worker-0");
+        encode_hello(&mut buf, VERSION, 7, "worker-0");
         encode_subscribe(&mut buf, "g1");
         encode_unsubscribe(&mut buf, "g1");
         encode_message(&mut buf, 7, 42, "g1", "héllo".as_bytes());
@@ -275,6 +494,42 @@ mod tests {
         assert_eq!(frames[5], Frame::Auth { nonce: [2; NONCE_LEN], mac: [3; MAC_LEN] });
         assert_eq!(frames[6], Frame::AuthOk { mac: [4; MAC_LEN] });
         assert_eq!(frames[7], Frame::Ack { seq: 99 });
+    }
+
+    #[test]
+    fn round_trip_offset_frames() {
+        let mut buf = Vec::new();
+        encode_publish(&mut buf, 7, 1, PayloadKind::Json, "g", b"{}");
+        let m = Numbered { origin: 7, seq: 1, offset: 5, kind: PayloadKind::Text, group: "g", payload: b"hi" };
+        encode_publication(&mut buf, &m);
+        encode_stamp(&mut buf, 1, 5);
+        encode_history(&mut buf, 3, "g", Some(Since { epoch: "e1", offset: 4 }), 100);
+        encode_history(&mut buf, 4, "g", None, 0);
+        encode_history_item(&mut buf, 3, 5, PayloadKind::Text, b"hi");
+        encode_position(&mut buf, 3, "e1", 5, true);
+        let mut at = 0;
+        let mut frames = Vec::new();
+        while let Some((f, n)) = decode(&buf[at..], 1 << 20).unwrap() {
+            frames.push(f);
+            at += n;
+        }
+        assert_eq!(
+            frames,
+            vec![
+                Frame::Publish { origin: 7, seq: 1, kind: PayloadKind::Json, group: "g", payload: b"{}" },
+                Frame::Publication { origin: 7, seq: 1, offset: 5, kind: PayloadKind::Text, group: "g", payload: b"hi" },
+                Frame::Stamp { seq: 1, offset: 5 },
+                Frame::History { request: 3, group: "g", since: Some(Since { epoch: "e1", offset: 4 }), limit: 100 },
+                Frame::History { request: 4, group: "g", since: None, limit: 0 },
+                Frame::HistoryItem { request: 3, offset: 5, kind: PayloadKind::Text, payload: b"hi" },
+                Frame::Position { request: 3, epoch: "e1", offset: 5, recovered: true },
+            ]
+        );
+        // A kind or flag byte out of range is malformed, not guessed.
+        let mut bad = Vec::new();
+        encode_publish(&mut bad, 7, 1, PayloadKind::Text, "g", b"x");
+        bad[4 + 1 + 16] = 9;
+        assert_eq!(decode(&bad, 1 << 20), Err(WireError::Malformed("publish")));
     }
 
     #[test]

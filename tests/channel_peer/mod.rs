@@ -82,7 +82,7 @@ impl RawPeer {
             out.clear();
             assert_eq!(self.next(Duration::from_secs(10)), Some(Got::AuthOk));
         }
-        wire::encode_hello(&mut out, origin, name);
+        wire::encode_hello(&mut out, wire::VERSION, origin, name);
         self.send(&out);
         self.origin = origin;
         self

@@ -171,6 +171,8 @@ pub struct StatusReport {
     pub limits: crate::config::Limits,
     /// The channel settings in force: bounds of the broker and of the workers' channel client.
     pub channel_settings: crate::config::ChannelSettings,
+    /// `[history]` in force: what backs protocol 2's offsets and recovery.
+    pub history: crate::config::HistorySettings,
     /// Who may connect (`[auth]`) and the `[[groups]]` rules in force; never a key.
     pub auth: AuthReport,
     /// `[tls]` in force: its listen address and certificate and key files.

@@ -40,6 +40,7 @@ use grace::Grace;
 use peer::{Cut, Peer, Phase};
 
 mod grace;
+mod history;
 mod peer;
 
 const LISTENER: Token = Token(0);

@@ -307,6 +307,7 @@ impl History {
     }
 
     /// The position of `group` if the broker has one: its epoch and last offset.
+    #[cfg(test)]
     pub fn position(&self, group: &str) -> Option<(Epoch, u64)> {
         let g = &self.groups[*self.by_name.get(group)?];
         Some((g.epoch, g.top))

@@ -23,9 +23,19 @@ pub struct Target {
     pub source_ips: u8,
     /// wss:// when set: TLS over the TCP connection before the upgrade.
     pub tls: Option<Tls>,
+    /// Client protocol: 1 = the seed protocol (upgrade `/`), 2 = `/?protocol=2`
+    /// (numbered joins, envelopes with offsets).
+    pub protocol: u8,
 }
 
-/// TCP connect (TCP_NODELAY) [+ TLS handshake] + WebSocket handshake on path `/`.
+impl Target {
+    pub fn protocol2(&self) -> bool {
+        self.protocol == 2
+    }
+}
+
+/// TCP connect (TCP_NODELAY) [+ TLS handshake] + WebSocket handshake on path `/`
+/// (`/?protocol=2` for protocol 2).
 pub async fn connect(t: &Target, idx: usize) -> Result<(Reader, Writer)> {
     let sock = TcpSocket::new_v4()?;
     if t.source_ips > 1 {
@@ -50,7 +60,8 @@ pub async fn connect(t: &Target, idx: usize) -> Result<(Reader, Writer)> {
         Some(tls) => Stream::Tls(Box::new(tls.connect(stream).await?)),
         None => Stream::Plain(stream),
     };
-    ws::handshake(stream, &t.addr.to_string()).await
+    let path = if t.protocol2() { "/?protocol=2" } else { "/" };
+    ws::handshake_path(stream, &t.addr.to_string(), path).await
 }
 
 /// Read every frame of connection `idx` into the tracker until it closes.
@@ -105,7 +116,8 @@ pub fn spawn_reader(idx: usize, mut r: Reader, w: Writer, tracker: Arc<Tracker>)
 }
 
 /// Open connections with these groups (`groups[i]` for connection i; empty = publisher),
-/// join, and send the probe: the last add_group of each member carries an `id`.
+/// join, and send the probe: the last add_group of each member carries an `id`
+/// (protocol 2: every add_group does, its reply's offset anchors the offset check).
 /// Returns the writers and reader tasks once every member's probe has been answered.
 pub async fn establish(
     t: &Target,
@@ -121,7 +133,11 @@ pub async fn establish(
                 let reader = spawn_reader(idx, r, w.clone(), tracker);
                 let mut cmds = Vec::new();
                 for (k, g) in gs.iter().enumerate() {
-                    let id = (k + 1 == gs.len()).then_some(idx as u64);
+                    let id = if t.protocol2() {
+                        Some(Tracker::join_id(idx, *g))
+                    } else {
+                        (k + 1 == gs.len()).then_some(idx as u64)
+                    };
                     ws::encode_text(&wire::add_group(*g, id), &mut cmds);
                 }
                 ws::send(&w, &cmds).await?;
@@ -136,7 +152,11 @@ pub async fn establish(
         let (idx, w, reader) = r?;
         slots[idx] = Some((w, reader));
     }
-    let members = groups.iter().filter(|g| !g.is_empty()).count() as u64;
+    let members = if t.protocol2() {
+        groups.iter().map(|g| g.len() as u64).sum()
+    } else {
+        groups.iter().filter(|g| !g.is_empty()).count() as u64
+    };
     wait_for_replies(tracker, members, Duration::from_secs(60)).await?;
     Ok(slots.into_iter().flatten().unzip())
 }

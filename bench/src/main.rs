@@ -85,6 +85,11 @@ struct Args {
     /// S6 writes per measurement.
     #[arg(long)]
     iterations: Option<u64>,
+    /// Client protocol: 1 = the seed protocol; 2 = connect with `?protocol=2`, every join
+    /// answered with its offset, messages in envelopes whose offsets must be consecutive
+    /// per group and connection (S1, S2, S4, S7, T2 check them; S3, S5 only connect so).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    protocol: u8,
 }
 
 /// The `cert` command: one JSON line naming the files, exit 1 on failure.
@@ -132,7 +137,12 @@ fn main() {
         }
     };
     let ctx = Ctx {
-        target: args.addr.map(|addr| conn::Target { addr, source_ips: args.source_ips.max(1), tls: tls.clone() }),
+        target: args.addr.map(|addr| conn::Target {
+            addr,
+            source_ips: args.source_ips.max(1),
+            tls: tls.clone(),
+            protocol: args.protocol,
+        }),
         server: procfs::Server(args.server_pid),
         smoke: args.smoke,
         o: Overrides {
@@ -165,6 +175,10 @@ fn main() {
         "loader_cpu_us_total": sys::self_cpu_us() - cpu0,
         "tls": tls::negotiated(),
     });
+    if args.protocol != 1 {
+        // Only then: protocol-1 output stays what it was.
+        out["protocol"] = json!(args.protocol);
+    }
     let code = match res {
         Ok(o) => {
             out["ok"] = json!(o.ok);

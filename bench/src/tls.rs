@@ -163,7 +163,7 @@ mod tests {
             let _ = s.read(&mut b).await; // until the client goes away
         });
         let tls = Tls::new(&d.0.join("cert.pem"), "127.0.0.1", false).expect("client");
-        let t = Target { addr, source_ips: 1, tls: Some(tls) };
+        let t = Target { addr, source_ips: 1, tls: Some(tls), protocol: 1 };
         let (mut r, w) = conn::connect(&t, 0).await.expect("wss connect");
         assert_eq!(r.next_text(&w).await.expect("frame").as_deref(), Some("hi"));
         let neg = negotiated().expect("negotiated");

@@ -225,11 +225,16 @@ impl Reader {
     }
 }
 
-/// HTTP upgrade on an open (TCP or TLS) stream; returns the split connection.
+/// HTTP upgrade of `/` on an open (TCP or TLS) stream; returns the split connection.
 pub async fn handshake(stream: impl Into<Stream>, host: &str) -> Result<(Reader, Writer)> {
+    handshake_path(stream, host, "/").await
+}
+
+/// HTTP upgrade of `path` (e.g. `/?protocol=2`) on an open stream.
+pub async fn handshake_path(stream: impl Into<Stream>, host: &str, path: &str) -> Result<(Reader, Writer)> {
     let mut stream = stream.into();
     let req = format!(
-        "GET / HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     stream.write_all(req.as_bytes()).await?;

@@ -90,7 +90,7 @@ impl Swarm {
             *group_size.entry(*g).or_insert(0) += 1;
         }
         groups.extend((0..spec.publishers).map(|_| Vec::new()));
-        let tracker = Arc::new(Tracker::new(&groups));
+        let tracker = Arc::new(Tracker::new(&groups, t.protocol2()));
         let (mut sinks, readers) = conn::establish(t, &groups, &tracker, concurrency).await?;
         let pubs = sinks.split_off(spec.members);
         // Joins were acknowledged; give cross-process subscriptions a moment to settle.

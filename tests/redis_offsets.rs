@@ -378,3 +378,81 @@ fn redis_restart_with_persistence_keeps_the_epoch_and_recovers() {
     assert_eq!(epoch_of(&reply), epoch);
     assert!(member.next(Duration::from_millis(300)).is_none(), "no gap notice, nothing twice");
 }
+
+/// Publishes to `group` on `addr` from a thread until the guard is dropped.
+struct Stream {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl Stream {
+    fn start(addr: SocketAddr, group: &'static str) -> Stream {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut sender = P2::connect(addr);
+            let mut last = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                last = sender.publish(group, &format!("x{last}"));
+            }
+            last
+        });
+        Stream { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Envelopes of `group` that came before a join's reply (`before`) and the `n` after it: their
+/// offsets must be `from`, `from + 1`, ... (live messages that arrived while the join waited
+/// for its answer may come before the reply, after the replay: the worker's order).
+fn consecutive(member: &mut P2, group: &str, before: &[Value], from: u64, n: usize) {
+    let mut got: Vec<u64> = before.iter().map(|v| v["offset"].as_u64().unwrap_or_else(|| panic!("{v}"))).collect();
+    for _ in 0..n {
+        let v = member.recv();
+        assert_eq!(v["group"].as_str(), Some(group), "{v}");
+        got.push(v["offset"].as_u64().unwrap_or_else(|| panic!("an envelope, not {v}")));
+    }
+    assert_eq!(got, (from..from + got.len() as u64).collect::<Vec<_>>(), "no gap, no repeat");
+}
+
+#[test]
+fn joins_during_a_steady_stream_lose_and_repeat_nothing() {
+    let port = free_port();
+    let Some(_redis) = Redis::start(port, None) else { return };
+    // No history on `a`: a message missed between a join's answer and the live stream could
+    // not be caught up there, it would be a gap notice.
+    let a = instance(port, "size = 0");
+    let b = instance(port, "");
+    {
+        let _stream = Stream::start(a.addr, "s0");
+        for _ in 0..12 {
+            let mut joiner = P2::connect(a.addr);
+            let (before, reply) = joiner.join("s0", None);
+            let top = reply["offset"].as_u64().expect("offset");
+            consecutive(&mut joiner, "s0", &before, top + 1, 5);
+        }
+    }
+    let _stream = Stream::start(b.addr, "s1");
+    let mut first = P2::connect(b.addr);
+    let (_, reply) = first.join("s1", None);
+    let epoch = epoch_of(&reply);
+    let mut since = reply["offset"].as_u64().expect("offset");
+    consecutive(&mut first, "s1", &[], since + 1, 3);
+    for i in 0..12 {
+        let mut joiner = P2::connect(if i % 2 == 0 { a.addr } else { b.addr });
+        let (before, reply) = joiner.join("s1", Some((&epoch, since)));
+        let top = reply["offset"].as_u64().expect("offset");
+        assert_eq!(reply["recovered"], true, "{reply}");
+        assert!(items(&before).starts_with(&(since + 1..=top).collect::<Vec<_>>()), "the replay first");
+        consecutive(&mut joiner, "s1", &before, since + 1, 5);
+        since = top;
+    }
+}

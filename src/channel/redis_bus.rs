@@ -216,7 +216,8 @@ impl Requests {
     /// A new subscriber connection: what was on its way is lost (the worker asks again after
     /// the `LinkUp`).
     pub fn clear(&mut self) {
-        let running = self.in_flight - self.asked.len() - self.ready.len() - self.answered.len();
+        let queued = self.asked.len() + self.ready.len() + self.answered.len();
+        let running = self.in_flight.saturating_sub(queued);
         self.asked.clear();
         self.ready.clear();
         self.answered.clear();
@@ -573,7 +574,7 @@ impl Commands {
                             None
                         }
                         Err(e) => {
-                            requests.in_flight -= 1;
+                            requests.in_flight = requests.in_flight.saturating_sub(1);
                             drop(requests);
                             if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
                                 Some(format!("redis history request failed: {e}"))

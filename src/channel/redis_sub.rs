@@ -144,6 +144,7 @@ impl Subscriber {
                     self.shared.push_incoming(Incoming::LinkUp);
                     self.shared.wake_worker();
                     let why = self.serve(&mut session);
+                    self.forget_pings(&mut session);
                     if session.answered {
                         backoff = MIN_BACKOFF;
                     }
@@ -279,7 +280,7 @@ impl Subscriber {
                     stale += 1;
                 }
             }
-            requests.in_flight -= stale;
+            requests.in_flight = requests.in_flight.saturating_sub(stale);
             (asks, answers)
         };
         if !asks.is_empty() {
@@ -291,6 +292,22 @@ impl Subscriber {
         Ok(())
     }
 
+    /// The connection is gone: the requests behind its unanswered PINGs are lost (the
+    /// worker asks again after the next `LinkUp`).
+    fn forget_pings(&self, session: &mut Session) {
+        let lost: usize = session
+            .pings
+            .drain(..)
+            .map(|(_, why)| match why {
+                Pinged::Health => 0,
+                Pinged::Confirm(asks) => asks.len(),
+                Pinged::Deliver(answers) => answers.len(),
+            })
+            .sum();
+        let mut requests = lock(&self.shared.requests);
+        requests.in_flight = requests.in_flight.saturating_sub(lost);
+    }
+
     /// A PING was answered: what it was sent for can go on.
     fn on_pong(&self, session: &mut Session) {
         match session.pings.pop_front() {
@@ -300,7 +317,9 @@ impl Subscriber {
                 for item in answers.into_iter().flatten() {
                     self.shared.push_incoming(item);
                 }
-                lock(&self.shared.requests).in_flight -= n;
+                let mut requests = lock(&self.shared.requests);
+                requests.in_flight = requests.in_flight.saturating_sub(n);
+                drop(requests);
                 self.shared.wake_worker();
             }
             Some((_, Pinged::Health)) | None => {}

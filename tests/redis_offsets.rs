@@ -432,20 +432,20 @@ fn joins_during_a_steady_stream_lose_and_repeat_nothing() {
     let a = instance(port, "size = 0");
     let b = instance(port, "");
     {
-        let _stream = Stream::start(a.addr, "s0");
-        for _ in 0..12 {
+        let _streams: Vec<Stream> = (0..4).map(|_| Stream::start(a.addr, "s0")).collect();
+        for _ in 0..30 {
             let mut joiner = P2::connect(a.addr);
             let (before, reply) = joiner.join("s0", None);
             let top = reply["offset"].as_u64().expect("offset");
             consecutive(&mut joiner, "s0", &before, top + 1, 5);
         }
     }
-    let _stream = Stream::start(b.addr, "s1");
+    let _streams: Vec<Stream> = (0..4).map(|_| Stream::start(b.addr, "s1")).collect();
     let mut first = P2::connect(b.addr);
-    let (_, reply) = first.join("s1", None);
+    let (before, reply) = first.join("s1", None);
     let epoch = epoch_of(&reply);
     let mut since = reply["offset"].as_u64().expect("offset");
-    consecutive(&mut first, "s1", &[], since + 1, 3);
+    consecutive(&mut first, "s1", &before, since + 1, 3);
     for i in 0..12 {
         let mut joiner = P2::connect(if i % 2 == 0 { a.addr } else { b.addr });
         let (before, reply) = joiner.join("s1", Some((&epoch, since)));

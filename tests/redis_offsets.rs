@@ -413,7 +413,7 @@ impl Drop for Stream {
 /// Envelopes of `group` that came before a join's reply (`before`) and the `n` after it: their
 /// offsets must be `from`, `from + 1`, ... (live messages that arrived while the join waited
 /// for its answer may come before the reply, after the replay: the worker's order).
-fn consecutive(member: &mut P2, group: &str, before: &[Value], from: u64, n: usize) {
+fn consecutive(member: &mut P2, group: &str, before: &[Value], from: u64, n: usize) -> u64 {
     let mut got: Vec<u64> = before.iter().map(|v| v["offset"].as_u64().unwrap_or_else(|| panic!("{v}"))).collect();
     for _ in 0..n {
         let v = member.recv();
@@ -421,6 +421,7 @@ fn consecutive(member: &mut P2, group: &str, before: &[Value], from: u64, n: usi
         got.push(v["offset"].as_u64().unwrap_or_else(|| panic!("an envelope, not {v}")));
     }
     assert_eq!(got, (from..from + got.len() as u64).collect::<Vec<_>>(), "no gap, no repeat");
+    from + got.len() as u64 - 1
 }
 
 #[test]
@@ -430,7 +431,8 @@ fn joins_during_a_steady_stream_lose_and_repeat_nothing() {
     // No history on `a`: a message missed between a join's answer and the live stream could
     // not be caught up there, it would be a gap notice.
     let a = instance(port, "size = 0");
-    let b = instance(port, "");
+    // Enough history on `b` that every join below can be recovered.
+    let b = instance(port, "size = 100000");
     {
         let _streams: Vec<Stream> = (0..4).map(|_| Stream::start(a.addr, "s0")).collect();
         for _ in 0..30 {
@@ -445,14 +447,13 @@ fn joins_during_a_steady_stream_lose_and_repeat_nothing() {
     let (before, reply) = first.join("s1", None);
     let epoch = epoch_of(&reply);
     let mut since = reply["offset"].as_u64().expect("offset");
-    consecutive(&mut first, "s1", &before, since + 1, 3);
+    since = consecutive(&mut first, "s1", &before, since + 1, 3);
     for i in 0..12 {
         let mut joiner = P2::connect(if i % 2 == 0 { a.addr } else { b.addr });
         let (before, reply) = joiner.join("s1", Some((&epoch, since)));
         let top = reply["offset"].as_u64().expect("offset");
         assert_eq!(reply["recovered"], true, "{reply}");
         assert!(items(&before).starts_with(&(since + 1..=top).collect::<Vec<_>>()), "the replay first");
-        consecutive(&mut joiner, "s1", &before, since + 1, 5);
-        since = top;
+        since = consecutive(&mut joiner, "s1", &before, since + 1, 5);
     }
 }

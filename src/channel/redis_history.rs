@@ -358,4 +358,139 @@ mod tests {
             }
         );
     }
+
+    /// A redis-server on a free loopback port for the scripts' own tests, killed on drop.
+    struct Server(std::process::Child, u16);
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// `None` (with a note) where redis-server is missing, except under CI.
+    fn redis() -> Option<(Server, Connection, Scripts)> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).ok()?.port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn();
+        let child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                assert!(std::env::var("CI").is_err(), "redis-server is needed under CI: {e}");
+                eprintln!("SKIPPED: redis-server not available ({e})");
+                return None;
+            }
+        };
+        let server = Server(child, port);
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", server.1)).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut con = loop {
+            match client.get_connection() {
+                Ok(c) => break c,
+                Err(e) if std::time::Instant::now() > deadline => panic!("redis-server does not answer: {e}"),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        };
+        let scripts = Scripts::load(&mut con, "t:").unwrap();
+        Some((server, con, scripts))
+    }
+
+    fn limits(size: usize) -> HistoryLimits {
+        HistoryLimits { size, ttl_ms: 60_000, position_ttl_ms: 60_000, max_recover: 100, max_answer_bytes: 1 << 20 }
+    }
+
+    fn ask(since: Option<(&str, u64)>) -> Ask {
+        Ask { request: 9, group: "g".into(), since: since.map(|(e, o)| (e.to_owned(), o)), limit: 100 }
+    }
+
+    /// The answer as (item offsets, epoch, top, recovered).
+    fn answer(items: Vec<Incoming>) -> (Vec<u64>, String, u64, bool) {
+        let mut offsets = Vec::new();
+        for item in items {
+            match item {
+                Incoming::HistoryItem { offset, .. } => offsets.push(offset),
+                Incoming::Position { epoch, offset, recovered, .. } => return (offsets, epoch, offset, recovered),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        panic!("no position")
+    }
+
+    #[test]
+    fn a_publish_sent_again_is_numbered_once() {
+        let Some((_server, mut con, scripts)) = redis() else { return };
+        let l = limits(10);
+        let one = Outgoing::new(5, 1, "g", PayloadKind::Text, b"one");
+        let two = Outgoing::new(5, 2, "g", PayloadKind::Text, b"two");
+        assert_eq!(scripts.publish(&mut con, &one, "aaaaaaaaaaaaaaaa", &l).unwrap(), 1);
+        assert_eq!(scripts.publish(&mut con, &one, "bbbbbbbbbbbbbbbb", &l).unwrap(), 1, "the last one: its offset");
+        assert_eq!(scripts.publish(&mut con, &two, "bbbbbbbbbbbbbbbb", &l).unwrap(), 2);
+        assert_eq!(scripts.publish(&mut con, &one, "bbbbbbbbbbbbbbbb", &l).unwrap(), 0, "an older one: unknown");
+        let other_origin = Outgoing::new(6, 1, "g", PayloadKind::Json, b"{}");
+        assert_eq!(scripts.publish(&mut con, &other_origin, "bbbbbbbbbbbbbbbb", &l).unwrap(), 3);
+        let (items, epoch, top, recovered) = answer(scripts.history(&mut con, &ask(Some(("aaaaaaaaaaaaaaaa", 0))), "c", &l).unwrap());
+        assert_eq!((items, epoch.as_str(), top, recovered), (vec![1, 2, 3], "aaaaaaaaaaaaaaaa", 3, true));
+    }
+
+    #[test]
+    fn history_answers_follow_the_rules() {
+        let Some((_server, mut con, scripts)) = redis() else { return };
+        let l = limits(3);
+        // A join fixes the epoch of a new group.
+        let (items, e, top, recovered) = answer(scripts.history(&mut con, &ask(None), "eeeeeeeeeeeeeeee", &l).unwrap());
+        assert_eq!((items.len(), e.as_str(), top, recovered), (0, "eeeeeeeeeeeeeeee", 0, false));
+        for seq in 1..=5 {
+            let out = Outgoing::new(1, seq, "g", PayloadKind::Text, b"m");
+            assert_eq!(scripts.publish(&mut con, &out, "ffffffffffffffff", &l).unwrap(), seq);
+        }
+        let run = |con: &mut Connection, since, limit| {
+            let mut a = ask(since);
+            a.limit = limit;
+            answer(scripts.history(con, &a, "x", &l).unwrap())
+        };
+        let e = "eeeeeeeeeeeeeeee";
+        assert_eq!(run(&mut con, Some((e, 2)), 100), (vec![3, 4, 5], e.into(), 5, true));
+        assert_eq!(run(&mut con, Some((e, 5)), 100), (vec![], e.into(), 5, true), "up to date");
+        assert_eq!(run(&mut con, Some((e, 1)), 100), (vec![], e.into(), 5, false), "trimmed to 3");
+        assert_eq!(run(&mut con, Some((e, 2)), 2), (vec![], e.into(), 5, false), "over the limit");
+        assert_eq!(run(&mut con, Some((e, 6)), 100), (vec![], e.into(), 5, false), "ahead of the group");
+        assert_eq!(run(&mut con, Some(("other", 2)), 100), (vec![], e.into(), 5, false), "another epoch");
+        // A hole in the stream (an entry deleted by hand) is not recovered over.
+        let _: () = redis::cmd("XDEL").arg("t:h:g").arg("4-0").query(&mut con).unwrap();
+        assert_eq!(run(&mut con, Some((e, 2)), 100), (vec![], e.into(), 5, false), "a hole");
+        assert_eq!(run(&mut con, Some((e, 4)), 100), (vec![5], e.into(), 5, true));
+        // The position lost (evicted, expired) while the stream stayed: a new epoch from 1.
+        let _: () = redis::cmd("DEL").arg("t:p:g").query(&mut con).unwrap();
+        let out = Outgoing::new(1, 6, "g", PayloadKind::Text, b"m");
+        assert_eq!(scripts.publish(&mut con, &out, "1111111111111111", &l).unwrap(), 1);
+        assert_eq!(run(&mut con, Some(("1111111111111111", 0)), 100), (vec![1], "1111111111111111".into(), 1, true));
+        // The script cache flushed: EVAL instead.
+        let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut con).unwrap();
+        assert_eq!(run(&mut con, Some(("1111111111111111", 1)), 100).3, true);
+    }
+
+    #[test]
+    fn the_answer_is_bounded_in_bytes() {
+        let Some((_server, mut con, scripts)) = redis() else { return };
+        let mut l = limits(10);
+        for seq in 1..=4 {
+            let out = Outgoing::new(1, seq, "g", PayloadKind::Text, &[b'x'; 100]);
+            scripts.publish(&mut con, &out, "eeeeeeeeeeeeeeee", &l).unwrap();
+        }
+        let ttl = |con: &mut Connection, key: &str| -> i64 { redis::cmd("PTTL").arg(key).query(con).unwrap() };
+        assert!((1..=60_000).contains(&ttl(&mut con, "t:h:g")), "the stream expires");
+        assert!((1..=60_000).contains(&ttl(&mut con, "t:p:g")), "the position expires");
+        assert!((1..=60_000).contains(&ttl(&mut con, &format!("t:o:{:016x}", 1))), "the origin's last seq expires");
+        let none = Outgoing::new(1, 5, "n", PayloadKind::Text, b"m");
+        assert_eq!(scripts.publish(&mut con, &none, "eeeeeeeeeeeeeeee", &limits(0)).unwrap(), 1);
+        assert_eq!(ttl(&mut con, "t:h:n"), -2, "size 0: offsets only, no stream");
+        l.max_answer_bytes = 300;
+        let a = ask(Some(("eeeeeeeeeeeeeeee", 0)));
+        assert_eq!(answer(scripts.history(&mut con, &a, "x", &l).unwrap()).3, false, "400 bytes > 300");
+        let a = ask(Some(("eeeeeeeeeeeeeeee", 1)));
+        assert_eq!(answer(scripts.history(&mut con, &a, "x", &l).unwrap()).0, vec![2, 3, 4]);
+    }
 }

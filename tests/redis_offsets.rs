@@ -457,3 +457,27 @@ fn joins_during_a_steady_stream_lose_and_repeat_nothing() {
         since = consecutive(&mut joiner, "s1", &before, since + 1, 5);
     }
 }
+
+#[test]
+fn groupcast_publish_is_numbered_too() {
+    let port = free_port();
+    let Some(_redis) = Redis::start(port, None) else { return };
+    let a = instance(port, "");
+    let mut member = P2::connect(a.addr);
+    let (_, reply) = member.join("news", None);
+    let epoch = epoch_of(&reply);
+    let out = Command::new(common::bin())
+        .arg("-c")
+        .arg(a.dir.join("g.toml"))
+        .arg("--pid-file")
+        .arg(&a.pid_file)
+        .args(["publish", "news", "through redis"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "publish failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(member.envelopes("news", 1), vec![(1, "through redis".to_owned())]);
+    let mut late = P2::connect(a.addr);
+    let (before, reply) = late.join("news", Some((&epoch, 0)));
+    assert_eq!(items(&before), vec![1], "kept in the history like any other");
+    assert_eq!(reply["recovered"], true, "{reply}");
+}

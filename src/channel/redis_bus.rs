@@ -355,14 +355,7 @@ impl RedisBus {
             wake,
         };
         thread::Builder::new().name("redis-sub".into()).spawn(move || subscriber.run())?;
-        let h = &settings.history;
-        let limits = HistoryLimits {
-            size: h.size,
-            ttl_ms: h.ttl_ms.max(1),
-            position_ttl_ms: h.ttl_ms.max(h.meta_ttl_ms).max(1),
-            max_recover: u32::try_from(h.max_recover).unwrap_or(u32::MAX),
-            max_answer_bytes: settings.queue_max_bytes,
-        };
+        let limits = HistoryLimits::new(&settings.history, settings.queue_max_bytes);
         let commands = Commands {
             client,
             prefix: settings.prefix,

@@ -139,6 +139,19 @@ pub struct HistoryLimits {
     pub max_answer_bytes: usize,
 }
 
+impl HistoryLimits {
+    /// From `[history]`; `max_answer_bytes` is `channel.queue_max_bytes`.
+    pub fn new(h: &crate::config::HistorySettings, max_answer_bytes: usize) -> HistoryLimits {
+        HistoryLimits {
+            size: h.size,
+            ttl_ms: h.ttl_ms.max(1),
+            position_ttl_ms: h.ttl_ms.max(h.meta_ttl_ms).max(1),
+            max_recover: u32::try_from(h.max_recover).unwrap_or(u32::MAX),
+            max_answer_bytes,
+        }
+    }
+}
+
 /// A history request on its way through the subscriber (which makes sure the subscription is
 /// active first) to the command thread.
 #[derive(Debug, Clone)]
@@ -229,17 +242,35 @@ impl Scripts {
         epoch: &str,
         limits: &HistoryLimits,
     ) -> RedisResult<u64> {
-        let origin = u64::from_be_bytes(out.head[..8].try_into().unwrap_or_default());
-        let keys = [self.key("h:", &out.group), self.key("p:", &out.group), self.key("o:", &format!("{origin:016x}"))];
-        let channel = format!("{}{}", self.prefix, out.group);
-        let args = |c: &mut redis::Cmd| {
-            c.arg(keys.len()).arg(&keys).arg(&channel).arg(&out.head[..]).arg(&out.tail[..]).arg(out.seq).arg(epoch);
-            c.arg(limits.size).arg(limits.ttl_ms).arg(limits.position_ttl_ms).arg(&[PUBLICATION][..]);
-        };
-        let reply = self.eval(con, &self.publish_sha, PUBLISH_LUA, args)?;
+        let reply = self.eval(con, &self.publish_sha, PUBLISH_LUA, self.publish_args(out, epoch, limits))?;
         match reply {
             Value::Array(items) => Ok(int(items.get(1))),
             other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The EVALSHA that numbers and publishes `out`, for a pipeline (`groupcast publish`;
+    /// the script was loaded on that connection just before).
+    pub fn publish_cmd(&self, out: &Outgoing, epoch: &str, limits: &HistoryLimits) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.publish_sha);
+        self.publish_args(out, epoch, limits)(&mut cmd);
+        cmd
+    }
+
+    /// The publish script's keys and arguments (see `PUBLISH_LUA`).
+    fn publish_args<'a>(
+        &self,
+        out: &'a Outgoing,
+        epoch: &'a str,
+        limits: &'a HistoryLimits,
+    ) -> impl Fn(&mut redis::Cmd) + 'a {
+        let origin = u64::from_be_bytes(out.head[..8].try_into().unwrap_or_default());
+        let keys = [self.key("h:", &out.group), self.key("p:", &out.group), self.key("o:", &format!("{origin:016x}"))];
+        let channel = format!("{}{}", self.prefix, out.group);
+        move |c: &mut redis::Cmd| {
+            c.arg(keys.len()).arg(&keys).arg(&channel).arg(&out.head[..]).arg(&out.tail[..]).arg(out.seq).arg(epoch);
+            c.arg(limits.size).arg(limits.ttl_ms).arg(limits.position_ttl_ms).arg(&[PUBLICATION][..]);
         }
     }
 

@@ -481,3 +481,31 @@ fn groupcast_publish_is_numbered_too() {
     assert_eq!(items(&before), vec![1], "kept in the history like any other");
     assert_eq!(reply["recovered"], true, "{reply}");
 }
+
+#[test]
+fn a_burst_is_numbered_in_order_even_across_a_script_flush() {
+    let port = free_port();
+    let Some(redis) = Redis::start(port, None) else { return };
+    let a = instance(port, "size = 2000");
+    let mut member = P2::connect(a.addr);
+    let (_, reply) = member.join("burst", None);
+    let epoch = epoch_of(&reply);
+    let mut sender = P2::connect(a.addr);
+    // Without ids: nothing is awaited, the publishes queue up and go in pipelines.
+    let send = |sender: &mut P2, from: usize| {
+        for i in from..from + 500 {
+            sender.send(json!({"cmd": "send_to_group", "group_id": "burst", "message": format!("b{i}")}));
+        }
+    };
+    send(&mut sender, 0);
+    let first = member.envelopes("burst", 500);
+    assert!(redis.command("SCRIPT FLUSH").contains("OK"));
+    send(&mut sender, 500);
+    let got: Vec<(u64, String)> = first.into_iter().chain(member.envelopes("burst", 500)).collect();
+    let want: Vec<(u64, String)> = (0..1000).map(|i| (i as u64 + 1, format!("b{i}"))).collect();
+    assert_eq!(got, want, "numbered in the order sent, once each");
+    let mut late = P2::connect(a.addr);
+    let (before, reply) = late.join("burst", Some((&epoch, 990)));
+    assert_eq!(items(&before), (991..=1000).collect::<Vec<_>>());
+    assert_eq!(reply["recovered"], true);
+}

@@ -456,9 +456,13 @@ impl Drop for RedisBus {
 
 /// The command thread's work item.
 enum Work {
-    Publish(Outgoing, usize),
+    /// Publishes, oldest first, with their sizes in the queue.
+    Publish(Vec<(Outgoing, usize)>),
     History(u64, Ask),
 }
+
+/// Most publishes sent in one pipeline (one round trip) when they queue up.
+const PIPELINE: usize = 64;
 
 /// The command connection's thread: runs the publish script for queued publishes, oldest
 /// first, and the history script for confirmed requests (those first: a join waits on them).
@@ -491,11 +495,108 @@ impl Commands {
             if let Some((session, ask)) = lock(&shared.requests).ready.pop_front() {
                 return Some(Work::History(session, ask));
             }
-            if let Some((out, size)) = queue.take() {
-                return Some(Work::Publish(out, size));
+            if let Some(first) = queue.take() {
+                let mut batch = vec![first];
+                while batch.len() < PIPELINE {
+                    let Some(next) = queue.take() else { break };
+                    batch.push(next);
+                }
+                return Some(Work::Publish(batch));
             }
             queue = shared.work_ready.wait(queue).unwrap_or_else(|p| p.into_inner());
         }
+    }
+
+    /// Runs the publish script for `batch` (one round trip); `Some(why)` when the connection
+    /// failed: then the whole batch is queued again (a publish that ran is not numbered twice).
+    fn publish(
+        &self,
+        con: &mut redis::Connection,
+        scripts: &Scripts,
+        epochs: &mut Epochs,
+        batch: Vec<(Outgoing, usize)>,
+    ) -> Option<String> {
+        let shared = &*self.shared;
+        let result = if let [(out, _)] = &batch[..] {
+            epochs.next().and_then(|epoch| scripts.publish(con, out, &epoch, &self.limits)).map(|o| vec![Ok(o)])
+        } else {
+            let mut pipe = redis::pipe();
+            let mut made = Ok(());
+            for (out, _) in &batch {
+                match epochs.next() {
+                    Ok(epoch) => {
+                        pipe.add_command(scripts.publish_cmd(out, &epoch, &self.limits));
+                    }
+                    Err(e) => made = Err(e),
+                }
+            }
+            made.and_then(|()| pipe.query::<Vec<redis::Value>>(con)).map(|values| {
+                values
+                    .into_iter()
+                    .map(|v| match v {
+                        redis::Value::Int(o) => Ok(o.max(0) as u64),
+                        redis::Value::ServerError(e) => Err(redis::RedisError::from(e)),
+                        other => Err(redis::RedisError::from((
+                            redis::ErrorKind::TypeError,
+                            "unexpected answer from the publish script",
+                            format!("{other:?}"),
+                        ))),
+                    })
+                    .collect()
+            })
+        };
+        // A script cache flushed under the pipeline fails every entry with NOSCRIPT: that is
+        // the pipeline refused, not each publish.
+        let result = result.and_then(|offsets| {
+            match offsets.iter().find_map(|o| o.as_ref().err().filter(|e| e.kind() == redis::ErrorKind::NoScriptError)) {
+                Some(e) => Err(redis::RedisError::from((redis::ErrorKind::NoScriptError, "NOSCRIPT", e.to_string()))),
+                None => Ok(offsets),
+            }
+        });
+        let offsets = match result {
+            Ok(offsets) => offsets,
+            Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() => {
+                let mut queue = lock(&shared.outgoing);
+                for (out, size) in batch.into_iter().rev() {
+                    queue.put_back(out, size);
+                }
+                return Some(format!("redis publish failed: {e}"));
+            }
+            // Redis refused the pipeline as a whole (a NOSCRIPT after a script flush, ...):
+            // one at a time, each with its own answer (EVAL when the script is gone).
+            Err(e) if batch.len() > 1 => {
+                warn!("redis refused a pipeline of {} publishes ({e}); sending them one at a time", batch.len());
+                let mut failed = None;
+                let mut rest = batch.into_iter();
+                for one in rest.by_ref() {
+                    failed = self.publish(con, scripts, epochs, vec![one]);
+                    if failed.is_some() {
+                        break;
+                    }
+                }
+                let mut queue = lock(&shared.outgoing);
+                for (out, size) in rest.rev() {
+                    queue.put_back(out, size);
+                }
+                return failed;
+            }
+            Err(e) => vec![Err(e)],
+        };
+        let mut offsets = offsets.into_iter();
+        for (out, size) in &batch {
+            lock(&shared.outgoing).finish(*size);
+            let offset = offsets.next().unwrap_or(Ok(0));
+            let offset = offset.unwrap_or_else(|e| {
+                // Redis refused it (a key of another type, out of memory, ...): sending it
+                // again would fail again.
+                shared.count_dropped(1, "publish");
+                warn!("redis refused a publish to group {:?}: {e}", out.group);
+                0
+            });
+            shared.push_incoming(Incoming::Stamped { seq: out.seq, offset });
+        }
+        shared.wake_worker();
+        None
     }
 
     fn run(self) {
@@ -530,31 +631,7 @@ impl Commands {
             };
             let Some(work) = self.next_work() else { return };
             let failed = match work {
-                Work::Publish(out, size) => {
-                    let result = epochs.next().and_then(|epoch| scripts.publish(c, &out, &epoch, &self.limits));
-                    match result {
-                        Ok(offset) => {
-                            lock(&shared.outgoing).finish(size);
-                            shared.push_incoming(Incoming::Stamped { seq: out.seq, offset });
-                            shared.wake_worker();
-                            None
-                        }
-                        Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() => {
-                            lock(&shared.outgoing).put_back(out, size);
-                            Some(format!("redis publish failed: {e}"))
-                        }
-                        Err(e) => {
-                            // Redis refused it (a key of another type, out of memory, ...):
-                            // sending it again would fail again.
-                            lock(&shared.outgoing).finish(size);
-                            shared.count_dropped(1, "publish");
-                            warn!("redis refused a publish to group {:?}: {e}", out.group);
-                            shared.push_incoming(Incoming::Stamped { seq: out.seq, offset: 0 });
-                            shared.wake_worker();
-                            None
-                        }
-                    }
-                }
+                Work::Publish(batch) => self.publish(c, scripts, &mut epochs, batch),
                 Work::History(session, ask) => {
                     let result = epochs.next().and_then(|epoch| scripts.history(c, &ask, &epoch, &self.limits));
                     let mut requests = lock(&shared.requests);
@@ -609,5 +686,61 @@ mod tests {
         assert_eq!(q.items.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![0, 2, 3]);
         assert_eq!(q.push(4, 90), 2, "the byte bound drops as many as it takes");
         assert_eq!((q.len(), q.bytes), (2, 100));
+    }
+
+    #[test]
+    fn a_pipeline_refused_for_a_flushed_script_is_sent_one_at_a_time() {
+        use super::*;
+        use crate::channel::redis_history::tests::{limits, redis};
+        let Some((server, mut con, scripts)) = redis() else { return };
+        let poll = mio::Poll::new().unwrap();
+        let waker = mio::Waker::new(poll.registry(), mio::Token(0)).unwrap();
+        let (poke, _other) = UnixStream::pair().unwrap();
+        let url = format!("redis://127.0.0.1:{}/", server.1);
+        let shared = Arc::new(Shared {
+            subscribed: AtomicBool::new(false),
+            publisher_up: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            wanted: Mutex::new(Wanted::default()),
+            outgoing: Mutex::new(Bounded::new(100, 1 << 20)),
+            work_ready: Condvar::new(),
+            incoming: Mutex::new(Inbox { items: VecDeque::new(), messages: 0, message_bytes: 0, max_items: 100, max_bytes: 1 << 20 }),
+            requests: Mutex::new(Requests::default()),
+            session: AtomicU64::new(0),
+            waker,
+        });
+        let commands = Commands {
+            client: redis::Client::open(url).unwrap(),
+            prefix: "t:".into(),
+            timeouts: Timeouts::from_millis(1000, 1000),
+            limits: limits(10),
+            shared: shared.clone(),
+            poke_subscriber: poke,
+        };
+        let mut epochs = Epochs::new();
+        let mut batch = Vec::new();
+        for seq in 1..=3 {
+            let out = Outgoing::new(1, seq, "g", wire::PayloadKind::Text, b"m");
+            let size = out.tail.len() + 16;
+            shared.outgoing.lock().unwrap().push(out, size);
+            batch.push(shared.outgoing.lock().unwrap().take().unwrap());
+        }
+        let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut con).unwrap();
+        assert_eq!(commands.publish(&mut con, &scripts, &mut epochs, batch), None);
+        let stamps: Vec<(u64, u64)> = shared
+            .incoming
+            .lock()
+            .unwrap()
+            .items
+            .iter()
+            .map(|i| match i {
+                Incoming::Stamped { seq, offset } => (*seq, *offset),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(stamps, vec![(1, 1), (2, 2), (3, 3)]);
+        assert_eq!(shared.outgoing.lock().unwrap().len(), 0, "every publish finished");
+        assert_eq!(shared.dropped.load(Ordering::Relaxed), 0);
     }
 }

@@ -350,7 +350,7 @@ fn unexpected(v: &Value) -> RedisError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[test]
@@ -392,7 +392,7 @@ mod tests {
     }
 
     /// A redis-server on a free loopback port for the scripts' own tests, killed on drop.
-    struct Server(std::process::Child, u16);
+    pub(in crate::channel) struct Server(std::process::Child, pub u16);
 
     impl Drop for Server {
         fn drop(&mut self) {
@@ -402,7 +402,7 @@ mod tests {
     }
 
     /// `None` (with a note) where redis-server is missing, except under CI.
-    fn redis() -> Option<(Server, Connection, Scripts)> {
+    pub(in crate::channel) fn redis() -> Option<(Server, Connection, Scripts)> {
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).ok()?.port();
         let child = std::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -430,7 +430,7 @@ mod tests {
         Some((server, con, scripts))
     }
 
-    fn limits(size: usize) -> HistoryLimits {
+    pub(in crate::channel) fn limits(size: usize) -> HistoryLimits {
         HistoryLimits { size, ttl_ms: 60_000, position_ttl_ms: 60_000, max_recover: 100, max_answer_bytes: 1 << 20 }
     }
 

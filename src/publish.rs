@@ -165,7 +165,7 @@ fn publish_redis(config: &Config, group: &str, message: Option<&str>) -> anyhow:
         let text = text.context("cannot read standard input")?;
         seq += 1;
         let out = Outgoing::new(origin, seq, group, wire::PayloadKind::Text, text.as_bytes());
-        let epoch = epochs.next().context("no random epoch")?;
+        let epoch = epochs.fresh().context("no random epoch")?;
         pipe.add_command(scripts.publish_cmd(&out, &epoch, &limits)).ignore();
         pending += 1;
         if pending >= REDIS_BATCH {

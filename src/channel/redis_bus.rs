@@ -300,9 +300,22 @@ pub enum Incoming {
         payload: Vec<u8>,
     },
     /// Our publish `seq` got `offset` (0: unknown).
-    Stamped { seq: u64, offset: u64 },
-    HistoryItem { request: u64, offset: u64, kind: wire::PayloadKind, payload: Vec<u8> },
-    Position { request: u64, epoch: String, offset: u64, recovered: bool },
+    Stamped {
+        seq: u64,
+        offset: u64,
+    },
+    HistoryItem {
+        request: u64,
+        offset: u64,
+        kind: wire::PayloadKind,
+        payload: Vec<u8>,
+    },
+    Position {
+        request: u64,
+        epoch: String,
+        offset: u64,
+        recovered: bool,
+    },
     /// A Redis connection came back: messages and history answers may have been lost.
     LinkUp,
 }
@@ -331,13 +344,7 @@ impl RedisBus {
             wanted: Mutex::new(Wanted::default()),
             outgoing: Mutex::new(Bounded::new(max_items, max_bytes)),
             work_ready: Condvar::new(),
-            incoming: Mutex::new(Inbox {
-                items: VecDeque::new(),
-                messages: 0,
-                message_bytes: 0,
-                max_items,
-                max_bytes,
-            }),
+            incoming: Mutex::new(Inbox { items: VecDeque::new(), messages: 0, message_bytes: 0, max_items, max_bytes }),
             requests: Mutex::new(Requests::default()),
             session: AtomicU64::new(0),
             waker,
@@ -402,12 +409,7 @@ impl RedisBus {
     /// Asks for `group`'s position and the messages after `since` (contract point 3 above).
     /// The worker subscribed to the group before asking.
     pub fn request_history(&mut self, request: u64, group: &str, since: Option<wire::Since<'_>>, limit: u32) {
-        let ask = Ask {
-            request,
-            group: group.to_owned(),
-            since: since.map(|s| (s.epoch.to_owned(), s.offset)),
-            limit,
-        };
+        let ask = Ask { request, group: group.to_owned(), since: since.map(|s| (s.epoch.to_owned(), s.offset)), limit };
         let mut requests = lock(&self.shared.requests);
         if requests.in_flight >= self.max_requests {
             drop(requests);
@@ -518,12 +520,12 @@ impl Commands {
     ) -> Option<String> {
         let shared = &*self.shared;
         let result = if let [(out, _)] = &batch[..] {
-            epochs.next().and_then(|epoch| scripts.publish(con, out, &epoch, &self.limits)).map(|o| vec![Ok(o)])
+            epochs.fresh().and_then(|epoch| scripts.publish(con, out, &epoch, &self.limits)).map(|o| vec![Ok(o)])
         } else {
             let mut pipe = redis::pipe();
             let mut made = Ok(());
             for (out, _) in &batch {
-                match epochs.next() {
+                match epochs.fresh() {
                     Ok(epoch) => {
                         pipe.add_command(scripts.publish_cmd(out, &epoch, &self.limits));
                     }
@@ -548,7 +550,8 @@ impl Commands {
         // A script cache flushed under the pipeline fails every entry with NOSCRIPT: that is
         // the pipeline refused, not each publish.
         let result = result.and_then(|offsets| {
-            match offsets.iter().find_map(|o| o.as_ref().err().filter(|e| e.kind() == redis::ErrorKind::NoScriptError)) {
+            match offsets.iter().find_map(|o| o.as_ref().err().filter(|e| e.kind() == redis::ErrorKind::NoScriptError))
+            {
                 Some(e) => Err(redis::RedisError::from((redis::ErrorKind::NoScriptError, "NOSCRIPT", e.to_string()))),
                 None => Ok(offsets),
             }
@@ -611,7 +614,10 @@ impl Commands {
                 match self.connect() {
                     Ok(c) => {
                         if failed_before {
-                            info!("redis command connection up again; {} publishes queued", lock(&shared.outgoing).len());
+                            info!(
+                                "redis command connection up again; {} publishes queued",
+                                lock(&shared.outgoing).len()
+                            );
                             // A history script may have been lost with the old connection.
                             shared.push_incoming(Incoming::LinkUp);
                             shared.wake_worker();
@@ -633,7 +639,7 @@ impl Commands {
             let failed = match work {
                 Work::Publish(batch) => self.publish(c, scripts, &mut epochs, batch),
                 Work::History(session, ask) => {
-                    let result = epochs.next().and_then(|epoch| scripts.history(c, &ask, &epoch, &self.limits));
+                    let result = epochs.fresh().and_then(|epoch| scripts.history(c, &ask, &epoch, &self.limits));
                     let mut requests = lock(&shared.requests);
                     match result {
                         Ok(answer) => {
@@ -705,7 +711,13 @@ mod tests {
             wanted: Mutex::new(Wanted::default()),
             outgoing: Mutex::new(Bounded::new(100, 1 << 20)),
             work_ready: Condvar::new(),
-            incoming: Mutex::new(Inbox { items: VecDeque::new(), messages: 0, message_bytes: 0, max_items: 100, max_bytes: 1 << 20 }),
+            incoming: Mutex::new(Inbox {
+                items: VecDeque::new(),
+                messages: 0,
+                message_bytes: 0,
+                max_items: 100,
+                max_bytes: 1 << 20,
+            }),
             requests: Mutex::new(Requests::default()),
             session: AtomicU64::new(0),
             waker,

@@ -196,12 +196,18 @@ pub struct Epochs {
     used: usize,
 }
 
+impl Default for Epochs {
+    fn default() -> Epochs {
+        Epochs::new()
+    }
+}
+
 impl Epochs {
     pub fn new() -> Epochs {
         Epochs { buf: [0; 512], used: 512 }
     }
 
-    pub fn next(&mut self) -> RedisResult<String> {
+    pub fn fresh(&mut self) -> RedisResult<String> {
         if self.used + 8 > self.buf.len() {
             getrandom::fill(&mut self.buf)
                 .map_err(|e| RedisError::from((ErrorKind::ClientError, "no randomness for an epoch", e.to_string())))?;
@@ -323,7 +329,13 @@ impl Scripts {
 
     /// EVALSHA, and EVAL when Redis no longer has the script; `args` adds the key count,
     /// the keys and the arguments.
-    fn eval(&self, con: &mut Connection, sha: &str, source: &str, args: impl Fn(&mut redis::Cmd)) -> RedisResult<Value> {
+    fn eval(
+        &self,
+        con: &mut Connection,
+        sha: &str,
+        source: &str,
+        args: impl Fn(&mut redis::Cmd),
+    ) -> RedisResult<Value> {
         let run = |name: &str, script: &str, con: &mut Connection| {
             let mut cmd = redis::cmd(name);
             cmd.arg(script);
@@ -356,13 +368,13 @@ pub(super) mod tests {
     #[test]
     fn epochs_are_16_lowercase_hex_and_differ() {
         let mut e = Epochs::new();
-        let a = e.next().unwrap();
-        let b = e.next().unwrap();
+        let a = e.fresh().unwrap();
+        let b = e.fresh().unwrap();
         assert_eq!(a.len(), 16);
         assert!(a.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         assert_ne!(a, b);
         for _ in 0..200 {
-            e.next().unwrap();
+            e.fresh().unwrap();
         }
     }
 
@@ -463,7 +475,8 @@ pub(super) mod tests {
         assert_eq!(scripts.publish(&mut con, &one, "bbbbbbbbbbbbbbbb", &l).unwrap(), 0, "an older one: unknown");
         let other_origin = Outgoing::new(6, 1, "g", PayloadKind::Json, b"{}");
         assert_eq!(scripts.publish(&mut con, &other_origin, "bbbbbbbbbbbbbbbb", &l).unwrap(), 3);
-        let (items, epoch, top, recovered) = answer(scripts.history(&mut con, &ask(Some(("aaaaaaaaaaaaaaaa", 0))), "c", &l).unwrap());
+        let (items, epoch, top, recovered) =
+            answer(scripts.history(&mut con, &ask(Some(("aaaaaaaaaaaaaaaa", 0))), "c", &l).unwrap());
         assert_eq!((items, epoch.as_str(), top, recovered), (vec![1, 2, 3], "aaaaaaaaaaaaaaaa", 3, true));
     }
 
@@ -501,7 +514,7 @@ pub(super) mod tests {
         assert_eq!(run(&mut con, Some(("1111111111111111", 0)), 100), (vec![1], "1111111111111111".into(), 1, true));
         // The script cache flushed: EVAL instead.
         let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut con).unwrap();
-        assert_eq!(run(&mut con, Some(("1111111111111111", 1)), 100).3, true);
+        assert!(run(&mut con, Some(("1111111111111111", 1)), 100).3);
     }
 
     #[test]
@@ -521,7 +534,7 @@ pub(super) mod tests {
         assert_eq!(ttl(&mut con, "t:h:n"), -2, "size 0: offsets only, no stream");
         l.max_answer_bytes = 300;
         let a = ask(Some(("eeeeeeeeeeeeeeee", 0)));
-        assert_eq!(answer(scripts.history(&mut con, &a, "x", &l).unwrap()).3, false, "400 bytes > 300");
+        assert!(!answer(scripts.history(&mut con, &a, "x", &l).unwrap()).3, "400 bytes > 300");
         let a = ask(Some(("eeeeeeeeeeeeeeee", 1)));
         assert_eq!(answer(scripts.history(&mut con, &a, "x", &l).unwrap()).0, vec![2, 3, 4]);
     }

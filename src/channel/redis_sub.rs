@@ -219,7 +219,13 @@ impl Subscriber {
             if self.shared.closed.load(Ordering::Relaxed) {
                 return "the worker is stopping".into();
             }
+            // Requests are taken before the subscriptions are brought up to date: the worker
+            // subscribes before it asks, so the SUBSCRIBE a request needs goes out ahead of
+            // the PING that confirms it.
+            let (asks, answers) = self.take_requests(session);
             if let Err(e) = self.reconcile(session, first) {
+                let mut requests = lock(&self.shared.requests);
+                requests.in_flight = requests.in_flight.saturating_sub(asks.len() + answers.len());
                 return format!("cannot (un)subscribe: {e}");
             }
             first = false;
@@ -229,7 +235,7 @@ impl Subscriber {
                 announced = true;
                 self.shared.subscribed.store(true, Ordering::Relaxed);
             }
-            if let Err(e) = self.sequence_requests(session) {
+            if let Err(e) = self.sequence_requests(session, asks, answers) {
                 return format!("cannot send PING: {e}");
             }
             let now = Instant::now();
@@ -265,24 +271,27 @@ impl Subscriber {
         }
     }
 
+    /// New history requests from the worker, and answers for this connection from the
+    /// command thread (those for an older connection are dropped).
+    fn take_requests(&self, session: &Session) -> (Vec<Ask>, Vec<Vec<Incoming>>) {
+        let mut requests = lock(&self.shared.requests);
+        let asks: Vec<Ask> = requests.asked.drain(..).collect();
+        let mut answers = Vec::new();
+        let mut stale = 0;
+        for (id, answer) in requests.answered.drain(..) {
+            if id == session.id {
+                answers.push(answer);
+            } else {
+                stale += 1;
+            }
+        }
+        requests.in_flight = requests.in_flight.saturating_sub(stale);
+        (asks, answers)
+    }
+
     /// PINGs behind new history requests (after their SUBSCRIBE, sent by `reconcile`) and
     /// behind new answers from the command thread.
-    fn sequence_requests(&self, session: &mut Session) -> io::Result<()> {
-        let (asks, answers) = {
-            let mut requests = lock(&self.shared.requests);
-            let asks: Vec<Ask> = requests.asked.drain(..).collect();
-            let mut answers = Vec::new();
-            let mut stale = 0;
-            for (id, answer) in requests.answered.drain(..) {
-                if id == session.id {
-                    answers.push(answer);
-                } else {
-                    stale += 1;
-                }
-            }
-            requests.in_flight = requests.in_flight.saturating_sub(stale);
-            (asks, answers)
-        };
+    fn sequence_requests(&self, session: &mut Session, asks: Vec<Ask>, answers: Vec<Vec<Incoming>>) -> io::Result<()> {
         if !asks.is_empty() {
             session.ping(Pinged::Confirm(asks))?;
         }
@@ -451,9 +460,9 @@ impl Session {
     fn ping(&mut self, why: Pinged) -> io::Result<()> {
         let mut out = Vec::new();
         resp::encode_command(&mut out, &["PING"]);
-        self.stream.write_all(&out)?;
+        // Queued first: if the write fails, the requests behind it are counted as lost.
         self.pings.push_back((Instant::now(), why));
-        Ok(())
+        self.stream.write_all(&out)
     }
 
     /// Blocking read of one reply (during connection set-up, under the read timeout).

@@ -44,6 +44,7 @@
 //!
 //! Connects time out after `redis.connect_timeout_ms`, reads and writes after
 //! `redis.io_timeout_ms`; every failure reconnects with back-off (50 ms doubling to 2 s).
+//! Publishes that queue up go in pipelines of up to `PIPELINE` script calls (one round trip).
 //! A publish whose script call failed is sent again after the reconnect (the script numbers a
 //! given origin and seq once). Local members always get local messages.
 

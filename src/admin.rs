@@ -328,6 +328,16 @@ fn render_status(r: &StatusReport) -> String {
             ("tls handshake failures", &t.tls_handshake_failures),
         ],
     );
+    out += &labelled(
+        "protocol 2:",
+        7,
+        &[
+            ("connections", &t.protocol2_connections),
+            ("joins recovered", &t.joins_recovered),
+            ("joins unrecovered", &t.joins_unrecovered),
+            ("gap notices", &t.gap_notices),
+        ],
+    );
     out += "\n";
     out += &format!(
         "{:<10} {:>8} {:<9} {:<8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>10} {:>10} {:>9} {:>8} {:>8}\n",

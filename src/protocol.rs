@@ -9,15 +9,18 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::channel::wire::PayloadKind;
 use crate::config::Limits;
 
 /// A command a client may send.
 #[derive(Debug, PartialEq)]
 pub enum Command<'a> {
     /// `token`: a per-group token (docs/security.md), for groups whose rule says `join = "token"`.
+    /// `since`: protocol 2's recovery position (ignored on a seed connection).
     AddGroup {
         group: Cow<'a, str>,
         token: Option<Cow<'a, str>>,
+        since: Option<SinceArg<'a>>,
     },
     /// Replace the connection token before it expires.
     Refresh {
@@ -31,8 +34,22 @@ pub enum Command<'a> {
     SendToGroup {
         group: Cow<'a, str>,
         message: Cow<'a, str>,
+        /// Whether `message` was a JSON string (protocol 2 envelopes it as one again).
+        kind: PayloadKind,
     },
 }
+
+/// A join's `since`: the last position the client saw in the group.
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinceArg<'a> {
+    #[serde(borrow)]
+    pub epoch: Cow<'a, str>,
+    pub offset: u64,
+}
+
+/// Longest epoch accepted in `since` (the server's are 16 characters).
+pub const MAX_EPOCH_LEN: usize = 64;
 
 /// A parsed command plus the optional `id` that asks for a reply.
 #[derive(Debug)]
@@ -94,6 +111,8 @@ struct RawRequest<'a> {
     id: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     token: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    since: Option<&'a RawValue>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -123,14 +142,16 @@ fn parse_command<'a>(raw: &RawRequest<'a>, limits: &Limits) -> Result<Command<'a
     match cmd.as_ref() {
         "add_group" => {
             let group = group_id(raw.group_id, limits)?;
-            Ok(Command::AddGroup { group, token: raw.token.map(token).transpose()? })
+            let since = raw.since.map(since).transpose()?;
+            Ok(Command::AddGroup { group, token: raw.token.map(token).transpose()?, since })
         }
         "refresh" => Ok(Command::Refresh { token: token(raw.token.ok_or(RequestError::MissingField("token"))?)? }),
         "leave_group" => Ok(Command::LeaveGroup { group: group_id(raw.group_id, limits)? }),
         "send_to_group" => {
             let group = group_id(raw.group_id, limits)?;
             let message = raw.message.ok_or(RequestError::MissingField("message"))?;
-            Ok(Command::SendToGroup { group, message: message_text(message)? })
+            let kind = if message.get().starts_with('"') { PayloadKind::Text } else { PayloadKind::Json };
+            Ok(Command::SendToGroup { group, message: message_text(message)?, kind })
         }
         other => Err(RequestError::UnknownCmd(other.chars().take(64).collect())),
     }
@@ -143,6 +164,17 @@ fn token(raw: &RawValue) -> Result<Cow<'_, str>, RequestError> {
         return Err(RequestError::InvalidField { field: "token", reason: format!("is longer than {max} bytes") });
     }
     json_string(raw).ok_or_else(|| RequestError::InvalidField { field: "token", reason: "must be a string".into() })
+}
+
+/// A join's `since`: `{"epoch":"...","offset":N}` with N a non-negative integer.
+fn since(raw: &RawValue) -> Result<SinceArg<'_>, RequestError> {
+    let bad = |reason: String| RequestError::InvalidField { field: "since", reason };
+    let since: SinceArg<'_> = serde_json::from_str(raw.get())
+        .map_err(|e| bad(format!("must be {{\"epoch\":string,\"offset\":non-negative integer}}: {e}")))?;
+    if since.epoch.len() > MAX_EPOCH_LEN {
+        return Err(bad(format!("epoch is longer than {MAX_EPOCH_LEN} bytes")));
+    }
+    Ok(since)
 }
 
 /// A JSON string's value, borrowed when it has no escapes.
@@ -197,6 +229,26 @@ pub fn ok_reply(id: &RawValue) -> Vec<u8> {
     format!("{{\"id\":{},\"ok\":true}}", id.get()).into_bytes()
 }
 
+/// A protocol-2 join's reply: `{"id":<id>,"ok":true,"epoch":"<e>","offset":N[,"recovered":B]}`.
+pub fn position_reply(id: &RawValue, epoch: &str, offset: u64, recovered: Option<bool>) -> Vec<u8> {
+    let epoch = serde_json::to_string(epoch).unwrap_or_else(|_| "\"\"".into());
+    let mut out = format!("{{\"id\":{},\"ok\":true,\"epoch\":{epoch},\"offset\":{offset}", id.get());
+    if let Some(recovered) = recovered {
+        out.push_str(if recovered { ",\"recovered\":true" } else { ",\"recovered\":false" });
+    }
+    out.push('}');
+    out.into_bytes()
+}
+
+/// A protocol-2 `send_to_group` reply: `{"id":<id>,"ok":true,"offset":N}`, without the offset
+/// when it is unknown (0).
+pub fn offset_reply(id: &RawValue, offset: u64) -> Vec<u8> {
+    if offset == 0 {
+        return ok_reply(id);
+    }
+    format!("{{\"id\":{},\"ok\":true,\"offset\":{offset}}}", id.get()).into_bytes()
+}
+
 /// `{"error":"<code>","detail":"<text>"[,"id":<id>]}`.
 pub fn error_reply(error: &RequestError, id: Option<&RawValue>) -> Vec<u8> {
     // Built by hand so `error` comes first; the strings are escaped by serde_json.
@@ -222,23 +274,23 @@ mod tests {
     fn seed_commands() {
         assert_eq!(
             parse(r#"{"cmd":"add_group","group_id":"123"}"#),
-            Ok(Command::AddGroup { group: "123".into(), token: None })
+            Ok(Command::AddGroup { group: "123".into(), token: None, since: None })
         );
         assert_eq!(
             parse(r#"{"cmd":"add_group","group_id":123}"#),
-            Ok(Command::AddGroup { group: "123".into(), token: None })
+            Ok(Command::AddGroup { group: "123".into(), token: None, since: None })
         );
         assert_eq!(
             parse(r#"{"cmd":"send_to_group","group_id":"g","message":{"a": [1, 2]}}"#),
-            Ok(Command::SendToGroup { group: "g".into(), message: r#"{"a":[1,2]}"#.into() })
+            Ok(Command::SendToGroup { group: "g".into(), message: r#"{"a":[1,2]}"#.into(), kind: PayloadKind::Json })
         );
         assert_eq!(
             parse(r#"{"cmd":"send_to_group","group_id":"g","message":null}"#),
-            Ok(Command::SendToGroup { group: "g".into(), message: "null".into() })
+            Ok(Command::SendToGroup { group: "g".into(), message: "null".into(), kind: PayloadKind::Json })
         );
         assert_eq!(
             parse(r#"{"cmd":"send_to_group","group_id":"g","message":"h\u00e9\"llo"}"#),
-            Ok(Command::SendToGroup { group: "g".into(), message: "hé\"llo".into() })
+            Ok(Command::SendToGroup { group: "g".into(), message: "hé\"llo".into(), kind: PayloadKind::Text })
         );
     }
 
@@ -264,13 +316,38 @@ mod tests {
     fn tokens() {
         assert_eq!(
             parse(r#"{"cmd":"add_group","group_id":"r","token":"a.b.c"}"#),
-            Ok(Command::AddGroup { group: "r".into(), token: Some("a.b.c".into()) })
+            Ok(Command::AddGroup { group: "r".into(), token: Some("a.b.c".into()), since: None })
         );
         assert_eq!(parse(r#"{"cmd":"refresh","token":"a.b.c"}"#), Ok(Command::Refresh { token: "a.b.c".into() }));
         assert_eq!(parse(r#"{"cmd":"refresh"}"#).unwrap_err(), RequestError::MissingField("token"));
         assert_eq!(parse(r#"{"cmd":"refresh","token":7}"#).unwrap_err().code(), "invalid_field");
         let huge = format!(r#"{{"cmd":"refresh","token":"{}"}}"#, "a".repeat(5000));
         assert_eq!(parse(&huge).unwrap_err().code(), "invalid_field");
+    }
+
+    #[test]
+    fn since_positions() {
+        assert_eq!(
+            parse(r#"{"cmd":"add_group","group_id":"g","since":{"epoch":"ab","offset":7}}"#),
+            Ok(Command::AddGroup {
+                group: "g".into(),
+                token: None,
+                since: Some(SinceArg { epoch: "ab".into(), offset: 7 })
+            })
+        );
+        for bad in [
+            r#"{"cmd":"add_group","group_id":"g","since":7}"#,
+            r#"{"cmd":"add_group","group_id":"g","since":null}"#,
+            r#"{"cmd":"add_group","group_id":"g","since":{"epoch":1,"offset":7}}"#,
+            r#"{"cmd":"add_group","group_id":"g","since":{"epoch":"a","offset":-1}}"#,
+            r#"{"cmd":"add_group","group_id":"g","since":{"epoch":"a","offset":1.5}}"#,
+            r#"{"cmd":"add_group","group_id":"g","since":{"epoch":"a"}}"#,
+            r#"{"cmd":"add_group","group_id":"g","since":{"epoch":"a","offset":1,"x":2}}"#,
+        ] {
+            assert_eq!(parse(bad).unwrap_err().code(), "invalid_field", "{bad}");
+        }
+        let long = format!(r#"{{"cmd":"add_group","group_id":"g","since":{{"epoch":"{}","offset":1}}}}"#, "e".repeat(65));
+        assert_eq!(parse(&long).unwrap_err().code(), "invalid_field");
     }
 
     #[test]

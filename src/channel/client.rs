@@ -3,8 +3,8 @@
 //!
 //! Connection life: connect → the handshake (`handshake.rs`: CHALLENGE, and AUTH / AUTH_OK
 //! when a secret is configured; within `channel.auth_timeout_ms`, nothing delivered before it
-//! is done) → HELLO, one RESUBSCRIBE per local group, every unacknowledged publish again →
-//! ready. Lost connections are retried with back-off (50 ms doubling to 2 s).
+//! is done) → HELLO, every unacknowledged publish again → ready; then the worker sends one
+//! RESUBSCRIBE per local group and asks again what protocol 2 was waiting for. Lost connections are retried with back-off (50 ms doubling to 2 s).
 //!
 //! Exactly once across broker restarts, within bounds: every publish stays in a queue until
 //! the broker acknowledges it (ACK carries the highest seq it has forwarded), bounded by
@@ -84,6 +84,9 @@ pub struct ChannelClient {
     pub reconnects: u64,
     /// The broker let more than `queue_max_bytes` pile up unread; the link must be dropped.
     stalled: bool,
+    /// The link became ready since the worker last asked (`take_link_up`): history requests
+    /// sent before are lost and must be asked again.
+    link_up: bool,
 }
 
 impl ChannelClient {
@@ -103,6 +106,7 @@ impl ChannelClient {
             resent: 0,
             reconnects: 0,
             stalled: false,
+            link_up: false,
         }
     }
 
@@ -189,9 +193,23 @@ impl ChannelClient {
         }
     }
 
+    /// Asks the broker for `group`'s position and the messages after `since`; dropped when
+    /// the link is not ready (the worker asks again at `take_link_up`).
+    pub fn request_history(&mut self, request: u64, group: &str, since: Option<wire::Since<'_>>, limit: u32) {
+        if self.is_ready() {
+            wire::encode_history(self.outbuf.tail(), request, group, since, limit);
+        }
+    }
+
+    /// Whether the link became ready since the last call.
+    pub fn take_link_up(&mut self) -> bool {
+        std::mem::take(&mut self.link_up)
+    }
+
     /// Queues a publish until the broker acknowledges it; sends it now if connected.
-    pub fn publish(&mut self, group: &str, payload: &[u8]) {
-        let (seq, frame) = self.publisher.frame(group, payload);
+    /// Returns its sequence number (the broker's STAMP for it carries the same).
+    pub fn publish(&mut self, group: &str, kind: wire::PayloadKind, payload: &[u8]) -> u64 {
+        let (seq, frame) = self.publisher.publish_frame(group, kind, payload);
         if self.is_ready() {
             self.outbuf.extend_from_slice(&frame);
         }
@@ -218,6 +236,7 @@ impl ChannelClient {
                 );
             }
         }
+        seq
     }
 
     /// Handles readiness: completes a TCP connect, reads into the input buffer.
@@ -251,19 +270,16 @@ impl ChannelClient {
         }
     }
 
-    /// Handles a frame that is not a group message. `groups` are the local groups, for
-    /// subscribing once the connection is ready. `Err`: drop the connection, with the reason.
-    pub fn on_control<'a>(
-        &mut self,
-        frame: &wire::Frame<'_>,
-        groups: impl Iterator<Item = &'a str>,
-    ) -> Result<(), String> {
+    /// Handles a frame that is not a group message. Once the connection is ready the worker
+    /// learns it from `take_link_up` and subscribes its groups again (`resubscribe`).
+    /// `Err`: drop the connection, with the reason.
+    pub fn on_control(&mut self, frame: &wire::Frame<'_>) -> Result<(), String> {
         let Link::Up { phase, .. } = &mut self.link else { return Ok(()) };
         match (frame, phase) {
             (frame, Phase::Handshake(handshake)) => {
                 let secret = self.settings.secret.as_deref();
                 if handshake.on_frame(secret, frame, self.outbuf.tail()).map_err(|e| e.to_string())? {
-                    self.become_ready(groups);
+                    self.become_ready();
                 }
                 Ok(())
             }
@@ -279,13 +295,20 @@ impl ChannelClient {
         }
     }
 
-    /// Authenticated (or no authentication needed): introduce ourselves, subscribe every local
-    /// group, and send again every publish the broker has not acknowledged.
-    fn become_ready<'a>(&mut self, groups: impl Iterator<Item = &'a str>) {
-        wire::encode_hello(self.outbuf.tail(), wire::VERSION, self.publisher.origin(), &self.name);
-        for group in groups {
-            wire::encode_resubscribe(self.outbuf.tail(), group);
+    /// Subscribes again, after a reconnect, to the groups the worker has members in.
+    pub fn resubscribe<'a>(&mut self, groups: impl Iterator<Item = &'a str>) {
+        if self.is_ready() {
+            for group in groups {
+                wire::encode_resubscribe(self.outbuf.tail(), group);
+            }
         }
+    }
+
+    /// Authenticated (or no authentication needed): introduce ourselves and send again every
+    /// publish the broker has not acknowledged; the worker subscribes its groups again when
+    /// it sees `take_link_up`.
+    fn become_ready(&mut self) {
+        wire::encode_hello(self.outbuf.tail(), wire::VERSION_OFFSETS, self.publisher.origin(), &self.name);
         for (_, frame) in &self.unacked {
             self.outbuf.extend_from_slice(frame);
         }
@@ -298,6 +321,7 @@ impl ChannelClient {
             self.resent += self.unacked.len() as u64;
         }
         self.backoff = MIN_BACKOFF;
+        self.link_up = true;
         if let Link::Up { phase, .. } = &mut self.link {
             *phase = Phase::Ready;
         }

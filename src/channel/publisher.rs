@@ -32,6 +32,15 @@ impl Publisher {
         self.seq
     }
 
+    /// The next PUBLISH frame (a MESSAGE that says what its payload is, for peers that speak
+    /// offsets) in a buffer of its own.
+    pub fn publish_frame(&mut self, group: &str, kind: wire::PayloadKind, payload: &[u8]) -> (u64, Vec<u8>) {
+        let mut out = Vec::with_capacity(33 + group.len() + payload.len());
+        self.seq += 1;
+        wire::encode_publish(&mut out, self.origin, self.seq, kind, group, payload);
+        (self.seq, out)
+    }
+
     /// The next MESSAGE frame in a buffer of its own.
     pub fn frame(&mut self, group: &str, payload: &[u8]) -> (u64, Vec<u8>) {
         let mut out = Vec::with_capacity(32 + group.len() + payload.len());

@@ -40,6 +40,7 @@ use log::{info, warn};
 
 use super::publisher::Publisher;
 use super::redis_sub::Subscriber;
+use super::wire;
 
 pub(super) const MIN_BACKOFF: Duration = Duration::from_millis(50);
 pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -188,7 +189,32 @@ impl Shared {
     }
 }
 
+/// What the Redis bus hands the worker, oldest first (owned: it crosses threads). Contract of
+/// protocol 2 (docs/protocol.md): a group's `Message`s come in offset order; `request_history`
+/// is answered by `HistoryItem`s then one `Position`, or superseded by a later `LinkUp`.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A group message (our own publishes included, numbered: seed members have those).
+    Message {
+        origin: u64,
+        seq: u64,
+        /// The group offset; 0 when the message was not numbered.
+        offset: u64,
+        kind: wire::PayloadKind,
+        group: String,
+        payload: Vec<u8>,
+    },
+    /// Our publish `seq` got `offset` (0: unknown).
+    Stamped { seq: u64, offset: u64 },
+    HistoryItem { request: u64, offset: u64, kind: wire::PayloadKind, payload: Vec<u8> },
+    Position { request: u64, epoch: String, offset: u64, recovered: bool },
+    /// A Redis connection came back: messages and history answers may have been lost.
+    LinkUp,
+}
+
 pub struct RedisBus {
+    /// Stub answers until Redis Streams back the history (replaced by the Redis part).
+    local: VecDeque<Incoming>,
     publisher: Publisher,
     prefix: String,
     shared: Arc<Shared>,
@@ -228,7 +254,7 @@ impl RedisBus {
         let s2 = shared.clone();
         let timeouts = settings.timeouts;
         thread::Builder::new().name("redis-pub".into()).spawn(move || publisher(client, timeouts, &s2))?;
-        Ok(RedisBus { publisher: Publisher::new(origin), prefix: settings.prefix, shared, wake_subscriber })
+        Ok(RedisBus { local: VecDeque::new(), publisher: Publisher::new(origin), prefix: settings.prefix, shared, wake_subscriber })
     }
 
     pub fn subscribe(&mut self, group: &str) {
@@ -251,18 +277,39 @@ impl RedisBus {
     }
 
     /// Queues a publish for the publisher thread; never waits for Redis.
-    pub fn publish(&mut self, group: &str, payload: &[u8]) {
-        let (_, frame) = self.publisher.frame(group, payload);
+    pub fn publish(&mut self, group: &str, kind: wire::PayloadKind, payload: &[u8]) -> u64 {
+        let _ = kind;
+        let (seq, frame) = self.publisher.frame(group, payload);
         let size = frame.len();
         let out = Outgoing { channel: format!("{}{group}", self.prefix), frame };
         let dropped = lock(&self.shared.outgoing).push(out, size);
         self.shared.outgoing_ready.notify_one();
         self.shared.count_dropped(dropped, "publish");
+        seq
     }
 
-    /// Every message that arrived, as (group, MESSAGE frame), oldest first.
-    pub fn take_incoming(&mut self) -> impl Iterator<Item = (String, Vec<u8>)> {
-        lock(&self.shared.incoming).drain().into_iter().map(|(m, _)| m)
+    /// Asks for `group`'s position and the messages after `since`.
+    pub fn request_history(&mut self, request: u64, group: &str, since: Option<wire::Since<'_>>, limit: u32) {
+        let _ = (group, since, limit);
+        self.local.push_back(Incoming::Position { request, epoch: String::new(), offset: 0, recovered: false });
+    }
+
+    /// Everything that arrived, oldest first.
+    pub fn take_incoming(&mut self) -> Vec<Incoming> {
+        let mut out: Vec<Incoming> = self.local.drain(..).collect();
+        for ((_, frame), _) in lock(&self.shared.incoming).drain() {
+            if let Ok(Some((wire::Frame::Message { origin, seq, group, payload }, _))) = wire::decode(&frame, usize::MAX) {
+                out.push(Incoming::Message {
+                    origin,
+                    seq,
+                    offset: 0,
+                    kind: wire::PayloadKind::Text,
+                    group: group.to_owned(),
+                    payload: payload.to_vec(),
+                });
+            }
+        }
+        out
     }
 
     pub fn origin(&self) -> u64 {

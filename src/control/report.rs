@@ -88,6 +88,14 @@ pub struct ProcessStats {
     /// `wss://` connections whose TLS handshake failed: not TLS (plain HTTP, garbage), no
     /// common cipher or version, or an alert from the client (it refused our certificate).
     pub tls_handshake_failures: u64,
+    /// Connections open now that speak protocol 2 (`?protocol=2`).
+    pub protocol2_connections: u64,
+    /// Protocol-2 joins with `since` that got every message after it.
+    pub joins_recovered: u64,
+    /// Protocol-2 joins with `since` told `recovered:false` (the history did not reach back).
+    pub joins_unrecovered: u64,
+    /// Gap notices sent to protocol-2 members (history lost under them).
+    pub gap_notices: u64,
     /// Whether the worker's channel client is connected.
     pub channel_connected: bool,
     /// Publishes dropped because the channel queue bound was reached (worker), or held
@@ -273,6 +281,10 @@ totals_of!(
     expired_tokens,
     tls_connections,
     tls_handshake_failures,
+    protocol2_connections,
+    joins_recovered,
+    joins_unrecovered,
+    gap_notices,
 );
 
 #[cfg(test)]

@@ -1,8 +1,14 @@
 //! The worker's bus: what carries group messages to and from the other workers and hosts,
 //! chosen once at start (`bus = "channel"` or `"redis"`). It owns subscribing, publishing,
-//! draining what arrived, duplicate filtering and its counters, so the event loop never asks
-//! which bus it runs on.
+//! history requests, draining what arrived, duplicate filtering and its counters, so the
+//! event loop never asks which bus it runs on.
+//!
+//! Both buses number every group message in one place (the broker, or a Lua script in Redis)
+//! and hand the worker `BusEvent`s: a group's messages in offset order, the offset each of our
+//! publishes got, and the answers to history requests (docs/protocol.md, "Protocol 2").
 
+use std::collections::VecDeque;
+use std::rc::Rc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -11,8 +17,8 @@ use mio::{Registry, Token};
 
 use crate::channel::client::{ChannelClient, ClientSettings};
 use crate::channel::dedupe::Dedupe;
-use crate::channel::redis_bus::{RedisBus, RedisSettings, Timeouts};
-use crate::channel::wire;
+use crate::channel::redis_bus::{Incoming, RedisBus, RedisSettings, Timeouts};
+use crate::channel::wire::{self, PayloadKind, Since};
 use crate::config::{BusKind, Config};
 
 /// The bus's event-loop token: the channel socket, or the waker of the Redis threads.
@@ -33,6 +39,33 @@ pub struct BusCounters {
     pub duplicates: u64,
 }
 
+/// What the bus hands the worker.
+#[derive(Debug, PartialEq)]
+pub enum BusEvent<'a> {
+    /// A group message. `offset` is its place in the group (0: not numbered). `own`: one of
+    /// our publishes coming back numbered; the seed members had it at once, only protocol-2
+    /// members are owed it now.
+    Message { group: &'a str, offset: u64, kind: PayloadKind, payload: &'a [u8], own: bool },
+    /// Our publish `seq` got `offset` (0: unknown).
+    Stamped { seq: u64, offset: u64 },
+    /// A kept message answering history request `request`, oldest first.
+    HistoryItem { request: u64, offset: u64, kind: PayloadKind, payload: &'a [u8] },
+    /// The end of the answer to `request`: the group's epoch and last offset.
+    Position { request: u64, epoch: &'a str, offset: u64, recovered: bool },
+    /// The link (re)connected: history requests not answered yet are lost, and messages may
+    /// have been missed meanwhile.
+    LinkUp,
+}
+
+/// One of our publishes whose offset protocol-2 members here wait for (channel bus: the
+/// broker does not echo our publishes, it stamps them).
+struct AwaitingStamp {
+    seq: u64,
+    group: Rc<str>,
+    kind: PayloadKind,
+    payload: Rc<[u8]>,
+}
+
 enum Carrier {
     /// Boxed: the client's buffers make it far larger than the Redis handle.
     Channel(Box<ChannelClient>),
@@ -43,10 +76,14 @@ pub struct Bus {
     carrier: Carrier,
     /// What arrived already (origin, seq): a resend after a reconnect is not a duplicate.
     dedupe: Dedupe,
-    /// Our own publishes, delivered locally already: dropped when the bus echoes them.
+    /// Our own publishes, delivered locally already: the seed members do not get them again.
     origin: u64,
     /// Largest channel frame accepted from the broker.
     max_frame: usize,
+    /// Channel bus: our publishes kept until their STAMP, oldest first, bounded like the
+    /// publish queue.
+    awaiting: VecDeque<AwaitingStamp>,
+    awaiting_max: usize,
 }
 
 impl Bus {
@@ -79,7 +116,14 @@ impl Bus {
                 Carrier::Redis(RedisBus::start(settings, origin, waker)?)
             }
         };
-        Ok(Bus { carrier, dedupe: Dedupe::default(), origin, max_frame: config.channel.max_frame })
+        Ok(Bus {
+            carrier,
+            dedupe: Dedupe::default(),
+            origin,
+            max_frame: config.channel.max_frame,
+            awaiting: VecDeque::new(),
+            awaiting_max: config.channel.queue_max_messages,
+        })
     }
 
     pub fn subscribe(&mut self, group: &str) {
@@ -96,24 +140,49 @@ impl Bus {
         }
     }
 
-    /// Sends a message to the other workers; this worker delivered it locally already.
-    pub fn publish(&mut self, group: &str, payload: &[u8]) {
+    /// Sends a message to the other workers (this worker delivered it to its seed members
+    /// already); returns its sequence number, which the `Stamped` event for it carries.
+    /// `numbered_here`: protocol-2 members here wait for it with its offset.
+    pub fn publish(&mut self, group: &str, kind: PayloadKind, payload: &[u8], numbered_here: bool) -> u64 {
         match &mut self.carrier {
-            Carrier::Channel(c) => c.publish(group, payload),
-            Carrier::Redis(r) => r.publish(group, payload),
+            Carrier::Channel(c) => {
+                let seq = c.publish(group, kind, payload);
+                if numbered_here {
+                    if self.awaiting.len() >= self.awaiting_max {
+                        self.awaiting.pop_front();
+                    }
+                    self.awaiting.push_back(AwaitingStamp { seq, group: group.into(), kind, payload: payload.into() });
+                }
+                seq
+            }
+            // Redis echoes our publishes to our own subscription, numbered.
+            Carrier::Redis(r) => r.publish(group, kind, payload),
         }
     }
 
-    /// The bus's token fired: read what arrived and hand every message seen for the first time
-    /// to `deliver` (group, payload). `local_groups` are subscribed again after a reconnect.
-    pub fn on_ready<'g>(
-        &mut self,
-        registry: &Registry,
-        scratch: &mut [u8],
-        local_groups: impl Iterator<Item = &'g str>,
-        mut deliver: impl FnMut(&str, &[u8]),
-    ) {
+    /// Asks for `group`'s position (and the messages after `since`); answered by
+    /// `HistoryItem`s and a `Position` with the same `request`, or lost at a `LinkUp`.
+    pub fn request_history(&mut self, request: u64, group: &str, since: Option<Since<'_>>, limit: u32) {
+        match &mut self.carrier {
+            Carrier::Channel(c) => c.request_history(request, group, since, limit),
+            Carrier::Redis(r) => r.request_history(request, group, since, limit),
+        }
+    }
+
+    /// After a `LinkUp`: subscribe again to every group with local members.
+    pub fn resubscribe<'g>(&mut self, groups: impl Iterator<Item = &'g str>) {
+        match &mut self.carrier {
+            Carrier::Channel(c) => c.resubscribe(groups),
+            // The subscriber thread keeps Redis in step with the wanted groups itself.
+            Carrier::Redis(_) => {}
+        }
+    }
+
+    /// The bus's token fired: read what arrived and hand every event to `handle`, messages
+    /// seen for the first time only. After a `LinkUp` the caller calls `resubscribe`.
+    pub fn on_ready(&mut self, registry: &Registry, scratch: &mut [u8], mut handle: impl FnMut(BusEvent<'_>)) {
         let dedupe = &mut self.dedupe;
+        let awaiting = &mut self.awaiting;
         match &mut self.carrier {
             Carrier::Channel(client) => {
                 // What arrived before an error or EOF is still delivered: the broker may have
@@ -121,30 +190,57 @@ impl Bus {
                 let read_error = client.on_ready(scratch).err();
                 let input = client.take_input();
                 let mut pos = 0;
-                let mut local_groups = Some(local_groups);
                 let failure = loop {
-                    match wire::decode(&input[pos..], self.max_frame) {
+                    let frame = match wire::decode(&input[pos..], self.max_frame) {
                         Ok(Some((frame, used))) => {
                             pos += used;
-                            match frame {
-                                wire::Frame::Message { origin, seq, group, payload } => {
-                                    if let Err(why) = client.accept_message() {
-                                        break Some(why);
-                                    }
-                                    if dedupe.first_time(origin, seq) {
-                                        deliver(group, payload);
-                                    }
-                                }
-                                other => {
-                                    let groups = local_groups.take().into_iter().flatten();
-                                    if let Err(why) = client.on_control(&other, groups) {
-                                        break Some(why);
-                                    }
-                                }
-                            }
+                            frame
                         }
                         Ok(None) => break None,
                         Err(e) => break Some(format!("bad frame from the broker: {e}")),
+                    };
+                    let from_broker = matches!(
+                        frame,
+                        wire::Frame::Message { .. }
+                            | wire::Frame::Publication { .. }
+                            | wire::Frame::Stamp { .. }
+                            | wire::Frame::HistoryItem { .. }
+                            | wire::Frame::Position { .. }
+                    );
+                    if from_broker {
+                        if let Err(why) = client.accept_message() {
+                            break Some(why);
+                        }
+                    }
+                    match frame {
+                        wire::Frame::Message { origin, seq, group, payload } => {
+                            if dedupe.first_time(origin, seq) {
+                                let kind = PayloadKind::Text;
+                                handle(BusEvent::Message { group, offset: 0, kind, payload, own: false });
+                            }
+                        }
+                        wire::Frame::Publication { origin, seq, offset, kind, group, payload } => {
+                            if dedupe.first_time(origin, seq) {
+                                handle(BusEvent::Message { group, offset, kind, payload, own: false });
+                            }
+                        }
+                        wire::Frame::Stamp { seq, offset } => {
+                            stamped(awaiting, seq, offset, &mut handle);
+                        }
+                        wire::Frame::HistoryItem { request, offset, kind, payload } => {
+                            handle(BusEvent::HistoryItem { request, offset, kind, payload });
+                        }
+                        wire::Frame::Position { request, epoch, offset, recovered } => {
+                            handle(BusEvent::Position { request, epoch, offset, recovered });
+                        }
+                        other => {
+                            if let Err(why) = client.on_control(&other) {
+                                break Some(why);
+                            }
+                            if client.take_link_up() {
+                                handle(BusEvent::LinkUp);
+                            }
+                        }
                     }
                 };
                 match failure.or_else(|| read_error.map(|e| e.to_string())) {
@@ -157,14 +253,23 @@ impl Bus {
                 }
             }
             Carrier::Redis(redis) => {
-                for (_, frame) in redis.take_incoming() {
-                    match wire::decode(&frame, usize::MAX) {
-                        Ok(Some((wire::Frame::Message { origin, seq, group, payload }, _))) => {
-                            if origin != self.origin && dedupe.first_time(origin, seq) {
-                                deliver(group, payload);
+                for event in redis.take_incoming() {
+                    match event {
+                        Incoming::Message { origin, seq, offset, kind, group, payload } => {
+                            let own = origin == self.origin;
+                            // Our own come back only to be numbered: no repeat filtering needed.
+                            if own || dedupe.first_time(origin, seq) {
+                                handle(BusEvent::Message { group: &group, offset, kind, payload: &payload, own });
                             }
                         }
-                        _ => warn!("ignored a malformed message from Redis"),
+                        Incoming::Stamped { seq, offset } => handle(BusEvent::Stamped { seq, offset }),
+                        Incoming::HistoryItem { request, offset, kind, payload } => {
+                            handle(BusEvent::HistoryItem { request, offset, kind, payload: &payload })
+                        }
+                        Incoming::Position { request, epoch, offset, recovered } => {
+                            handle(BusEvent::Position { request, epoch: &epoch, offset, recovered })
+                        }
+                        Incoming::LinkUp => handle(BusEvent::LinkUp),
                     }
                 }
             }
@@ -206,6 +311,26 @@ impl Bus {
                 resent: 0,
                 duplicates,
             },
+        }
+    }
+}
+
+/// The broker numbered our publish `seq`: say so, and hand it to the protocol-2 members here
+/// when they wait for it. Stamps come in publish order, so what is older than `seq` in the
+/// queue will get none (dropped by the broker's bound, or published before a broker restart).
+fn stamped(awaiting: &mut VecDeque<AwaitingStamp>, seq: u64, offset: u64, handle: &mut impl FnMut(BusEvent<'_>)) {
+    handle(BusEvent::Stamped { seq, offset });
+    while awaiting.front().is_some_and(|a| a.seq < seq) {
+        awaiting.pop_front();
+    }
+    if awaiting.front().is_some_and(|a| a.seq == seq) {
+        if let Some(mine) = awaiting.pop_front() {
+            if offset == 0 {
+                warn!("our publish {seq} was numbered before a reconnect; its offset is unknown");
+                return;
+            }
+            let AwaitingStamp { group, kind, payload, .. } = mine;
+            handle(BusEvent::Message { group: &group, offset, kind, payload: &payload, own: true });
         }
     }
 }

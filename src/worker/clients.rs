@@ -22,6 +22,7 @@ use slab::Slab;
 use super::bus::Bus;
 use super::conn::{AfterFlush, CommandBudget, Conn, ConnState};
 use super::groups::Groups;
+use super::offsets::Offsets;
 use super::outqueue::Flushed;
 use super::transport::Transport;
 use crate::auth::Gate;
@@ -42,6 +43,8 @@ pub struct Parts<'a> {
     pub registry: &'a Registry,
     pub groups: &'a mut Groups,
     pub bus: &'a mut Bus,
+    /// Protocol 2's requests and replies in flight.
+    pub offsets: &'a mut Offsets,
 }
 
 /// How a stopping worker closes the connections it still holds or completes the handshake of.
@@ -303,6 +306,9 @@ impl Clients {
         let mut conn = self.conns.remove(key);
         let _ = parts.registry.deregister(&mut conn.stream);
         self.forget_per_ip(conn.peer.ip());
+        if conn.protocol2 {
+            self.stats.protocol2_connections -= 1;
+        }
         if conn.stream.is_tls() {
             self.stats.tls_connections -= 1;
             if conn.stream.tls_handshake_failed() {

@@ -85,6 +85,8 @@ pub struct Conn {
     pub ping_outstanding: bool,
     /// The client sent a command with an `id`: it wants to hear about dropped messages too.
     pub wants_replies: bool,
+    /// Connected with `?protocol=2`: joins are numbered, messages come in envelopes.
+    pub protocol2: bool,
     /// Group messages dropped by the `drop` slow-client policy, not yet reported.
     pub missed: u32,
     pub budget: CommandBudget,
@@ -158,6 +160,7 @@ impl Conn {
             last_seen: now_ms,
             ping_outstanding: false,
             wants_replies: false,
+            protocol2: false,
             missed: 0,
             budget,
             paused: false,

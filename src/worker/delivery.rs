@@ -6,7 +6,6 @@
 use std::rc::Rc;
 
 use super::clients::{Clients, Parts};
-use log::warn;
 
 use super::groups::{GroupId, Groups, Joined};
 use super::outqueue::Chunk;
@@ -44,54 +43,37 @@ impl Clients {
         }
     }
 
-    /// Delivers a message the bus brought: it goes out as a text frame, so it must be UTF-8
-    /// (a client sending text frames could only produce UTF-8; another publisher on the
-    /// channel or in Redis could send anything). Checked once per message, before encoding.
-    pub fn deliver_from_bus(&mut self, groups: &Groups, group: &str, payload: &[u8]) {
-        let Some(id) = groups.lookup(group) else {
+    /// Encodes the frame once and queues it to every seed-protocol member of group `id`.
+    pub(super) fn deliver_to(&mut self, groups: &Groups, id: GroupId, payload: &[u8]) {
+        let mut members = groups.members(id).peekable();
+        if members.peek().is_none() {
+            return;
+        }
+        let shared: Rc<[u8]> = Rc::from(frame::text(payload));
+        for member in members {
+            self.queue_shared(member, shared.clone());
+        }
+    }
+
+    /// Queues a frame shared with other members to connection `member`, under its output
+    /// bound.
+    pub(super) fn queue_shared(&mut self, member: usize, shared: Rc<[u8]>) {
+        let Some(conn) = self.conns.get_mut(member) else {
             return;
         };
-        if std::str::from_utf8(payload).is_err() {
-            self.stats.bus_invalid_utf8 += 1;
-            if self.stats.bus_invalid_utf8.is_power_of_two() {
-                warn!(
-                    "dropped a message for group {group:?} from the bus: not UTF-8 ({} so far)",
-                    self.stats.bus_invalid_utf8
-                );
-            }
+        if !conn.state.is_open() {
             return;
         }
-        self.deliver_to(groups, id, payload);
-    }
-
-    /// Encodes the frame once and queues the same bytes to every local member of `group`.
-    pub fn deliver(&mut self, groups: &Groups, group: &str, payload: &[u8]) {
-        if let Some(id) = groups.lookup(group) {
-            self.deliver_to(groups, id, payload);
+        conn.out.push(Chunk::Shared(shared));
+        conn.messages_out += 1;
+        self.stats.messages_out += 1;
+        let over = conn.out.bytes() > self.limits.send_buffer_limit;
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(member);
         }
-    }
-
-    fn deliver_to(&mut self, groups: &Groups, id: GroupId, payload: &[u8]) {
-        let shared: Rc<[u8]> = Rc::from(frame::text(payload));
-        let limit = self.limits.send_buffer_limit;
-        for member in groups.members(id) {
-            let Some(conn) = self.conns.get_mut(member) else {
-                continue;
-            };
-            if !conn.state.is_open() {
-                continue;
-            }
-            conn.out.push(Chunk::Shared(shared.clone()));
-            conn.messages_out += 1;
-            self.stats.messages_out += 1;
-            let over = conn.out.bytes() > limit;
-            if !conn.dirty {
-                conn.dirty = true;
-                self.dirty.push(member);
-            }
-            if over {
-                self.apply_slow_client_policy(member);
-            }
+        if over {
+            self.apply_slow_client_policy(member);
         }
     }
 }

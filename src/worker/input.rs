@@ -8,6 +8,7 @@ use log::{debug, trace};
 
 use super::clients::{Clients, Parts};
 use super::conn::{AfterFlush, ConnAuth, ConnState, Fragment};
+use super::recovery::Answer;
 use crate::protocol::{self, Command, RequestError};
 use crate::ws::close_code;
 use crate::ws::frame::{self, Frame, Kind};
@@ -140,7 +141,11 @@ impl Clients {
                 ConnState::Closing(AfterFlush::Drop) => return (data.len(), Flow::Stop),
                 ConnState::Handshaking => match handshake::process(&data[pos..], &self.gate) {
                     Handshake::Incomplete => return (pos, Flow::Continue),
-                    Handshake::Upgrade { response, consumed, identity } => {
+                    Handshake::Upgrade { response, consumed, identity, protocol } => {
+                        if protocol == 2 {
+                            conn.protocol2 = true;
+                            self.stats.protocol2_connections += 1;
+                        }
                         if let Some(identity) = identity {
                             debug!("connection {}: token for sub {:?}", conn.id, identity.sub);
                             conn.auth =
@@ -345,7 +350,7 @@ impl Clients {
         }
         let rule = rule.map(|(_, r)| r);
         let allowed = match &request.command {
-            Command::AddGroup { group, token } => {
+            Command::AddGroup { group, token, .. } => {
                 self.gate.may_join(rule, group, conn.identity(), token.as_deref()).map_err(|e| (e, "join"))
             }
             Command::SendToGroup { group, .. } => {
@@ -363,24 +368,39 @@ impl Clients {
             self.reply_error(key, &RequestError::Forbidden(why), request.id);
             return Flow::Continue;
         }
+        let protocol2 = conn.protocol2;
         let outcome = match request.command {
-            Command::AddGroup { group, .. } => self.join(key, &group, parts),
+            Command::AddGroup { group, since, .. } if protocol2 => {
+                self.join_numbered(key, &group, since, request.id, parts)
+            }
+            Command::AddGroup { group, .. } => self.join(key, &group, parts).map(|()| Answer::Ok),
             Command::LeaveGroup { group } => {
                 self.leave(key, &group, parts);
-                Ok(())
+                Ok(Answer::Ok)
             }
-            Command::SendToGroup { group, message } => {
-                self.deliver(parts.groups, &group, message.as_bytes());
-                parts.bus.publish(&group, message.as_bytes());
+            Command::SendToGroup { group, message, kind } => {
+                let local = parts.groups.lookup(&group);
+                if let Some(id) = local {
+                    self.deliver_to(parts.groups, id, message.as_bytes());
+                }
+                // Protocol-2 members here get it once it is numbered, in the group's order.
+                let numbered_here = local.is_some_and(|id| parts.groups.numbered(id).is_some());
+                let seq = parts.bus.publish(&group, kind, message.as_bytes(), numbered_here);
                 self.stats.published += 1;
-                Ok(())
+                match request.id {
+                    Some(id) if protocol2 => {
+                        self.await_offset(key, seq, id, parts.offsets);
+                        Ok(Answer::Later)
+                    }
+                    _ => Ok(Answer::Ok),
+                }
             }
-            Command::Refresh { token } => self.refresh(key, &token),
+            Command::Refresh { token } => self.refresh(key, &token).map(|()| Answer::Ok),
         };
         match (outcome, request.id) {
             (Err(e), id) => self.reply_error(key, &e, id),
-            (Ok(()), Some(id)) => self.reply(key, &protocol::ok_reply(id)),
-            (Ok(()), None) => {}
+            (Ok(Answer::Ok), Some(id)) => self.reply(key, &protocol::ok_reply(id)),
+            (Ok(_), _) => {}
         }
         Flow::Continue
     }
@@ -422,7 +442,7 @@ impl Clients {
     }
 
     /// Queues a text frame for one connection (a reply or an error), counted in `messages_out`.
-    fn reply(&mut self, key: usize, text: &[u8]) {
+    pub(super) fn reply(&mut self, key: usize, text: &[u8]) {
         if let Some(conn) = self.conns.get_mut(key) {
             conn.send_text(text);
             self.stats.messages_out += 1;

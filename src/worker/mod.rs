@@ -12,6 +12,9 @@ mod bus;
 mod clients;
 pub mod conn;
 mod delivery;
+mod numbered;
+mod offsets;
+mod recovery;
 pub mod groups;
 mod input;
 mod lifecycle;
@@ -62,6 +65,8 @@ pub struct Worker {
     clients: Clients,
     groups: Groups,
     bus: bus::Bus,
+    /// Protocol 2's requests and replies in flight.
+    offsets: offsets::Offsets,
     /// Shared by every connection and the bus: data is copied to a connection's own buffer
     /// only when a frame is incomplete.
     read_buf: Vec<u8>,
@@ -130,6 +135,7 @@ impl Worker {
             clients,
             groups: Groups::default(),
             bus,
+            offsets: offsets::Offsets::new(config.history.max_recover, config.channel.queue_max_messages),
             read_buf: vec![0; READ_BUF],
             accept_paused_until: None,
             stats,
@@ -141,7 +147,12 @@ impl Worker {
 
     /// The clients' view of the other parts, for operations that touch them.
     fn parts(&mut self) -> (&mut Clients, Parts<'_>, &mut [u8]) {
-        let parts = Parts { registry: self.poll.registry(), groups: &mut self.groups, bus: &mut self.bus };
+        let parts = Parts {
+            registry: self.poll.registry(),
+            groups: &mut self.groups,
+            bus: &mut self.bus,
+            offsets: &mut self.offsets,
+        };
         (&mut self.clients, parts, &mut self.read_buf)
     }
 
@@ -262,12 +273,23 @@ impl Worker {
 
     // ---- the bus ---------------------------------------------------------------------------
 
-    /// Delivers to local members what the bus brought (new messages from other workers only).
+    /// Hands the clients what the bus brought (new messages from other workers, numbered
+    /// messages, history answers), then sends the history requests that gave rise to.
     fn bus_ready(&mut self) {
-        let (clients, groups) = (&mut self.clients, &self.groups);
-        self.bus.on_ready(self.poll.registry(), &mut self.read_buf, groups.names(), |group, payload| {
-            clients.deliver_from_bus(groups, group, payload)
+        let (clients, groups, offsets) = (&mut self.clients, &mut self.groups, &mut self.offsets);
+        let mut asks = Vec::new();
+        let mut link_up = false;
+        self.bus.on_ready(self.poll.registry(), &mut self.read_buf, |event| {
+            link_up |= event == bus::BusEvent::LinkUp;
+            clients.on_bus_event(event, groups, offsets, &mut asks)
         });
+        if link_up {
+            // Before the history requests: their answers assume the subscription.
+            self.bus.resubscribe(self.groups.names());
+        }
+        for ask in &asks {
+            self.bus.request_history(ask.request, &ask.group, ask.since(), self.offsets.max_recover);
+        }
     }
 }
 

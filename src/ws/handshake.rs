@@ -20,7 +20,8 @@ pub enum Handshake {
     Incomplete,
     /// Send `response` (101) and continue as WebSocket; `consumed` bytes were the request head.
     /// `identity`: what the connection token allows, for a connection that presented one.
-    Upgrade { response: Vec<u8>, consumed: usize, identity: Option<Box<Identity>> },
+    /// `protocol`: 1 (the seed's) or 2 (offsets and recovery), from the `protocol` parameter.
+    Upgrade { response: Vec<u8>, consumed: usize, identity: Option<Box<Identity>>, protocol: u8 },
     /// Send `response` and close: a plain HTTP request or a malformed one.
     Reply { response: Vec<u8>, reason: &'static str },
     /// Send `response` (403) and close: the page's Origin is not in `auth.allowed_origins`.
@@ -84,6 +85,9 @@ pub fn process(buf: &[u8], gate: &Gate) -> Handshake {
     if !is_base64_of_16_bytes(key) {
         return reply(400, "Bad Request", "Sec-WebSocket-Key must be base64 of 16 bytes\n", "bad Sec-WebSocket-Key");
     }
+    let Some(protocol) = protocol_of(path) else {
+        return reply(400, "Bad Request", "protocol must be 1 or 2, given once\n", "unsupported protocol parameter");
+    };
     if !gate.settings().origin_allowed(header("Origin")) {
         return Handshake::ForbiddenOrigin { response: response(403, "Forbidden", "", "origin not allowed\n") };
     }
@@ -97,7 +101,22 @@ pub fn process(buf: &[u8], gate: &Gate) -> Handshake {
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
     )
     .into_bytes();
-    Handshake::Upgrade { response, consumed, identity }
+    Handshake::Upgrade { response, consumed, identity, protocol }
+}
+
+/// The wire protocol a client asks for with the `protocol` query parameter: 1 (the seed's,
+/// also when absent) or 2 (docs/protocol.md "Protocol 2"). `None`: another value, or the
+/// parameter twice.
+fn protocol_of(path: &str) -> Option<u8> {
+    let Some((_, query)) = path.split_once('?') else { return Some(1) };
+    let mut values = query.split('&').filter_map(|pair| pair.strip_prefix("protocol="));
+    let protocol = match values.next() {
+        None => 1,
+        Some("1") => 1,
+        Some("2") => 2,
+        Some(_) => return None,
+    };
+    values.next().is_none().then_some(protocol)
 }
 
 /// The 401 for a refused token: `WWW-Authenticate: Bearer` (RFC 6750) and the reason, never
@@ -249,6 +268,17 @@ mod tests {
             panic!()
         };
         assert!(response.starts_with(b"HTTP/1.1 400 "));
+    }
+
+    #[test]
+    fn the_protocol_parameter_picks_1_or_2() {
+        assert_eq!(protocol_of("/"), Some(1));
+        assert_eq!(protocol_of("/?token=a"), Some(1));
+        assert_eq!(protocol_of("/?protocol=1"), Some(1));
+        assert_eq!(protocol_of("/?a=b&protocol=2&token=x"), Some(2));
+        assert_eq!(protocol_of("/?protocol=3"), None);
+        assert_eq!(protocol_of("/?protocol="), None);
+        assert_eq!(protocol_of("/?protocol=2&protocol=2"), None);
     }
 
     #[test]

@@ -4,6 +4,9 @@
 
 const DEFAULT_BACKOFF = { min: 100, max: 10000 };
 const DEFAULT_MAX_QUEUE = 1000;
+// A connection not open by then is given up and retried (some WebSocket implementations never
+// report a connection the peer dropped during the handshake).
+const DEFAULT_CONNECT_TIMEOUT_MS = 10000;
 // A rejoin refused with rate_limited is tried again after this long (same connection).
 const RATE_LIMIT_RETRY_MS = 1000;
 
@@ -41,6 +44,8 @@ class Client {
     this._token = options.token;
     this._backoff = { ...DEFAULT_BACKOFF, ...(options.backoff ?? {}) };
     this._maxQueue = options.maxQueue ?? DEFAULT_MAX_QUEUE;
+    this._connectTimeout = options.connectTimeout ?? DEFAULT_CONNECT_TIMEOUT_MS;
+    this._connectTimer = null;
     this._random = options.random ?? Math.random;
     this._listeners = new Map(); // event -> Set(fn)
     this._groups = new Map(); // group id (string) -> Group
@@ -122,6 +127,8 @@ class Client {
     this._closed = true;
     clearTimeout(this._timer);
     this._timer = null;
+    clearTimeout(this._connectTimer);
+    this._connectTimer = null;
     const ws = this._ws;
     this._ws = null;
     this._open = false;
@@ -163,6 +170,16 @@ class Client {
       return;
     }
     this._ws = ws;
+    this._connectTimer = setTimeout(() => {
+      this._connectTimer = null;
+      if (ws !== this._ws || this._open) return;
+      try {
+        ws.close();
+      } catch {
+        // not closable while connecting in some implementations; it is detached anyway
+      }
+      this._onClose(ws, 1006, "connect timeout");
+    }, this._connectTimeout);
     ws.onopen = () => this._onOpen(ws);
     ws.onmessage = (ev) => this._onFrame(ws, ev.data);
     ws.onclose = (ev) => this._onClose(ws, ev.code, ev.reason);
@@ -180,6 +197,8 @@ class Client {
 
   _onOpen(ws) {
     if (ws !== this._ws) return;
+    clearTimeout(this._connectTimer);
+    this._connectTimer = null;
     this._open = true;
     this._attempt = 0;
     this._setState("open");
@@ -189,6 +208,8 @@ class Client {
 
   _onClose(ws, code, reason) {
     if (ws !== this._ws) return;
+    clearTimeout(this._connectTimer);
+    this._connectTimer = null;
     detach(ws);
     this._ws = null;
     this._open = false;

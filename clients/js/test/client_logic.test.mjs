@@ -241,6 +241,18 @@ test("leave while offline: not rejoined; a refused join rejects and is forgotten
   gc.close();
 });
 
+test("a connection that never opens is given up after connectTimeout and retried", async () => {
+  const { gc, events } = client({ connectTimeout: 20 });
+  await socket(1);
+  const ws2 = await socket(2);
+  const closed = events.find(([e, p]) => e === "state" && p.state === "closed")[1];
+  assert.equal(closed.code, 1006);
+  assert.equal(closed.reason, "connect timeout");
+  ws2.open();
+  assert.equal(gc.state, "open");
+  gc.close();
+});
+
 test("close() is final: no reconnect, waiting sends rejected", async () => {
   const { gc, events } = client();
   const ws = await socket(1);

@@ -9,6 +9,8 @@ import { connect } from "../groupcast.js";
 import { waitFor, webSocketClass } from "./helpers.mjs";
 
 const FAST_BACKOFF = { min: 50, max: 1000 };
+// Node 20's WebSocket never reports a connection dropped during its handshake: give up sooner.
+const CONNECT_TIMEOUT = 2000;
 
 /**
  * Whether the server at `url` speaks protocol 2 (its join reply carries an epoch). The server
@@ -52,7 +54,7 @@ export class Receiver {
     r.log = []; // {kind: "msg", offset, epoch, n} | {kind: "gap", ...} | {kind: "recovered", ...}
     r.states = [];
     r.errors = [];
-    r.gc = connect(url, { WebSocket: webSocketClass(), backoff: FAST_BACKOFF, ...opts });
+    r.gc = connect(url, { WebSocket: webSocketClass(), backoff: FAST_BACKOFF, connectTimeout: CONNECT_TIMEOUT, ...opts });
     r.gc.on("state", (s) => r.states.push(s));
     r.gc.on("gap", (g) => g.group === group && r.log.push({ kind: "gap", ...g }));
     r.gc.on("recovered", (g) => g.group === group && r.log.push({ kind: "recovered", ...g }));
@@ -99,7 +101,7 @@ export class Publisher {
     p.group = group;
     p.sent = 0;
     p.results = new Map(); // n -> {offset} | {error}
-    p.gc = connect(url, { WebSocket: webSocketClass(), backoff: FAST_BACKOFF });
+    p.gc = connect(url, { WebSocket: webSocketClass(), backoff: FAST_BACKOFF, connectTimeout: CONNECT_TIMEOUT });
     p.timer = setInterval(() => p.publishOne(), intervalMs);
     return p;
   }
@@ -164,4 +166,31 @@ export function checkHistory(receiver, publisher, { gaps }) {
   const missing = publisher.confirmed().filter((n) => !got.has(n) && !inHole(n));
   assert.deepEqual(missing, [], `confirmed publishes never received, outside any reported gap (holes ${JSON.stringify(holes)})`);
   return { holes, received: got.size };
+}
+
+/**
+ * Runs `faults` one after another while `publisher` publishes: before each, the receiver must
+ * be receiving (`progress` more messages); after each, it must be again (it came back). Then
+ * the publisher stops and the receiver must get everything confirmed after its last gap.
+ */
+export async function underFaults(receiver, publisher, faults, progress = 15) {
+  await receiver.progress(progress, "messages before the first fault");
+  for (const [name, act] of faults) {
+    const opens = receiver.opens();
+    await act();
+    await receiver.progress(progress, `messages after: ${name} (opens ${opens} -> ${receiver.opens()})`);
+  }
+  await publisher.stop();
+  const last = Math.max(...publisher.confirmed());
+  await waitFor(`the last confirmed message (${last})`, () => receiver.numbers().includes(last));
+}
+
+/** The pid of the worker holding the proxy's connection to the server (the receiver's). */
+export async function workerOf(server, proxy) {
+  return waitFor("the receiver's connection in `connections`", async () => {
+    const ports = proxy.upstreamPorts();
+    if (ports.length !== 1) return undefined;
+    const conns = await server.connections();
+    return conns.find((c) => c.peer === `127.0.0.1:${ports[0]}`)?.worker_pid;
+  });
 }

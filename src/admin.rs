@@ -256,6 +256,19 @@ fn render_status(r: &StatusReport) -> String {
             ("grace", &format!("{}ms / {} bytes", c.grace_ms, c.grace_max_bytes)),
         ],
     );
+    let h = &r.history;
+    out += &labelled(
+        "history:",
+        6,
+        &[
+            ("size", &h.size),
+            ("ttl", &format!("{}ms", h.ttl_ms)),
+            ("max bytes", &h.max_bytes),
+            ("max recover", &h.max_recover),
+            ("max groups", &h.max_groups),
+            ("meta ttl", &format!("{}ms", h.meta_ttl_ms)),
+        ],
+    );
     let origins = match r.auth.allowed_origins.as_slice() {
         [] => "any".to_owned(),
         list => list.join(" "),

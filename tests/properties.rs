@@ -143,17 +143,21 @@ proptest! {
         match (parse_request(&text, &limits), expected) {
             (Ok(r), Ok((g, name))) => {
                 match (&r.command, name) {
-                    (Command::AddGroup { group, token: t }, "add_group") => {
+                    (Command::AddGroup { group, token: t, since }, "add_group") => {
+                        prop_assert!(since.is_none());
                         prop_assert_eq!(group.as_ref(), g.as_str());
                         let want = token.optional().unwrap();
                         prop_assert_eq!(t.as_deref(), want.as_deref());
                     }
                     (Command::LeaveGroup { group }, "leave_group") => prop_assert_eq!(group.as_ref(), g.as_str()),
                     (Command::Refresh { token: t }, "refresh") => prop_assert_eq!(t.as_ref(), g.as_str()),
-                    (Command::SendToGroup { group, message: delivered }, "send_to_group") => {
+                    (Command::SendToGroup { group, message: delivered, kind }, "send_to_group") => {
                         prop_assert_eq!(group.as_ref(), g.as_str());
                         // A string is delivered as its text, anything else as the same JSON value.
                         let sent: serde_json::Value = serde_json::from_str(&message).unwrap();
+                        // Protocol 2 envelopes a string as a string again, the rest as JSON.
+                        let want_kind = if sent.is_string() { groupcast::channel::wire::PayloadKind::Text } else { groupcast::channel::wire::PayloadKind::Json };
+                        prop_assert_eq!(*kind, want_kind);
                         match sent.as_str() {
                             Some(s) => prop_assert_eq!(delivered.as_ref(), s),
                             None => prop_assert_eq!(serde_json::from_str::<serde_json::Value>(delivered).ok(), Some(sent)),
@@ -164,6 +168,37 @@ proptest! {
             }
             (Err((e, _)), Err(code)) => prop_assert_eq!(e.code(), code, "{}: {}", text, e),
             (got, want) => prop_assert!(false, "{text}: parsed as {:?}, expected {want:?}", got.map(|r| r.command).map_err(|e| e.0)),
+        }
+    }
+
+    #[test]
+    fn since_is_taken_exactly_when_the_protocol_says(
+        epoch in prop_oneof![Just(serde_json::json!("0123456789abcdef")), "\\PC{0,70}".prop_map(serde_json::Value::from), Just(serde_json::json!(7)), Just(serde_json::Value::Null)],
+        offset in prop_oneof![any::<u64>().prop_map(serde_json::Value::from), any::<i64>().prop_map(serde_json::Value::from), Just(serde_json::json!(1.5)), Just(serde_json::json!("3"))],
+        extra in any::<bool>(),
+        shape in 0u8..3,
+    ) {
+        let mut since = serde_json::json!({"epoch": epoch, "offset": offset});
+        if extra {
+            since["x"] = serde_json::json!(1);
+        }
+        let since = match shape { 0 => since, 1 => serde_json::json!([since]), _ => serde_json::json!("since") };
+        let text = serde_json::json!({"cmd":"add_group","group_id":"g","since":since}).to_string();
+        let valid = shape == 0
+            && !extra
+            && epoch.as_str().is_some_and(|e| e.len() <= groupcast::protocol::MAX_EPOCH_LEN)
+            && offset.as_u64().is_some();
+        match parse_request(&text, &Limits::default()) {
+            Ok(r) => {
+                prop_assert!(valid, "{} was accepted", text);
+                let Command::AddGroup { since: Some(s), .. } = r.command else { panic!("{text}: no since") };
+                prop_assert_eq!(s.epoch.as_ref(), epoch.as_str().unwrap());
+                prop_assert_eq!(s.offset, offset.as_u64().unwrap());
+            }
+            Err((e, _)) => {
+                prop_assert!(!valid, "{} was refused: {}", text, e);
+                prop_assert_eq!(e.code(), "invalid_field");
+            }
         }
     }
 

@@ -36,10 +36,14 @@ use slab::Slab;
 use super::{auth, wire, ChannelListener, ChannelStream};
 use crate::config::Config;
 use crate::control::{self, ChildLink, ProcessStats};
+use departed::Departed;
 use grace::Grace;
+use history::{History, Kept};
 use peer::{Cut, Peer, Phase};
 
+mod departed;
 mod grace;
+mod history;
 mod peer;
 
 const LISTENER: Token = Token(0);
@@ -87,6 +91,15 @@ pub struct Broker {
     accept_paused: bool,
     /// Messages kept for peers that re-subscribe late, while the grace window is open.
     grace: Grace,
+    /// Each group's epoch and last offset, and its recent messages (`[history]`).
+    history: History,
+    /// Most messages one HISTORY replays (`history.max_recover`).
+    max_recover: u64,
+    /// Highest seq numbered per origin of the publishers gone, to know their resends.
+    departed: Departed,
+    /// The time of this loop turn, read once after each poll: messages kept during the turn
+    /// share it.
+    now: Instant,
     stats: ProcessStats,
     started: Instant,
 }
@@ -129,6 +142,14 @@ fn raise_open_file_limit(max_peers: usize) {
     }
 }
 
+/// The start of this broker's epochs: random, so no two brokers (nor two runs of one) number
+/// a group under the same epoch.
+fn epoch_seed() -> anyhow::Result<u64> {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).context("cannot draw a random epoch seed")?;
+    Ok(u64::from_be_bytes(b))
+}
+
 /// Whether an accept error means this process (or the system) ran out of descriptors or
 /// memory: the connection waits in the backlog and accepting resumes a little later.
 fn out_of_resources(e: &io::Error) -> bool {
@@ -165,6 +186,10 @@ impl Broker {
             accept_retry_at: None,
             accept_paused: false,
             grace: Grace::new(Duration::from_millis(config.channel.grace_ms), config.channel.grace_max_bytes),
+            history: History::new(&config.history, epoch_seed()?),
+            max_recover: config.history.max_recover as u64,
+            departed: Departed::new(Duration::from_millis(config.history.meta_ttl_ms), config.history.max_groups),
+            now: Instant::now(),
             stats: ProcessStats { role: "channel".into(), pid: std::process::id(), ..Default::default() },
             started: Instant::now(),
         })
@@ -184,6 +209,7 @@ impl Broker {
                 }
                 return Err(e).context("event loop failed");
             }
+            self.now = Instant::now();
             let again = std::mem::take(&mut self.again);
             for event in events.iter() {
                 match event.token() {
@@ -218,6 +244,9 @@ impl Broker {
                 }
             }
             let now = Instant::now();
+            self.now = now;
+            self.history.expire(now);
+            self.departed.expire(now);
             if self.accept_retry_at.is_some_and(|t| now >= t) {
                 self.accept_retry_at = None;
                 self.accept_all();
@@ -227,9 +256,19 @@ impl Broker {
         }
     }
 
-    /// The earliest timer: the grace window's end, an admission deadline, an accept retry.
+    /// The earliest timer: the grace window's end, an admission deadline, an accept retry,
+    /// the expiry of a kept message, a position or a departed origin.
     fn next_wakeup(&self) -> Option<Instant> {
-        [self.grace.until(), self.admissions.front().map(|a| a.0), self.accept_retry_at].into_iter().flatten().min()
+        [
+            self.grace.until(),
+            self.admissions.front().map(|a| a.0),
+            self.accept_retry_at,
+            self.history.next_expiry(),
+            self.departed.next_expiry(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Writes the forwards, then acknowledges what was forwarded, then ends the grace window
@@ -452,19 +491,19 @@ impl Broker {
                         self.remove_subscriber(group, key);
                     }
                 }
-                (&Phase::Ready { origin: own }, wire::Frame::Message { origin, seq, group, .. }) => {
-                    if origin != own {
-                        return Err(Cut::Violation(format!(
-                            "published under origin {origin:#x} (seq {seq}), not its own {own:#x}"
-                        )));
-                    }
-                    self.forward(key, group, raw);
-                    self.hold(group, origin, raw);
-                    let peer = &mut self.peers[key];
-                    if peer.ack.is_none() {
-                        self.to_ack.push(key);
-                    }
-                    peer.ack = Some(peer.ack.map_or(seq, |a| a.max(seq)));
+                (&Phase::Ready { origin: own }, wire::Frame::Message { origin, seq, group, payload }) => {
+                    check_origin(own, origin, seq)?;
+                    let m = Publish { origin, seq, kind: wire::PayloadKind::Text, group, payload };
+                    self.publish(key, &m, Some(raw));
+                }
+                (&Phase::Ready { origin: own }, wire::Frame::Publish { origin, seq, kind, group, payload }) => {
+                    self.require_offsets(key, "PUBLISH")?;
+                    check_origin(own, origin, seq)?;
+                    self.publish(key, &Publish { origin, seq, kind, group, payload }, None);
+                }
+                (Phase::Ready { .. }, wire::Frame::History { request, group, since, limit }) => {
+                    self.require_offsets(key, "HISTORY")?;
+                    self.answer_history(key, request, group, since, limit);
                 }
                 (_, other) => return Err(Cut::Violation(format!("sent a frame only the broker sends: {other:?}"))),
             }
@@ -495,8 +534,12 @@ impl Broker {
     /// HELLO: the peer is admitted and bound to `origin`, which no other peer may hold (the
     /// older connection keeps it: a newcomer taking it over could publish as that worker).
     fn introduce(&mut self, key: usize, version: u8, origin: u64, name: &str) -> Result<(), Cut> {
-        if version != wire::VERSION {
-            return Err(Cut::Violation(format!("speaks channel protocol {version}, not {}", wire::VERSION)));
+        if version != wire::VERSION && version != wire::VERSION_OFFSETS {
+            return Err(Cut::Violation(format!(
+                "speaks channel protocol {version}, not {} or {}",
+                wire::VERSION,
+                wire::VERSION_OFFSETS
+            )));
         }
         if let Some(holder) = self.origins.get(&origin).and_then(|&k| self.peers.get(k)) {
             return Err(Cut::Violation(format!("claims origin {origin:#x}, which peer {} holds", holder.name)));
@@ -505,45 +548,125 @@ impl Broker {
         let peer = &mut self.peers[key];
         peer.name = name.to_owned();
         peer.phase = Phase::Ready { origin };
-        info!("channel peer {name} (origin {origin:#x}) connected");
+        peer.offsets = version == wire::VERSION_OFFSETS;
+        peer.numbered = self.departed.take(origin);
+        info!("channel peer {name} (origin {origin:#x}, protocol {version}) connected");
         Ok(())
+    }
+
+    /// Frames of protocol 2 from a peer that introduced itself with version 1 are a violation:
+    /// it could not read the answers.
+    fn require_offsets(&self, key: usize, frame: &str) -> Result<(), Cut> {
+        match self.peers[key].offsets {
+            true => Ok(()),
+            false => Err(Cut::Violation(format!("sent {frame}, which needs HELLO version {}", wire::VERSION_OFFSETS))),
+        }
     }
 
     fn subscribe(&mut self, key: usize, group: &str) {
         if self.peers[key].groups.insert(group.into()) {
-            self.subscribers.entry(group.into()).or_default().push(key);
+            let subs = self.subscribers.entry(group.into()).or_default();
+            subs.push(key);
+            if subs.len() == 1 {
+                self.history.set_subscribed(group, true, self.now);
+            }
         }
     }
 
-    /// Queues the frame `raw` to every subscriber of `group` but its publisher.
-    fn forward(&mut self, from: usize, group: &str, raw: &[u8]) {
-        self.stats.published += 1;
-        let Some(subs) = self.subscribers.get(group) else { return };
-        let mut cut = Vec::new();
-        for &to in subs {
-            if to == from {
-                continue;
-            }
-            let Some(peer) = self.peers.get_mut(to) else { continue };
-            if peer.outbuf.len() + raw.len() > self.peer_buffer_limit {
-                cut.push(to);
-                continue;
-            }
-            peer.outbuf.extend_from_slice(raw);
-            self.stats.messages_out += 1;
+    /// A publish of peer `from`: numbered in its group, forwarded to every other subscriber
+    /// (MESSAGE to version-1 peers, PUBLICATION to version-2 peers, each form encoded at most
+    /// once), kept in the history, stamped back to a version-2 publisher, acknowledged after
+    /// the flush. A resend (seq at or below the highest numbered for its origin) is only
+    /// stamped (offset 0) and acknowledged. `raw` is the MESSAGE frame when it came as one.
+    fn publish(&mut self, from: usize, m: &Publish<'_>, raw: Option<&[u8]>) {
+        let peer = &mut self.peers[from];
+        if peer.ack.is_none() {
+            self.to_ack.push(from);
+        }
+        peer.ack = Some(peer.ack.map_or(m.seq, |a| a.max(m.seq)));
+        let resend = peer.numbered.is_some_and(|n| m.seq <= n);
+        let numbering = (!resend).then(|| self.history.begin(m.group));
+        if peer.offsets {
+            wire::encode_stamp(peer.outbuf.tail(), m.seq, numbering.map_or(0, |n| n.offset));
             if !peer.dirty {
                 peer.dirty = true;
-                self.dirty.push(to);
+                self.dirty.push(from);
             }
         }
+        let Some(numbering) = numbering else {
+            self.stats.channel_resent += 1;
+            return;
+        };
+        peer.numbered = Some(m.seq);
+        self.stats.published += 1;
+        let mut publication: Option<Vec<u8>> = None;
+        let mut message: Option<Vec<u8>> = None;
+        let mut cut = Vec::new();
+        if let Some(subs) = self.subscribers.get(m.group) {
+            for &to in subs {
+                if to == from {
+                    continue;
+                }
+                let Some(peer) = self.peers.get_mut(to) else { continue };
+                let frame: &[u8] = match (peer.offsets, raw) {
+                    (true, _) => publication.get_or_insert_with(|| m.publication(numbering.offset)),
+                    (false, Some(raw)) => raw,
+                    (false, None) => message.get_or_insert_with(|| m.message()),
+                };
+                if peer.outbuf.len() + frame.len() > self.peer_buffer_limit {
+                    cut.push(to);
+                    continue;
+                }
+                peer.outbuf.extend_from_slice(frame);
+                self.stats.messages_out += 1;
+                if !peer.dirty {
+                    peer.dirty = true;
+                    self.dirty.push(to);
+                }
+            }
+        }
+        if self.grace.is_open() {
+            let frame = publication.get_or_insert_with(|| m.publication(numbering.offset));
+            self.stats.channel_dropped += self.grace.hold(m.group, m.origin, frame);
+        }
+        let kept = self.history.keeps().then(|| {
+            let frame = publication.unwrap_or_else(|| m.publication(numbering.offset));
+            Kept { payload_at: frame.len() - m.payload.len(), frame, kind: m.kind }
+        });
+        self.history.finish(numbering, kept, self.now);
+        // After `finish`: dropping a peer may unsubscribe it, which touches the history.
         for to in cut {
             self.drop_peer(to, "stopped reading: its buffer passed channel.peer_buffer_limit");
         }
     }
 
-    /// During the grace window, keeps a copy of each message for peers that subscribe later.
-    fn hold(&mut self, group: &str, origin: u64, raw: &[u8]) {
-        self.stats.channel_dropped += self.grace.hold(group, origin, raw);
+    /// HISTORY `request` of peer `key` for `group`: the messages after `since` when they can
+    /// all be given (at most `limit` and `history.max_recover`, and within
+    /// `channel.peer_buffer_limit`), then the group's POSITION.
+    fn answer_history(&mut self, key: usize, request: u64, group: &str, since: Option<wire::Since<'_>>, limit: u32) {
+        let limit = u64::from(limit).min(self.max_recover);
+        let answer = self.history.recover(group, since.map(|s| (s.epoch, s.offset)), limit, self.now);
+        let Some(peer) = self.peers.get_mut(key) else { return };
+        let mut recovered = answer.replay_from.is_some();
+        if let Some(from) = answer.replay_from {
+            let items = || self.history.kept_from(answer.slot, from);
+            let bytes: usize = items().map(|(_, k)| HISTORY_ITEM_OVERHEAD + k.payload().len()).sum();
+            if peer.outbuf.len() + bytes > self.peer_buffer_limit {
+                warn!(
+                    "channel peer {}: {bytes} bytes of history do not fit under channel.peer_buffer_limit; \
+                     answered recovered=false",
+                    peer.name
+                );
+                recovered = false;
+            } else {
+                for (offset, k) in items() {
+                    wire::encode_history_item(peer.outbuf.tail(), request, offset, k.kind, k.payload());
+                    self.stats.messages_out += 1;
+                }
+            }
+        }
+        wire::encode_position(peer.outbuf.tail(), request, answer.epoch.as_str(), answer.top, recovered);
+        self.mark_dirty(key);
     }
 
     /// Sends the held messages of `group` (just resubscribed) to peer `key`, in arrival order,
@@ -557,7 +680,17 @@ impl Broker {
             return;
         }
         let (mut replayed, mut skipped) = (0u64, 0u64);
-        for frame in self.grace.frames(group, peer.phase.origin()) {
+        let mut message = Vec::new();
+        for publication in self.grace.frames(group, peer.phase.origin()) {
+            // Held as PUBLICATION (with the offset it got); a version-1 peer gets MESSAGE.
+            let frame = match peer.offsets {
+                true => publication,
+                false => {
+                    message.clear();
+                    as_message(publication, &mut message);
+                    &message
+                }
+            };
             // Stop at the first that does not fit: the peer gets an unbroken, oldest-first run.
             if skipped > 0 || peer.outbuf.len() + frame.len() > self.peer_buffer_limit {
                 skipped += 1;
@@ -587,6 +720,7 @@ impl Broker {
             subs.retain(|&k| k != key);
             if subs.is_empty() {
                 self.subscribers.remove(group);
+                self.history.set_subscribed(group, false, self.now);
             }
         }
     }
@@ -653,6 +787,9 @@ impl Broker {
         if let Some(origin) = peer.phase.origin() {
             if self.origins.get(&origin) == Some(&key) {
                 self.origins.remove(&origin);
+                if let Some(seq) = peer.numbered {
+                    self.departed.put(origin, seq, self.now);
+                }
             }
         }
         for group in &peer.groups {
@@ -677,11 +814,69 @@ impl Broker {
                     s.state = "running".into();
                     s.log_dropped = crate::logging::dropped_lines();
                     s.channel_queued = self.grace.len() as u64;
+                    s.history_groups = self.history.groups() as u64;
+                    s.history_messages = self.history.messages() as u64;
+                    s.history_bytes = self.history.bytes() as u64;
                     let _ = self.control.send_json(&s);
                 }
                 true
             }
             Ok(None) | Err(_) => false,
         }
+    }
+}
+
+/// Bytes of a HISTORY_ITEM frame besides its payload: length, type, request, offset, kind.
+const HISTORY_ITEM_OVERHEAD: usize = wire::LEN_PREFIX + 1 + 8 + 8 + 1;
+
+/// A peer's publish (MESSAGE or PUBLISH), as the broker forwards it.
+struct Publish<'a> {
+    origin: u64,
+    seq: u64,
+    kind: wire::PayloadKind,
+    group: &'a str,
+    payload: &'a [u8],
+}
+
+impl Publish<'_> {
+    /// The PUBLICATION frame of this publish numbered `offset`, allocated to its exact size
+    /// (it may be kept in the history as it is).
+    fn publication(&self, offset: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(wire::LEN_PREFIX + 1 + 8 + 8 + 8 + 1 + 2 + self.group.len() + self.payload.len());
+        let m = wire::Numbered {
+            origin: self.origin,
+            seq: self.seq,
+            offset,
+            kind: self.kind,
+            group: self.group,
+            payload: self.payload,
+        };
+        wire::encode_publication(&mut out, &m);
+        out
+    }
+
+    /// The MESSAGE frame of this publish, for version-1 peers (the kind is dropped).
+    fn message(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(wire::LEN_PREFIX + 1 + 8 + 8 + 2 + self.group.len() + self.payload.len());
+        wire::encode_message(&mut out, self.origin, self.seq, self.group, self.payload);
+        out
+    }
+}
+
+/// Writes the MESSAGE form of the PUBLICATION frame `publication` (held by the grace window)
+/// to `out`.
+fn as_message(publication: &[u8], out: &mut Vec<u8>) {
+    if let Ok(Some((wire::Frame::Publication { origin, seq, group, payload, .. }, _))) =
+        wire::decode(publication, usize::MAX)
+    {
+        wire::encode_message(out, origin, seq, group, payload);
+    }
+}
+
+/// Each peer publishes under the origin of its HELLO only.
+fn check_origin(own: u64, origin: u64, seq: u64) -> Result<(), Cut> {
+    match origin == own {
+        true => Ok(()),
+        false => Err(Cut::Violation(format!("published under origin {origin:#x} (seq {seq}), not its own {own:#x}"))),
     }
 }

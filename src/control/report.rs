@@ -104,12 +104,19 @@ pub struct ProcessStats {
     /// Publishes not yet acknowledged by the broker (worker), or messages held for the grace
     /// window (channel).
     pub channel_queued: u64,
-    /// Publishes sent again after a reconnect.
+    /// Publishes sent again after a reconnect (worker), or resends the broker recognized and
+    /// did not number or forward again (channel).
     pub channel_resent: u64,
     /// Messages from the broker dropped as already delivered (by origin and seq).
     pub channel_duplicates: u64,
     /// Log lines lost because syslog was full or unreachable.
     pub log_dropped: u64,
+    /// Channel: groups whose position (epoch and last offset) the broker keeps (`[history]`).
+    pub history_groups: u64,
+    /// Channel: messages kept in the history now.
+    pub history_messages: u64,
+    /// Channel: bytes of the messages kept in the history now (bounded by `history.max_bytes`).
+    pub history_bytes: u64,
 }
 
 /// One client connection, as `groupcast connections` lists it.
@@ -171,6 +178,8 @@ pub struct StatusReport {
     pub limits: crate::config::Limits,
     /// The channel settings in force: bounds of the broker and of the workers' channel client.
     pub channel_settings: crate::config::ChannelSettings,
+    /// `[history]` in force: what backs protocol 2's offsets and recovery.
+    pub history: crate::config::HistorySettings,
     /// Who may connect (`[auth]`) and the `[[groups]]` rules in force; never a key.
     pub auth: AuthReport,
     /// `[tls]` in force: its listen address and certificate and key files.

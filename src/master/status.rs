@@ -100,6 +100,7 @@ impl Master {
             graceful_timeout_ms: self.config.graceful_timeout_ms,
             limits: self.config.limits.clone(),
             channel_settings: self.config.channel.clone(),
+            history: self.config.history.clone(),
             auth: crate::control::AuthReport::of(&self.config),
         }
     }

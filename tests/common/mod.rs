@@ -519,10 +519,15 @@ impl Server {
     /// Connects clients until every worker holds at least `per_worker` of them; returns the
     /// clients and the worker index of each.
     pub fn connect_spread(&self, per_worker: usize) -> (Vec<Client>, Vec<usize>) {
+        self.connect_spread_path(per_worker, "/")
+    }
+
+    /// `connect_spread` with the clients connecting to `path` (e.g. `/?protocol=2`).
+    pub fn connect_spread_path(&self, per_worker: usize, path: &str) -> (Vec<Client>, Vec<usize>) {
         let mut clients = Vec::new();
         for _ in 0..64 {
             for _ in 0..4 {
-                clients.push(Client::connect(self.addr));
+                clients.push(Client::connect_path(self.addr, path));
             }
             let refs: Vec<&Client> = clients.iter().collect();
             let on = self.workers_of(&refs);
@@ -629,11 +634,16 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
+        Client::connect_path(addr, "/")
+    }
+
+    /// Connects to `path` (with its query, e.g. `/?protocol=2`).
+    pub fn connect_path(addr: SocketAddr, path: &str) -> Client {
         let stream = TcpStream::connect(addr).expect("connect to groupcast");
         stream.set_read_timeout(Some(TIMEOUT)).unwrap();
         stream.set_write_timeout(Some(TIMEOUT)).unwrap();
         let port = stream.local_addr().unwrap().port();
-        let url = format!("ws://{addr}/");
+        let url = format!("ws://{addr}{path}");
         let mut attempt = tungstenite::client::client(url.as_str(), stream);
         let deadline = Instant::now() + TIMEOUT;
         let ws = loop {

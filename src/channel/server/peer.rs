@@ -79,6 +79,12 @@ pub struct Peer {
     pub replayed: HashSet<Box<str>>,
     /// Highest seq of this peer's MESSAGEs handled this turn, to acknowledge after the flush.
     pub ack: Option<u64>,
+    /// Introduced with HELLO version 2: it is sent PUBLICATION instead of MESSAGE, a STAMP
+    /// for each of its publishes, and may ask HISTORY.
+    pub offsets: bool,
+    /// Highest seq of its origin the broker numbered (kept across its reconnects): a publish
+    /// at or below it is a resend, not numbered or forwarded again.
+    pub numbered: Option<u64>,
     /// Queued in the broker's dirty list (its output is written at the end of the turn).
     pub dirty: bool,
     /// Queued in the broker's read-again list (it spent its read budget with bytes left).
@@ -100,6 +106,8 @@ impl Peer {
             groups: HashSet::new(),
             replayed: HashSet::new(),
             ack: None,
+            offsets: false,
+            numbered: None,
             dirty: true,
             read_again: false,
         }

@@ -1,0 +1,451 @@
+//! The broker numbers every message of a group and keeps its history (issue 12, protocol 2 on
+//! the channel wire): consecutive offsets under the group's epoch, PUBLICATION to version-2
+//! subscribers and plain MESSAGE to version-1 ones, a STAMP per publish to a version-2
+//! publisher, resends stamped 0 and not forwarded again, HISTORY answered by the
+//! recoverability rule (epoch, history length, limits, peer buffer), a new epoch after a
+//! restart. Raw frames against a real standalone broker.
+
+mod channel_peer;
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use channel_peer::{Got, RawPeer};
+use common::*;
+use groupcast::channel::wire::{self, PayloadKind, Since};
+use groupcast::channel::auth;
+
+const WAIT: Duration = Duration::from_secs(10);
+const QUIET: Duration = Duration::from_millis(300);
+
+/// A frame a version-2 peer gets, owned.
+#[derive(Debug, Clone, PartialEq)]
+enum In {
+    Ack(u64),
+    Stamp { seq: u64, offset: u64 },
+    Publication { origin: u64, seq: u64, offset: u64, kind: PayloadKind, group: String, payload: Vec<u8> },
+    Item { request: u64, offset: u64, kind: PayloadKind, payload: Vec<u8> },
+    Position { request: u64, epoch: String, offset: u64, recovered: bool },
+    Message { origin: u64, seq: u64, group: String, payload: Vec<u8> },
+    Other(String),
+}
+
+/// A channel peer that introduces itself with HELLO version 2.
+struct V2 {
+    stream: TcpStream,
+    inbuf: Vec<u8>,
+    origin: u64,
+    requests: u64,
+}
+
+impl V2 {
+    fn join(broker: &Broker, origin: u64) -> V2 {
+        V2::try_join(broker, origin).expect("the broker admits the peer")
+    }
+
+    /// Connects, authenticates and sends HELLO 2; `None` when the broker closes instead.
+    fn try_join(broker: &Broker, origin: u64) -> Option<V2> {
+        let stream = TcpStream::connect(broker.addr).expect("connect to the broker");
+        stream.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut p = V2 { stream, inbuf: Vec::new(), origin, requests: 0 };
+        let (flags, nonce) = match p.raw_next(WAIT)? {
+            wire_owned::Challenge(flags, nonce) => (flags, nonce),
+            other => panic!("the first frame is not a CHALLENGE: {other:?}"),
+        };
+        assert_ne!(flags & wire::FLAG_AUTH_REQUIRED, 0, "the test broker has a secret");
+        let mine = auth::nonce().unwrap();
+        let mut out = Vec::new();
+        wire::encode_auth(&mut out, &mine, &auth::peer_proof(BROKER_SECRET, &nonce, &mine));
+        p.send(&out);
+        assert!(matches!(p.raw_next(WAIT)?, wire_owned::AuthOk), "AUTH_OK after AUTH");
+        out.clear();
+        wire::encode_hello(&mut out, wire::VERSION_OFFSETS, origin, &format!("v2-{origin:x}"));
+        p.send(&out);
+        // The broker refuses a HELLO whose origin a connected peer holds by closing: an answer
+        // to HISTORY says it was admitted.
+        let request = p.history("fence-probe", None, 0);
+        loop {
+            match p.next(WAIT) {
+                Some(In::Position { request: r, .. }) if r == request => return Some(p),
+                Some(_) => {}
+                None => return None,
+            }
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes);
+    }
+
+    fn subscribe(&mut self, group: &str) {
+        let mut out = Vec::new();
+        wire::encode_subscribe(&mut out, group);
+        self.send(&out);
+    }
+
+    fn resubscribe(&mut self, group: &str) {
+        let mut out = Vec::new();
+        wire::encode_resubscribe(&mut out, group);
+        self.send(&out);
+    }
+
+    fn publish(&mut self, seq: u64, kind: PayloadKind, group: &str, payload: &[u8]) {
+        let mut out = Vec::new();
+        wire::encode_publish(&mut out, self.origin, seq, kind, group, payload);
+        self.send(&out);
+    }
+
+    /// Sends HISTORY; returns its request id.
+    fn history(&mut self, group: &str, since: Option<(&str, u64)>, limit: u32) -> u64 {
+        self.requests += 1;
+        let mut out = Vec::new();
+        let since = since.map(|(epoch, offset)| Since { epoch, offset });
+        wire::encode_history(&mut out, self.requests, group, since, limit);
+        self.send(&out);
+        self.requests
+    }
+
+    /// Asks HISTORY and collects the answer: the items' offsets and payloads, then the
+    /// POSITION's epoch, offset and recovered flag. Other frames meanwhile are kept in `other`.
+    fn ask(&mut self, group: &str, since: Option<(&str, u64)>, limit: u32) -> Answer {
+        let request = self.history(group, since, limit);
+        let mut items = Vec::new();
+        loop {
+            match self.next(WAIT).expect("an answer to HISTORY") {
+                In::Item { request: r, offset, payload, .. } if r == request => items.push((offset, payload)),
+                In::Position { request: r, epoch, offset, recovered } if r == request => {
+                    return Answer { items, epoch, offset, recovered }
+                }
+                In::Ack(_) | In::Stamp { .. } => {}
+                other => panic!("unexpected {other:?} in the answer to HISTORY"),
+            }
+        }
+    }
+
+    fn next(&mut self, timeout: Duration) -> Option<In> {
+        Some(match self.raw_next(timeout)? {
+            wire_owned::Frame(f) => f,
+            other => In::Other(format!("{other:?}")),
+        })
+    }
+
+    /// Frames until `timeout` of silence, ACKs left out.
+    fn drain(&mut self, timeout: Duration) -> Vec<In> {
+        std::iter::from_fn(|| self.next(timeout)).filter(|f| !matches!(f, In::Ack(_))).collect()
+    }
+
+    fn raw_next(&mut self, timeout: Duration) -> Option<wire_owned> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((frame, used)) = wire::decode(&self.inbuf, usize::MAX).expect("valid frames from the broker") {
+                let got = wire_owned::of(frame);
+                self.inbuf.drain(..used);
+                return Some(got);
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.inbuf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return None,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    if Instant::now() >= deadline {
+                        return None;
+                    }
+                }
+                Err(e) => panic!("read from the broker failed: {e}"),
+            }
+        }
+    }
+}
+
+/// What a raw read gives: the set-up frames apart from the rest.
+#[allow(non_camel_case_types)]
+#[derive(Debug)]
+enum wire_owned {
+    Challenge(u8, [u8; wire::NONCE_LEN]),
+    AuthOk,
+    Frame(In),
+}
+
+impl wire_owned {
+    fn of(frame: wire::Frame<'_>) -> wire_owned {
+        wire_owned::Frame(match frame {
+            wire::Frame::Challenge { flags, nonce, .. } => return wire_owned::Challenge(flags, nonce),
+            wire::Frame::AuthOk { .. } => return wire_owned::AuthOk,
+            wire::Frame::Ack { seq } => In::Ack(seq),
+            wire::Frame::Stamp { seq, offset } => In::Stamp { seq, offset },
+            wire::Frame::Publication { origin, seq, offset, kind, group, payload } => {
+                In::Publication { origin, seq, offset, kind, group: group.into(), payload: payload.to_vec() }
+            }
+            wire::Frame::HistoryItem { request, offset, kind, payload } => {
+                In::Item { request, offset, kind, payload: payload.to_vec() }
+            }
+            wire::Frame::Position { request, epoch, offset, recovered } => {
+                In::Position { request, epoch: epoch.into(), offset, recovered }
+            }
+            wire::Frame::Message { origin, seq, group, payload } => {
+                In::Message { origin, seq, group: group.into(), payload: payload.to_vec() }
+            }
+            other => In::Other(format!("{other:?}")),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Answer {
+    items: Vec<(u64, Vec<u8>)>,
+    epoch: String,
+    offset: u64,
+    recovered: bool,
+}
+
+impl Answer {
+    fn offsets(&self) -> Vec<u64> {
+        self.items.iter().map(|i| i.0).collect()
+    }
+}
+
+fn broker(config: &str) -> Broker {
+    Broker::start_with("broker-history", BrokerOpts { config: Some(config.to_owned()), ..BrokerOpts::default() })
+}
+
+fn v1(broker: &Broker, origin: u64) -> RawPeer {
+    RawPeer::tcp(broker.port()).join(Some(BROKER_SECRET), origin, "v1")
+}
+
+/// Publishes `count` messages to `group` from `p` (seqs from `first_seq`) and waits for their
+/// STAMPs; returns the offsets stamped.
+fn publish_n(p: &mut V2, group: &str, first_seq: u64, count: u64, payload: &[u8]) -> Vec<u64> {
+    for seq in first_seq..first_seq + count {
+        p.publish(seq, PayloadKind::Text, group, payload);
+    }
+    let mut offsets = Vec::new();
+    while offsets.len() < count as usize {
+        match p.next(WAIT).expect("a STAMP per publish") {
+            In::Stamp { offset, .. } => offsets.push(offset),
+            In::Ack(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    offsets
+}
+
+#[test]
+fn offsets_are_consecutive_and_each_peer_gets_its_form() {
+    let broker = broker("");
+    let (mut a, mut b) = (V2::join(&broker, 0xa1), V2::join(&broker, 0xb1));
+    let mut c = v1(&broker, 0xc1);
+    a.subscribe("g");
+    b.subscribe("g");
+    c.subscribe("g");
+    broker.wait_memberships(3);
+
+    a.publish(1, PayloadKind::Json, "g", br#"{"n":1}"#);
+    a.publish(2, PayloadKind::Text, "g", b"two");
+    let got_a = a.drain(QUIET);
+    assert_eq!(got_a, [In::Stamp { seq: 1, offset: 1 }, In::Stamp { seq: 2, offset: 2 }], "no copy of its own");
+    let pubs = b.drain(QUIET);
+    assert_eq!(
+        pubs,
+        [
+            In::Publication { origin: 0xa1, seq: 1, offset: 1, kind: PayloadKind::Json, group: "g".into(), payload: br#"{"n":1}"#.to_vec() },
+            In::Publication { origin: 0xa1, seq: 2, offset: 2, kind: PayloadKind::Text, group: "g".into(), payload: b"two".to_vec() },
+        ]
+    );
+    for (seq, payload) in [(1, &br#"{"n":1}"#[..]), (2, b"two")] {
+        assert_eq!(
+            c.next(WAIT),
+            Some(Got::Message { origin: 0xa1, seq, group: "g".into(), payload: payload.to_vec() }),
+            "a version-1 peer gets plain MESSAGE"
+        );
+    }
+
+    // A version-1 publisher's MESSAGE is numbered in the same sequence; it gets no STAMP.
+    c.publish(0xc1, 1, "g", b"from v1");
+    assert_eq!(c.next(WAIT), Some(Got::Ack(1)));
+    let want = In::Publication {
+        origin: 0xc1,
+        seq: 1,
+        offset: 3,
+        kind: PayloadKind::Text,
+        group: "g".into(),
+        payload: b"from v1".to_vec(),
+    };
+    assert_eq!(a.drain(QUIET), [want.clone()]);
+    assert_eq!(b.drain(QUIET), [want]);
+    assert_eq!(c.next(QUIET), None, "nothing more for the version-1 peer");
+
+    // Another group counts from 1.
+    assert_eq!(publish_n(&mut a, "other", 3, 2, b"x"), [1, 2]);
+    let status = broker.channel_row().unwrap();
+    assert_eq!(status["history_groups"], 3, "g, other and the group each join probed: {status}");
+    assert_eq!(status["history_messages"], 5, "{status}");
+    assert!(status["history_bytes"].as_u64().unwrap() > 0, "{status}");
+}
+
+#[test]
+fn history_replays_only_what_it_can_give_whole() {
+    let broker = broker("[history]\nsize = 5\nmax_recover = 3\n");
+    let mut a = V2::join(&broker, 0xa2);
+    assert_eq!(publish_n(&mut a, "h", 1, 8, b"m"), (1..=8).collect::<Vec<_>>());
+    let mut b = V2::join(&broker, 0xb2);
+
+    let pos = b.ask("h", None, 100);
+    assert_eq!((pos.offset, pos.recovered, pos.items.len()), (8, false, 0), "no since: the position only");
+    assert_eq!(pos.epoch.len(), 16);
+    assert!(pos.epoch.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)), "{}", pos.epoch);
+    let e = pos.epoch.as_str();
+
+    let r = b.ask("h", Some((e, 6)), 100);
+    assert_eq!((r.offsets(), r.recovered, r.offset), (vec![7, 8], true, 8));
+    assert_eq!(r.items[0].1, b"m");
+    let r = b.ask("h", Some((e, 8)), 100);
+    assert_eq!((r.offsets(), r.recovered), (vec![], true), "up to date");
+    let r = b.ask("h", Some((e, 5)), 100);
+    assert_eq!((r.offsets(), r.recovered), (vec![6, 7, 8], true), "exactly max_recover");
+    let r = b.ask("h", Some((e, 4)), 100);
+    assert_eq!((r.offsets(), r.recovered), (vec![], false), "more than history.max_recover");
+    let r = b.ask("h", Some((e, 5)), 2);
+    assert_eq!((r.offsets(), r.recovered), (vec![], false), "more than the request's limit");
+    let r = b.ask("h", Some((e, 2)), 100);
+    assert_eq!((r.offsets(), r.recovered), (vec![], false), "offset 3 is no longer kept (size 5)");
+    let r = b.ask("h", Some(("0123456789abcdef", 7)), 100);
+    assert_eq!((r.offsets(), r.recovered, r.epoch.as_str(), r.offset), (vec![], false, e, 8), "another epoch");
+    let r = b.ask("h", Some((e, 9)), 100);
+    assert_eq!((r.offsets(), r.recovered), (vec![], false), "ahead of the group");
+
+    let fresh = b.ask("new", None, 100);
+    assert_eq!((fresh.offset, fresh.recovered), (0, false), "HISTORY creates the position");
+    assert_ne!(fresh.epoch, pos.epoch, "each group has its own epoch");
+    assert_eq!(b.ask("new", Some((&fresh.epoch, 0)), 100).recovered, true);
+    assert_eq!(publish_n(&mut a, "new", 9, 1, b"x"), [1], "the position HISTORY made is the one numbered");
+}
+
+#[test]
+fn a_replay_must_fit_under_peer_buffer_limit() {
+    let broker = broker("[channel]\npeer_buffer_limit = 1024\n");
+    let mut a = V2::join(&broker, 0xa3);
+    publish_n(&mut a, "big", 1, 3, &[b'z'; 600]);
+    let mut b = V2::join(&broker, 0xb3);
+    let e = b.ask("big", None, 100).epoch;
+    let r = b.ask("big", Some((&e, 0)), 100);
+    assert_eq!((r.offsets(), r.recovered), (vec![], false), "1.8 KB of history does not fit in 1 KiB");
+    let r = b.ask("big", Some((&e, 2)), 100);
+    assert_eq!((r.offsets(), r.recovered), (vec![3], true), "one message does");
+}
+
+#[test]
+fn a_resend_is_stamped_zero_and_not_forwarded_again() {
+    let broker = broker("");
+    let mut b = V2::join(&broker, 0xb4);
+    b.subscribe("r");
+    broker.wait_memberships(1);
+    let mut a = V2::join(&broker, 0xa4);
+    assert_eq!(publish_n(&mut a, "r", 1, 2, b"m"), [1, 2]);
+    a.publish(1, PayloadKind::Text, "r", b"m");
+    assert_eq!(a.drain(QUIET), [In::Stamp { seq: 1, offset: 0 }], "a resend on the same connection");
+
+    // Reconnect under the same origin (once the broker has noticed the old connection went)
+    // and send the unacknowledged tail again, then something new.
+    drop(a);
+    let mut a = wait_for("the broker to admit the origin again", TIMEOUT, || V2::try_join(&broker, 0xa4));
+    a.publish(2, PayloadKind::Text, "r", b"m");
+    a.publish(3, PayloadKind::Text, "r", b"new");
+    let mut got = a.drain(QUIET);
+    got.retain(|f| !matches!(f, In::Position { .. }));
+    assert_eq!(got, [In::Stamp { seq: 2, offset: 0 }, In::Stamp { seq: 3, offset: 3 }]);
+    let offsets: Vec<u64> = b
+        .drain(QUIET)
+        .into_iter()
+        .map(|f| match f {
+            In::Publication { offset, .. } => offset,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(offsets, [1, 2, 3], "each publish once");
+    assert_eq!(broker.channel_row().unwrap()["channel_resent"], 2);
+}
+
+#[test]
+fn a_version_1_peer_may_not_send_history_or_publish() {
+    let broker = broker("");
+    for frame in [
+        {
+            let mut out = Vec::new();
+            wire::encode_history(&mut out, 1, "g", None, 10);
+            out
+        },
+        {
+            let mut out = Vec::new();
+            wire::encode_publish(&mut out, 0xc5, 1, PayloadKind::Text, "g", b"x");
+            out
+        },
+    ] {
+        let mut c = v1(&broker, 0xc5);
+        let _ = c.try_send(&frame);
+        assert!(c.closed_within(WAIT), "a protocol-2 frame from a version-1 peer is a violation");
+    }
+}
+
+#[test]
+fn a_restarted_broker_numbers_under_a_new_epoch() {
+    let first = broker("");
+    let addr = first.addr.to_string();
+    let mut a = V2::join(&first, 0xa6);
+    publish_n(&mut a, "g", 1, 3, b"m");
+    let before = a.ask("g", None, 10);
+    drop(a);
+    drop(first);
+    let second = Broker::start_with(
+        "broker-history-restart",
+        BrokerOpts { listen: Some(addr), ..BrokerOpts::default() },
+    );
+    let mut a = V2::join(&second, 0xa6);
+    let after = a.ask("g", Some((&before.epoch, 3)), 10);
+    assert_ne!(after.epoch, before.epoch);
+    assert_eq!((after.offset, after.recovered), (0, false));
+    assert_eq!(publish_n(&mut a, "g", 1, 1, b"m"), [1], "seqs of a new broker's peers start over too");
+}
+
+#[test]
+fn messages_expire_after_ttl_and_positions_outlive_them() {
+    let broker = broker("[history]\nttl_ms = 200\n");
+    let mut a = V2::join(&broker, 0xa7);
+    publish_n(&mut a, "t", 1, 2, b"m");
+    let e = a.ask("t", None, 10).epoch;
+    wait_for("the history to expire", TIMEOUT, || {
+        (broker.channel_row()?["history_messages"].as_u64()? == 0).then_some(())
+    });
+    let r = a.ask("t", Some((&e, 1)), 10);
+    assert_eq!((r.recovered, r.epoch.as_str(), r.offset), (false, e.as_str(), 2), "same epoch, nothing to replay");
+    assert!(a.ask("t", Some((&e, 2)), 10).recovered);
+}
+
+#[test]
+fn the_grace_window_replays_publications_with_their_offsets() {
+    let broker = broker("[channel]\ngrace_ms = 600000\n");
+    let mut a = V2::join(&broker, 0xa8);
+    publish_n(&mut a, "gr", 1, 2, b"held");
+    let mut late = V2::join(&broker, 0xb8);
+    late.resubscribe("gr");
+    let got = late.drain(QUIET);
+    let offsets: Vec<(u64, u64)> = got
+        .iter()
+        .map(|f| match f {
+            In::Publication { seq, offset, .. } => (*seq, *offset),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(offsets, [(1, 1), (2, 2)]);
+    let mut old = v1(&broker, 0xc8);
+    old.resubscribe("gr");
+    for seq in 1..=2 {
+        assert_eq!(
+            old.next(WAIT),
+            Some(Got::Message { origin: 0xa8, seq, group: "gr".into(), payload: b"held".to_vec() }),
+            "a version-1 peer gets the held messages as MESSAGE"
+        );
+    }
+}

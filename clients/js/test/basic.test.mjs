@@ -6,7 +6,7 @@ import { test, after } from "node:test";
 import assert from "node:assert/strict";
 
 import { connect } from "../groupcast.js";
-import { Server, waitFor, webSocketClass, cannotRun } from "./helpers.mjs";
+import { Server, waitFor, webSocketClass } from "./helpers.mjs";
 import { speaksProtocol2 } from "./scenario.mjs";
 
 let server;
@@ -17,9 +17,7 @@ test("join, send, offsets 1..n in order, send resolves to the offset", async (t)
     workers: 2,
     config: "[limits]\ncommands_per_second = 100000\ncommands_burst = 100000\n",
   });
-  if (!(await speaksProtocol2(server.url))) {
-    return cannotRun(t, "the server does not speak protocol 2 yet (waits for issue 12's server side on main)");
-  }
+  assert.ok(await speaksProtocol2(server.url), "the server answers a protocol-2 join with its position");
   const WebSocket = webSocketClass();
   const a = connect(server.url, { WebSocket });
   const b = connect(server.url, { WebSocket });

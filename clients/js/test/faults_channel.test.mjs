@@ -7,7 +7,7 @@
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 
-import { Server, Proxy, waitFor, cannotRun, channelRow } from "./helpers.mjs";
+import { Server, Proxy, waitFor, channelRow } from "./helpers.mjs";
 import { speaksProtocol2, Receiver, Publisher, underFaults, workerOf, checkHistory } from "./scenario.mjs";
 
 const cleanup = [];
@@ -27,9 +27,7 @@ commands_burst = 100000
 test("worker kill, reload, broker restart, TCP cut: every message once, in order, one gap at the broker restart", async (t) => {
   const server = await Server.start({ workers: 2, config: CONFIG });
   cleanup.push(() => server.stop());
-  if (!(await speaksProtocol2(server.url))) {
-    return cannotRun(t, "the server does not speak protocol 2 yet (waits for issue 12's server side on main)");
-  }
+  assert.ok(await speaksProtocol2(server.url), "the server answers a protocol-2 join with its position");
   const proxy = await Proxy.start(server.addr);
   cleanup.push(() => proxy.close());
   const receiver = await Receiver.start(proxy.url, "seq");

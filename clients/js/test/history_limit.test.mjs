@@ -6,7 +6,7 @@ import { test, after } from "node:test";
 import assert from "node:assert/strict";
 
 import { connect } from "../groupcast.js";
-import { Server, Proxy, waitFor, cannotRun, webSocketClass } from "./helpers.mjs";
+import { Server, Proxy, waitFor, webSocketClass } from "./helpers.mjs";
 import { speaksProtocol2, Receiver } from "./scenario.mjs";
 
 const cleanup = [];
@@ -17,9 +17,7 @@ after(async () => {
 test("history size 5: away for 3 messages recovers them; away for 20 is a gap, not a partial replay", async (t) => {
   const server = await Server.start({ workers: 2, config: "[history]\nsize = 5\n" });
   cleanup.push(() => server.stop());
-  if (!(await speaksProtocol2(server.url))) {
-    return cannotRun(t, "the server does not speak protocol 2 yet (waits for issue 12's server side on main)");
-  }
+  assert.ok(await speaksProtocol2(server.url), "the server answers a protocol-2 join with its position");
   const proxy = await Proxy.start(server.addr);
   cleanup.push(() => proxy.close());
   const receiver = await Receiver.start(proxy.url, "hist");

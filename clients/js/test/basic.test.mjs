@@ -12,7 +12,7 @@ import { speaksProtocol2 } from "./scenario.mjs";
 let server;
 after(async () => server?.stop());
 
-test("join, send, offsets 1..n in order, send resolves to the offset", async (t) => {
+test("join, send, offsets 1..n in order, send resolves to the offset", { timeout: 300_000 }, async (t) => {
   server = await Server.start({
     workers: 2,
     config: "[limits]\ncommands_per_second = 100000\ncommands_burst = 100000\n",

@@ -241,6 +241,20 @@ test("leave while offline: not rejoined; a refused join rejects and is forgotten
   gc.close();
 });
 
+test("a rejoin refused with rate_limited is tried again on the same connection", async () => {
+  const { gc, events } = client();
+  gc.join("g", () => {});
+  const ws = await socket(1);
+  ws.open();
+  const first = ws.commands("add_group")[0];
+  ws.receive({ error: "rate_limited", detail: "slow down", id: first.id });
+  await until("the retry", () => ws.commands("add_group").length === 2, 5000);
+  answer(ws, "add_group", { epoch: "E", offset: 0 });
+  assert.ok(!events.some(([e]) => e === "error"));
+  assert.equal(FakeWebSocket.instances.length, 1);
+  gc.close();
+});
+
 test("a connection that never opens is given up after connectTimeout and retried", async () => {
   const { gc, events } = client({ connectTimeout: 20 });
   await socket(1);

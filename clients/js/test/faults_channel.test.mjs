@@ -24,7 +24,7 @@ commands_per_second = 100000
 commands_burst = 100000
 `;
 
-test("worker kill, reload, broker restart, TCP cut: every message once, in order, one gap at the broker restart", async (t) => {
+test("worker kill, reload, broker restart, TCP cut: every message once, in order, one gap at the broker restart", { timeout: 300_000 }, async (t) => {
   const server = await Server.start({ workers: 2, config: CONFIG });
   cleanup.push(() => server.stop());
   assert.ok(await speaksProtocol2(server.url), "the server answers a protocol-2 join with its position");

@@ -29,7 +29,7 @@ commands_per_second = 100000
 commands_burst = 100000
 `;
 
-test("redis bus: worker kill, reload, TCP cut, Redis restart without data: every message once, in order, one gap", async (t) => {
+test("redis bus: worker kill, reload, TCP cut, Redis restart without data: every message once, in order, one gap", { timeout: 300_000 }, async (t) => {
   if (!haveRedis()) return cannotRun(t, "redis-server is not installed (.ci/run installs it)");
   let redis = await Redis.start();
   cleanup.push(() => redis.kill());

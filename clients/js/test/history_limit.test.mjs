@@ -14,7 +14,7 @@ after(async () => {
   for (const f of cleanup.reverse()) await f();
 });
 
-test("history size 5: away for 3 messages recovers them; away for 20 is a gap, not a partial replay", async (t) => {
+test("history size 5: away for 3 messages recovers them; away for 20 is a gap, not a partial replay", { timeout: 300_000 }, async (t) => {
   const server = await Server.start({ workers: 2, config: "[history]\nsize = 5\n" });
   cleanup.push(() => server.stop());
   assert.ok(await speaksProtocol2(server.url), "the server answers a protocol-2 join with its position");

@@ -9,6 +9,9 @@ const DEFAULT_MAX_QUEUE = 1000;
 const DEFAULT_CONNECT_TIMEOUT_MS = 10000;
 // A rejoin refused with rate_limited is tried again after this long (same connection).
 const RATE_LIMIT_RETRY_MS = 1000;
+// A connection open at least this long proves the server fine: the back-off starts over. One
+// closed sooner (a server that accepts and drops at once) keeps growing it: no tight loop.
+const STABLE_MS = 1000;
 
 /** An error reply of the server (`{"error":..,"detail":..}`), or a local refusal. */
 export class GroupcastError extends Error {
@@ -49,20 +52,21 @@ class Client {
     this._random = options.random ?? Math.random;
     this._listeners = new Map(); // event -> Set(fn)
     this._groups = new Map(); // group id (string) -> Group
-    this._pending = new Map(); // command id -> {resolve, reject, onReply}
+    this._pending = new Map(); // command id -> {resolve, reject}
     this._queue = []; // sends made while disconnected: {group, message, resolve, reject}
     this._nextId = 1;
     this._ws = null;
     this._open = false;
     this._closed = false; // close() was called
     this._attempt = 0;
+    this._openedAt = 0;
     this._timer = null;
     this._state = "idle";
     // Next microtask: listeners attached right after connect() see "connecting".
     queueMicrotask(() => this._connect());
   }
 
-  /** "connecting", "open", "reconnecting" or "closed". */
+  /** "idle" (before the first attempt), "connecting", "open", "reconnecting" or "closed". */
   get state() {
     return this._state;
   }
@@ -200,7 +204,7 @@ class Client {
     clearTimeout(this._connectTimer);
     this._connectTimer = null;
     this._open = true;
-    this._attempt = 0;
+    this._openedAt = Date.now();
     this._setState("open");
     for (const g of this._groups.values()) this._sendJoin(g);
     for (const q of this._queue.splice(0)) this._sendNow(q.group, q.message).then(q.resolve, q.reject);
@@ -212,6 +216,7 @@ class Client {
     this._connectTimer = null;
     detach(ws);
     this._ws = null;
+    if (this._open && Date.now() - this._openedAt >= STABLE_MS) this._attempt = 0;
     this._open = false;
     this._failPending(new GroupcastError("disconnected", `connection closed (${code}) before the reply`));
     for (const g of this._groups.values()) g.disconnected();
@@ -279,7 +284,7 @@ class Client {
     const cmd = { cmd: "add_group", group_id: g.id };
     const since = g.position();
     if (since) cmd.since = since;
-    g.joining(since != null);
+    g.joining();
     const ws = this._ws;
     this._request(
       cmd,

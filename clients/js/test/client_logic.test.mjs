@@ -255,6 +255,23 @@ test("a rejoin refused with rate_limited is tried again on the same connection",
   gc.close();
 });
 
+test("a connection dropped right after it opened does not reset the back-off; one that lived does", async () => {
+  const { gc, events } = client({ backoff: { min: 10, max: 10000 }, random: () => 0.999 });
+  const delays = () => events.filter(([e, p]) => e === "state" && p.state === "reconnecting").map(([, p]) => p.delay);
+  for (let n = 1; n <= 3; n++) {
+    const ws = await socket(n);
+    ws.open();
+    ws.drop(1006);
+  }
+  assert.deepEqual(delays(), [9, 19, 39]);
+  const ws4 = await socket(4);
+  ws4.open();
+  await new Promise((r) => setTimeout(r, 1100));
+  ws4.drop(1012);
+  assert.deepEqual(delays(), [9, 19, 39, 9]);
+  gc.close();
+});
+
 test("a connection that never opens is given up after connectTimeout and retried", async () => {
   const { gc, events } = client({ connectTimeout: 20 });
   await socket(1);

@@ -346,7 +346,8 @@ mod tests {
         ] {
             assert_eq!(parse(bad).unwrap_err().code(), "invalid_field", "{bad}");
         }
-        let long = format!(r#"{{"cmd":"add_group","group_id":"g","since":{{"epoch":"{}","offset":1}}}}"#, "e".repeat(65));
+        let long =
+            format!(r#"{{"cmd":"add_group","group_id":"g","since":{{"epoch":"{}","offset":1}}}}"#, "e".repeat(65));
         assert_eq!(parse(&long).unwrap_err().code(), "invalid_field");
     }
 

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use channel_peer::{Got, RawPeer};
 use common::*;
-use groupcast::channel::wire::{self, PayloadKind, Since};
 use groupcast::channel::auth;
+use groupcast::channel::wire::{self, PayloadKind, Since};
 
 const WAIT: Duration = Duration::from_secs(10);
 const QUIET: Duration = Duration::from_millis(300);
@@ -250,8 +250,22 @@ fn offsets_are_consecutive_and_each_peer_gets_its_form() {
     assert_eq!(
         pubs,
         [
-            In::Publication { origin: 0xa1, seq: 1, offset: 1, kind: PayloadKind::Json, group: "g".into(), payload: br#"{"n":1}"#.to_vec() },
-            In::Publication { origin: 0xa1, seq: 2, offset: 2, kind: PayloadKind::Text, group: "g".into(), payload: b"two".to_vec() },
+            In::Publication {
+                origin: 0xa1,
+                seq: 1,
+                offset: 1,
+                kind: PayloadKind::Json,
+                group: "g".into(),
+                payload: br#"{"n":1}"#.to_vec()
+            },
+            In::Publication {
+                origin: 0xa1,
+                seq: 2,
+                offset: 2,
+                kind: PayloadKind::Text,
+                group: "g".into(),
+                payload: b"two".to_vec()
+            },
         ]
     );
     for (seq, payload) in [(1, &br#"{"n":1}"#[..]), (2, b"two")] {
@@ -273,7 +287,7 @@ fn offsets_are_consecutive_and_each_peer_gets_its_form() {
         group: "g".into(),
         payload: b"from v1".to_vec(),
     };
-    assert_eq!(a.drain(QUIET), [want.clone()]);
+    assert_eq!(a.drain(QUIET), std::slice::from_ref(&want));
     assert_eq!(b.drain(QUIET), [want]);
     assert_eq!(c.next(QUIET), None, "nothing more for the version-1 peer");
 
@@ -319,7 +333,7 @@ fn history_replays_only_what_it_can_give_whole() {
     let fresh = b.ask("new", None, 100);
     assert_eq!((fresh.offset, fresh.recovered), (0, false), "HISTORY creates the position");
     assert_ne!(fresh.epoch, pos.epoch, "each group has its own epoch");
-    assert_eq!(b.ask("new", Some((&fresh.epoch, 0)), 100).recovered, true);
+    assert!(b.ask("new", Some((&fresh.epoch, 0)), 100).recovered);
     assert_eq!(publish_n(&mut a, "new", 9, 1, b"x"), [1], "the position HISTORY made is the one numbered");
 }
 
@@ -398,10 +412,8 @@ fn a_restarted_broker_numbers_under_a_new_epoch() {
     let before = a.ask("g", None, 10);
     drop(a);
     drop(first);
-    let second = Broker::start_with(
-        "broker-history-restart",
-        BrokerOpts { listen: Some(addr), ..BrokerOpts::default() },
-    );
+    let second =
+        Broker::start_with("broker-history-restart", BrokerOpts { listen: Some(addr), ..BrokerOpts::default() });
     let mut a = V2::join(&second, 0xa6);
     let after = a.ask("g", Some((&before.epoch, 3)), 10);
     assert_ne!(after.epoch, before.epoch);

@@ -123,7 +123,8 @@ fn every_member_on_every_worker_sees_one_order_and_senders_learn_their_offsets()
     const EACH: usize = 40;
     for i in 0..EACH {
         for (s, &sender) in senders.iter().enumerate() {
-            let cmd = json!({"cmd":"send_to_group","group_id":"g","message":format!("s{s}-{i}"),"id":format!("p{s}-{i}")});
+            let cmd =
+                json!({"cmd":"send_to_group","group_id":"g","message":format!("s{s}-{i}"),"id":format!("p{s}-{i}")});
             clients[sender].send_json(&cmd);
         }
     }
@@ -320,7 +321,9 @@ fn bad_since_and_unknown_protocols_are_refused_and_seed_joins_ignore_since() {
     );
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
     let mut c = p2(&server);
-    for (n, since) in [json!(5), json!({"epoch": 1, "offset": 2}), json!({"epoch": "e", "offset": -1})].iter().enumerate() {
+    for (n, since) in
+        [json!(5), json!({"epoch": 1, "offset": 2}), json!({"epoch": "e", "offset": -1})].iter().enumerate()
+    {
         let (_, reply) = ask(&mut c, json!({"cmd":"add_group","group_id":"g","since":since}), &format!("b{n}"));
         assert_eq!(reply["error"], "invalid_field", "{since}: {reply}");
     }
@@ -335,7 +338,8 @@ fn bad_since_and_unknown_protocols_are_refused_and_seed_joins_ignore_since() {
 /// every message exactly once, in order.
 #[test]
 fn reloads_under_steady_publishing_lose_and_repeat_nothing_for_protocol_2_members() {
-    let server = Arc::new(Server::start_with(Opts { config: Some("graceful_timeout_ms = 3000\n".into()), ..Opts::workers(2) }));
+    let server =
+        Arc::new(Server::start_with(Opts { config: Some("graceful_timeout_ms = 3000\n".into()), ..Opts::workers(2) }));
     let (clients, _) = server.connect_spread_path(2, P2);
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));

@@ -842,7 +842,8 @@ impl Publish<'_> {
     /// The PUBLICATION frame of this publish numbered `offset`, allocated to its exact size
     /// (it may be kept in the history as it is).
     fn publication(&self, offset: u64) -> Vec<u8> {
-        let mut out = Vec::with_capacity(wire::LEN_PREFIX + 1 + 8 + 8 + 8 + 1 + 2 + self.group.len() + self.payload.len());
+        let mut out =
+            Vec::with_capacity(wire::LEN_PREFIX + 1 + 8 + 8 + 8 + 1 + 2 + self.group.len() + self.payload.len());
         let m = wire::Numbered {
             origin: self.origin,
             seq: self.seq,

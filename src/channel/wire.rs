@@ -517,7 +517,14 @@ mod tests {
             frames,
             vec![
                 Frame::Publish { origin: 7, seq: 1, kind: PayloadKind::Json, group: "g", payload: b"{}" },
-                Frame::Publication { origin: 7, seq: 1, offset: 5, kind: PayloadKind::Text, group: "g", payload: b"hi" },
+                Frame::Publication {
+                    origin: 7,
+                    seq: 1,
+                    offset: 5,
+                    kind: PayloadKind::Text,
+                    group: "g",
+                    payload: b"hi"
+                },
                 Frame::Stamp { seq: 1, offset: 5 },
                 Frame::History { request: 3, group: "g", since: Some(Since { epoch: "e1", offset: 4 }), limit: 100 },
                 Frame::History { request: 4, group: "g", since: None, limit: 0 },

@@ -316,9 +316,7 @@ impl Clients {
             }
         }
         for id in conn.groups.drain(..) {
-            if let Some(name) = parts.groups.leave(id, key) {
-                parts.bus.unsubscribe(&name);
-            }
+            super::delivery::leave_group(id, key, parts);
         }
         debug!("connection {} from {} gone: {why}", conn.id, conn.peer);
     }

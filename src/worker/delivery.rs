@@ -12,6 +12,17 @@ use super::outqueue::Chunk;
 use crate::protocol::RequestError;
 use crate::ws::frame;
 
+/// Takes connection `key` out of group `id`: forgets the history request its protocol-2 join
+/// still waits on (nobody would take the answer), and unsubscribes when it was the last member.
+pub(super) fn leave_group(id: GroupId, key: usize, parts: &mut Parts<'_>) {
+    if let Some(request) = parts.groups.numbered(id).and_then(|n| n.pending_request(key)) {
+        parts.offsets.asked.remove(&request);
+    }
+    if let Some(name) = parts.groups.leave(id, key) {
+        parts.bus.unsubscribe(&name);
+    }
+}
+
 impl Clients {
     pub(super) fn join(&mut self, key: usize, group: &str, parts: &mut Parts<'_>) -> Result<(), RequestError> {
         let limit = self.limits.max_groups_per_connection;
@@ -38,9 +49,7 @@ impl Clients {
             return;
         };
         conn.groups.swap_remove(at);
-        if let Some(name) = parts.groups.leave(id, key) {
-            parts.bus.unsubscribe(&name);
-        }
+        leave_group(id, key, parts);
     }
 
     /// Encodes the frame once and queues it to every seed-protocol member of group `id`.

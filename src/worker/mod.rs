@@ -12,14 +12,14 @@ mod bus;
 mod clients;
 pub mod conn;
 mod delivery;
-mod numbered;
-mod offsets;
-mod recovery;
 pub mod groups;
 mod input;
 mod lifecycle;
 mod limits;
+mod numbered;
+mod offsets;
 pub mod outqueue;
+mod recovery;
 mod transport;
 
 use std::io;

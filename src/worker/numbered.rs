@@ -82,7 +82,13 @@ pub struct NumberedGroup {
 impl NumberedGroup {
     pub fn new(name: &str, buffer_max: usize) -> NumberedGroup {
         let name_json = serde_json::to_string(name).unwrap_or_else(|_| "\"\"".into()).into_boxed_str();
-        NumberedGroup { name_json, position: None, members: HashMap::new(), catch_up: None, buffer_max: buffer_max.max(64) }
+        NumberedGroup {
+            name_json,
+            position: None,
+            members: HashMap::new(),
+            catch_up: None,
+            buffer_max: buffer_max.max(64),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -215,7 +221,7 @@ impl NumberedGroup {
     ) -> Option<Joined> {
         let at = Position { epoch: Rc::from(epoch), offset };
         if self.catch_up.as_ref().is_some_and(|c| c.request == request) {
-            let Some(c) = self.catch_up.take() else { return None };
+            let c = self.catch_up.take()?;
             let lost = !recovered || c.overflowed || self.position.as_ref().is_none_or(|p| *p.epoch != *epoch);
             if lost {
                 for (&conn, member) in &mut self.members {

@@ -93,8 +93,7 @@ impl Clients {
                 let ask = Ask { request, group: Rc::from(group), since };
                 parts.bus.request_history(request, group, ask.since(), parts.offsets.max_recover);
                 let conn_id = conn.id;
-                let asked =
-                    Asked::Join { group: ask.group, conn_id, id: id.map(RawValue::to_owned), since: ask.since };
+                let asked = Asked::Join { group: ask.group, conn_id, id: id.map(RawValue::to_owned), since: ask.since };
                 parts.offsets.asked.insert(request, asked);
                 Ok(Answer::Later)
             }
@@ -128,7 +127,13 @@ impl Clients {
     }
 
     /// One event from the bus. History requests it gives rise to are added to `asks`.
-    pub fn on_bus_event(&mut self, event: BusEvent<'_>, groups: &mut Groups, offsets: &mut Offsets, asks: &mut Vec<Ask>) {
+    pub fn on_bus_event(
+        &mut self,
+        event: BusEvent<'_>,
+        groups: &mut Groups,
+        offsets: &mut Offsets,
+        asks: &mut Vec<Ask>,
+    ) {
         match event {
             BusEvent::Message { group, offset, kind, payload, own } => {
                 let Some(id) = groups.lookup(group) else { return };
@@ -197,7 +202,15 @@ impl Clients {
     }
 
     /// A join got its answer: reply (with `recovered` when it asked with `since`), count it.
-    fn joined(&mut self, conn: usize, conn_id: u64, id: Option<&RawValue>, asked_since: bool, at: &Position, recovered: bool) {
+    fn joined(
+        &mut self,
+        conn: usize,
+        conn_id: u64,
+        id: Option<&RawValue>,
+        asked_since: bool,
+        at: &Position,
+        recovered: bool,
+    ) {
         if self.conns.get(conn).is_none_or(|c| c.id != conn_id) {
             return;
         }

@@ -301,9 +301,10 @@ impl History {
         let g = self.groups.get(slot);
         let first = g.map_or(0, Group::first);
         let skip = from.saturating_sub(first) as usize;
-        g.into_iter().flat_map(move |g| g.ring.iter().skip(skip)).enumerate().map(move |(i, k)| {
-            (first + skip as u64 + i as u64, k)
-        })
+        g.into_iter()
+            .flat_map(move |g| g.ring.iter().skip(skip))
+            .enumerate()
+            .map(move |(i, k)| (first + skip as u64 + i as u64, k))
     }
 
     /// The position of `group` if the broker has one: its epoch and last offset.
@@ -325,7 +326,7 @@ impl History {
     pub fn expire(&mut self, now: Instant) {
         loop {
             self.skip_stale_kept();
-            if !self.kept_order.front().is_some_and(|k| k.expires <= now) {
+            if self.kept_order.front().is_none_or(|k| k.expires > now) {
                 break;
             }
             self.drop_oldest(now);
@@ -712,7 +713,7 @@ mod tests {
                             now += dt;
                             h.expire(at(now));
                             loop {
-                                let due = m.groups.iter().filter_map(|(_, mg)| mg.kept.front()).filter(|k| k.2 + ttl <= now).map(|k| k.3).min();
+                                let due = m.groups.values().filter_map(|mg| mg.kept.front()).filter(|k| k.2 + ttl <= now).map(|k| k.3).min();
                                 if due.is_none() || !m.drop_oldest(now) { break; }
                             }
                             let gone: Vec<&str> = m.groups.iter().filter(|(_, mg)| mg.idle.is_some_and(|i| i.1 + meta_ttl <= now)).map(|(n, _)| *n).collect();

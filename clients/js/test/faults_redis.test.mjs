@@ -3,12 +3,14 @@
 // on instance B while A's worker is SIGKILLed, A reloads (close 1012), its TCP connection is cut,
 // and Redis is killed and started afresh (its data gone: new epoch, one gap). At the end it holds
 // every message exactly once in offset order, with the one gap the lost Redis data had to cause.
+// Then the same with a Redis that keeps its data (append-only file): killed and restarted, it
+// costs no gap at all.
 // Skipped (failed under CI) without redis-server, or while the server has no Redis offsets yet.
 
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 
-import { Server, Proxy, Redis, waitFor, cannotRun, haveRedis } from "./helpers.mjs";
+import { Server, Proxy, Redis, waitFor, cannotRun, haveRedis, tempDir } from "./helpers.mjs";
 import { speaksProtocol2, Receiver, Publisher, underFaults, workerOf, checkHistory } from "./scenario.mjs";
 
 const cleanup = [];
@@ -98,4 +100,33 @@ test("redis bus: worker kill, reload, TCP cut, Redis restart without data: every
   assert.ok(holes[0][1] <= sentAtGap + 1, `lost messages sent after the gap was known: ${JSON.stringify(holes)}, sent ${sentAtGap}`);
   assert.ok(receiver.count("recovered") >= 3, `recovered after each reconnect: ${receiver.count("recovered")}`);
   t.diagnostic(`received ${received} of ${publisher.sent}; hole ${JSON.stringify(holes)}; reconnects ${receiver.opens() - 1}`);
+});
+
+test("redis bus: a Redis with persistence killed and restarted: no gap, every message once, in order", { timeout: 300_000 }, async (t) => {
+  if (!haveRedis()) return cannotRun(t, "redis-server is not installed (.ci/run installs it)");
+  const persistDir = tempDir("redis-aof");
+  let redis = await Redis.start(undefined, { persistDir });
+  cleanup.push(() => redis.kill());
+  const a = await Server.start({ workers: 1, config: config(redis) });
+  cleanup.push(() => a.stop());
+  if (!(await speaksProtocol2(a.url))) {
+    t.diagnostic("SKIPPED: the Redis bus answers no protocol-2 join yet");
+    return t.skip("waits for issue 12's Redis side of protocol 2 (offsets and history in Redis Streams) on main");
+  }
+  const receiver = await Receiver.start(a.url, "kept");
+  cleanup.push(() => receiver.close());
+  const publisher = Publisher.start(a.url, "kept", 10);
+  cleanup.push(() => publisher.gc.close());
+  await underFaults(receiver, publisher, [
+    [
+      "Redis killed and restarted with its data",
+      async () => {
+        const port = redis.port;
+        await redis.kill();
+        redis = await Redis.start(port, { persistDir });
+      },
+    ],
+  ]);
+  const { received } = checkHistory(receiver, publisher, { gaps: 0 });
+  t.diagnostic(`received ${received} of ${publisher.sent}`);
 });

@@ -272,14 +272,20 @@ export function haveRedis() {
 }
 
 export class Redis {
-  /** Starts redis-server without persistence on `port` (a free one by default); waits for PONG. */
-  static async start(port) {
+  /**
+   * Starts redis-server on `port` (a free one by default); waits for PONG. Without persistence,
+   * or with `persistDir`: an append-only file there, fsynced at every write (so even a SIGKILL
+   * keeps everything).
+   */
+  static async start(port, { persistDir } = {}) {
     const r = new Redis();
     r.port = port ?? (await freePort());
-    r.marker = `--port ${r.port}`;
+    const persistence = persistDir
+      ? ["--dir", persistDir, "--appendonly", "yes", "--appendfsync", "always"]
+      : ["--appendonly", "no"];
     r.child = spawn(
       "redis-server",
-      ["--port", String(r.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+      ["--port", String(r.port), "--bind", "127.0.0.1", "--save", "", ...persistence],
       { stdio: "ignore" },
     );
     r.exited = false;

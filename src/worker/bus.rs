@@ -24,6 +24,10 @@ use crate::config::{BusKind, Config};
 /// The bus's event-loop token: the channel socket, or the waker of the Redis threads.
 pub const TOKEN: Token = Token(1);
 
+/// Bytes a PUBLICATION may carry beyond `channel.max_frame`: the offset and kind the broker
+/// adds to a publish that was just within the bound.
+const PUBLICATION_SLACK: usize = 64;
+
 /// The bus's figures for `status`.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct BusCounters {
@@ -120,7 +124,8 @@ impl Bus {
             carrier,
             dedupe: Dedupe::default(),
             origin,
-            max_frame: config.channel.max_frame,
+            // A PUBLICATION is a few bytes longer than the publish it numbers (offset, kind).
+            max_frame: config.channel.max_frame + PUBLICATION_SLACK,
             awaiting: VecDeque::new(),
             awaiting_max: config.channel.queue_max_messages,
         })

@@ -116,6 +116,7 @@ impl Bus {
                     queue_max_bytes: config.channel.queue_max_bytes,
                     timeouts: Timeouts::from_millis(config.redis.connect_timeout_ms, config.redis.io_timeout_ms),
                     max_message: config.channel.max_frame,
+                    history: config.history.clone(),
                 };
                 Carrier::Redis(RedisBus::start(settings, origin, waker)?)
             }

@@ -12,6 +12,8 @@ const RATE_LIMIT_RETRY_MS = 1000;
 // A connection open at least this long proves the server fine: the back-off starts over. One
 // closed sooner (a server that accepts and drops at once) keeps growing it: no tight loop.
 const STABLE_MS = 1000;
+// Most envelopes a group keeps while its join is unanswered.
+const MAX_HELD = 100000;
 
 /** An error reply of the server (`{"error":..,"detail":..}`), or a local refusal. */
 export class GroupcastError extends Error {
@@ -315,6 +317,7 @@ class Client {
       g.adopt(epoch, top);
     } else if (reply.recovered === true && epoch === since.epoch) {
       // Replayed envelopes came before the reply; anything short of `top` was not delivered.
+      this._flush(g);
       if (g.offset < top) {
         const from = { epoch: g.epoch, offset: g.offset };
         g.adopt(epoch, top);
@@ -366,7 +369,7 @@ class Client {
     if (!g) return; // left, or never joined
     if (g.offset == null) {
       // A first join not answered yet: whatever is at or below its offset is history.
-      g.buffer.push(env);
+      g.hold(env);
       return;
     }
     this._accept(g, env);
@@ -379,10 +382,12 @@ class Client {
       this._deliver(g, env);
       return true;
     }
-    // A hole: something in between was lost on the way. While a join is pending its reply
-    // settles it; otherwise join again on this connection with `since` (leaving first, so the
-    // server replays everything after our offset).
-    if (!g.pending) this._rejoin(g);
+    // A hole: something in between was lost on the way. While a join is pending, keep it for
+    // the reply to settle (the server may send live messages that waited for the join's
+    // answer before the reply); otherwise join again on this connection with `since` (leaving
+    // first, so the server replays everything after our offset).
+    if (g.pending) g.hold(env);
+    else this._rejoin(g);
     return false;
   }
 
@@ -411,12 +416,24 @@ class Client {
     this._flush(g);
   }
 
-  /** Delivers buffered envelopes above the group's offset, in order. */
+  /**
+   * Delivers held envelopes above the group's offset, in order, as long as they follow; from a
+   * hole on they stay held (a join pending, or started here to fill the hole).
+   */
   _flush(g) {
-    const buffered = g.buffer.splice(0).sort((a, b) => a.offset - b.offset);
     if (g.offset == null) return;
-    for (const env of buffered) {
-      if (env.offset > g.offset && !this._accept(g, env)) break;
+    const held = g.buffer.splice(0).sort((a, b) => a.offset - b.offset);
+    for (let i = 0; i < held.length; i++) {
+      if (this._groups.get(g.id) !== g) return; // a handler left the group
+      const env = held[i];
+      if (env.offset <= g.offset) continue;
+      if (env.offset === g.offset + 1) {
+        this._deliver(g, env);
+        continue;
+      }
+      if (!g.pending) this._rejoin(g);
+      for (const rest of held.slice(i)) g.hold(rest);
+      return;
     }
   }
 
@@ -457,7 +474,7 @@ class Group {
     this.epoch = null;
     this.offset = null;
     this.pending = false; // an add_group is in flight
-    this.buffer = []; // envelopes before the first position is known
+    this.buffer = []; // envelopes that wait for the pending join's reply
     this._settled = false;
     this.joined = new Promise((resolve, reject) => {
       this._resolve = resolve;
@@ -482,6 +499,12 @@ class Group {
     const same = typeof epoch !== "string" || epoch === this.epoch;
     if (typeof epoch === "string") this.epoch = epoch;
     if (Number.isInteger(offset) && !(same && this.offset != null && offset < this.offset)) this.offset = offset;
+  }
+
+  /** Keeps an envelope until the pending join is answered (bounded: the oldest go, and the hole they leave is recovered). */
+  hold(env) {
+    if (this.buffer.length >= MAX_HELD) this.buffer.shift();
+    this.buffer.push(env);
   }
 
   disconnected() {

@@ -144,6 +144,49 @@ test("recovered:false is a gap at the server's position; later messages continue
   gc.close();
 });
 
+test("live messages sent before a rejoin's reply are held for it: after recovered:false they follow the new position", async () => {
+  const { gc, events } = client();
+  const got = [];
+  gc.join("g", (m, meta) => got.push(meta.offset));
+  const ws1 = await socket(1);
+  ws1.open();
+  answer(ws1, "add_group", { epoch: "E", offset: 3 });
+  ws1.drop(1006);
+  const ws2 = await socket(2);
+  ws2.open();
+  // History no longer reaches back to 3: the server is at 40; live 41 and 42 come first.
+  ws2.receive({ group: "g", offset: 41, message: "a" });
+  ws2.receive({ group: "g", offset: 42, message: "b" });
+  assert.deepEqual(got, []);
+  answer(ws2, "add_group", { epoch: "E", offset: 40, recovered: false });
+  ws2.receive({ group: "g", offset: 43, message: "c" });
+  assert.deepEqual(got, [41, 42, 43]);
+  assert.equal(events.filter(([e]) => e === "gap").length, 1);
+  gc.close();
+});
+
+test("live messages sent before a recovered reply are delivered once, in order", async () => {
+  const { gc, events } = client();
+  const got = [];
+  gc.join("g", (m, meta) => got.push(meta.offset));
+  const ws1 = await socket(1);
+  ws1.open();
+  answer(ws1, "add_group", { epoch: "E", offset: 3 });
+  ws1.drop(1006);
+  const ws2 = await socket(2);
+  ws2.open();
+  ws2.receive({ group: "g", offset: 4, message: "replay" });
+  ws2.receive({ group: "g", offset: 6, message: "live, after a hole" });
+  ws2.receive({ group: "g", offset: 5, message: "live" });
+  answer(ws2, "add_group", { epoch: "E", offset: 4, recovered: true });
+  ws2.receive({ group: "g", offset: 6, message: "repeat" });
+  ws2.receive({ group: "g", offset: 7, message: "live" });
+  assert.deepEqual(got, [4, 5, 6, 7]);
+  assert.equal(events.filter(([e]) => e === "recovered").length, 1);
+  assert.equal(events.filter(([e]) => e === "gap").length, 0);
+  gc.close();
+});
+
 test("a gap notice is reported and adopted", async () => {
   const { gc, events } = client();
   const got = [];

@@ -45,7 +45,12 @@ class Client {
     if (typeof this._WebSocket !== "function") {
       throw new TypeError("groupcast client: no WebSocket; pass {WebSocket} in the options");
     }
-    this._url = url;
+    // In a page, a relative URL ("/ws") is taken relative to it, http(s) becoming ws(s). A bad
+    // URL throws here, at once, not at every reconnect.
+    const u = new URL(url, globalThis.location?.href);
+    if (u.protocol === "http:") u.protocol = "ws:";
+    else if (u.protocol === "https:") u.protocol = "wss:";
+    this._url = u.toString();
     this._token = options.token;
     this._backoff = { ...DEFAULT_BACKOFF, ...(options.backoff ?? {}) };
     this._maxQueue = options.maxQueue ?? DEFAULT_MAX_QUEUE;
@@ -162,7 +167,7 @@ class Client {
     try {
       url = await this._buildUrl();
     } catch (e) {
-      this._emit("error", { error: "token", detail: String(e?.message ?? e) });
+      this._emit("error", { error: "token", detail: `the token function failed: ${e?.message ?? e}` });
       this._scheduleReconnect();
       return;
     }

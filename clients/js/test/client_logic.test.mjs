@@ -42,6 +42,19 @@ test("the URL asks for protocol 2 and carries the token", async () => {
   gc.close();
 });
 
+test("in a page, a relative URL is taken relative to it, https becoming wss", async () => {
+  globalThis.location = { href: "https://app.example.com/chat/room?x=1" };
+  try {
+    FakeWebSocket.reset();
+    const gc = connect("/ws", { WebSocket: FakeWebSocket });
+    const ws = await socket(1);
+    assert.equal(ws.url, "wss://app.example.com/ws?protocol=2");
+    gc.close();
+  } finally {
+    delete globalThis.location;
+  }
+});
+
 test("a token function is asked again for each connection", async () => {
   let n = 0;
   const { gc } = client({ token: async () => `tok${++n}` });

@@ -140,7 +140,6 @@ export function checkHistory(receiver, publisher, { gaps }) {
   const holes = []; // [last n before the gap, first n after it]
   let lastN = 0;
   let openGap = null;
-  let early = 0; // live messages delivered before a recovered reply
   for (const e of log) {
     if (e.kind === "msg") {
       assert.equal(e.epoch, pos.epoch, `message ${e.n} at ${e.offset} in another epoch than announced: ${JSON.stringify(pos)}`);
@@ -158,11 +157,8 @@ export function checkHistory(receiver, publisher, { gaps }) {
     } else if (e.kind === "recovered") {
       assert.equal(e.epoch, pos.epoch, "recovered in another epoch");
       // docs/protocol.md: replay, then the reply, then the live stream, so the reply's offset is
-      // the last delivered. The worker sends live messages that arrived while the join waited
-      // before the reply (src/worker/numbered.rs on_position), so it may be lower; the client
-      // never goes back, so nothing repeats. Counted, not failed (see the lead's report).
-      assert.ok(e.offset <= pos.offset, `recovered ahead of the last delivered: ${JSON.stringify(e)} vs ${JSON.stringify(pos)}`);
-      if (e.offset < pos.offset) early += pos.offset - e.offset;
+      // the last delivered; live messages that arrived while the join waited come after it.
+      assert.equal(e.offset, pos.offset, `recovered reply is not at the last delivered: ${JSON.stringify(e)} vs ${JSON.stringify(pos)}`);
     }
   }
   assert.equal(receiver.count("gap"), gaps, `gaps reported: ${JSON.stringify(log.filter((e) => e.kind === "gap"))}`);
@@ -171,7 +167,7 @@ export function checkHistory(receiver, publisher, { gaps }) {
   const inHole = (n) => holes.some(([a, b]) => n > a && n < b);
   const missing = publisher.confirmed().filter((n) => !got.has(n) && !inHole(n));
   assert.deepEqual(missing, [], `confirmed publishes never received, outside any reported gap (holes ${JSON.stringify(holes)})`);
-  return { holes, received: got.size, early };
+  return { holes, received: got.size };
 }
 
 /**

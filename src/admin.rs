@@ -257,10 +257,15 @@ fn render_status(r: &StatusReport) -> String {
         ],
     );
     let h = &r.history;
+    let kept = r.processes.iter().find(|p| p.role == "channel").map_or_else(
+        || "in Redis".to_owned(),
+        |c| format!("{} groups, {} messages, {} bytes", c.history_groups, c.history_messages, c.history_bytes),
+    );
     out += &labelled(
         "history:",
-        6,
+        7,
         &[
+            ("kept", &kept),
             ("size", &h.size),
             ("ttl", &format!("{}ms", h.ttl_ms)),
             ("max bytes", &h.max_bytes),

@@ -754,6 +754,9 @@ const FIXED: &[Fixed] = fixed_settings! {
     "channel.grace_max_bytes" => channel.grace_max_bytes;
     "channel.auth_timeout_ms" => channel.auth_timeout_ms;
     "channel.max_peers" => channel.max_peers;
+    // The broker keeps its history under the bounds it started with; a reload does not
+    // restart it.
+    "history" => history;
     "log.syslog_socket" => log.syslog_socket;
     "log.syslog_facility" => log.syslog_facility;
     "tls.listen" => tls.listen;

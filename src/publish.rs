@@ -7,10 +7,12 @@
 //! worker with members of the group, so no WebSocket connection, client limit or command rate
 //! applies. Without MESSAGE, every line of standard input is one message.
 //!
-//! With `bus = "redis"` there is no broker: the messages are PUBLISHed to the group's Redis
-//! channel (`[redis] prefix` + group) as the same MESSAGE frames workers publish, so every
-//! subscribed worker delivers them and drops repeats alike. Redis answers each PUBLISH, so the
-//! command returns once Redis has taken the last one.
+//! With `bus = "redis"` there is no broker: the messages go through the same Lua script workers
+//! publish with (channel/redis_history.rs), which numbers them in their group (protocol 2),
+//! keeps them in the group's history and PUBLISHes them to the group's Redis channel
+//! (`[redis] prefix` + group), so every subscribed worker delivers them and drops repeats
+//! alike. Redis answers each script call, so the command returns once Redis has taken the last
+//! one.
 
 use std::io::{self, BufRead, Read, Write};
 use std::net::TcpStream;
@@ -21,6 +23,7 @@ use anyhow::{bail, Context};
 
 use crate::channel::handshake::Handshake;
 use crate::channel::publisher::Publisher;
+use crate::channel::redis_history::{Epochs, HistoryLimits, Outgoing, Scripts};
 use crate::channel::{auth, wire};
 use crate::config::{BusKind, ChannelAddr, Config};
 
@@ -147,8 +150,11 @@ fn publish_redis(config: &Config, group: &str, message: Option<&str>) -> anyhow:
         .with_context(|| format!("cannot reach Redis at {url} (bus = \"redis\")"))?;
     con.set_read_timeout(Some(timeouts.io))?;
     con.set_write_timeout(Some(timeouts.io))?;
-    let channel = format!("{}{group}", config.redis.prefix);
-    let mut publisher = Publisher::new(auth::random_origin(true)?);
+    let scripts = Scripts::load(&mut con, &config.redis.prefix).context("Redis refused the publish script")?;
+    let limits = HistoryLimits::new(&config.history, config.channel.queue_max_bytes);
+    let mut epochs = Epochs::new();
+    let origin = auth::random_origin(true)?;
+    let mut seq = 0;
     let texts: Box<dyn Iterator<Item = io::Result<String>>> = match message {
         Some(text) => Box::new(std::iter::once(Ok(text.to_owned()))),
         None => Box::new(io::stdin().lock().lines()),
@@ -157,18 +163,20 @@ fn publish_redis(config: &Config, group: &str, message: Option<&str>) -> anyhow:
     let mut pending = 0;
     for text in texts {
         let text = text.context("cannot read standard input")?;
-        let (_, frame) = publisher.frame(group, text.as_bytes());
-        pipe.cmd("PUBLISH").arg(&channel).arg(frame).ignore();
+        seq += 1;
+        let out = Outgoing::new(origin, seq, group, wire::PayloadKind::Text, text.as_bytes());
+        let epoch = epochs.fresh().context("no random epoch")?;
+        pipe.add_command(scripts.publish_cmd(&out, &epoch, &limits)).ignore();
         pending += 1;
         if pending >= REDIS_BATCH {
-            pipe.query::<()>(&mut con).context("Redis refused the PUBLISH")?;
+            pipe.query::<()>(&mut con).context("Redis refused a publish")?;
             pipe.clear();
             pending = 0;
         }
     }
     if pending > 0 {
-        pipe.query::<()>(&mut con).context("Redis refused the PUBLISH")?;
+        pipe.query::<()>(&mut con).context("Redis refused a publish")?;
     }
-    eprintln!("published {} message(s) to group {group:?} through Redis", publisher.last_seq());
+    eprintln!("published {seq} message(s) to group {group:?} through Redis");
     Ok(())
 }

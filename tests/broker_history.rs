@@ -461,3 +461,54 @@ fn the_grace_window_replays_publications_with_their_offsets() {
         );
     }
 }
+
+#[test]
+fn a_version_1_resend_after_a_reconnect_is_not_forwarded_again() {
+    let broker = broker("");
+    let mut b = V2::join(&broker, 0xb9);
+    b.subscribe("r1");
+    broker.wait_memberships(1);
+    let mut c = v1(&broker, 0xc9);
+    c.publish(0xc9, 1, "r1", b"one");
+    assert_eq!(c.next(WAIT), Some(Got::Ack(1)));
+    drop(c);
+    wait_for("the broker to notice the version-1 peer left", TIMEOUT, || (broker.peers() == 1).then_some(()));
+    let mut c = v1(&broker, 0xc9);
+    c.publish(0xc9, 1, "r1", b"one");
+    c.publish(0xc9, 2, "r1", b"two");
+    let mut acks = Vec::new();
+    while acks.last() != Some(&2) {
+        match c.next(WAIT) {
+            Some(Got::Ack(seq)) => acks.push(seq),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let got: Vec<(u64, u64)> = b
+        .drain(QUIET)
+        .into_iter()
+        .map(|f| match f {
+            In::Publication { seq, offset, .. } => (seq, offset),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(got, [(1, 1), (2, 2)], "the resend of seq 1 is acknowledged, not forwarded");
+}
+
+#[test]
+fn idle_positions_are_bounded_and_forgotten_then_start_a_new_epoch() {
+    let broker = broker("[history]\nsize = 0\nmax_groups = 2\nmeta_ttl_ms = 500\n");
+    let mut a = V2::join(&broker, 0xaa);
+    for (seq, group) in (1..).zip(["i1", "i2", "i3", "i4"]) {
+        publish_n(&mut a, group, seq, 1, b"m");
+    }
+    let groups = broker.channel_row().unwrap()["history_groups"].as_u64();
+    assert_eq!(groups, Some(2), "at most history.max_groups idle positions");
+    let before = a.ask("i4", None, 10);
+    assert_eq!(before.offset, 1);
+    wait_for("idle positions to be forgotten", TIMEOUT, || {
+        (broker.channel_row()?["history_groups"].as_u64()? == 0).then_some(())
+    });
+    let after = a.ask("i4", Some((&before.epoch, 1)), 10);
+    assert_ne!(after.epoch, before.epoch, "a forgotten group starts a new epoch");
+    assert_eq!((after.offset, after.recovered), (0, false));
+}

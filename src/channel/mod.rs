@@ -10,6 +10,7 @@ pub mod dedupe;
 pub mod handshake;
 pub mod publisher;
 pub mod redis_bus;
+pub mod redis_history;
 mod redis_sub;
 mod resp;
 pub mod server;

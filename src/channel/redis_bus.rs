@@ -1,31 +1,52 @@
 //! The Redis bus (`bus = "redis"`): for deployments that outgrow one broker, workers exchange
-//! group messages through Redis pub/sub instead of the channel server. Each group is one Redis
+//! group messages through Redis instead of the channel server. Each group is one Redis pub/sub
 //! channel, `[redis] prefix` + group id, and a worker subscribes only while it has local
 //! members, so Redis sends a message only to instances that need it.
 //!
-//! The payload is the channel protocol's MESSAGE frame (origin, seq, group, text), so receivers
-//! skip their own publishes (already delivered locally) and drop repeats exactly as with the
-//! channel server.
+//! Protocol 2 (docs/protocol.md, docs/cluster.md): every publish runs a Lua script
+//! (`redis_history`) that numbers the message in its group (epoch + offset, kept in Redis),
+//! keeps it in the group's stream (the history) and PUBLISHes it as the channel wire's
+//! PUBLICATION frame (origin, seq, offset, kind, group, payload). The contract with the worker
+//! (`worker/bus.rs`), in the order of `take_incoming`:
+//! 1. offsets are assigned in one place per group (the script, atomic in Redis), so every
+//!    instance sees a group's messages in one order; each of our publishes is answered by
+//!    `Stamped { seq, offset }`, in publish order (offset 0: unknown, e.g. a resend);
+//! 2. our own publishes come back through our own subscription, numbered, as `Message`s like
+//!    any other; a group's messages come in offset order (one subscription connection, one
+//!    atomic script per publish);
+//! 3. `request_history` is answered by `HistoryItem`s (only when recoverable: same epoch,
+//!    every message after `since` still in the stream, at most min(limit, history.max_recover)
+//!    of them and at most `channel.queue_max_bytes` of payload) then one `Position` with the
+//!    group's epoch and last offset (the position is created when the group has none, so a
+//!    join fixes the epoch). The history is read only once the subscription to the group is
+//!    active (a PING on the subscription connection answered after the SUBSCRIBE), and the
+//!    answer is handed over only after a second PING answered on that connection, so every
+//!    message up to the answer's offset comes before the `Position`, and every later one
+//!    comes live (possibly before the `Position`: the worker buffers);
+//! 4. `LinkUp` whenever a Redis connection (subscriber or command) is (re)established: history
+//!    requests asked before are lost (asked again by the worker), and messages may have been
+//!    missed (the worker catches up every group from its last offset; after a Redis restart
+//!    without persistence the epoch is new and the members get a gap notice).
+//! 5. Bounds: publishes wait in a queue of at most `channel.queue_max_messages` /
+//!    `queue_max_bytes` (the one being sent counts), beyond which the oldest is dropped,
+//!    counted (`channel_dropped`) and logged; messages from Redis wait for the worker in a
+//!    queue with the same bounds, beyond which the oldest *message* is dropped (the worker sees
+//!    the hole and catches up from history; answers and stamps are never dropped: they are
+//!    bounded by the requests in flight and the publish queue); at most
+//!    `channel.queue_max_messages` history requests are in flight, a request beyond that is
+//!    dropped and logged (its join waits for the next reconnect).
 //!
 //! Redis connections block, so each worker runs two small threads (a worker never forks, so
-//! threads are safe there): `redis_sub` owns the subscription connection; the publisher thread
-//! here owns the publishing connection. The worker's event loop never waits for either: it
-//! only takes short locks on the state they share, all of it bounded, so a hung Redis costs
-//! the worker nothing but dropped messages:
-//! - publishes wait in a queue of at most `channel.queue_max_messages` / `queue_max_bytes`
-//!   (the one being sent counts); beyond that the oldest is dropped, counted (`channel_dropped`)
-//!   and logged;
-//! - messages from Redis wait for the worker in a queue with the same bounds and policy;
-//! - subscriptions are a set of wanted groups (one entry per local group), not a queue of
-//!   commands; the subscriber makes Redis match it.
+//! threads are safe there): `redis_sub` owns the subscription connection; the command thread
+//! here owns the command connection (scripts). The worker's event loop never waits for either:
+//! it only takes short locks on the state they share. Subscriptions are a set of wanted groups
+//! (one entry per local group), not a queue of commands; the subscriber makes Redis match it.
 //!
 //! Connects time out after `redis.connect_timeout_ms`, reads and writes after
 //! `redis.io_timeout_ms`; every failure reconnects with back-off (50 ms doubling to 2 s).
-//!
-//! Guarantees during outages (docs/cluster.md): publishes made while Redis is down wait in the
-//! bounded queue and are sent when it is back; Redis pub/sub keeps nothing for a subscriber that
-//! is disconnected, so members on an instance whose subscription connection is down miss what is
-//! published meanwhile (at most once). Local members always get local messages.
+//! Publishes that queue up go in pipelines of up to `PIPELINE` script calls (one round trip).
+//! A publish whose script call failed is sent again after the reconnect (the script numbers a
+//! given origin and seq once). Local members always get local messages.
 
 use std::collections::{HashSet, VecDeque};
 use std::io::Write;
@@ -38,9 +59,10 @@ use std::time::Duration;
 use anyhow::Context;
 use log::{info, warn};
 
-use super::publisher::Publisher;
+use super::redis_history::{Ask, Epochs, HistoryLimits, Outgoing, Scripts};
 use super::redis_sub::Subscriber;
 use super::wire;
+use crate::config::HistorySettings;
 
 pub(super) const MIN_BACKOFF: Duration = Duration::from_millis(50);
 pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -55,6 +77,8 @@ pub struct RedisSettings {
     pub timeouts: Timeouts,
     /// Largest message accepted from Redis (`channel.max_frame`).
     pub max_message: usize,
+    /// `[history]`: what the scripts keep.
+    pub history: HistorySettings,
 }
 
 /// How long a Redis connection may take.
@@ -73,12 +97,6 @@ impl Timeouts {
         let clamp = |ms: u64| Duration::from_millis(ms.clamp(1, 86_400_000));
         Timeouts { connect: clamp(connect_ms), io: clamp(io_ms) }
     }
-}
-
-/// A publish on its way to Redis: the Redis channel (prefix + group), the MESSAGE frame.
-struct Outgoing {
-    channel: String,
-    frame: Vec<u8>,
 }
 
 /// A FIFO bounded in count and bytes that drops its oldest entries beyond the bounds.
@@ -134,10 +152,44 @@ impl<T> Bounded<T> {
         self.items.push_front((item, size));
         self.bytes += size;
     }
+}
 
-    fn drain(&mut self) -> VecDeque<(T, usize)> {
-        self.bytes = 0;
-        std::mem::take(&mut self.items)
+/// What waits for the worker: messages, bounded (the oldest message goes first), and answers
+/// (stamps, history answers, link-ups), never dropped, in one FIFO.
+struct Inbox {
+    items: VecDeque<Incoming>,
+    /// Messages among `items`, and their bytes.
+    messages: usize,
+    message_bytes: usize,
+    max_items: usize,
+    max_bytes: usize,
+}
+
+impl Inbox {
+    fn size(m: &Incoming) -> usize {
+        match m {
+            Incoming::Message { group, payload, .. } => group.len() + payload.len(),
+            _ => 0,
+        }
+    }
+
+    /// Appends `m`; returns how many messages were dropped to stay in bounds.
+    fn push(&mut self, m: Incoming) -> u64 {
+        if matches!(m, Incoming::Message { .. }) {
+            self.messages += 1;
+            self.message_bytes += Self::size(&m);
+        }
+        self.items.push_back(m);
+        let mut dropped = 0;
+        while self.messages > self.max_items || self.message_bytes > self.max_bytes {
+            let Some(i) = self.items.iter().position(|m| matches!(m, Incoming::Message { .. })) else { break };
+            if let Some(old) = self.items.remove(i) {
+                self.messages -= 1;
+                self.message_bytes -= Self::size(&old);
+                dropped += 1;
+            }
+        }
+        dropped
     }
 }
 
@@ -148,23 +200,55 @@ pub(super) struct Wanted {
     pub changed: bool,
 }
 
+/// History requests on their way: asked by the worker; confirmed by the subscriber (the
+/// subscription is active) for the command thread; answered, back to the subscriber, which
+/// hands the answer over once the messages before it have come. `session` is the subscriber
+/// connection the confirmation and the hand-over must happen on.
+#[derive(Default)]
+pub(super) struct Requests {
+    pub asked: VecDeque<Ask>,
+    pub ready: VecDeque<(u64, Ask)>,
+    pub answered: VecDeque<(u64, Vec<Incoming>)>,
+    /// Requests in any of the three queues, or running.
+    pub in_flight: usize,
+}
+
+impl Requests {
+    /// A new subscriber connection: what was on its way is lost (the worker asks again after
+    /// the `LinkUp`).
+    pub fn clear(&mut self) {
+        let queued = self.asked.len() + self.ready.len() + self.answered.len();
+        let running = self.in_flight.saturating_sub(queued);
+        self.asked.clear();
+        self.ready.clear();
+        self.answered.clear();
+        self.in_flight = running;
+    }
+}
+
 /// State shared by the worker and its two Redis threads.
 pub(super) struct Shared {
     pub subscribed: AtomicBool,
     publisher_up: AtomicBool,
-    /// Messages dropped at either queue's bound.
+    /// Messages dropped at either queue's bound, and history requests beyond theirs.
     dropped: AtomicU64,
     /// The worker dropped the bus: the threads end.
     pub closed: AtomicBool,
     pub wanted: Mutex<Wanted>,
     outgoing: Mutex<Bounded<Outgoing>>,
-    /// Signalled when a publish is queued (or the bus closes); the publisher waits on it.
-    outgoing_ready: Condvar,
-    incoming: Mutex<Bounded<(String, Vec<u8>)>>,
+    /// Signalled when a publish or a confirmed history request is queued (or the bus closes);
+    /// the command thread waits on it.
+    pub work_ready: Condvar,
+    incoming: Mutex<Inbox>,
+    pub requests: Mutex<Requests>,
+    /// The subscriber connection's number (a new one per connect).
+    pub session: AtomicU64,
+    /// Wakes the worker's loop.
+    pub waker: mio::Waker,
 }
 
 /// Locks even if another thread panicked while holding the lock: the queues stay usable.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -181,11 +265,23 @@ impl Shared {
         }
     }
 
-    /// Queues a message from Redis for the worker (subscriber thread).
-    pub fn push_incoming(&self, group: String, payload: Vec<u8>) {
-        let size = group.len() + payload.len();
-        let dropped = lock(&self.incoming).push((group, payload), size);
+    /// Queues what arrived for the worker (without waking it: the caller does, once per batch).
+    pub fn push_incoming(&self, m: Incoming) {
+        let dropped = lock(&self.incoming).push(m);
         self.count_dropped(dropped, "incoming");
+    }
+
+    pub fn wake_worker(&self) {
+        let _ = self.waker.wake();
+    }
+
+    /// Hands confirmed history requests to the command thread.
+    pub fn hand_to_commands(&self, session: u64, asks: Vec<Ask>) {
+        lock(&self.requests).ready.extend(asks.into_iter().map(|a| (session, a)));
+        // Taking the queue's lock orders this wake-up after the command thread's last look
+        // at `ready` (it holds that lock until it waits), so the wake-up is not lost.
+        drop(lock(&self.outgoing));
+        self.work_ready.notify_one();
     }
 }
 
@@ -205,21 +301,34 @@ pub enum Incoming {
         payload: Vec<u8>,
     },
     /// Our publish `seq` got `offset` (0: unknown).
-    Stamped { seq: u64, offset: u64 },
-    HistoryItem { request: u64, offset: u64, kind: wire::PayloadKind, payload: Vec<u8> },
-    Position { request: u64, epoch: String, offset: u64, recovered: bool },
+    Stamped {
+        seq: u64,
+        offset: u64,
+    },
+    HistoryItem {
+        request: u64,
+        offset: u64,
+        kind: wire::PayloadKind,
+        payload: Vec<u8>,
+    },
+    Position {
+        request: u64,
+        epoch: String,
+        offset: u64,
+        recovered: bool,
+    },
     /// A Redis connection came back: messages and history answers may have been lost.
     LinkUp,
 }
 
 pub struct RedisBus {
-    /// Stub answers until Redis Streams back the history (replaced by the Redis part).
-    local: VecDeque<Incoming>,
-    publisher: Publisher,
-    prefix: String,
+    origin: u64,
+    /// Sequence number of the last publish; the first is 1.
+    seq: u64,
     shared: Arc<Shared>,
     /// Wakes the subscriber thread when the wanted groups change (non-blocking).
     wake_subscriber: UnixStream,
+    max_requests: usize,
 }
 
 impl RedisBus {
@@ -235,12 +344,16 @@ impl RedisBus {
             closed: AtomicBool::new(false),
             wanted: Mutex::new(Wanted::default()),
             outgoing: Mutex::new(Bounded::new(max_items, max_bytes)),
-            outgoing_ready: Condvar::new(),
-            incoming: Mutex::new(Bounded::new(max_items, max_bytes)),
+            work_ready: Condvar::new(),
+            incoming: Mutex::new(Inbox { items: VecDeque::new(), messages: 0, message_bytes: 0, max_items, max_bytes }),
+            requests: Mutex::new(Requests::default()),
+            session: AtomicU64::new(0),
+            waker,
         });
         let (wake_subscriber, wake) = UnixStream::pair().context("cannot create the Redis wake-up socket")?;
         wake_subscriber.set_nonblocking(true)?;
         wake.set_nonblocking(true)?;
+        let poke = wake_subscriber.try_clone().context("cannot share the Redis wake-up socket")?;
         let subscriber = Subscriber {
             info: client.get_connection_info().clone(),
             prefix: settings.prefix.clone(),
@@ -248,13 +361,19 @@ impl RedisBus {
             max_message: settings.max_message,
             shared: shared.clone(),
             wake,
-            waker,
         };
         thread::Builder::new().name("redis-sub".into()).spawn(move || subscriber.run())?;
-        let s2 = shared.clone();
-        let timeouts = settings.timeouts;
-        thread::Builder::new().name("redis-pub".into()).spawn(move || publisher(client, timeouts, &s2))?;
-        Ok(RedisBus { local: VecDeque::new(), publisher: Publisher::new(origin), prefix: settings.prefix, shared, wake_subscriber })
+        let limits = HistoryLimits::new(&settings.history, settings.queue_max_bytes);
+        let commands = Commands {
+            client,
+            prefix: settings.prefix,
+            timeouts: settings.timeouts,
+            limits,
+            shared: shared.clone(),
+            poke_subscriber: poke,
+        };
+        thread::Builder::new().name("redis-cmd".into()).spawn(move || commands.run())?;
+        Ok(RedisBus { origin, seq: 0, shared, wake_subscriber, max_requests: max_items.max(1) })
     }
 
     pub fn subscribe(&mut self, group: &str) {
@@ -276,44 +395,44 @@ impl RedisBus {
         let _ = (&self.wake_subscriber).write(&[1]);
     }
 
-    /// Queues a publish for the publisher thread; never waits for Redis.
+    /// Queues a publish for the command thread; never waits for Redis. Returns its seq, which
+    /// the `Stamped` answer carries.
     pub fn publish(&mut self, group: &str, kind: wire::PayloadKind, payload: &[u8]) -> u64 {
-        let _ = kind;
-        let (seq, frame) = self.publisher.frame(group, payload);
-        let size = frame.len();
-        let out = Outgoing { channel: format!("{}{group}", self.prefix), frame };
+        self.seq += 1;
+        let out = Outgoing::new(self.origin, self.seq, group, kind, payload);
+        let size = out.tail.len() + 16;
         let dropped = lock(&self.shared.outgoing).push(out, size);
-        self.shared.outgoing_ready.notify_one();
+        self.shared.work_ready.notify_one();
         self.shared.count_dropped(dropped, "publish");
-        seq
+        self.seq
     }
 
-    /// Asks for `group`'s position and the messages after `since`.
+    /// Asks for `group`'s position and the messages after `since` (contract point 3 above).
+    /// The worker subscribed to the group before asking.
     pub fn request_history(&mut self, request: u64, group: &str, since: Option<wire::Since<'_>>, limit: u32) {
-        let _ = (group, since, limit);
-        self.local.push_back(Incoming::Position { request, epoch: String::new(), offset: 0, recovered: false });
+        let ask = Ask { request, group: group.to_owned(), since: since.map(|s| (s.epoch.to_owned(), s.offset)), limit };
+        let mut requests = lock(&self.shared.requests);
+        if requests.in_flight >= self.max_requests {
+            drop(requests);
+            self.shared.count_dropped(1, "history request");
+            return;
+        }
+        requests.in_flight += 1;
+        requests.asked.push_back(ask);
+        drop(requests);
+        self.poke_subscriber();
     }
 
     /// Everything that arrived, oldest first.
     pub fn take_incoming(&mut self) -> Vec<Incoming> {
-        let mut out: Vec<Incoming> = self.local.drain(..).collect();
-        for ((_, frame), _) in lock(&self.shared.incoming).drain() {
-            if let Ok(Some((wire::Frame::Message { origin, seq, group, payload }, _))) = wire::decode(&frame, usize::MAX) {
-                out.push(Incoming::Message {
-                    origin,
-                    seq,
-                    offset: 0,
-                    kind: wire::PayloadKind::Text,
-                    group: group.to_owned(),
-                    payload: payload.to_vec(),
-                });
-            }
-        }
-        out
+        let mut inbox = lock(&self.shared.incoming);
+        inbox.messages = 0;
+        inbox.message_bytes = 0;
+        std::mem::take(&mut inbox.items).into()
     }
 
     pub fn origin(&self) -> u64 {
-        self.publisher.origin()
+        self.origin
     }
 
     pub fn is_connected(&self) -> bool {
@@ -333,69 +452,227 @@ impl RedisBus {
 impl Drop for RedisBus {
     fn drop(&mut self) {
         self.shared.closed.store(true, Ordering::Relaxed);
-        self.shared.outgoing_ready.notify_all();
+        self.shared.work_ready.notify_all();
         self.poke_subscriber();
     }
 }
 
-/// Owns the publishing connection: sends queued publishes one at a time, oldest first.
-fn publisher(client: redis::Client, timeouts: Timeouts, shared: &Shared) {
-    let mut con: Option<redis::Connection> = None;
-    let mut backoff = MIN_BACKOFF;
-    let mut failed_before = false;
-    let connect = || -> redis::RedisResult<redis::Connection> {
-        let c = client.get_connection_with_timeout(timeouts.connect)?;
-        c.set_read_timeout(Some(timeouts.io))?;
-        c.set_write_timeout(Some(timeouts.io))?;
-        Ok(c)
-    };
-    while !shared.closed.load(Ordering::Relaxed) {
-        // Connect at once (not at the first publish), so `status` shows the bus up early.
-        let Some(c) = con.as_mut() else {
-            match connect() {
-                Ok(c) => {
-                    if failed_before {
-                        info!("redis publisher connected again; {} publishes queued", lock(&shared.outgoing).len());
-                    }
-                    con = Some(c);
-                    shared.publisher_up.store(true, Ordering::Relaxed);
+/// The command thread's work item.
+enum Work {
+    /// Publishes, oldest first, with their sizes in the queue.
+    Publish(Vec<(Outgoing, usize)>),
+    History(u64, Ask),
+}
+
+/// Most publishes sent in one pipeline (one round trip) when they queue up.
+const PIPELINE: usize = 64;
+
+/// The command connection's thread: runs the publish script for queued publishes, oldest
+/// first, and the history script for confirmed requests (those first: a join waits on them).
+struct Commands {
+    client: redis::Client,
+    prefix: String,
+    timeouts: Timeouts,
+    limits: HistoryLimits,
+    shared: Arc<Shared>,
+    poke_subscriber: UnixStream,
+}
+
+impl Commands {
+    fn connect(&self) -> redis::RedisResult<(redis::Connection, Scripts)> {
+        let mut c = self.client.get_connection_with_timeout(self.timeouts.connect)?;
+        c.set_read_timeout(Some(self.timeouts.io))?;
+        c.set_write_timeout(Some(self.timeouts.io))?;
+        let scripts = Scripts::load(&mut c, &self.prefix)?;
+        Ok((c, scripts))
+    }
+
+    /// The next thing to do, waiting for it; `None` when the bus closed.
+    fn next_work(&self) -> Option<Work> {
+        let shared = &*self.shared;
+        let mut queue = lock(&shared.outgoing);
+        loop {
+            if shared.closed.load(Ordering::Relaxed) {
+                return None;
+            }
+            if let Some((session, ask)) = lock(&shared.requests).ready.pop_front() {
+                return Some(Work::History(session, ask));
+            }
+            if let Some(first) = queue.take() {
+                let mut batch = vec![first];
+                while batch.len() < PIPELINE {
+                    let Some(next) = queue.take() else { break };
+                    batch.push(next);
                 }
-                Err(e) => {
+                return Some(Work::Publish(batch));
+            }
+            queue = shared.work_ready.wait(queue).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Runs the publish script for `batch` (one round trip); `Some(why)` when the connection
+    /// failed: then the whole batch is queued again (a publish that ran is not numbered twice).
+    fn publish(
+        &self,
+        con: &mut redis::Connection,
+        scripts: &Scripts,
+        epochs: &mut Epochs,
+        batch: Vec<(Outgoing, usize)>,
+    ) -> Option<String> {
+        let shared = &*self.shared;
+        let result = if let [(out, _)] = &batch[..] {
+            epochs.fresh().and_then(|epoch| scripts.publish(con, out, &epoch, &self.limits)).map(|o| vec![Ok(o)])
+        } else {
+            let mut pipe = redis::pipe();
+            let mut made = Ok(());
+            for (out, _) in &batch {
+                match epochs.fresh() {
+                    Ok(epoch) => {
+                        pipe.add_command(scripts.publish_cmd(out, &epoch, &self.limits));
+                    }
+                    Err(e) => made = Err(e),
+                }
+            }
+            made.and_then(|()| pipe.query::<Vec<redis::Value>>(con)).map(|values| {
+                values
+                    .into_iter()
+                    .map(|v| match v {
+                        redis::Value::Int(o) => Ok(o.max(0) as u64),
+                        redis::Value::ServerError(e) => Err(redis::RedisError::from(e)),
+                        other => Err(redis::RedisError::from((
+                            redis::ErrorKind::TypeError,
+                            "unexpected answer from the publish script",
+                            format!("{other:?}"),
+                        ))),
+                    })
+                    .collect()
+            })
+        };
+        // A script cache flushed under the pipeline fails every entry with NOSCRIPT: that is
+        // the pipeline refused, not each publish.
+        let result = result.and_then(|offsets| {
+            match offsets.iter().find_map(|o| o.as_ref().err().filter(|e| e.kind() == redis::ErrorKind::NoScriptError))
+            {
+                Some(e) => Err(redis::RedisError::from((redis::ErrorKind::NoScriptError, "NOSCRIPT", e.to_string()))),
+                None => Ok(offsets),
+            }
+        });
+        let offsets = match result {
+            Ok(offsets) => offsets,
+            Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() => {
+                let mut queue = lock(&shared.outgoing);
+                for (out, size) in batch.into_iter().rev() {
+                    queue.put_back(out, size);
+                }
+                return Some(format!("redis publish failed: {e}"));
+            }
+            // Redis refused the pipeline as a whole (a NOSCRIPT after a script flush, ...):
+            // one at a time, each with its own answer (EVAL when the script is gone).
+            Err(e) if batch.len() > 1 => {
+                warn!("redis refused a pipeline of {} publishes ({e}); sending them one at a time", batch.len());
+                let mut failed = None;
+                let mut rest = batch.into_iter();
+                for one in rest.by_ref() {
+                    failed = self.publish(con, scripts, epochs, vec![one]);
+                    if failed.is_some() {
+                        break;
+                    }
+                }
+                let mut queue = lock(&shared.outgoing);
+                for (out, size) in rest.rev() {
+                    queue.put_back(out, size);
+                }
+                return failed;
+            }
+            Err(e) => vec![Err(e)],
+        };
+        let mut offsets = offsets.into_iter();
+        for (out, size) in &batch {
+            lock(&shared.outgoing).finish(*size);
+            let offset = offsets.next().unwrap_or(Ok(0));
+            let offset = offset.unwrap_or_else(|e| {
+                // Redis refused it (a key of another type, out of memory, ...): sending it
+                // again would fail again.
+                shared.count_dropped(1, "publish");
+                warn!("redis refused a publish to group {:?}: {e}", out.group);
+                0
+            });
+            shared.push_incoming(Incoming::Stamped { seq: out.seq, offset });
+        }
+        shared.wake_worker();
+        None
+    }
+
+    fn run(self) {
+        let shared = &*self.shared;
+        let mut con: Option<(redis::Connection, Scripts)> = None;
+        let mut backoff = MIN_BACKOFF;
+        let mut failed_before = false;
+        let mut epochs = Epochs::new();
+        while !shared.closed.load(Ordering::Relaxed) {
+            // Connect at once (not at the first publish), so `status` shows the bus up early.
+            let Some((c, scripts)) = con.as_mut() else {
+                match self.connect() {
+                    Ok(c) => {
+                        if failed_before {
+                            info!(
+                                "redis command connection up again; {} publishes queued",
+                                lock(&shared.outgoing).len()
+                            );
+                            // A history script may have been lost with the old connection.
+                            shared.push_incoming(Incoming::LinkUp);
+                            shared.wake_worker();
+                        }
+                        con = Some(c);
+                        shared.publisher_up.store(true, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        shared.publisher_up.store(false, Ordering::Relaxed);
+                        warn!("redis command connection cannot connect: {e}; retrying in {backoff:?}");
+                        failed_before = true;
+                        thread::sleep(backoff);
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
+                continue;
+            };
+            let Some(work) = self.next_work() else { return };
+            let failed = match work {
+                Work::Publish(batch) => self.publish(c, scripts, &mut epochs, batch),
+                Work::History(session, ask) => {
+                    let result = epochs.fresh().and_then(|epoch| scripts.history(c, &ask, &epoch, &self.limits));
+                    let mut requests = lock(&shared.requests);
+                    match result {
+                        Ok(answer) => {
+                            requests.answered.push_back((session, answer));
+                            drop(requests);
+                            // A full socket already holds a wake-up: WouldBlock is fine.
+                            let _ = (&self.poke_subscriber).write(&[1]);
+                            None
+                        }
+                        Err(e) => {
+                            requests.in_flight = requests.in_flight.saturating_sub(1);
+                            drop(requests);
+                            if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                                Some(format!("redis history request failed: {e}"))
+                            } else {
+                                warn!("redis refused a history request for group {:?}: {e}", ask.group);
+                                None
+                            }
+                        }
+                    }
+                }
+            };
+            match failed {
+                None => backoff = MIN_BACKOFF,
+                Some(why) => {
+                    con = None;
                     shared.publisher_up.store(false, Ordering::Relaxed);
-                    warn!("redis publisher cannot connect: {e}; retrying in {backoff:?}");
+                    warn!("{why}; reconnecting in {backoff:?}");
                     failed_before = true;
                     thread::sleep(backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
-            }
-            continue;
-        };
-        let (out, size) = {
-            let mut queue = lock(&shared.outgoing);
-            loop {
-                if shared.closed.load(Ordering::Relaxed) {
-                    return;
-                }
-                if let Some(next) = queue.take() {
-                    break next;
-                }
-                queue = shared.outgoing_ready.wait(queue).unwrap_or_else(|p| p.into_inner());
-            }
-        };
-        let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH").arg(&out.channel).arg(&out.frame[..]).query(c);
-        match sent {
-            Ok(_) => {
-                lock(&shared.outgoing).finish(size);
-                backoff = MIN_BACKOFF;
-            }
-            Err(e) => {
-                lock(&shared.outgoing).put_back(out, size);
-                con = None;
-                shared.publisher_up.store(false, Ordering::Relaxed);
-                warn!("redis publish failed: {e}; reconnecting in {backoff:?}");
-                failed_before = true;
-                thread::sleep(backoff);
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
@@ -416,5 +693,67 @@ mod tests {
         assert_eq!(q.items.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![0, 2, 3]);
         assert_eq!(q.push(4, 90), 2, "the byte bound drops as many as it takes");
         assert_eq!((q.len(), q.bytes), (2, 100));
+    }
+
+    #[test]
+    fn a_pipeline_refused_for_a_flushed_script_is_sent_one_at_a_time() {
+        use super::*;
+        use crate::channel::redis_history::tests::{limits, redis};
+        let Some((server, mut con, scripts)) = redis() else { return };
+        let poll = mio::Poll::new().unwrap();
+        let waker = mio::Waker::new(poll.registry(), mio::Token(0)).unwrap();
+        let (poke, _other) = UnixStream::pair().unwrap();
+        let url = format!("redis://127.0.0.1:{}/", server.1);
+        let shared = Arc::new(Shared {
+            subscribed: AtomicBool::new(false),
+            publisher_up: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            wanted: Mutex::new(Wanted::default()),
+            outgoing: Mutex::new(Bounded::new(100, 1 << 20)),
+            work_ready: Condvar::new(),
+            incoming: Mutex::new(Inbox {
+                items: VecDeque::new(),
+                messages: 0,
+                message_bytes: 0,
+                max_items: 100,
+                max_bytes: 1 << 20,
+            }),
+            requests: Mutex::new(Requests::default()),
+            session: AtomicU64::new(0),
+            waker,
+        });
+        let commands = Commands {
+            client: redis::Client::open(url).unwrap(),
+            prefix: "t:".into(),
+            timeouts: Timeouts::from_millis(1000, 1000),
+            limits: limits(10),
+            shared: shared.clone(),
+            poke_subscriber: poke,
+        };
+        let mut epochs = Epochs::new();
+        let mut batch = Vec::new();
+        for seq in 1..=3 {
+            let out = Outgoing::new(1, seq, "g", wire::PayloadKind::Text, b"m");
+            let size = out.tail.len() + 16;
+            shared.outgoing.lock().unwrap().push(out, size);
+            batch.push(shared.outgoing.lock().unwrap().take().unwrap());
+        }
+        let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut con).unwrap();
+        assert_eq!(commands.publish(&mut con, &scripts, &mut epochs, batch), None);
+        let stamps: Vec<(u64, u64)> = shared
+            .incoming
+            .lock()
+            .unwrap()
+            .items
+            .iter()
+            .map(|i| match i {
+                Incoming::Stamped { seq, offset } => (*seq, *offset),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(stamps, vec![(1, 1), (2, 2), (3, 3)]);
+        assert_eq!(shared.outgoing.lock().unwrap().len(), 0, "every publish finished");
+        assert_eq!(shared.dropped.load(Ordering::Relaxed), 0);
     }
 }

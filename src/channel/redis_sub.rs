@@ -8,8 +8,16 @@
 //! PING and drops the connection when no answer comes within `redis.io_timeout_ms` (a hung or
 //! stopped Redis). Every failure reconnects with back-off (50 ms doubling to 2 s), reset only
 //! once Redis has answered on the new connection.
+//!
+//! It also sequences protocol 2's history requests against the subscription (redis_bus.rs,
+//! contract point 3), with PINGs, whose answers come in order with the messages: a request
+//! goes to the command thread once a PING sent after the group's SUBSCRIBE is answered (the
+//! subscription is active, so every later message comes here), and its answer goes to the
+//! worker once a PING sent after the answer came is answered (every message numbered before
+//! the answer came first). Each new connection is announced to the worker (`LinkUp`), and
+//! what was on its way for the old one is dropped: the worker asks again.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -22,8 +30,10 @@ use log::{info, warn};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use redis::{ConnectionAddr, ConnectionInfo};
 
-use super::redis_bus::{Shared, Timeouts, MAX_BACKOFF, MIN_BACKOFF};
+use super::redis_bus::{lock, Incoming, Shared, Timeouts, MAX_BACKOFF, MIN_BACKOFF};
+use super::redis_history::Ask;
 use super::resp::{self, Value};
+use super::wire;
 
 /// Silence on the subscription after which Redis is asked for a PING.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -36,9 +46,19 @@ pub(super) struct Subscriber {
     /// Largest message payload accepted from Redis (`channel.max_frame`).
     pub max_message: usize,
     pub shared: Arc<Shared>,
-    /// Readable when the worker changed the wanted groups (or is going away).
+    /// Readable when the worker changed the wanted groups or asked for history, when the
+    /// command thread has an answer, or when the worker is going away.
     pub wake: UnixStream,
-    pub waker: mio::Waker,
+}
+
+/// Why a PING was sent; its answer (PONG) says everything sent before it was processed.
+enum Pinged {
+    /// Silence on the connection: is Redis still there?
+    Health,
+    /// These requests' groups were subscribed before: their history can be read.
+    Confirm(Vec<Ask>),
+    /// These answers were read before: hand them over after the messages before them.
+    Deliver(Vec<Vec<Incoming>>),
 }
 
 enum Stream {
@@ -102,6 +122,10 @@ struct Session {
     subscribed: HashSet<String>,
     /// Redis answered something valid on this connection: the back-off can start over.
     answered: bool,
+    /// PINGs sent and not answered yet, oldest first, with when they were sent.
+    pings: VecDeque<(Instant, Pinged)>,
+    /// This connection's number (`Shared::session`).
+    id: u64,
 }
 
 impl Subscriber {
@@ -115,7 +139,12 @@ impl Subscriber {
                     if lost_before {
                         info!("redis subscriber connected again");
                     }
+                    session.id = self.shared.session.fetch_add(1, Ordering::Relaxed) + 1;
+                    lock(&self.shared.requests).clear();
+                    self.shared.push_incoming(Incoming::LinkUp);
+                    self.shared.wake_worker();
                     let why = self.serve(&mut session);
+                    self.forget_pings(&mut session);
                     if session.answered {
                         backoff = MIN_BACKOFF;
                     }
@@ -156,7 +185,15 @@ impl Subscriber {
             }
         };
         stream.set_timeouts(self.timeouts.io)?;
-        let mut session = Session { stream, inbuf: Vec::new(), start: 0, subscribed: HashSet::new(), answered: false };
+        let mut session = Session {
+            stream,
+            inbuf: Vec::new(),
+            start: 0,
+            subscribed: HashSet::new(),
+            answered: false,
+            pings: VecDeque::new(),
+            id: 0,
+        };
         if let Some(password) = &self.info.redis.password {
             let mut out = Vec::new();
             match &self.info.redis.username {
@@ -175,7 +212,6 @@ impl Subscriber {
     /// Keeps the connection's subscriptions equal to the wanted groups and forwards messages,
     /// until something fails; returns why.
     fn serve(&self, session: &mut Session) -> String {
-        let mut ping_deadline: Option<Instant> = None;
         let mut last_heard = Instant::now();
         let mut first = true;
         let mut announced = false;
@@ -183,7 +219,13 @@ impl Subscriber {
             if self.shared.closed.load(Ordering::Relaxed) {
                 return "the worker is stopping".into();
             }
+            // Requests are taken before the subscriptions are brought up to date: the worker
+            // subscribes before it asks, so the SUBSCRIBE a request needs goes out ahead of
+            // the PING that confirms it.
+            let (asks, answers) = self.take_requests(session);
             if let Err(e) = self.reconcile(session, first) {
+                let mut requests = lock(&self.shared.requests);
+                requests.in_flight = requests.in_flight.saturating_sub(asks.len() + answers.len());
                 return format!("cannot (un)subscribe: {e}");
             }
             first = false;
@@ -193,21 +235,21 @@ impl Subscriber {
                 announced = true;
                 self.shared.subscribed.store(true, Ordering::Relaxed);
             }
+            if let Err(e) = self.sequence_requests(session, asks, answers) {
+                return format!("cannot send PING: {e}");
+            }
             let now = Instant::now();
-            let wait = match ping_deadline {
-                Some(deadline) if now >= deadline => {
+            let wait = match session.pings.front() {
+                Some((sent, _)) if now >= *sent + self.timeouts.io => {
                     return format!("no answer to PING within {:?} (redis.io_timeout_ms)", self.timeouts.io)
                 }
-                Some(deadline) => deadline - now,
+                Some((sent, _)) => *sent + self.timeouts.io - now,
                 None => {
                     let idle = now.duration_since(last_heard);
                     if idle >= HEALTH_INTERVAL {
-                        let mut out = Vec::new();
-                        resp::encode_command(&mut out, &["PING"]);
-                        if let Err(e) = session.stream.write_all(&out) {
+                        if let Err(e) = session.ping(Pinged::Health) {
                             return format!("cannot send PING: {e}");
                         }
-                        ping_deadline = Some(now + self.timeouts.io);
                         continue;
                     }
                     HEALTH_INTERVAL - idle
@@ -222,15 +264,74 @@ impl Subscriber {
             }
             if redis_ready {
                 match self.receive(session) {
-                    Ok(pong) => {
-                        last_heard = Instant::now();
-                        if pong {
-                            ping_deadline = None;
-                        }
-                    }
+                    Ok(()) => last_heard = Instant::now(),
                     Err(why) => return why,
                 }
             }
+        }
+    }
+
+    /// New history requests from the worker, and answers for this connection from the
+    /// command thread (those for an older connection are dropped).
+    fn take_requests(&self, session: &Session) -> (Vec<Ask>, Vec<Vec<Incoming>>) {
+        let mut requests = lock(&self.shared.requests);
+        let asks: Vec<Ask> = requests.asked.drain(..).collect();
+        let mut answers = Vec::new();
+        let mut stale = 0;
+        for (id, answer) in requests.answered.drain(..) {
+            if id == session.id {
+                answers.push(answer);
+            } else {
+                stale += 1;
+            }
+        }
+        requests.in_flight = requests.in_flight.saturating_sub(stale);
+        (asks, answers)
+    }
+
+    /// PINGs behind new history requests (after their SUBSCRIBE, sent by `reconcile`) and
+    /// behind new answers from the command thread.
+    fn sequence_requests(&self, session: &mut Session, asks: Vec<Ask>, answers: Vec<Vec<Incoming>>) -> io::Result<()> {
+        if !asks.is_empty() {
+            session.ping(Pinged::Confirm(asks))?;
+        }
+        if !answers.is_empty() {
+            session.ping(Pinged::Deliver(answers))?;
+        }
+        Ok(())
+    }
+
+    /// The connection is gone: the requests behind its unanswered PINGs are lost (the
+    /// worker asks again after the next `LinkUp`).
+    fn forget_pings(&self, session: &mut Session) {
+        let lost: usize = session
+            .pings
+            .drain(..)
+            .map(|(_, why)| match why {
+                Pinged::Health => 0,
+                Pinged::Confirm(asks) => asks.len(),
+                Pinged::Deliver(answers) => answers.len(),
+            })
+            .sum();
+        let mut requests = lock(&self.shared.requests);
+        requests.in_flight = requests.in_flight.saturating_sub(lost);
+    }
+
+    /// A PING was answered: what it was sent for can go on.
+    fn on_pong(&self, session: &mut Session) {
+        match session.pings.pop_front() {
+            Some((_, Pinged::Confirm(asks))) => self.shared.hand_to_commands(session.id, asks),
+            Some((_, Pinged::Deliver(answers))) => {
+                let n = answers.len();
+                for item in answers.into_iter().flatten() {
+                    self.shared.push_incoming(item);
+                }
+                let mut requests = lock(&self.shared.requests);
+                requests.in_flight = requests.in_flight.saturating_sub(n);
+                drop(requests);
+                self.shared.wake_worker();
+            }
+            Some((_, Pinged::Health)) | None => {}
         }
     }
 
@@ -285,17 +386,16 @@ impl Subscriber {
         Ok(())
     }
 
-    /// Reads what Redis sent and handles every whole push; `Ok(true)` if a PONG was among them.
-    fn receive(&self, session: &mut Session) -> Result<bool, String> {
+    /// Reads what Redis sent and handles every whole push.
+    fn receive(&self, session: &mut Session) -> Result<(), String> {
         let mut chunk = [0u8; 16 * 1024];
         let n = match session.stream.read(&mut chunk) {
             Ok(0) => return Err("closed by Redis".into()),
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => return Ok(false),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => return Ok(()),
             Err(e) => return Err(e.to_string()),
         };
         session.inbuf.extend_from_slice(&chunk[..n]);
-        let mut pong = false;
         let mut delivered = false;
         let max_bulk = self.max_message.max(1024);
         loop {
@@ -311,15 +411,16 @@ impl Subscriber {
                         else {
                             return Err("malformed message push".into());
                         };
-                        let group = channel.strip_prefix(self.prefix.as_bytes()).unwrap_or_default();
-                        let group = String::from_utf8_lossy(group).into_owned();
-                        self.shared.push_incoming(group, payload.to_vec());
-                        delivered = true;
+                        if let Some(m) = self.decode(channel, payload) {
+                            self.shared.push_incoming(m);
+                            delivered = true;
+                        }
                     }
-                    Some(b"pong") => pong = true,
+                    Some(b"pong") => self.on_pong(session),
                     _ => {}
                 },
-                Value::Simple(s) if s == "PONG" => pong = true,
+                // PING on a connection without subscriptions (all groups left meanwhile).
+                Value::Simple(s) if s == "PONG" => self.on_pong(session),
                 Value::Error(e) => return Err(format!("Redis answered {e}")),
                 _ => {}
             }
@@ -327,13 +428,43 @@ impl Subscriber {
         session.inbuf.drain(..session.start);
         session.start = 0;
         if delivered {
-            let _ = self.waker.wake();
+            self.shared.wake_worker();
         }
-        Ok(pong)
+        Ok(())
+    }
+
+    /// A message on a group's channel: a PUBLICATION frame (numbered by the publish script),
+    /// or an older instance's (or `groupcast publish`'s) MESSAGE frame, unnumbered. Anything
+    /// else is not ours and is skipped.
+    fn decode(&self, channel: &[u8], payload: &[u8]) -> Option<Incoming> {
+        let group = channel.strip_prefix(self.prefix.as_bytes()).unwrap_or_default();
+        let group = String::from_utf8_lossy(group).into_owned();
+        match wire::decode(payload, usize::MAX) {
+            Ok(Some((wire::Frame::Publication { origin, seq, offset, kind, payload, .. }, _))) => {
+                Some(Incoming::Message { origin, seq, offset, kind, group, payload: payload.to_vec() })
+            }
+            Ok(Some((wire::Frame::Message { origin, seq, payload, .. }, _))) => Some(Incoming::Message {
+                origin,
+                seq,
+                offset: 0,
+                kind: wire::PayloadKind::Text,
+                group,
+                payload: payload.to_vec(),
+            }),
+            _ => None,
+        }
     }
 }
 
 impl Session {
+    fn ping(&mut self, why: Pinged) -> io::Result<()> {
+        let mut out = Vec::new();
+        resp::encode_command(&mut out, &["PING"]);
+        // Queued first: if the write fails, the requests behind it are counted as lost.
+        self.pings.push_back((Instant::now(), why));
+        self.stream.write_all(&out)
+    }
+
     /// Blocking read of one reply (during connection set-up, under the read timeout).
     fn read_reply(&mut self, max_bulk: usize) -> io::Result<Value> {
         loop {

@@ -1,14 +1,23 @@
 //! The channel server (broker): accepts channel peers (workers of any instance, `publish`),
 //! authenticates them when a secret is configured, records which peer subscribes to which
-//! group, and forwards each MESSAGE frame, unchanged, to every subscriber of its group except
-//! the peer that published it (that worker already delivered to its own members). Each peer
-//! gets an ACK with the highest seq forwarded once the forwards are written, so it can forget
-//! those publishes.
+//! group, and forwards each published message to every subscriber of its group except the
+//! peer that published it (that worker already delivered to its own members). Each peer gets
+//! an ACK with the highest seq forwarded once the forwards are written, so it can forget those
+//! publishes.
+//!
+//! Every message gets its group's next offset here, under the group's epoch (`history.rs`),
+//! so each group has one order on every host; the last messages of each group are kept for
+//! HISTORY (`[history]`). A peer introduced with HELLO version 2 publishes PUBLISH, receives
+//! PUBLICATION (with the offset) and a STAMP for each of its publishes, and may ask HISTORY;
+//! a version-1 peer sends and receives plain MESSAGE, as before offsets existed. A publish the
+//! broker numbered already (same origin, seq not above the highest numbered, remembered across
+//! reconnects in `departed.rs`) is a resend: acknowledged, stamped 0, not forwarded again.
+//! docs/channel-protocol.md, "Offsets and history".
 //!
 //! For `channel.grace_ms` after it starts, the broker also keeps every message it forwarded
-//! (bounded by `channel.grace_max_bytes`) and replays them to peers that subscribe during that
-//! window, so instances reconnecting at different speeds after a broker restart miss nothing
-//! that reached the broker; receivers drop the repeats by (origin, seq).
+//! (bounded by `channel.grace_max_bytes`) and replays them to peers that re-subscribe during
+//! that window, so instances reconnecting at different speeds after a broker restart miss
+//! nothing that reached the broker; receivers drop the repeats by (origin, seq).
 //!
 //! Each peer is bound to the origin of its HELLO: a MESSAGE under another origin, or a HELLO
 //! claiming an origin a connected peer holds, gets the peer dropped (a publisher could otherwise
@@ -63,7 +72,7 @@ pub struct Broker {
     listener: ChannelListener,
     peers: Slab<Peer>,
     /// group -> subscribed peers (slab keys).
-    subscribers: HashMap<Box<str>, Vec<usize>>,
+    subscribers: HashMap<Box<str>, Subscribers>,
     /// origin -> the introduced peer it is bound to (slab key): one peer per origin.
     origins: HashMap<u64, usize>,
     control: ChildLink,
@@ -565,10 +574,12 @@ impl Broker {
 
     fn subscribe(&mut self, key: usize, group: &str) {
         if self.peers[key].groups.insert(group.into()) {
-            let subs = self.subscribers.entry(group.into()).or_default();
-            subs.push(key);
-            if subs.len() == 1 {
-                self.history.set_subscribed(group, true, self.now);
+            match self.subscribers.get_mut(group) {
+                Some(subs) => subs.peers.push(key),
+                None => {
+                    let slot = self.history.subscribed(group, self.now);
+                    self.subscribers.insert(group.into(), Subscribers { peers: vec![key], slot });
+                }
             }
         }
     }
@@ -585,7 +596,12 @@ impl Broker {
         }
         peer.ack = Some(peer.ack.map_or(m.seq, |a| a.max(m.seq)));
         let resend = peer.numbered.is_some_and(|n| m.seq <= n);
-        let numbering = (!resend).then(|| self.history.begin(m.group));
+        // One lookup of the group on this path: its subscribers carry its history slot.
+        let subs = self.subscribers.get(m.group);
+        let numbering = (!resend).then(|| match subs {
+            Some(subs) => self.history.begin_at(subs.slot),
+            None => self.history.begin(m.group),
+        });
         if peer.offsets {
             wire::encode_stamp(peer.outbuf.tail(), m.seq, numbering.map_or(0, |n| n.offset));
             if !peer.dirty {
@@ -602,8 +618,8 @@ impl Broker {
         let mut publication: Option<Vec<u8>> = None;
         let mut message: Option<Vec<u8>> = None;
         let mut cut = Vec::new();
-        if let Some(subs) = self.subscribers.get(m.group) {
-            for &to in subs {
+        if let Some(subs) = subs {
+            for &to in &subs.peers {
                 if to == from {
                     continue;
                 }
@@ -717,10 +733,10 @@ impl Broker {
 
     fn remove_subscriber(&mut self, group: &str, key: usize) {
         if let Some(subs) = self.subscribers.get_mut(group) {
-            subs.retain(|&k| k != key);
-            if subs.is_empty() {
+            subs.peers.retain(|&k| k != key);
+            if subs.peers.is_empty() {
                 self.subscribers.remove(group);
-                self.history.set_subscribed(group, false, self.now);
+                self.history.unsubscribed(group, self.now);
             }
         }
     }
@@ -806,7 +822,7 @@ impl Broker {
                     let mut s = self.stats.clone();
                     s.connections = self.peers.len() as u64;
                     s.groups = self.subscribers.len() as u64;
-                    s.memberships = self.subscribers.values().map(|v| v.len() as u64).sum();
+                    s.memberships = self.subscribers.values().map(|v| v.peers.len() as u64).sum();
                     let (version, binary_mtime) = crate::control::binary_identity();
                     s.version = version;
                     s.binary_mtime = binary_mtime;
@@ -824,6 +840,14 @@ impl Broker {
             Ok(None) | Err(_) => false,
         }
     }
+}
+
+/// The peers subscribed to a group, and the group's slot in the history: stable while the
+/// group has subscribers (a position is never forgotten then), so numbering a message costs
+/// no second lookup of the group.
+struct Subscribers {
+    peers: Vec<usize>,
+    slot: usize,
 }
 
 /// Bytes of a HISTORY_ITEM frame besides its payload: length, type, request, offset, kind.

@@ -24,6 +24,10 @@ use crate::config::{BusKind, Config};
 /// The bus's event-loop token: the channel socket, or the waker of the Redis threads.
 pub const TOKEN: Token = Token(1);
 
+/// Bytes a PUBLICATION may carry beyond `channel.max_frame`: the offset and kind the broker
+/// adds to a publish that was just within the bound.
+const PUBLICATION_SLACK: usize = 64;
+
 /// The bus's figures for `status`.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct BusCounters {
@@ -112,6 +116,7 @@ impl Bus {
                     queue_max_bytes: config.channel.queue_max_bytes,
                     timeouts: Timeouts::from_millis(config.redis.connect_timeout_ms, config.redis.io_timeout_ms),
                     max_message: config.channel.max_frame,
+                    history: config.history.clone(),
                 };
                 Carrier::Redis(RedisBus::start(settings, origin, waker)?)
             }
@@ -120,7 +125,8 @@ impl Bus {
             carrier,
             dedupe: Dedupe::default(),
             origin,
-            max_frame: config.channel.max_frame,
+            // A PUBLICATION is a few bytes longer than the publish it numbers (offset, kind).
+            max_frame: config.channel.max_frame + PUBLICATION_SLACK,
             awaiting: VecDeque::new(),
             awaiting_max: config.channel.queue_max_messages,
         })

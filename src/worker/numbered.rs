@@ -56,14 +56,8 @@ pub trait Sink {
     fn request(&mut self, request: u64, since: Option<&Position>);
     /// A fresh request number.
     fn next_request(&mut self) -> u64;
-}
-
-/// How a join ended, for its reply.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Joined {
-    pub conn: usize,
-    pub at: Position,
-    pub recovered: bool,
+    /// `conn`'s join got its answer: reply now, before the messages that waited for it.
+    fn joined(&mut self, conn: usize, at: &Position, recovered: bool);
 }
 
 /// The protocol-2 side of one local group.
@@ -208,20 +202,13 @@ impl NumberedGroup {
     }
 
     /// The end of the answer to `request`. For a join: the member becomes active at the
-    /// answer's offset and gets what arrived meanwhile; returned for the reply. For the
+    /// answer's offset, is answered (`Sink::joined`), then gets what arrived meanwhile. For the
     /// catch-up: the group's position moves to the answer; unrecovered, every active member is
     /// told of the gap.
-    pub fn on_position(
-        &mut self,
-        request: u64,
-        epoch: &str,
-        offset: u64,
-        recovered: bool,
-        sink: &mut impl Sink,
-    ) -> Option<Joined> {
+    pub fn on_position(&mut self, request: u64, epoch: &str, offset: u64, recovered: bool, sink: &mut impl Sink) {
         let at = Position { epoch: Rc::from(epoch), offset };
         if self.catch_up.as_ref().is_some_and(|c| c.request == request) {
-            let c = self.catch_up.take()?;
+            let Some(c) = self.catch_up.take() else { return };
             let lost = !recovered || c.overflowed || self.position.as_ref().is_none_or(|p| *p.epoch != *epoch);
             if lost {
                 for (&conn, member) in &mut self.members {
@@ -233,16 +220,18 @@ impl NumberedGroup {
             }
             self.position = Some(at);
             self.replay(c.buffered, sink);
-            return None;
+            return;
         }
-        let conn = self.members.iter().find_map(|(&conn, m)| match m {
+        let Some(conn) = self.members.iter().find_map(|(&conn, m)| match m {
             Member::Pending { request: r, .. } if *r == request => Some(conn),
             _ => None,
-        })?;
+        }) else {
+            return;
+        };
         let Some(Member::Pending { buffered, overflowed, .. }) =
             self.members.insert(conn, Member::Active { floor: offset })
         else {
-            return None;
+            return;
         };
         let mut rest = VecDeque::new();
         let mut floor = offset;
@@ -252,6 +241,8 @@ impl NumberedGroup {
                 rest.push_back(live);
             }
         }
+        // The reply first (the protocol says: replayed messages, the reply, then live).
+        sink.joined(conn, &at, recovered);
         for live in &rest {
             sink.send(conn, &envelope_of(&self.name_json, live.offset, live.kind, &live.payload));
         }
@@ -266,7 +257,6 @@ impl NumberedGroup {
             Some(p) if *p.epoch != *epoch && self.catch_up.is_none() => self.start_catch_up(VecDeque::new(), sink),
             Some(_) => {}
         }
-        Some(Joined { conn, at, recovered })
     }
 
     /// Delivers buffered messages after a catch-up, in order, as long as they follow.
@@ -328,6 +318,8 @@ mod tests {
         gaps: Vec<(usize, u64)>,
         requests: Vec<(u64, Option<u64>)>,
         next: u64,
+        /// (conn, offset, recovered, frames sent to anyone before the answer)
+        joins: Vec<(usize, u64, bool, usize)>,
     }
 
     impl Sink for Record {
@@ -346,6 +338,9 @@ mod tests {
             self.next += 1;
             100 + self.next
         }
+        fn joined(&mut self, conn: usize, at: &Position, recovered: bool) {
+            self.joins.push((conn, at.offset, recovered, self.sent.len()));
+        }
     }
 
     fn live(g: &mut NumberedGroup, offset: u64, sink: &mut Record) {
@@ -362,8 +357,9 @@ mod tests {
         g.on_item(7, 3, PayloadKind::Text, b"m", &mut s);
         g.on_item(7, 4, PayloadKind::Text, b"m", &mut s);
         g.on_item(7, 5, PayloadKind::Text, b"m", &mut s);
-        let joined = g.on_position(7, "e", 5, true, &mut s).expect("joined");
-        assert!(joined.recovered && joined.at.offset == 5);
+        g.on_position(7, "e", 5, true, &mut s);
+        // Answered after the replay (3, 4, 5), before what arrived meanwhile (6).
+        assert_eq!(s.joins, vec![(1, 5, true, 3)]);
         live(&mut g, 7, &mut s);
         assert_eq!(s.sent, vec![(1, 3), (1, 4), (1, 5), (1, 6), (1, 7)]);
         assert!(s.gaps.is_empty() && s.requests.is_empty());

@@ -39,12 +39,21 @@ pub(super) enum Answer {
 }
 
 /// The `Sink` of one group: envelopes and notices to its members' queues, catch-ups to the
-/// bus's to-do list.
+/// bus's to-do list, and the reply of the join whose answer is being handled (`join`).
 struct ToMembers<'a> {
     clients: &'a mut Clients,
     group: &'a Rc<str>,
     offsets: &'a mut Offsets,
     asks: &'a mut Vec<Ask>,
+    join: Option<JoinReply>,
+}
+
+/// How to answer a join: the joining connection's id, the command's `id`, whether it asked
+/// with `since`.
+struct JoinReply {
+    conn_id: u64,
+    id: Option<Box<RawValue>>,
+    asked_since: bool,
 }
 
 impl Sink for ToMembers<'_> {
@@ -61,6 +70,11 @@ impl Sink for ToMembers<'_> {
     }
     fn next_request(&mut self) -> u64 {
         self.offsets.next_request()
+    }
+    fn joined(&mut self, conn: usize, at: &Position, recovered: bool) {
+        if let Some(j) = self.join.take() {
+            self.clients.joined(conn, j.conn_id, j.id.as_deref(), j.asked_since, at, recovered);
+        }
     }
 }
 
@@ -148,7 +162,7 @@ impl Clients {
                 }
                 let Some(name) = groups.name_rc(id) else { return };
                 if let Some(numbered) = groups.numbered_mut(id) {
-                    let mut sink = ToMembers { clients: self, group: &name, offsets, asks };
+                    let mut sink = ToMembers { clients: self, group: &name, offsets, asks, join: None };
                     numbered.on_live(offset, kind, payload, &mut sink);
                 }
             }
@@ -168,7 +182,7 @@ impl Clients {
                     return;
                 }
                 if let Some(numbered) = groups.numbered_mut(id) {
-                    let mut sink = ToMembers { clients: self, group: &name, offsets, asks };
+                    let mut sink = ToMembers { clients: self, group: &name, offsets, asks, join: None };
                     numbered.on_item(request, offset, kind, payload, &mut sink);
                 }
             }
@@ -176,11 +190,14 @@ impl Clients {
                 let Some(asked) = offsets.asked.remove(&request) else { return };
                 let name = asked.group().clone();
                 let Some(numbered) = groups.lookup(&name).and_then(|id| groups.numbered_mut(id)) else { return };
-                let mut sink = ToMembers { clients: self, group: &name, offsets, asks };
-                let joined = numbered.on_position(request, epoch, offset, recovered, &mut sink);
-                if let (Some(joined), Asked::Join { conn_id, id, since, .. }) = (joined, asked) {
-                    self.joined(joined.conn, conn_id, id.as_deref(), since.is_some(), &joined.at, joined.recovered);
-                }
+                let join = match asked {
+                    Asked::Join { conn_id, id, since, .. } => {
+                        Some(JoinReply { conn_id, id, asked_since: since.is_some() })
+                    }
+                    Asked::CatchUp { .. } => None,
+                };
+                let mut sink = ToMembers { clients: self, group: &name, offsets, asks, join };
+                numbered.on_position(request, epoch, offset, recovered, &mut sink);
             }
             BusEvent::LinkUp => {
                 // Every join still waiting is asked again; catch-ups start afresh.
@@ -193,7 +210,7 @@ impl Clients {
                 for id in groups.numbered_ids() {
                     let Some(name) = groups.name_rc(id) else { continue };
                     if let Some(numbered) = groups.numbered_mut(id) {
-                        let mut sink = ToMembers { clients: self, group: &name, offsets, asks };
+                        let mut sink = ToMembers { clients: self, group: &name, offsets, asks, join: None };
                         numbered.on_link_up(&mut sink);
                     }
                 }

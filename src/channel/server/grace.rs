@@ -2,8 +2,9 @@
 //! of every message it forwards (at most `channel.grace_max_bytes`, oldest dropped first), so
 //! that a peer re-subscribing late (an instance that reconnected after others already sent
 //! again what the dead broker had not acknowledged) still gets them. Kept in arrival order and
-//! indexed by group, so a replay touches only the messages of its group. Used by the broker
-//! process only (`channel/server.rs`).
+//! indexed by group, so a replay touches only the messages of its group. The frames held are
+//! PUBLICATIONs (they carry the offset each message got); the broker turns them into MESSAGE
+//! for version-1 peers. Used by the broker process only (`channel/server.rs`).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};

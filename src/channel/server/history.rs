@@ -214,6 +214,12 @@ impl History {
     /// `finish` must follow before anything else touches the history.
     pub fn begin(&mut self, group: &str) -> Numbering {
         let slot = self.slot(group);
+        self.begin_at(slot)
+    }
+
+    /// `begin` for the group at `slot` (as `subscribed` returned it; valid while the group
+    /// has subscribers).
+    pub fn begin_at(&mut self, slot: usize) -> Numbering {
         let g = &mut self.groups[slot];
         g.top += 1;
         // The ring holds `first..=top`: the new offset has no kept message (yet), so what was
@@ -266,18 +272,22 @@ impl History {
         self.compact();
     }
 
-    /// Records whether `group` has subscribers now (creating its position when it does).
-    pub fn set_subscribed(&mut self, group: &str, subscribed: bool, now: Instant) {
-        let slot = match subscribed {
-            true => self.slot(group),
-            false => match self.by_name.get(group) {
-                Some(&slot) => slot,
-                None => return,
-            },
-        };
-        self.groups[slot].subscribed = subscribed;
+    /// `group` has subscribers now (its position is made if missing); returns its slot, which
+    /// stays valid while it has subscribers (an active group is never forgotten).
+    pub fn subscribed(&mut self, group: &str, now: Instant) -> usize {
+        let slot = self.slot(group);
+        self.groups[slot].subscribed = true;
         self.settle(slot, now);
-        self.compact();
+        slot
+    }
+
+    /// `group` has no subscribers any more: its position goes idle once nothing is kept.
+    pub fn unsubscribed(&mut self, group: &str, now: Instant) {
+        if let Some(&slot) = self.by_name.get(group) {
+            self.groups[slot].subscribed = false;
+            self.settle(slot, now);
+            self.compact();
+        }
     }
 
     /// The answer to HISTORY for `group` (creating its position): `since` and `limit` (already
@@ -512,11 +522,11 @@ mod tests {
     fn a_subscribed_group_keeps_its_position() {
         let t0 = Instant::now();
         let mut h = History::new(&settings(0, 1 << 20, 10), 1);
-        h.set_subscribed("a", true, t0);
+        h.subscribed("a", t0);
         publish(&mut h, "a", b"x", t0);
         h.expire(t0 + Duration::from_secs(60));
         assert_eq!(h.position("a").map(|p| p.1), Some(1));
-        h.set_subscribed("a", false, t0 + Duration::from_secs(60));
+        h.unsubscribed("a", t0 + Duration::from_secs(60));
         h.expire(t0 + Duration::from_secs(64));
         assert!(h.position("a").is_some());
         h.expire(t0 + Duration::from_secs(65));
@@ -544,12 +554,12 @@ mod tests {
         let mut h = History::new(&settings(0, 1 << 20, 2), 1);
         publish(&mut h, "a", b"x", t0);
         publish(&mut h, "b", b"x", t0);
-        h.set_subscribed("s", true, t0);
+        h.subscribed("s", t0);
         assert_eq!(h.groups(), 3, "a subscribed group does not count");
         publish(&mut h, "c", b"x", t0);
         assert!(h.position("a").is_none() && h.position("b").is_some() && h.position("c").is_some());
-        h.set_subscribed("b", true, t0);
-        h.set_subscribed("b", false, t0);
+        h.subscribed("b", t0);
+        h.unsubscribed("b", t0);
         publish(&mut h, "d", b"x", t0);
         assert!(h.position("c").is_none(), "b went idle again after c");
         assert!(h.position("b").is_some() && h.position("d").is_some() && h.position("s").is_some());
@@ -565,8 +575,8 @@ mod tests {
         assert_eq!(h.messages(), 1);
         assert!(h.kept_order.len() <= 2 + COMPACT_SLACK, "{} entries", h.kept_order.len());
         for _ in 0..10_000 {
-            h.set_subscribed("flap", true, now);
-            h.set_subscribed("flap", false, now);
+            h.subscribed("flap", now);
+            h.unsubscribed("flap", now);
         }
         assert!(h.idle_order.len() <= 4 + COMPACT_SLACK, "{} entries", h.idle_order.len());
     }
@@ -681,12 +691,12 @@ mod tests {
                             m.settle(name, now);
                         }
                         Op::Subscribe(g) => {
-                            h.set_subscribed(GROUPS[g], true, at(now));
+                            h.subscribed(GROUPS[g], at(now));
                             m.groups.entry(GROUPS[g]).or_default().subscribed = true;
                             m.settle(GROUPS[g], now);
                         }
                         Op::Unsubscribe(g) => {
-                            h.set_subscribed(GROUPS[g], false, at(now));
+                            h.unsubscribed(GROUPS[g], at(now));
                             if let Some(mg) = m.groups.get_mut(GROUPS[g]) { mg.subscribed = false; }
                             m.settle(GROUPS[g], now);
                         }

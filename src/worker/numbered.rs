@@ -421,3 +421,399 @@ mod tests {
         assert_eq!(v["message"]["a"], 1);
     }
 }
+
+/// A model of the bus (the broker's numbering, history and stream order) driving one group
+/// the way `recovery.rs` does, with lost and repeated messages, joins with and without
+/// `since`, leaves and reconnects (some of them a broker restart: a new epoch). Checked:
+/// every member's stream, from its join's answer on, follows offset by offset, each hole
+/// announced by a gap notice; a join's replay is its `since`'s successors, before its reply;
+/// buffers stay bounded; once the bus is quiet every member is at the group's top.
+#[cfg(test)]
+mod model {
+    use std::collections::{BTreeMap, HashMap, VecDeque};
+    use std::rc::Rc;
+
+    use proptest::prelude::*;
+
+    use super::{Member, NumberedGroup, Position, Sink};
+    use crate::channel::wire::PayloadKind;
+
+    #[derive(Debug, Clone, PartialEq)]
+    enum Ev {
+        /// A message: its true epoch and offset (from the payload).
+        Msg(u32, u64),
+        Gap(u32, u64),
+        Reply { epoch: u32, offset: u64, recovered: bool },
+    }
+
+    #[derive(Default)]
+    struct Rec {
+        events: HashMap<usize, Vec<Ev>>,
+        requests: Vec<(u64, Option<Position>)>,
+        next: u64,
+    }
+
+    fn epoch_of(s: &str) -> u32 {
+        s.trim_start_matches('e').parse().expect("model epoch")
+    }
+
+    impl Sink for Rec {
+        fn send(&mut self, conn: usize, frame: &Rc<[u8]>) {
+            let v: serde_json::Value = serde_json::from_slice(&frame[2..]).expect("envelope is JSON");
+            let label = v["offset"].as_u64().expect("offset");
+            let msg = v["message"].as_str().expect("text message");
+            let (e, k) = msg.split_once(':').expect("e:k");
+            let (e, k): (u32, u64) = (e.parse().unwrap(), k.parse().unwrap());
+            assert_eq!(label, k, "envelope offset is the message's own");
+            self.events.entry(conn).or_default().push(Ev::Msg(e, k));
+        }
+        fn gap(&mut self, conn: usize, at: &Position) {
+            self.events.entry(conn).or_default().push(Ev::Gap(epoch_of(&at.epoch), at.offset));
+        }
+        fn request(&mut self, request: u64, since: Option<&Position>) {
+            self.requests.push((request, since.cloned()));
+        }
+        fn next_request(&mut self) -> u64 {
+            self.next += 1;
+            self.next
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Frame {
+        Live { epoch: u32, offset: u64 },
+        Item { request: u64, epoch: u32, offset: u64 },
+        Pos { request: u64, epoch: u32, offset: u64, recovered: bool },
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// The broker numbers a message; `lose`: the worker never sees it.
+        Publish { lose: bool },
+        /// A message seen already comes again (`back` offsets below the top).
+        Repeat { back: u8 },
+        /// The worker reads up to `n` frames.
+        Deliver { n: u8 },
+        /// The broker answers the oldest history request.
+        Serve,
+        /// `since`: None, or `back` offsets below the top in the current (`old`: a past) epoch.
+        Join { conn: u8, since: Option<(bool, u8)> },
+        Leave { conn: u8 },
+        /// The link drops and comes back; `restart`: the broker lost everything.
+        LinkUp { restart: bool },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => proptest::bool::weighted(0.2).prop_map(|lose| Op::Publish { lose }),
+            1 => (0u8..4).prop_map(|back| Op::Repeat { back }),
+            6 => (1u8..6).prop_map(|n| Op::Deliver { n }),
+            3 => Just(Op::Serve),
+            2 => (0u8..4, proptest::option::of((proptest::bool::weighted(0.2), 0u8..12)))
+                .prop_map(|(conn, since)| Op::Join { conn, since }),
+            1 => (0u8..4).prop_map(|conn| Op::Leave { conn }),
+            1 => proptest::bool::weighted(0.4).prop_map(|restart| Op::LinkUp { restart }),
+        ]
+    }
+
+    enum Asked {
+        Join { conn: usize, since: Option<Position> },
+        CatchUp,
+    }
+
+    /// One membership, from its join.
+    struct Session {
+        since: Option<(u32, u64)>,
+        events: Vec<Ev>,
+    }
+
+    struct World {
+        // The broker.
+        epoch: u32,
+        top: u64,
+        size: u64,
+        max_recover: u64,
+        inbound: VecDeque<Frame>,
+        outbound: VecDeque<(u64, Option<Position>)>,
+        // The worker.
+        group: Option<NumberedGroup>,
+        buffer_max: usize,
+        asked: HashMap<u64, Asked>,
+        sink: Rec,
+        sessions: BTreeMap<usize, Session>,
+        ended: Vec<Session>,
+    }
+
+    fn pos(epoch: u32, offset: u64) -> Position {
+        Position { epoch: Rc::from(format!("e{epoch}")), offset }
+    }
+
+    impl World {
+        fn new(size: u64, max_recover: u64, buffer_max: usize) -> World {
+            World {
+                epoch: 1,
+                top: 0,
+                size,
+                max_recover,
+                inbound: VecDeque::new(),
+                outbound: VecDeque::new(),
+                group: None,
+                buffer_max,
+                asked: HashMap::new(),
+                sink: Rec::default(),
+                sessions: BTreeMap::new(),
+                ended: Vec::new(),
+            }
+        }
+
+        /// Catch-ups the group asked for (recovery.rs's `ToMembers::request`).
+        fn take_requests(&mut self) {
+            for (request, since) in std::mem::take(&mut self.sink.requests) {
+                self.asked.insert(request, Asked::CatchUp);
+                self.outbound.push_back((request, since));
+            }
+        }
+
+        fn collect(&mut self) {
+            for (conn, evs) in std::mem::take(&mut self.sink.events) {
+                self.sessions.get_mut(&conn).expect("events for a member").events.extend(evs);
+            }
+        }
+
+        fn apply(&mut self, op: &Op) {
+            match *op {
+                Op::Publish { lose } => {
+                    self.top += 1;
+                    if !lose {
+                        self.inbound.push_back(Frame::Live { epoch: self.epoch, offset: self.top });
+                    }
+                }
+                Op::Repeat { back } => {
+                    if self.top > u64::from(back) {
+                        let offset = self.top - u64::from(back);
+                        self.inbound.push_back(Frame::Live { epoch: self.epoch, offset });
+                    }
+                }
+                Op::Deliver { n } => {
+                    for _ in 0..n {
+                        let Some(frame) = self.inbound.pop_front() else { break };
+                        self.deliver(frame);
+                    }
+                }
+                Op::Serve => self.serve(),
+                Op::Join { conn, since } => {
+                    let conn = usize::from(conn);
+                    if self.group.as_ref().is_some_and(|g| g.contains(conn)) {
+                        return;
+                    }
+                    let since = since.map(|(old, back)| {
+                        let epoch = if old { self.epoch.saturating_sub(1).max(1) + 100 } else { self.epoch };
+                        pos(epoch, self.top.saturating_sub(u64::from(back)))
+                    });
+                    let request = self.sink.next_request();
+                    let g = self.group.get_or_insert_with(|| {
+                        let mut g = NumberedGroup::new("g", 0);
+                        g.buffer_max = self.buffer_max;
+                        g
+                    });
+                    g.add_pending(conn, request);
+                    let s = since.as_ref().map(|p| (epoch_of(&p.epoch), p.offset));
+                    self.sessions.insert(conn, Session { since: s, events: Vec::new() });
+                    self.asked.insert(request, Asked::Join { conn, since: since.clone() });
+                    self.outbound.push_back((request, since));
+                }
+                Op::Leave { conn } => {
+                    let conn = usize::from(conn);
+                    let Some(g) = &mut self.group else { return };
+                    if !g.contains(conn) {
+                        return;
+                    }
+                    // delivery.rs: a pending join's request is forgotten.
+                    if let Some(request) = g.pending_request(conn) {
+                        self.asked.remove(&request);
+                    }
+                    g.remove(conn);
+                    if g.is_empty() {
+                        self.group = None;
+                    }
+                    if let Some(s) = self.sessions.remove(&conn) {
+                        self.ended.push(s);
+                    }
+                }
+                Op::LinkUp { restart } => {
+                    self.inbound.clear();
+                    self.outbound.clear();
+                    if restart {
+                        self.epoch += 1;
+                        self.top = 0;
+                    }
+                    // recovery.rs, BusEvent::LinkUp.
+                    self.asked.retain(|_, a| matches!(a, Asked::Join { .. }));
+                    let mut joins: Vec<_> = self
+                        .asked
+                        .iter()
+                        .filter_map(|(&r, a)| match a {
+                            Asked::Join { since, .. } => Some((r, since.clone())),
+                            Asked::CatchUp => None,
+                        })
+                        .collect();
+                    joins.sort_by_key(|j| j.0);
+                    self.outbound.extend(joins);
+                    if let Some(g) = &mut self.group {
+                        g.on_link_up(&mut self.sink);
+                    }
+                }
+            }
+            self.take_requests();
+            self.collect();
+            self.check_bounds();
+        }
+
+        /// recovery.rs, `on_bus_event`.
+        fn deliver(&mut self, frame: Frame) {
+            match frame {
+                Frame::Live { epoch, offset } => {
+                    if let Some(g) = &mut self.group {
+                        g.on_live(offset, PayloadKind::Text, format!("{epoch}:{offset}").as_bytes(), &mut self.sink);
+                    }
+                }
+                Frame::Item { request, epoch, offset } => {
+                    if !self.asked.contains_key(&request) {
+                        return;
+                    }
+                    if let Some(g) = &mut self.group {
+                        let payload = format!("{epoch}:{offset}");
+                        g.on_item(request, offset, PayloadKind::Text, payload.as_bytes(), &mut self.sink);
+                    }
+                }
+                Frame::Pos { request, epoch, offset, recovered } => {
+                    let Some(asked) = self.asked.remove(&request) else { return };
+                    let Some(g) = &mut self.group else { return };
+                    let joined = g.on_position(request, &format!("e{epoch}"), offset, recovered, &mut self.sink);
+                    if let Some(j) = joined {
+                        match asked {
+                            Asked::Join { conn, .. } => assert_eq!(conn, j.conn, "the reply goes to the joiner"),
+                            Asked::CatchUp => panic!("a catch-up answered a join"),
+                        }
+                        let ev = Ev::Reply { epoch: epoch_of(&j.at.epoch), offset: j.at.offset, recovered: j.recovered };
+                        self.sink.events.entry(j.conn).or_default().push(ev);
+                    }
+                }
+            }
+        }
+
+        /// The broker's HISTORY: items only when recoverable, then POSITION.
+        fn serve(&mut self) {
+            let Some((request, since)) = self.outbound.pop_front() else { return };
+            let oldest_kept = self.top.saturating_sub(self.size) + 1;
+            let recovered = since.as_ref().is_some_and(|s| {
+                epoch_of(&s.epoch) == self.epoch
+                    && s.offset <= self.top
+                    && self.top - s.offset <= self.max_recover
+                    && (s.offset == self.top || s.offset + 1 >= oldest_kept)
+            });
+            if let (true, Some(s)) = (recovered, &since) {
+                for offset in s.offset + 1..=self.top {
+                    self.inbound.push_back(Frame::Item { request, epoch: self.epoch, offset });
+                }
+            }
+            self.inbound.push_back(Frame::Pos { request, epoch: self.epoch, offset: self.top, recovered });
+        }
+
+        fn check_bounds(&self) {
+            let Some(g) = &self.group else { return };
+            for m in g.members.values() {
+                if let Member::Pending { buffered, .. } = m {
+                    assert!(buffered.len() <= self.buffer_max, "a join's buffer is bounded");
+                }
+            }
+            if let Some(c) = &g.catch_up {
+                assert!(c.buffered.len() <= self.buffer_max, "the catch-up buffer is bounded");
+            }
+        }
+
+        /// The bus goes quiet after one more message: everything is read and answered.
+        fn settle(&mut self) {
+            self.apply(&Op::Publish { lose: false });
+            for _ in 0..1000 {
+                if self.inbound.is_empty() && self.outbound.is_empty() {
+                    return;
+                }
+                self.apply(&Op::Deliver { n: 50 });
+                self.apply(&Op::Serve);
+            }
+            panic!("the group never settles: it keeps asking");
+        }
+    }
+
+    /// Checks one membership's events. `at_end`: still a member after `settle`, at (epoch, top).
+    fn check_session(s: &Session, at_end: Option<(u32, u64)>) -> Result<(), String> {
+        let mut replay = Vec::new();
+        let mut cur = None;
+        for ev in &s.events {
+            match (cur, ev) {
+                (None, Ev::Msg(e, k)) => replay.push((*e, *k)),
+                (None, Ev::Gap(..)) => return Err(format!("gap notice before the join's reply: {:?}", s.events)),
+                (None, Ev::Reply { epoch, offset, recovered }) => {
+                    if *recovered {
+                        let (se, sk) = s.since.ok_or("recovered without since")?;
+                        let want: Vec<_> = (sk + 1..=*offset).map(|k| (se, k)).collect();
+                        if *epoch != se || replay != want {
+                            return Err(format!("recovered join got {replay:?}, wants {want:?}: {:?}", s.events));
+                        }
+                    } else if !replay.is_empty() {
+                        return Err(format!("unrecovered join got a replay: {:?}", s.events));
+                    }
+                    cur = Some((*epoch, *offset));
+                }
+                (Some(_), Ev::Reply { .. }) => return Err(format!("two replies: {:?}", s.events)),
+                (Some((e, k)), Ev::Msg(me, mk)) => {
+                    if (*me, *mk) != (e, k + 1) {
+                        return Err(format!("after {e}:{k} came {me}:{mk} without a gap notice: {:?}", s.events));
+                    }
+                    cur = Some((e, k + 1));
+                }
+                (Some(_), Ev::Gap(e, k)) => cur = Some((*e, *k)),
+            }
+        }
+        if let Some(end) = at_end {
+            if cur != Some(end) {
+                return Err(format!("settled at {cur:?}, the group is at {end:?}: {:?}", s.events));
+            }
+        }
+        Ok(())
+    }
+
+    fn run(size: u64, max_recover: u64, buffer_max: usize, ops: &[Op]) -> Result<(), String> {
+        let mut w = World::new(size, max_recover, buffer_max);
+        for op in ops {
+            w.apply(op);
+        }
+        for s in &w.ended {
+            check_session(s, None)?;
+        }
+        w.settle();
+        for s in w.ended.iter() {
+            check_session(s, None)?;
+        }
+        for s in w.sessions.values() {
+            check_session(s, Some((w.epoch, w.top)))?;
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+        #[test]
+        fn every_member_gets_the_stream_in_order_or_a_gap_notice(
+            size in 0u64..12,
+            max_recover in 1u64..12,
+            buffer_max in 2usize..8,
+            ops in proptest::collection::vec(op(), 1..120),
+        ) {
+            if let Err(e) = run(size, max_recover, buffer_max, &ops) {
+                prop_assert!(false, "{}", e);
+            }
+        }
+    }
+}

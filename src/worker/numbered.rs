@@ -34,9 +34,12 @@ struct Live {
 enum Member {
     /// Receiving the stream: every offset above `floor`.
     Active { floor: u64 },
-    /// Joined; the answer to its history request `request` has not come yet. `given`: the
-    /// last offset handed to it from that answer.
-    Pending { request: u64, buffered: VecDeque<Live>, overflowed: bool, given: u64 },
+    /// Joined; the answer to its history request `request` has not come yet. `replay`: the
+    /// answer's kept messages, held until its end says they are all there (recovery is all or
+    /// nothing, and an answer cut by a reconnect is asked again); `replay_overflowed`: the
+    /// answer brought more than the buffer holds. `buffered`: the live stream meanwhile (what
+    /// overflows is found again as a hole when the member becomes active).
+    Pending { request: u64, replay: VecDeque<Live>, replay_overflowed: bool, buffered: VecDeque<Live> },
 }
 
 #[derive(Debug)]
@@ -56,6 +59,8 @@ pub trait Sink {
     fn request(&mut self, request: u64, since: Option<&Position>);
     /// A fresh request number.
     fn next_request(&mut self) -> u64;
+    /// A join got its answer: reply now, before the live messages that follow it.
+    fn joined(&mut self, joined: &Joined);
 }
 
 /// How a join ended, for its reply.
@@ -109,7 +114,8 @@ impl NumberedGroup {
 
     /// Adds `conn`, waiting for the answer to `request` (sent by the caller).
     pub fn add_pending(&mut self, conn: usize, request: u64) {
-        let member = Member::Pending { request, buffered: VecDeque::new(), overflowed: false, given: 0 };
+        let member =
+            Member::Pending { request, replay: VecDeque::new(), replay_overflowed: false, buffered: VecDeque::new() };
         self.members.insert(conn, member);
     }
 
@@ -136,8 +142,8 @@ impl NumberedGroup {
     pub fn on_live(&mut self, offset: u64, kind: PayloadKind, payload: &[u8], sink: &mut impl Sink) {
         let live = || Live { offset, kind, payload: Rc::from(payload) };
         for member in self.members.values_mut() {
-            if let Member::Pending { buffered, overflowed, .. } = member {
-                push_bounded(buffered, overflowed, live(), self.buffer_max);
+            if let Member::Pending { buffered, .. } = member {
+                push_bounded(buffered, &mut false, live(), self.buffer_max);
             }
         }
         if let Some(c) = &mut self.catch_up {
@@ -181,10 +187,21 @@ impl NumberedGroup {
 
     /// The bus's link came back: the catch-up asked is lost, and the stream may have a hole.
     /// (Pending joins are asked again by the worker, which keeps their `since`.)
+    ///
+    /// What was buffered before is dropped: it is older than the answers to come (which
+    /// bring it again from the history when it is still the same epoch), or it belongs to an
+    /// epoch the broker lost, whose offsets must not be mixed with the new ones.
     pub fn on_link_up(&mut self, sink: &mut impl Sink) {
-        let buffered = self.catch_up.take().map(|c| c.buffered).unwrap_or_default();
+        for member in self.members.values_mut() {
+            if let Member::Pending { buffered, replay, replay_overflowed, .. } = member {
+                buffered.clear();
+                replay.clear();
+                *replay_overflowed = false;
+            }
+        }
+        self.catch_up = None;
         if self.position.is_some() {
-            self.start_catch_up(buffered, sink);
+            self.start_catch_up(VecDeque::new(), sink);
         }
     }
 
@@ -196,19 +213,20 @@ impl NumberedGroup {
             }
             return;
         }
-        let name_json = &self.name_json;
-        for (&conn, member) in &mut self.members {
-            if let Member::Pending { request: r, given, .. } = member {
-                if *r == request && offset > *given {
-                    *given = offset;
-                    sink.send(conn, &envelope_of(name_json, offset, kind, payload));
+        for member in self.members.values_mut() {
+            if let Member::Pending { request: r, replay, replay_overflowed, .. } = member {
+                if *r == request && replay.back().is_none_or(|l| offset > l.offset) {
+                    let live = Live { offset, kind, payload: Rc::from(payload) };
+                    push_bounded(replay, replay_overflowed, live, self.buffer_max);
                 }
             }
         }
     }
 
-    /// The end of the answer to `request`. For a join: the member becomes active at the
-    /// answer's offset and gets what arrived meanwhile; returned for the reply. For the
+    /// The end of the answer to `request`. For a join: the member is answered
+    /// (`Sink::joined`), becomes active at the answer's offset and gets what arrived
+    /// meanwhile as long as it follows; what it missed beyond (a hole, an overflow) but the
+    /// group delivered already is a gap notice. Returned as told to the sink. For the
     /// catch-up: the group's position moves to the answer; unrecovered, every active member is
     /// told of the gap.
     pub fn on_position(
@@ -239,34 +257,48 @@ impl NumberedGroup {
             Member::Pending { request: r, .. } if *r == request => Some(conn),
             _ => None,
         })?;
-        let Some(Member::Pending { buffered, overflowed, .. }) =
+        let Some(Member::Pending { buffered, replay, replay_overflowed, .. }) =
             self.members.insert(conn, Member::Active { floor: offset })
         else {
             return None;
         };
-        let mut rest = VecDeque::new();
-        let mut floor = offset;
-        for live in buffered {
-            if live.offset > floor {
-                floor = live.offset;
-                rest.push_back(live);
+        // A replay cut short by our bound is no recovery.
+        let recovered = recovered && !replay_overflowed;
+        if recovered {
+            for live in &replay {
+                sink.send(conn, &envelope_of(&self.name_json, live.offset, live.kind, &live.payload));
             }
         }
-        for live in &rest {
+        let joined = Joined { conn, at, recovered };
+        // The reply comes between the replay and the live stream (docs/protocol.md).
+        sink.joined(&joined);
+        let mut floor = offset;
+        for live in buffered {
+            if live.offset <= floor {
+                continue;
+            }
+            if live.offset != floor + 1 {
+                // A hole: the group fills it (its catch-up), or it is told below.
+                break;
+            }
+            floor = live.offset;
             sink.send(conn, &envelope_of(&self.name_json, live.offset, live.kind, &live.payload));
         }
-        self.members.insert(conn, Member::Active { floor });
-        if overflowed {
-            sink.gap(conn, &Position { epoch: at.epoch.clone(), offset: floor });
-        }
         match &self.position {
-            None => self.position = Some(Position { epoch: at.epoch.clone(), offset: floor }),
+            None => self.position = Some(Position { epoch: joined.at.epoch.clone(), offset: floor }),
+            // The group handed out already what this member lacks: lost for it.
+            Some(p) if *p.epoch == *epoch && p.offset > floor => {
+                floor = p.offset;
+                sink.gap(conn, p);
+            }
+            Some(p) if *p.epoch == *epoch => {}
             // The group's stream runs under another epoch than the member's answer: the
             // group's position is stale, find out where it is.
-            Some(p) if *p.epoch != *epoch && self.catch_up.is_none() => self.start_catch_up(VecDeque::new(), sink),
+            Some(_) if self.catch_up.is_none() => self.start_catch_up(VecDeque::new(), sink),
             Some(_) => {}
         }
-        Some(Joined { conn, at, recovered })
+        self.members.insert(conn, Member::Active { floor });
+        Some(joined)
     }
 
     /// Delivers buffered messages after a catch-up, in order, as long as they follow.
@@ -346,6 +378,7 @@ mod tests {
             self.next += 1;
             100 + self.next
         }
+        fn joined(&mut self, _: &Joined) {}
     }
 
     fn live(g: &mut NumberedGroup, offset: u64, sink: &mut Record) {
@@ -435,7 +468,7 @@ mod model {
 
     use proptest::prelude::*;
 
-    use super::{Member, NumberedGroup, Position, Sink};
+    use super::{Joined, Member, NumberedGroup, Position, Sink};
     use crate::channel::wire::PayloadKind;
 
     #[derive(Debug, Clone, PartialEq)]
@@ -476,6 +509,10 @@ mod model {
         fn next_request(&mut self) -> u64 {
             self.next += 1;
             self.next
+        }
+        fn joined(&mut self, j: &Joined) {
+            let ev = Ev::Reply { epoch: epoch_of(&j.at.epoch), offset: j.at.offset, recovered: j.recovered };
+            self.events.entry(j.conn).or_default().push(ev);
         }
     }
 
@@ -695,8 +732,6 @@ mod model {
                             Asked::Join { conn, .. } => assert_eq!(conn, j.conn, "the reply goes to the joiner"),
                             Asked::CatchUp => panic!("a catch-up answered a join"),
                         }
-                        let ev = Ev::Reply { epoch: epoch_of(&j.at.epoch), offset: j.at.offset, recovered: j.recovered };
-                        self.sink.events.entry(j.conn).or_default().push(ev);
                     }
                 }
             }

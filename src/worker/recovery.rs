@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 use super::bus::BusEvent;
 use super::clients::{Clients, Parts};
 use super::groups::{Groups, Joined};
-use super::numbered::{gap_notice, Position, Sink};
+use super::numbered::{self, gap_notice, Position, Sink};
 use super::offsets::{Asked, Offsets, StampReply};
 use crate::channel::wire::{PayloadKind, Since};
 use crate::protocol::{self, RequestError, SinceArg};
@@ -45,6 +45,8 @@ struct ToMembers<'a> {
     group: &'a Rc<str>,
     offsets: &'a mut Offsets,
     asks: &'a mut Vec<Ask>,
+    /// The join whose answer is being handled (for its reply).
+    join: Option<&'a Asked>,
 }
 
 impl Sink for ToMembers<'_> {
@@ -61,6 +63,12 @@ impl Sink for ToMembers<'_> {
     }
     fn next_request(&mut self) -> u64 {
         self.offsets.next_request()
+    }
+    fn joined(&mut self, joined: &numbered::Joined) {
+        if let Some(Asked::Join { conn_id, id, since, .. }) = self.join {
+            let (conn, at) = (joined.conn, &joined.at);
+            self.clients.joined(conn, *conn_id, id.as_deref(), since.is_some(), at, joined.recovered);
+        }
     }
 }
 
@@ -148,7 +156,7 @@ impl Clients {
                 }
                 let Some(name) = groups.name_rc(id) else { return };
                 if let Some(numbered) = groups.numbered_mut(id) {
-                    let mut sink = ToMembers { clients: self, group: &name, offsets, asks };
+                    let mut sink = ToMembers { clients: self, group: &name, offsets, asks, join: None };
                     numbered.on_live(offset, kind, payload, &mut sink);
                 }
             }
@@ -168,7 +176,7 @@ impl Clients {
                     return;
                 }
                 if let Some(numbered) = groups.numbered_mut(id) {
-                    let mut sink = ToMembers { clients: self, group: &name, offsets, asks };
+                    let mut sink = ToMembers { clients: self, group: &name, offsets, asks, join: None };
                     numbered.on_item(request, offset, kind, payload, &mut sink);
                 }
             }
@@ -176,11 +184,9 @@ impl Clients {
                 let Some(asked) = offsets.asked.remove(&request) else { return };
                 let name = asked.group().clone();
                 let Some(numbered) = groups.lookup(&name).and_then(|id| groups.numbered_mut(id)) else { return };
-                let mut sink = ToMembers { clients: self, group: &name, offsets, asks };
-                let joined = numbered.on_position(request, epoch, offset, recovered, &mut sink);
-                if let (Some(joined), Asked::Join { conn_id, id, since, .. }) = (joined, asked) {
-                    self.joined(joined.conn, conn_id, id.as_deref(), since.is_some(), &joined.at, joined.recovered);
-                }
+                // The reply goes out from the sink, between the replay and the live stream.
+                let mut sink = ToMembers { clients: self, group: &name, offsets, asks, join: Some(&asked) };
+                numbered.on_position(request, epoch, offset, recovered, &mut sink);
             }
             BusEvent::LinkUp => {
                 // Every join still waiting is asked again; catch-ups start afresh.
@@ -193,7 +199,7 @@ impl Clients {
                 for id in groups.numbered_ids() {
                     let Some(name) = groups.name_rc(id) else { continue };
                     if let Some(numbered) = groups.numbered_mut(id) {
-                        let mut sink = ToMembers { clients: self, group: &name, offsets, asks };
+                        let mut sink = ToMembers { clients: self, group: &name, offsets, asks, join: None };
                         numbered.on_link_up(&mut sink);
                     }
                 }

@@ -360,6 +360,8 @@ mod tests {
         gaps: Vec<(usize, u64)>,
         requests: Vec<(u64, Option<u64>)>,
         next: u64,
+        /// Everything a connection was sent, in order: `m<offset>`, `gap<offset>`, `reply<offset>`.
+        log: Vec<String>,
     }
 
     impl Sink for Record {
@@ -367,9 +369,11 @@ mod tests {
             let payload = &frame[2..];
             let v: serde_json::Value = serde_json::from_slice(payload).expect("envelope is JSON");
             self.sent.push((conn, v["offset"].as_u64().expect("offset")));
+            self.log.push(format!("{conn}:m{}", v["offset"]));
         }
         fn gap(&mut self, conn: usize, at: &Position) {
             self.gaps.push((conn, at.offset));
+            self.log.push(format!("{conn}:gap{}", at.offset));
         }
         fn request(&mut self, request: u64, since: Option<&Position>) {
             self.requests.push((request, since.map(|p| p.offset)));
@@ -378,7 +382,9 @@ mod tests {
             self.next += 1;
             100 + self.next
         }
-        fn joined(&mut self, _: &Joined) {}
+        fn joined(&mut self, j: &Joined) {
+            self.log.push(format!("{}:reply{}{}", j.conn, j.at.offset, if j.recovered { "" } else { "!" }));
+        }
     }
 
     fn live(g: &mut NumberedGroup, offset: u64, sink: &mut Record) {
@@ -441,6 +447,64 @@ mod tests {
         sent.sort();
         assert_eq!(sent, vec![(1, 2), (2, 2)]);
         assert_eq!(g.position(), Some(&Position { epoch: "f".into(), offset: 2 }));
+    }
+
+    // Regressions found by the model below.
+
+    #[test]
+    fn the_reply_comes_between_the_replay_and_the_live_stream() {
+        let mut g = NumberedGroup::new("g", 100);
+        let mut s = Record::default();
+        g.add_pending(1, 7);
+        g.on_item(7, 4, PayloadKind::Text, b"m", &mut s);
+        g.on_item(7, 5, PayloadKind::Text, b"m", &mut s);
+        // A Redis answer can come after live messages that follow it.
+        live(&mut g, 6, &mut s);
+        live(&mut g, 7, &mut s);
+        g.on_position(7, "e", 5, true, &mut s);
+        live(&mut g, 8, &mut s);
+        assert_eq!(s.log, ["1:m4", "1:m5", "1:reply5", "1:m6", "1:m7", "1:m8"]);
+    }
+
+    #[test]
+    fn a_replay_cut_by_a_broker_restart_is_not_half_delivered() {
+        let mut g = NumberedGroup::new("g", 100);
+        let mut s = Record::default();
+        g.add_pending(1, 7);
+        g.on_item(7, 1, PayloadKind::Text, b"m", &mut s);
+        g.on_link_up(&mut s); // the broker restarted; the join is asked again
+        g.on_position(7, "f", 0, false, &mut s);
+        assert_eq!(s.log, ["1:reply0!"]);
+    }
+
+    #[test]
+    fn what_a_join_buffered_before_a_broker_restart_is_not_sent_as_the_new_epoch() {
+        let mut g = NumberedGroup::new("g", 100);
+        let mut s = Record::default();
+        g.add_pending(1, 7);
+        live(&mut g, 2, &mut s); // old epoch
+        g.on_link_up(&mut s);
+        g.on_position(7, "f", 1, false, &mut s);
+        live(&mut g, 2, &mut s); // new epoch
+        assert_eq!(s.log, ["1:reply1!", "1:m2"]);
+    }
+
+    #[test]
+    fn a_hole_in_what_a_join_buffered_is_not_skipped_silently() {
+        let mut g = NumberedGroup::new("g", 100);
+        let mut s = Record::default();
+        g.add_pending(1, 1);
+        g.on_position(1, "e", 3, false, &mut s);
+        g.add_pending(2, 2);
+        live(&mut g, 4, &mut s);
+        live(&mut g, 6, &mut s); // 5 lost: the group catches up
+        g.on_item(101, 5, PayloadKind::Text, b"m", &mut s);
+        g.on_item(101, 6, PayloadKind::Text, b"m", &mut s);
+        g.on_position(101, "e", 6, true, &mut s);
+        // The join's answer (Redis: out of stream order) says 3; its buffer has 4 and 6.
+        g.on_position(2, "e", 3, false, &mut s);
+        let two: Vec<_> = s.log.iter().filter(|l| l.starts_with("2:")).collect();
+        assert_eq!(two, ["2:reply3!", "2:m4", "2:gap6"]);
     }
 
     #[test]
@@ -808,7 +872,12 @@ mod model {
                     }
                     cur = Some((e, k + 1));
                 }
-                (Some(_), Ev::Gap(e, k)) => cur = Some((*e, *k)),
+                (Some((ce, ck)), Ev::Gap(e, k)) => {
+                    if *e == ce && *k < ck {
+                        return Err(format!("a gap notice back to {e}:{k} after {ce}:{ck}: {:?}", s.events));
+                    }
+                    cur = Some((*e, *k));
+                }
             }
         }
         if let Some(end) = at_end {

@@ -140,7 +140,9 @@ impl NumberedGroup {
     /// when it follows the group's position; a message that does not follow starts a
     /// catch-up (the stream broke: a reconnect, a lost subscription, an epoch that changed).
     pub fn on_live(&mut self, offset: u64, kind: PayloadKind, payload: &[u8], sink: &mut impl Sink) {
-        let live = || Live { offset, kind, payload: Rc::from(payload) };
+        // One copy of the payload for every buffer that keeps it.
+        let mut shared: Option<Rc<[u8]>> = None;
+        let mut live = || Live { offset, kind, payload: shared.get_or_insert_with(|| Rc::from(payload)).clone() };
         for member in self.members.values_mut() {
             if let Member::Pending { buffered, .. } = member {
                 push_bounded(buffered, &mut false, live(), self.buffer_max);
@@ -207,9 +209,13 @@ impl NumberedGroup {
 
     /// A kept message answering `request`: a pending member's join or the group's catch-up.
     pub fn on_item(&mut self, request: u64, offset: u64, kind: PayloadKind, payload: &[u8], sink: &mut impl Sink) {
-        if self.catch_up.as_ref().is_some_and(|c| c.request == request) {
-            if self.position.as_ref().is_some_and(|at| offset > at.offset) {
-                self.deliver(offset, kind, payload, sink);
+        if let Some(c) = self.catch_up.as_mut().filter(|c| c.request == request) {
+            match self.position.as_ref().map(|at| at.offset) {
+                Some(at) if offset == at + 1 => self.deliver(offset, kind, payload, sink),
+                // A history with a hole (a bus trimming while it answers): what is missing is
+                // lost, told at the answer's end.
+                Some(at) if offset > at + 1 => c.overflowed = true,
+                _ => {}
             }
             return;
         }
@@ -240,16 +246,18 @@ impl NumberedGroup {
         let at = Position { epoch: Rc::from(epoch), offset };
         if self.catch_up.as_ref().is_some_and(|c| c.request == request) {
             let c = self.catch_up.take()?;
-            let lost = !recovered || c.overflowed || self.position.as_ref().is_none_or(|p| *p.epoch != *epoch);
-            if lost {
+            // Recovered when the items brought the group to the answer's top (or the stream
+            // is beyond it already); a history that fell short is a loss too.
+            let whole = self.position.as_ref().is_some_and(|p| *p.epoch == *epoch && p.offset >= offset);
+            if !recovered || c.overflowed || !whole {
                 for (&conn, member) in &mut self.members {
                     if let Member::Active { floor } = member {
                         *floor = offset;
                         sink.gap(conn, &at);
                     }
                 }
+                self.position = Some(at);
             }
-            self.position = Some(at);
             self.replay(c.buffered, sink);
             return None;
         }
@@ -262,8 +270,11 @@ impl NumberedGroup {
         else {
             return None;
         };
-        // A replay cut short by our bound is no recovery.
-        let recovered = recovered && !replay_overflowed;
+        // A replay cut short by our bound, or with a hole, or not reaching the answer's top, is
+        // no recovery.
+        let follows = replay.iter().zip(replay.iter().skip(1)).all(|(a, b)| b.offset == a.offset + 1);
+        let recovered =
+            recovered && !replay_overflowed && follows && replay.back().is_none_or(|l| l.offset == offset);
         if recovered {
             for live in &replay {
                 sink.send(conn, &envelope_of(&self.name_json, live.offset, live.kind, &live.payload));
@@ -505,6 +516,25 @@ mod tests {
         g.on_position(2, "e", 3, false, &mut s);
         let two: Vec<_> = s.log.iter().filter(|l| l.starts_with("2:")).collect();
         assert_eq!(two, ["2:reply3!", "2:m4", "2:gap6"]);
+    }
+
+    #[test]
+    fn a_history_with_a_hole_is_no_recovery() {
+        let mut g = NumberedGroup::new("g", 100);
+        let mut s = Record::default();
+        g.add_pending(1, 1);
+        g.on_position(1, "e", 3, false, &mut s);
+        live(&mut g, 6, &mut s); // 4 and 5 missing: catch-up 101
+        g.on_item(101, 4, PayloadKind::Text, b"m", &mut s);
+        g.on_item(101, 6, PayloadKind::Text, b"m", &mut s); // 5 trimmed meanwhile
+        g.on_position(101, "e", 6, true, &mut s);
+        live(&mut g, 7, &mut s);
+        assert_eq!(s.log, ["1:reply3!", "1:m4", "1:gap6", "1:m7"]);
+        g.add_pending(2, 2);
+        g.on_item(2, 5, PayloadKind::Text, b"m", &mut s);
+        g.on_item(2, 7, PayloadKind::Text, b"m", &mut s);
+        g.on_position(2, "e", 7, true, &mut s);
+        assert_eq!(s.log[4..], ["2:reply7!"]);
     }
 
     #[test]

@@ -145,13 +145,20 @@ impl Clients {
         match event {
             BusEvent::Message { group, offset, kind, payload, own } => {
                 let Some(id) = groups.lookup(group) else { return };
+                let numbered = offset != 0 && groups.numbered(id).is_some();
+                // Our own publish, back from Redis only to be numbered: the seed members had
+                // it, so without protocol-2 members here it costs nothing more (as before).
+                if own && !numbered {
+                    return;
+                }
                 if !self.valid_from_bus(group, PayloadKind::Text, payload) {
                     return;
                 }
                 if !own {
                     self.deliver_to(groups, id, payload);
                 }
-                if offset == 0 || groups.numbered(id).is_none() || !self.valid_from_bus(group, kind, payload) {
+                // UTF-8 was checked above: only the JSON an envelope embeds is left to check.
+                if !numbered || (kind == PayloadKind::Json && !self.valid_from_bus(group, kind, payload)) {
                     return;
                 }
                 let Some(name) = groups.name_rc(id) else { return };

@@ -32,8 +32,9 @@ struct Live {
 
 #[derive(Debug)]
 enum Member {
-    /// Receiving the stream: every offset above `floor`.
-    Active { floor: u64 },
+    /// Receiving the stream: every offset above `floor` in `epoch` (which the group's
+    /// position may not have reached yet when answers come out of stream order).
+    Active { floor: u64, epoch: Rc<str> },
     /// Joined; the answer to its history request `request` has not come yet. `replay`: the
     /// answer's kept messages, held until its end says they are all there (recovery is all or
     /// nothing, and an answer cut by a reconnect is asked again); `replay_overflowed`: the
@@ -166,13 +167,12 @@ impl NumberedGroup {
 
     /// Hands `offset` to every active member above its floor and moves the position on.
     fn deliver(&mut self, offset: u64, kind: PayloadKind, payload: &[u8], sink: &mut impl Sink) {
-        if let Some(at) = &mut self.position {
-            at.offset = offset;
-        }
+        let Some(at) = &mut self.position else { return };
+        at.offset = offset;
         let mut frame = None;
         for (&conn, member) in &mut self.members {
-            if let Member::Active { floor } = member {
-                if offset > *floor {
+            if let Member::Active { floor, epoch } = member {
+                if offset > *floor && (Rc::ptr_eq(epoch, &at.epoch) || **epoch == *at.epoch) {
                     *floor = offset;
                     let f = frame.get_or_insert_with(|| envelope_of(&self.name_json, offset, kind, payload));
                     sink.send(conn, f);
@@ -251,9 +251,16 @@ impl NumberedGroup {
             let whole = self.position.as_ref().is_some_and(|p| *p.epoch == *epoch && p.offset >= offset);
             if !recovered || c.overflowed || !whole {
                 for (&conn, member) in &mut self.members {
-                    if let Member::Active { floor } = member {
-                        *floor = offset;
-                        sink.gap(conn, &at);
+                    match member {
+                        // Joined since at a newer answer (out of stream order): it lacks nothing
+                        // up to its floor, and must not get those offsets again.
+                        Member::Active { floor, epoch: e } if **e == *epoch && *floor >= offset => {}
+                        Member::Active { floor, epoch: e } => {
+                            *floor = offset;
+                            *e = at.epoch.clone();
+                            sink.gap(conn, &at);
+                        }
+                        Member::Pending { .. } => {}
                     }
                 }
                 self.position = Some(at);
@@ -266,7 +273,7 @@ impl NumberedGroup {
             _ => None,
         })?;
         let Some(Member::Pending { buffered, replay, replay_overflowed, .. }) =
-            self.members.insert(conn, Member::Active { floor: offset })
+            self.members.insert(conn, Member::Active { floor: offset, epoch: at.epoch.clone() })
         else {
             return None;
         };
@@ -295,20 +302,23 @@ impl NumberedGroup {
             floor = live.offset;
             sink.send(conn, &envelope_of(&self.name_json, live.offset, live.kind, &live.payload));
         }
+        let mut member_epoch = joined.at.epoch.clone();
         match &self.position {
-            None => self.position = Some(Position { epoch: joined.at.epoch.clone(), offset: floor }),
+            None => self.position = Some(Position { epoch: member_epoch.clone(), offset: floor }),
             // The group handed out already what this member lacks: lost for it.
             Some(p) if *p.epoch == *epoch && p.offset > floor => {
                 floor = p.offset;
+                member_epoch = p.epoch.clone();
                 sink.gap(conn, p);
             }
-            Some(p) if *p.epoch == *epoch => {}
+            // (The group's copy: deliveries compare it by pointer first.)
+            Some(p) if *p.epoch == *epoch => member_epoch = p.epoch.clone(),
             // The group's stream runs under another epoch than the member's answer: the
             // group's position is stale, find out where it is.
             Some(_) if self.catch_up.is_none() => self.start_catch_up(VecDeque::new(), sink),
             Some(_) => {}
         }
-        self.members.insert(conn, Member::Active { floor });
+        self.members.insert(conn, Member::Active { floor, epoch: member_epoch });
         Some(joined)
     }
 
@@ -627,6 +637,10 @@ mod model {
         Deliver { n: u8 },
         /// The broker answers the oldest history request.
         Serve,
+        /// Out of stream order (the Redis bus): the answer overtakes the messages queued
+        /// (`early`), or is held back behind later ones until `Release`.
+        ServeOutOfOrder { early: bool },
+        Release,
         /// `since`: None, or `back` offsets below the top in the current (`old`: a past) epoch.
         Join { conn: u8, since: Option<(bool, u8)> },
         Leave { conn: u8 },
@@ -640,6 +654,8 @@ mod model {
             1 => (0u8..4).prop_map(|back| Op::Repeat { back }),
             6 => (1u8..6).prop_map(|n| Op::Deliver { n }),
             3 => Just(Op::Serve),
+            1 => any::<bool>().prop_map(|early| Op::ServeOutOfOrder { early }),
+            1 => Just(Op::Release),
             2 => (0u8..4, proptest::option::of((proptest::bool::weighted(0.2), 0u8..12)))
                 .prop_map(|(conn, since)| Op::Join { conn, since }),
             1 => (0u8..4).prop_map(|conn| Op::Leave { conn }),
@@ -666,6 +682,8 @@ mod model {
         max_recover: u64,
         inbound: VecDeque<Frame>,
         outbound: VecDeque<(u64, Option<Position>)>,
+        /// Answers held back (`ServeOutOfOrder`); `None`: answers keep stream order.
+        held: Option<Vec<Frame>>,
         // The worker.
         group: Option<NumberedGroup>,
         buffer_max: usize,
@@ -688,6 +706,7 @@ mod model {
                 max_recover,
                 inbound: VecDeque::new(),
                 outbound: VecDeque::new(),
+                held: None,
                 group: None,
                 buffer_max,
                 asked: HashMap::new(),
@@ -732,6 +751,26 @@ mod model {
                     }
                 }
                 Op::Serve => self.serve(),
+                Op::ServeOutOfOrder { early } => {
+                    if self.held.is_none() {
+                        return;
+                    }
+                    let len = self.inbound.len();
+                    self.serve();
+                    let answer: Vec<_> = self.inbound.drain(len..).collect();
+                    if early {
+                        for f in answer.into_iter().rev() {
+                            self.inbound.push_front(f);
+                        }
+                    } else if let Some(held) = &mut self.held {
+                        held.extend(answer);
+                    }
+                }
+                Op::Release => {
+                    if let Some(held) = &mut self.held {
+                        self.inbound.extend(held.drain(..));
+                    }
+                }
                 Op::Join { conn, since } => {
                     let conn = usize::from(conn);
                     if self.group.as_ref().is_some_and(|g| g.contains(conn)) {
@@ -774,6 +813,9 @@ mod model {
                 Op::LinkUp { restart } => {
                     self.inbound.clear();
                     self.outbound.clear();
+                    if let Some(held) = &mut self.held {
+                        held.clear();
+                    }
                     if restart {
                         self.epoch += 1;
                         self.top = 0;
@@ -863,6 +905,7 @@ mod model {
 
         /// The bus goes quiet after one more message: everything is read and answered.
         fn settle(&mut self) {
+            self.apply(&Op::Release);
             self.apply(&Op::Publish { lose: false });
             for _ in 0..1000 {
                 if self.inbound.is_empty() && self.outbound.is_empty() {
@@ -918,8 +961,11 @@ mod model {
         Ok(())
     }
 
-    fn run(size: u64, max_recover: u64, buffer_max: usize, ops: &[Op]) -> Result<(), String> {
+    fn run(size: u64, max_recover: u64, buffer_max: usize, redis: bool, ops: &[Op]) -> Result<(), String> {
         let mut w = World::new(size, max_recover, buffer_max);
+        if redis {
+            w.held = Some(Vec::new());
+        }
         for op in ops {
             w.apply(op);
         }
@@ -945,7 +991,20 @@ mod model {
             buffer_max in 2usize..8,
             ops in proptest::collection::vec(op(), 1..120),
         ) {
-            if let Err(e) = run(size, max_recover, buffer_max, &ops) {
+            if let Err(e) = run(size, max_recover, buffer_max, false, &ops) {
+                prop_assert!(false, "{}", e);
+            }
+        }
+
+        /// The same, with answers out of stream order (as on the Redis bus).
+        #[test]
+        fn answers_out_of_stream_order_keep_the_rules(
+            size in 0u64..12,
+            max_recover in 1u64..12,
+            buffer_max in 2usize..8,
+            ops in proptest::collection::vec(op(), 1..120),
+        ) {
+            if let Err(e) = run(size, max_recover, buffer_max, true, &ops) {
                 prop_assert!(false, "{}", e);
             }
         }

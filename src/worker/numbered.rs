@@ -280,8 +280,7 @@ impl NumberedGroup {
         // A replay cut short by our bound, or with a hole, or not reaching the answer's top, is
         // no recovery.
         let follows = replay.iter().zip(replay.iter().skip(1)).all(|(a, b)| b.offset == a.offset + 1);
-        let recovered =
-            recovered && !replay_overflowed && follows && replay.back().is_none_or(|l| l.offset == offset);
+        let recovered = recovered && !replay_overflowed && follows && replay.back().is_none_or(|l| l.offset == offset);
         if recovered {
             for live in &replay {
                 sink.send(conn, &envelope_of(&self.name_json, live.offset, live.kind, &live.payload));
@@ -983,7 +982,7 @@ mod model {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
         #[test]
         fn every_member_gets_the_stream_in_order_or_a_gap_notice(
             size in 0u64..12,

@@ -55,7 +55,7 @@ impl Sink for ToMembers<'_> {
     }
     fn gap(&mut self, conn: usize, at: &Position) {
         self.clients.stats.gap_notices += 1;
-        self.clients.reply(conn, &gap_notice(self.group, at));
+        self.clients.reply_open(conn, &gap_notice(self.group, at));
     }
     fn request(&mut self, request: u64, since: Option<&Position>) {
         self.offsets.asked.insert(request, Asked::CatchUp { group: self.group.clone() });
@@ -130,7 +130,7 @@ impl Clients {
 
     fn answer_stamp(&mut self, waiting: &StampReply, offset: u64) {
         if self.conns.get(waiting.conn).is_some_and(|c| c.id == waiting.conn_id) {
-            self.reply(waiting.conn, &protocol::offset_reply(&waiting.id, offset));
+            self.reply_open(waiting.conn, &protocol::offset_reply(&waiting.id, offset));
         }
     }
 
@@ -236,7 +236,16 @@ impl Clients {
         }
         if let Some(id) = id {
             let recovered = asked_since.then_some(recovered);
-            self.reply(conn, &protocol::position_reply(id, &at.epoch, at.offset, recovered));
+            self.reply_open(conn, &protocol::position_reply(id, &at.epoch, at.offset, recovered));
+        }
+    }
+
+    /// A reply or notice the bus gave rise to: only while the connection is open. One that is
+    /// closing has its close frame queued already, and nothing may follow it (RFC 6455 5.5.1);
+    /// the envelopes check the same in `queue_shared`.
+    fn reply_open(&mut self, key: usize, text: &[u8]) {
+        if self.conns.get(key).is_some_and(|c| c.state.is_open()) {
+            self.reply(key, text);
         }
     }
 

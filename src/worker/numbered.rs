@@ -79,6 +79,10 @@ pub struct NumberedGroup {
     name_json: Box<str>,
     position: Option<Position>,
     members: HashMap<usize, Member>,
+    /// The pending members by their request: a join's answer finds its member without a scan
+    /// of the group (a reload rejoins every member at once), and live messages skip the
+    /// buffering pass when nobody waits.
+    pending: HashMap<u64, usize>,
     catch_up: Option<CatchUp>,
     /// Most messages a buffer holds (`history.max_recover`, at least 64); beyond, the oldest
     /// go and the member (or the group) is told of a gap.
@@ -92,6 +96,7 @@ impl NumberedGroup {
             name_json,
             position: None,
             members: HashMap::new(),
+            pending: HashMap::new(),
             catch_up: None,
             buffer_max: buffer_max.max(64),
         }
@@ -117,11 +122,16 @@ impl NumberedGroup {
     pub fn add_pending(&mut self, conn: usize, request: u64) {
         let member =
             Member::Pending { request, replay: VecDeque::new(), replay_overflowed: false, buffered: VecDeque::new() };
-        self.members.insert(conn, member);
+        if let Some(Member::Pending { request: old, .. }) = self.members.insert(conn, member) {
+            self.pending.remove(&old);
+        }
+        self.pending.insert(request, conn);
     }
 
     pub fn remove(&mut self, conn: usize) {
-        self.members.remove(&conn);
+        if let Some(Member::Pending { request, .. }) = self.members.remove(&conn) {
+            self.pending.remove(&request);
+        }
     }
 
     /// The request a pending member waits on.
@@ -144,9 +154,11 @@ impl NumberedGroup {
         // One copy of the payload for every buffer that keeps it.
         let mut shared: Option<Rc<[u8]>> = None;
         let mut live = || Live { offset, kind, payload: shared.get_or_insert_with(|| Rc::from(payload)).clone() };
-        for member in self.members.values_mut() {
-            if let Member::Pending { buffered, .. } = member {
-                push_bounded(buffered, &mut false, live(), self.buffer_max);
+        if !self.pending.is_empty() {
+            for member in self.members.values_mut() {
+                if let Member::Pending { buffered, .. } = member {
+                    push_bounded(buffered, &mut false, live(), self.buffer_max);
+                }
             }
         }
         if let Some(c) = &mut self.catch_up {
@@ -219,12 +231,11 @@ impl NumberedGroup {
             }
             return;
         }
-        for member in self.members.values_mut() {
-            if let Member::Pending { request: r, replay, replay_overflowed, .. } = member {
-                if *r == request && replay.back().is_none_or(|l| offset > l.offset) {
-                    let live = Live { offset, kind, payload: Rc::from(payload) };
-                    push_bounded(replay, replay_overflowed, live, self.buffer_max);
-                }
+        let Some(conn) = self.pending.get(&request) else { return };
+        if let Some(Member::Pending { replay, replay_overflowed, .. }) = self.members.get_mut(conn) {
+            if replay.back().is_none_or(|l| offset > l.offset) {
+                let live = Live { offset, kind, payload: Rc::from(payload) };
+                push_bounded(replay, replay_overflowed, live, self.buffer_max);
             }
         }
     }
@@ -268,10 +279,10 @@ impl NumberedGroup {
             self.replay(c.buffered, sink);
             return None;
         }
-        let conn = self.members.iter().find_map(|(&conn, m)| match m {
-            Member::Pending { request: r, .. } if *r == request => Some(conn),
-            _ => None,
-        })?;
+        let conn = self.pending.remove(&request)?;
+        if !matches!(self.members.get(&conn), Some(Member::Pending { request: r, .. }) if *r == request) {
+            return None;
+        }
         let Some(Member::Pending { buffered, replay, replay_overflowed, .. }) =
             self.members.insert(conn, Member::Active { floor: offset, epoch: at.epoch.clone() })
         else {
@@ -892,6 +903,11 @@ mod model {
 
         fn check_bounds(&self) {
             let Some(g) = &self.group else { return };
+            let waiting = g.members.values().filter(|m| matches!(m, Member::Pending { .. })).count();
+            assert_eq!(waiting, g.pending.len(), "pending members and their requests agree");
+            for (request, conn) in &g.pending {
+                assert!(matches!(g.members.get(conn), Some(Member::Pending { request: r, .. }) if r == request));
+            }
             for m in g.members.values() {
                 if let Member::Pending { buffered, .. } = m {
                     assert!(buffered.len() <= self.buffer_max, "a join's buffer is bounded");

@@ -85,9 +85,37 @@ pub struct Bus {
     /// Largest channel frame accepted from the broker.
     max_frame: usize,
     /// Channel bus: our publishes kept until their STAMP, oldest first, bounded like the
-    /// publish queue.
-    awaiting: VecDeque<AwaitingStamp>,
-    awaiting_max: usize,
+    /// publish queue (`channel.queue_max_messages` and `queue_max_bytes`): while the broker
+    /// is away nothing stamps them.
+    awaiting: Awaiting,
+}
+
+/// Our publishes waiting for their STAMP, with their payload bytes.
+struct Awaiting {
+    queue: VecDeque<AwaitingStamp>,
+    bytes: usize,
+    max_messages: usize,
+    max_bytes: usize,
+}
+
+impl Awaiting {
+    fn push(&mut self, mine: AwaitingStamp) {
+        self.bytes += mine.payload.len();
+        self.queue.push_back(mine);
+        while self.queue.len() > self.max_messages || self.bytes > self.max_bytes {
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<AwaitingStamp> {
+        let mine = self.queue.pop_front()?;
+        self.bytes -= mine.payload.len();
+        Some(mine)
+    }
+
+    fn front_seq(&self) -> Option<u64> {
+        self.queue.front().map(|a| a.seq)
+    }
 }
 
 impl Bus {
@@ -127,8 +155,12 @@ impl Bus {
             origin,
             // A PUBLICATION is a few bytes longer than the publish it numbers (offset, kind).
             max_frame: config.channel.max_frame + PUBLICATION_SLACK,
-            awaiting: VecDeque::new(),
-            awaiting_max: config.channel.queue_max_messages,
+            awaiting: Awaiting {
+                queue: VecDeque::new(),
+                bytes: 0,
+                max_messages: config.channel.queue_max_messages,
+                max_bytes: config.channel.queue_max_bytes,
+            },
         })
     }
 
@@ -154,10 +186,7 @@ impl Bus {
             Carrier::Channel(c) => {
                 let seq = c.publish(group, kind, payload);
                 if numbered_here {
-                    if self.awaiting.len() >= self.awaiting_max {
-                        self.awaiting.pop_front();
-                    }
-                    self.awaiting.push_back(AwaitingStamp { seq, group: group.into(), kind, payload: payload.into() });
+                    self.awaiting.push(AwaitingStamp { seq, group: group.into(), kind, payload: payload.into() });
                 }
                 seq
             }
@@ -324,12 +353,12 @@ impl Bus {
 /// The broker numbered our publish `seq`: say so, and hand it to the protocol-2 members here
 /// when they wait for it. Stamps come in publish order, so what is older than `seq` in the
 /// queue will get none (dropped by the broker's bound, or published before a broker restart).
-fn stamped(awaiting: &mut VecDeque<AwaitingStamp>, seq: u64, offset: u64, handle: &mut impl FnMut(BusEvent<'_>)) {
+fn stamped(awaiting: &mut Awaiting, seq: u64, offset: u64, handle: &mut impl FnMut(BusEvent<'_>)) {
     handle(BusEvent::Stamped { seq, offset });
-    while awaiting.front().is_some_and(|a| a.seq < seq) {
+    while awaiting.front_seq().is_some_and(|s| s < seq) {
         awaiting.pop_front();
     }
-    if awaiting.front().is_some_and(|a| a.seq == seq) {
+    if awaiting.front_seq() == Some(seq) {
         if let Some(mine) = awaiting.pop_front() {
             if offset == 0 {
                 warn!("our publish {seq} was numbered before a reconnect; its offset is unknown");
@@ -338,5 +367,27 @@ fn stamped(awaiting: &mut VecDeque<AwaitingStamp>, seq: u64, offset: u64, handle
             let AwaitingStamp { group, kind, payload, .. } = mine;
             handle(BusEvent::Message { group: &group, offset, kind, payload: &payload, own: true });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mine(seq: u64, len: usize) -> AwaitingStamp {
+        AwaitingStamp { seq, group: "g".into(), kind: PayloadKind::Text, payload: vec![b'x'; len].into() }
+    }
+
+    #[test]
+    fn publishes_waiting_for_their_stamp_are_bounded_in_bytes_too() {
+        let mut a = Awaiting { queue: VecDeque::new(), bytes: 0, max_messages: 100, max_bytes: 1000 };
+        for seq in 1..=5 {
+            a.push(mine(seq, 300));
+        }
+        assert_eq!((a.queue.len(), a.bytes, a.front_seq()), (3, 900, Some(3)));
+        let mut events = Vec::new();
+        stamped(&mut a, 4, 40, &mut |e: BusEvent<'_>| events.push(format!("{e:?}")));
+        assert_eq!(events.len(), 2, "the stamp, then our message numbered: {events:?}");
+        assert_eq!((a.queue.len(), a.bytes, a.front_seq()), (1, 300, Some(5)));
     }
 }

@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 use super::bus::BusEvent;
 use super::clients::{Clients, Parts};
 use super::groups::{Groups, Joined};
-use super::numbered::{gap_notice, Position, Sink};
+use super::numbered::{self, gap_notice, Position, Sink};
 use super::offsets::{Asked, Offsets, StampReply};
 use crate::channel::wire::{PayloadKind, Since};
 use crate::protocol::{self, RequestError, SinceArg};
@@ -39,21 +39,14 @@ pub(super) enum Answer {
 }
 
 /// The `Sink` of one group: envelopes and notices to its members' queues, catch-ups to the
-/// bus's to-do list, and the reply of the join whose answer is being handled (`join`).
+/// bus's to-do list.
 struct ToMembers<'a> {
     clients: &'a mut Clients,
     group: &'a Rc<str>,
     offsets: &'a mut Offsets,
     asks: &'a mut Vec<Ask>,
-    join: Option<JoinReply>,
-}
-
-/// How to answer a join: the joining connection's id, the command's `id`, whether it asked
-/// with `since`.
-struct JoinReply {
-    conn_id: u64,
-    id: Option<Box<RawValue>>,
-    asked_since: bool,
+    /// The join whose answer is being handled (for its reply).
+    join: Option<&'a Asked>,
 }
 
 impl Sink for ToMembers<'_> {
@@ -62,7 +55,7 @@ impl Sink for ToMembers<'_> {
     }
     fn gap(&mut self, conn: usize, at: &Position) {
         self.clients.stats.gap_notices += 1;
-        self.clients.reply(conn, &gap_notice(self.group, at));
+        self.clients.reply_open(conn, &gap_notice(self.group, at));
     }
     fn request(&mut self, request: u64, since: Option<&Position>) {
         self.offsets.asked.insert(request, Asked::CatchUp { group: self.group.clone() });
@@ -71,9 +64,10 @@ impl Sink for ToMembers<'_> {
     fn next_request(&mut self) -> u64 {
         self.offsets.next_request()
     }
-    fn joined(&mut self, conn: usize, at: &Position, recovered: bool) {
-        if let Some(j) = self.join.take() {
-            self.clients.joined(conn, j.conn_id, j.id.as_deref(), j.asked_since, at, recovered);
+    fn joined(&mut self, joined: &numbered::Joined) {
+        if let Some(Asked::Join { conn_id, id, since, .. }) = self.join {
+            let (conn, at) = (joined.conn, &joined.at);
+            self.clients.joined(conn, *conn_id, id.as_deref(), since.is_some(), at, joined.recovered);
         }
     }
 }
@@ -136,7 +130,7 @@ impl Clients {
 
     fn answer_stamp(&mut self, waiting: &StampReply, offset: u64) {
         if self.conns.get(waiting.conn).is_some_and(|c| c.id == waiting.conn_id) {
-            self.reply(waiting.conn, &protocol::offset_reply(&waiting.id, offset));
+            self.reply_open(waiting.conn, &protocol::offset_reply(&waiting.id, offset));
         }
     }
 
@@ -151,13 +145,20 @@ impl Clients {
         match event {
             BusEvent::Message { group, offset, kind, payload, own } => {
                 let Some(id) = groups.lookup(group) else { return };
+                let numbered = offset != 0 && groups.numbered(id).is_some();
+                // Our own publish, back from Redis only to be numbered: the seed members had
+                // it, so without protocol-2 members here it costs nothing more (as before).
+                if own && !numbered {
+                    return;
+                }
                 if !self.valid_from_bus(group, PayloadKind::Text, payload) {
                     return;
                 }
                 if !own {
                     self.deliver_to(groups, id, payload);
                 }
-                if offset == 0 || groups.numbered(id).is_none() || !self.valid_from_bus(group, kind, payload) {
+                // UTF-8 was checked above: only the JSON an envelope embeds is left to check.
+                if !numbered || (kind == PayloadKind::Json && !self.valid_from_bus(group, kind, payload)) {
                     return;
                 }
                 let Some(name) = groups.name_rc(id) else { return };
@@ -190,13 +191,8 @@ impl Clients {
                 let Some(asked) = offsets.asked.remove(&request) else { return };
                 let name = asked.group().clone();
                 let Some(numbered) = groups.lookup(&name).and_then(|id| groups.numbered_mut(id)) else { return };
-                let join = match asked {
-                    Asked::Join { conn_id, id, since, .. } => {
-                        Some(JoinReply { conn_id, id, asked_since: since.is_some() })
-                    }
-                    Asked::CatchUp { .. } => None,
-                };
-                let mut sink = ToMembers { clients: self, group: &name, offsets, asks, join };
+                // The reply goes out from the sink, between the replay and the live stream.
+                let mut sink = ToMembers { clients: self, group: &name, offsets, asks, join: Some(&asked) };
                 numbered.on_position(request, epoch, offset, recovered, &mut sink);
             }
             BusEvent::LinkUp => {
@@ -240,7 +236,16 @@ impl Clients {
         }
         if let Some(id) = id {
             let recovered = asked_since.then_some(recovered);
-            self.reply(conn, &protocol::position_reply(id, &at.epoch, at.offset, recovered));
+            self.reply_open(conn, &protocol::position_reply(id, &at.epoch, at.offset, recovered));
+        }
+    }
+
+    /// A reply or notice the bus gave rise to: only while the connection is open. One that is
+    /// closing has its close frame queued already, and nothing may follow it (RFC 6455 5.5.1);
+    /// the envelopes check the same in `queue_shared`.
+    fn reply_open(&mut self, key: usize, text: &[u8]) {
+        if self.conns.get(key).is_some_and(|c| c.state.is_open()) {
+            self.reply(key, text);
         }
     }
 

@@ -173,6 +173,8 @@ fn a_member_coming_back_with_since_gets_what_it_missed_once_in_order_then_live()
         publish(&mut sender, "g", json!(format!("m{i}")));
     }
     sender.sync_quiet();
+    // The broker has them all (the sender's worker and the joiner's reach it on two links).
+    server.wait_status("8 messages kept", |r| field(&channel_row(r), "history_messages") == 8);
     let mut back = p2(&server);
     let (replayed, reply) = join(&mut back, "g", Some((&epoch, 3)), "again");
     assert_eq!(offsets(&replayed), [4, 5, 6, 7, 8], "the missed messages, before the reply");
@@ -305,6 +307,7 @@ fn members_of_a_killed_worker_recover_everything_on_a_new_connection() {
         publish(&mut sender, "g", json!(format!("m{i}")));
     }
     sender.sync_quiet();
+    server.wait_status("12 messages kept", |r| field(&channel_row(r), "history_messages") == 12);
     let mut back = p2(&server);
     let (replayed, reply) = join(&mut back, "g", Some((&epoch, 5)), "back");
     assert_eq!(offsets(&replayed), (6..=12).collect::<Vec<_>>());

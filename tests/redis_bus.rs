@@ -9,59 +9,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{free_port, signal, skip_or_fail, wait_for, Client, Opts, Server};
+use common::{free_port, signal, wait_for, Client, Opts, Redis, Server};
 use serde_json::json;
-
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start(port: u16) -> Option<Redis> {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let child = match child {
-            Ok(c) => c,
-            Err(e) => {
-                skip_or_fail(&format!("redis-server not available ({e}); .ci/run installs it"));
-                return None;
-            }
-        };
-        let redis = Redis { child, port };
-        wait_for("redis-server to answer PING", Duration::from_secs(20), || {
-            redis.command("PING").contains("PONG").then_some(())
-        });
-        Some(redis)
-    }
-
-    /// One inline command, its raw answer.
-    fn command(&self, cmd: &str) -> String {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else { return String::new() };
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        if s.write_all(format!("{cmd}\r\n").as_bytes()).is_err() {
-            return String::new();
-        }
-        let mut buf = [0u8; 4096];
-        let n = s.read(&mut buf).unwrap_or(0);
-        String::from_utf8_lossy(&buf[..n]).into_owned()
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn instance(redis_port: u16) -> Server {
     Server::start_with(Opts {
@@ -99,7 +51,7 @@ fn exchange(senders: &mut [&mut Client], receivers: &mut [Client], tag: &str, co
 #[test]
 fn two_instances_share_groups_through_redis() {
     let port = free_port();
-    let Some(redis) = Redis::start(port) else { return };
+    let Some(redis) = Redis::start(port, None) else { return };
     let a = instance(port);
     let b = instance(port);
     let mut on_a: Vec<Client> = (0..3).map(|_| Client::connect(a.addr)).collect();
@@ -137,7 +89,7 @@ fn two_instances_share_groups_through_redis() {
             local[i] = true;
         }
     }
-    let redis = Redis::start(port).expect("redis-server restarts");
+    let redis = Redis::start(port, None).expect("redis-server restarts");
     // Every worker with members must be back: Redis keeps nothing for absent subscribers.
     let with_members: u64 = [&a, &b]
         .iter()
@@ -177,7 +129,7 @@ const STALL_QUEUE: u64 = 20;
 #[test]
 fn a_stopped_redis_costs_bounded_drops_not_a_stuck_worker() {
     let port = free_port();
-    let Some(redis) = Redis::start(port) else { return };
+    let Some(redis) = Redis::start(port, None) else { return };
     let server = Server::start_with(Opts {
         workers: Some(2),
         config: Some(format!(
@@ -204,7 +156,7 @@ fn a_stopped_redis_costs_bounded_drops_not_a_stuck_worker() {
     let sender_worker = server.workers_of(&[&sender])[0];
     let watcher = on.iter().position(|w| *w != sender_worker).expect("a member on the other worker");
 
-    signal(redis.child.id(), libc::SIGSTOP);
+    signal(redis.pid(), libc::SIGSTOP);
     let queued_ok = |r: &serde_json::Value| {
         common::worker_rows(r).iter().all(|w| w["channel_queued"].as_u64().is_some_and(|q| q <= STALL_QUEUE))
     };
@@ -232,7 +184,7 @@ fn a_stopped_redis_costs_bounded_drops_not_a_stuck_worker() {
     let report = server.wait_status("the dropped count to keep growing", |r| dropped(r) >= before + 50);
     assert!(queued_ok(&report), "channel_queued over {STALL_QUEUE}: {report}");
 
-    signal(redis.child.id(), libc::SIGCONT);
+    signal(redis.pid(), libc::SIGCONT);
     // Delivery across workers resumes once the bus has reconnected.
     let mut n = 0;
     wait_for("a message to cross workers again", Duration::from_secs(60), || {
@@ -253,7 +205,7 @@ fn a_stopped_redis_costs_bounded_drops_not_a_stuck_worker() {
 #[test]
 fn publish_goes_through_redis_under_bus_redis() {
     let port = free_port();
-    let Some(redis) = Redis::start(port) else { return };
+    let Some(redis) = Redis::start(port, None) else { return };
     let server = instance(port);
     let mut member = Client::connect(server.addr);
     member.add_group(&json!("news"));

@@ -590,7 +590,11 @@ mod model {
         /// A message: its true epoch and offset (from the payload).
         Msg(u32, u64),
         Gap(u32, u64),
-        Reply { epoch: u32, offset: u64, recovered: bool },
+        Reply {
+            epoch: u32,
+            offset: u64,
+            recovered: bool,
+        },
     }
 
     #[derive(Default)]
@@ -640,22 +644,37 @@ mod model {
     #[derive(Debug, Clone)]
     enum Op {
         /// The broker numbers a message; `lose`: the worker never sees it.
-        Publish { lose: bool },
+        Publish {
+            lose: bool,
+        },
         /// A message seen already comes again (`back` offsets below the top).
-        Repeat { back: u8 },
+        Repeat {
+            back: u8,
+        },
         /// The worker reads up to `n` frames.
-        Deliver { n: u8 },
+        Deliver {
+            n: u8,
+        },
         /// The broker answers the oldest history request.
         Serve,
         /// Out of stream order (the Redis bus): the answer overtakes the messages queued
         /// (`early`), or is held back behind later ones until `Release`.
-        ServeOutOfOrder { early: bool },
+        ServeOutOfOrder {
+            early: bool,
+        },
         Release,
         /// `since`: None, or `back` offsets below the top in the current (`old`: a past) epoch.
-        Join { conn: u8, since: Option<(bool, u8)> },
-        Leave { conn: u8 },
+        Join {
+            conn: u8,
+            since: Option<(bool, u8)>,
+        },
+        Leave {
+            conn: u8,
+        },
         /// The link drops and comes back; `restart`: the broker lost everything.
-        LinkUp { restart: bool },
+        LinkUp {
+            restart: bool,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {

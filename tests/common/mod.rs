@@ -12,11 +12,14 @@
 #![allow(dead_code)]
 
 mod broker;
+mod redis;
 mod watchers;
 
 // Each test crate uses some of these only.
 #[allow(unused_imports)]
 pub use broker::{connect_args, write_secret, Broker, BrokerOpts, BROKER_SECRET};
+#[allow(unused_imports)]
+pub use redis::Redis;
 #[allow(unused_imports)]
 pub use watchers::Watchers;
 

@@ -8,9 +8,7 @@
 mod channel_peer;
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use channel_peer::{Got, RawPeer};
 use common::*;
@@ -34,8 +32,7 @@ enum In {
 
 /// A channel peer that introduces itself with HELLO version 2.
 struct V2 {
-    stream: TcpStream,
-    inbuf: Vec<u8>,
+    peer: RawPeer,
     origin: u64,
     requests: u64,
 }
@@ -47,9 +44,7 @@ impl V2 {
 
     /// Connects, authenticates and sends HELLO 2; `None` when the broker closes instead.
     fn try_join(broker: &Broker, origin: u64) -> Option<V2> {
-        let stream = TcpStream::connect(broker.addr).expect("connect to the broker");
-        stream.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        let mut p = V2 { stream, inbuf: Vec::new(), origin, requests: 0 };
+        let mut p = V2 { peer: RawPeer::tcp(broker.addr.port()), origin, requests: 0 };
         let (flags, nonce) = match p.raw_next(WAIT)? {
             wire_owned::Challenge(flags, nonce) => (flags, nonce),
             other => panic!("the first frame is not a CHALLENGE: {other:?}"),
@@ -76,7 +71,8 @@ impl V2 {
     }
 
     fn send(&mut self, bytes: &[u8]) {
-        let _ = self.stream.write_all(bytes);
+        // The broker may have closed already (a refused HELLO): the next read says so.
+        let _ = self.peer.try_send(bytes);
     }
 
     fn subscribe(&mut self, group: &str) {
@@ -137,26 +133,7 @@ impl V2 {
     }
 
     fn raw_next(&mut self, timeout: Duration) -> Option<wire_owned> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some((frame, used)) = wire::decode(&self.inbuf, usize::MAX).expect("valid frames from the broker") {
-                let got = wire_owned::of(frame);
-                self.inbuf.drain(..used);
-                return Some(got);
-            }
-            let mut chunk = [0u8; 64 * 1024];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return None,
-                Ok(n) => self.inbuf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == ErrorKind::ConnectionReset => return None,
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    if Instant::now() >= deadline {
-                        return None;
-                    }
-                }
-                Err(e) => panic!("read from the broker failed: {e}"),
-            }
-        }
+        self.peer.next_with(timeout, wire_owned::of)
     }
 }
 

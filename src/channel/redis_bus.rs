@@ -253,6 +253,23 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Nothing connected yet; both queues bounded by `max_items` and `max_bytes`.
+    fn new(max_items: usize, max_bytes: usize, waker: mio::Waker) -> Shared {
+        Shared {
+            subscribed: AtomicBool::new(false),
+            publisher_up: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            wanted: Mutex::new(Wanted::default()),
+            outgoing: Mutex::new(Bounded::new(max_items, max_bytes)),
+            work_ready: Condvar::new(),
+            incoming: Mutex::new(Inbox { items: VecDeque::new(), messages: 0, message_bytes: 0, max_items, max_bytes }),
+            requests: Mutex::new(Requests::default()),
+            session: AtomicU64::new(0),
+            waker,
+        }
+    }
+
     fn count_dropped(&self, n: u64, queue: &str) {
         if n == 0 {
             return;
@@ -337,19 +354,7 @@ impl RedisBus {
         let client = redis::Client::open(settings.url.as_str())
             .map_err(|e| anyhow::anyhow!("invalid value for `redis.url` {:?}: {e}", settings.url))?;
         let (max_items, max_bytes) = (settings.queue_max_messages, settings.queue_max_bytes);
-        let shared = Arc::new(Shared {
-            subscribed: AtomicBool::new(false),
-            publisher_up: AtomicBool::new(false),
-            dropped: AtomicU64::new(0),
-            closed: AtomicBool::new(false),
-            wanted: Mutex::new(Wanted::default()),
-            outgoing: Mutex::new(Bounded::new(max_items, max_bytes)),
-            work_ready: Condvar::new(),
-            incoming: Mutex::new(Inbox { items: VecDeque::new(), messages: 0, message_bytes: 0, max_items, max_bytes }),
-            requests: Mutex::new(Requests::default()),
-            session: AtomicU64::new(0),
-            waker,
-        });
+        let shared = Arc::new(Shared::new(max_items, max_bytes, waker));
         let (wake_subscriber, wake) = UnixStream::pair().context("cannot create the Redis wake-up socket")?;
         wake_subscriber.set_nonblocking(true)?;
         wake.set_nonblocking(true)?;
@@ -704,25 +709,7 @@ mod tests {
         let waker = mio::Waker::new(poll.registry(), mio::Token(0)).unwrap();
         let (poke, _other) = UnixStream::pair().unwrap();
         let url = format!("redis://127.0.0.1:{}/", server.1);
-        let shared = Arc::new(Shared {
-            subscribed: AtomicBool::new(false),
-            publisher_up: AtomicBool::new(false),
-            dropped: AtomicU64::new(0),
-            closed: AtomicBool::new(false),
-            wanted: Mutex::new(Wanted::default()),
-            outgoing: Mutex::new(Bounded::new(100, 1 << 20)),
-            work_ready: Condvar::new(),
-            incoming: Mutex::new(Inbox {
-                items: VecDeque::new(),
-                messages: 0,
-                message_bytes: 0,
-                max_items: 100,
-                max_bytes: 1 << 20,
-            }),
-            requests: Mutex::new(Requests::default()),
-            session: AtomicU64::new(0),
-            waker,
-        });
+        let shared = Arc::new(Shared::new(100, 1 << 20, waker));
         let commands = Commands {
             client: redis::Client::open(url).unwrap(),
             prefix: "t:".into(),

@@ -117,18 +117,24 @@ impl RawPeer {
 
     /// The next frame, or `None` at end of stream or after `timeout` of silence.
     pub fn next(&mut self, timeout: Duration) -> Option<Got> {
+        self.next_with(timeout, |frame| match frame {
+            wire::Frame::Challenge { flags, nonce, .. } => Got::Challenge { flags, nonce },
+            wire::Frame::AuthOk { .. } => Got::AuthOk,
+            wire::Frame::Ack { seq } => Got::Ack(seq),
+            wire::Frame::Message { origin, seq, group, payload } => {
+                Got::Message { origin, seq, group: group.into(), payload: payload.to_vec() }
+            }
+            other => Got::Other(format!("{other:?}")),
+        })
+    }
+
+    /// The next frame as `read` turns it into an owned value, or `None` at end of stream or
+    /// after `timeout` of silence.
+    pub fn next_with<T>(&mut self, timeout: Duration, mut read: impl FnMut(wire::Frame<'_>) -> T) -> Option<T> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some((frame, used)) = wire::decode(&self.inbuf, usize::MAX).expect("the broker sends valid frames") {
-                let got = match frame {
-                    wire::Frame::Challenge { flags, nonce, .. } => Got::Challenge { flags, nonce },
-                    wire::Frame::AuthOk { .. } => Got::AuthOk,
-                    wire::Frame::Ack { seq } => Got::Ack(seq),
-                    wire::Frame::Message { origin, seq, group, payload } => {
-                        Got::Message { origin, seq, group: group.into(), payload: payload.to_vec() }
-                    }
-                    other => Got::Other(format!("{other:?}")),
-                };
+                let got = read(frame);
                 self.inbuf.drain(..used);
                 return Some(got);
             }

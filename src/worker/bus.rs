@@ -88,6 +88,11 @@ pub struct Bus {
     /// publish queue (`channel.queue_max_messages` and `queue_max_bytes`): while the broker
     /// is away nothing stamps them.
     awaiting: Awaiting,
+    /// The seq of our last publish, and of the last one the bus numbered (its `Stamped`):
+    /// publishes in between may not be numbered yet (a hand-off waits for them, see
+    /// `publishes_in_flight`).
+    last_published: u64,
+    last_stamped: u64,
 }
 
 /// Our publishes waiting for their STAMP, with their payload bytes.
@@ -161,6 +166,8 @@ impl Bus {
                 max_messages: config.channel.queue_max_messages,
                 max_bytes: config.channel.queue_max_bytes,
             },
+            last_published: 0,
+            last_stamped: 0,
         })
     }
 
@@ -182,6 +189,19 @@ impl Bus {
     /// already); returns its sequence number, which the `Stamped` event for it carries.
     /// `numbered_here`: protocol-2 members here wait for it with its offset.
     pub fn publish(&mut self, group: &str, kind: PayloadKind, payload: &[u8], numbered_here: bool) -> u64 {
+        let seq = self.publish_on_carrier(group, kind, payload, numbered_here);
+        self.last_published = seq;
+        seq
+    }
+
+    /// Whether some of our publishes may not have their offset yet: a hand-off's cut must
+    /// come after them (on Redis the history is read on another connection than the one
+    /// that publishes, so only their numbering orders them).
+    pub fn publishes_in_flight(&self) -> bool {
+        self.last_stamped < self.last_published && self.counters().connected
+    }
+
+    fn publish_on_carrier(&mut self, group: &str, kind: PayloadKind, payload: &[u8], numbered_here: bool) -> u64 {
         match &mut self.carrier {
             Carrier::Channel(c) => {
                 let seq = c.publish(group, kind, payload);
@@ -218,6 +238,13 @@ impl Bus {
     pub fn on_ready(&mut self, registry: &Registry, scratch: &mut [u8], mut handle: impl FnMut(BusEvent<'_>)) {
         let dedupe = &mut self.dedupe;
         let awaiting = &mut self.awaiting;
+        let last_stamped = &mut self.last_stamped;
+        let mut handle = |event: BusEvent<'_>| {
+            if let BusEvent::Stamped { seq, .. } = event {
+                *last_stamped = (*last_stamped).max(seq);
+            }
+            handle(event)
+        };
         match &mut self.carrier {
             Carrier::Channel(client) => {
                 // What arrived before an error or EOF is still delivered: the broker may have

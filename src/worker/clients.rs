@@ -77,6 +77,10 @@ pub struct Clients {
     pub(super) next_sweep: Instant,
     /// Set once the worker stops: a handshake completing afterwards is closed at once.
     pub(super) stopping: Option<StopClose>,
+    /// Set while this worker hands its connections over (worker/handoff): open connections
+    /// are not read (their input waits, in the kernel or in `inbuf`, for whoever serves them
+    /// next), handshakes still complete, keep-alive sweeps pause.
+    pub(super) reads_frozen: bool,
     /// The client counters of `status` (the rest of `ProcessStats` is filled by the worker).
     pub(super) stats: ProcessStats,
 }
@@ -96,6 +100,7 @@ impl Clients {
             started: Instant::now(),
             next_sweep: Instant::now(),
             stopping: None,
+            reads_frozen: false,
             stats: ProcessStats::default(),
         }
     }
@@ -188,6 +193,47 @@ impl Clients {
         debug!("connection {id} from {peer}");
     }
 
+    /// Takes a connection handed over by the old worker (worker/handoff): registered, counted
+    /// in the per-IP table (no cap: it is admitted already), held until the commit. Its
+    /// memberships are restored by the caller. Returns its slab key.
+    pub(super) fn adopt_handed(
+        &mut self,
+        registry: &Registry,
+        make: impl FnOnce(u32) -> super::conn::Conn,
+    ) -> std::io::Result<usize> {
+        let conn = make(self.clock_ms());
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        let mut conn = conn;
+        registry.register(&mut conn.stream, Token(key + FIRST_CONN), Interest::READABLE | Interest::WRITABLE)?;
+        if self.limits.per_ip_cap(conn.peer.ip()).is_some() {
+            self.per_ip.admit(conn.peer.ip(), u64::MAX);
+        }
+        if conn.protocol2 {
+            self.stats.protocol2_connections += 1;
+        }
+        self.next_conn_id = self.next_conn_id.max(conn.id.saturating_add(1));
+        entry.insert(conn);
+        Ok(key)
+    }
+
+    /// The old worker committed: serve these handed-over connections (slab key and id), what
+    /// they sent meanwhile first. Returns how many there were.
+    pub(super) fn serve_handed(&mut self, handed: impl Iterator<Item = (usize, u64)>) -> usize {
+        let mut count = 0;
+        for (key, id) in handed {
+            let Some(conn) = self.conns.get_mut(key).filter(|c| c.id == id) else { continue };
+            conn.held = false;
+            // Edge-triggered: input that came before registration is only found by reading.
+            conn.resumed = true;
+            self.read_again.push(key);
+            self.mark_dirty(key);
+            self.stats.handoffs_in += 1;
+            count += 1;
+        }
+        count
+    }
+
     /// Work done once per loop turn, after every event was handled.
     pub fn end_of_turn(&mut self, parts: &mut Parts<'_>) {
         self.flush_dirty(parts);
@@ -213,6 +259,10 @@ impl Clients {
                 continue;
             };
             conn.dirty = false;
+            if conn.held {
+                // Written by whoever serves it after the hand-off (worker/handoff).
+                continue;
+            }
             // Then what the transport holds itself (TLS records), so "all written" means on
             // the wire, as for a plain socket.
             let result = conn.out.write_to(&mut conn.stream).and_then(|flushed| match flushed {
@@ -300,8 +350,43 @@ impl Clients {
 
     /// Forgets a connection: socket closed, every group membership removed.
     pub(super) fn drop_conn(&mut self, key: usize, why: &str, parts: &mut Parts<'_>) {
+        if let Some(conn) = self.remove_conn(key, parts) {
+            debug!("connection {} from {} gone: {why}", conn.id, conn.peer);
+        }
+    }
+
+    /// Forgets a connection handed over to the next worker (worker/handoff), which serves
+    /// it now: out of the event loop before our descriptor closes (the open file lives on
+    /// in the other process, and with it any epoll registration left behind), no shutdown,
+    /// nothing written.
+    pub(super) fn let_go(&mut self, key: usize, parts: &mut Parts<'_>) {
+        if self.remove_conn(key, parts).is_some() {
+            self.stats.handoffs_out += 1;
+        }
+    }
+
+    /// A hand-off rolled back: every connection is read and written here again, beginning
+    /// with what arrived while nothing was read. Returns how many there are.
+    pub(super) fn resume_all(&mut self) -> usize {
+        self.reads_frozen = false;
+        let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
+        for &key in &keys {
+            let conn = &mut self.conns[key];
+            conn.held = false;
+            if conn.state.is_open() && !conn.paused {
+                conn.resumed = true;
+                self.read_again.push(key);
+            }
+            self.mark_dirty(key);
+        }
+        keys.len()
+    }
+
+    /// Takes connection `key` out of the slab, the event loop, the per-IP table and every
+    /// group; the descriptor closes when the returned `Conn` drops.
+    fn remove_conn(&mut self, key: usize, parts: &mut Parts<'_>) -> Option<super::conn::Conn> {
         if !self.conns.contains(key) {
-            return;
+            return None;
         }
         let mut conn = self.conns.remove(key);
         let _ = parts.registry.deregister(&mut conn.stream);
@@ -318,7 +403,7 @@ impl Clients {
         for id in conn.groups.drain(..) {
             super::delivery::leave_group(id, key, parts);
         }
-        debug!("connection {} from {} gone: {why}", conn.id, conn.peer);
+        Some(conn)
     }
 
     fn expire_timers(&mut self, parts: &mut Parts<'_>) {

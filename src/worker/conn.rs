@@ -98,6 +98,11 @@ pub struct Conn {
     /// Worker clock (milliseconds, wrapping) when the frame or fragmented message still
     /// incomplete started to arrive: it must be done within `limits.message_timeout_ms`.
     pub message_since: Option<u32>,
+    /// No I/O on this connection for now (worker/handoff): its state is being handed to the
+    /// replacement worker (old worker, between snapshot and commit) or was just received
+    /// from the old one (new worker, between prepare and commit). What arrives for it is
+    /// queued, nothing is read or written.
+    pub held: bool,
     /// Access-control state, boxed and absent for an anonymous connection that never used a
     /// rate rule: the common case pays 8 bytes.
     pub auth: Option<Box<ConnAuth>>,
@@ -125,6 +130,17 @@ pub struct CommandBudget {
 impl CommandBudget {
     pub fn new(burst: u32, now_ms: u32) -> CommandBudget {
         CommandBudget { tokens: burst as f32, at_ms: now_ms }
+    }
+
+    /// Tokens left and milliseconds since the last refill, at worker clock `now_ms`: the
+    /// bucket in a form another worker's clock can take (worker/handoff).
+    pub fn export(&self, now_ms: u32) -> (f32, u32) {
+        (self.tokens, now_ms.wrapping_sub(self.at_ms))
+    }
+
+    /// The bucket `export` described, on this worker's clock.
+    pub fn import(tokens: f32, since_refill_ms: u32, now_ms: u32) -> CommandBudget {
+        CommandBudget { tokens: if tokens.is_finite() { tokens.max(0.0) } else { 0.0 }, at_ms: now_ms.wrapping_sub(since_refill_ms) }
     }
 
     /// Takes one command's token; false when the client is over its rate.
@@ -166,6 +182,7 @@ impl Conn {
             paused: false,
             resumed: false,
             message_since: None,
+            held: false,
             auth: None,
         }
     }

@@ -79,6 +79,23 @@ impl Groups {
         }
     }
 
+    /// Makes `conn` a numbered member of `name` taking the bare message (a seed-protocol
+    /// connection handed over by a reload), waiting for the answer to `request`.
+    pub fn join_numbered_bare(&mut self, name: &str, conn: usize, request: u64, buffer_max: usize) -> Joined {
+        let joined = self.join_numbered(name, conn, request, buffer_max);
+        if let Joined::New { id, .. } = joined {
+            if let Some(numbered) = self.groups[id].numbered.as_mut() {
+                numbered.add_pending_bare(conn, request);
+            }
+        }
+        joined
+    }
+
+    /// Whether `conn` is a seed-protocol member of group `id` (not a numbered one).
+    pub fn is_seed_member(&self, id: GroupId, conn: usize) -> bool {
+        self.groups.get(id).is_some_and(|g| g.members.contains(&conn))
+    }
+
     /// The protocol-2 side of group `id`, if it has protocol-2 members.
     pub fn numbered(&self, id: GroupId) -> Option<&NumberedGroup> {
         self.groups.get(id)?.numbered.as_deref()

@@ -50,6 +50,9 @@ impl Clients {
             // Backpressure. Edge-triggered readiness will not repeat this event: `flush_dirty`
             // queues a read when the output has drained and the connection may go on.
             Some(conn) if conn.paused => return,
+            // Being handed over: its input is for whoever serves it next (worker/handoff);
+            // that one reads it again. Handshakes still complete here.
+            Some(conn) if conn.held || (self.reads_frozen && conn.state == ConnState::Open) => return,
             Some(conn) if conn.resumed => {
                 conn.resumed = false;
                 // The wait was ours: a message in progress starts its clock again.
@@ -155,6 +158,11 @@ impl Clients {
                         conn.state = ConnState::Open;
                         pos += consumed;
                         self.mark_dirty(key);
+                        if self.reads_frozen {
+                            // Handing over: what follows the upgrade request is the next
+                            // worker's to process (it stays in `inbuf`).
+                            return (pos, Flow::Stop);
+                        }
                         if let Some(stop) = self.stopping {
                             // Accepted just before the stop: complete the handshake, then say
                             // why we close, so the client knows to come back.

@@ -48,6 +48,11 @@ impl Worker {
                             self.shut_down(code, Duration::from_millis(drain_ms));
                             Ok(())
                         }
+                        Request::HandOff { generation, timeout_ms } => {
+                            let fd = self.control.take_fd();
+                            self.begin_hand_off(fd, generation, Duration::from_millis(timeout_ms));
+                            Ok(())
+                        }
                     };
                     if let Err(e) = sent {
                         warn!("cannot answer the master: {e}");
@@ -108,6 +113,10 @@ impl Worker {
     /// gone or `drain` has passed. With a zero drain the close frames are written once and
     /// the worker exits at the end of the turn.
     pub(super) fn shut_down(&mut self, code: u16, drain: Duration) {
+        if self.handoff_out.is_some() {
+            // Stopping wins: the connections are closed from here, none half-moved.
+            self.hand_off_failed("the worker was told to stop".into());
+        }
         let deadline = Instant::now() + drain;
         if let Some(stopping) = &mut self.stopping {
             // A second, more urgent request shortens the wait.

@@ -112,7 +112,8 @@ impl Clients {
     /// it (any byte resets idleness, so trickling would pin a partial message forever).
     pub(super) fn sweep_idle(&mut self, parts: &mut Parts<'_>) {
         let now = Instant::now();
-        if now < self.next_sweep {
+        // A hand-off in progress: nothing is read, so silence means nothing (worker/handoff).
+        if now < self.next_sweep || self.reads_frozen {
             return;
         }
         let limits = &self.limits;
@@ -134,7 +135,7 @@ impl Clients {
             .map_or(0, |d| d.as_secs())
             .saturating_sub(self.gate.settings().leeway_secs);
         for (key, conn) in self.conns.iter_mut() {
-            if conn.state != ConnState::Open {
+            if conn.state != ConnState::Open || conn.held {
                 continue;
             }
             if conn.identity().and_then(|i| i.exp).is_some_and(|exp| exp < now_unix) {

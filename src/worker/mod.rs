@@ -13,6 +13,7 @@ mod clients;
 pub mod conn;
 mod delivery;
 pub mod groups;
+mod handoff;
 mod input;
 mod lifecycle;
 mod limits;
@@ -43,6 +44,7 @@ const LISTENER: Token = Token(0);
 const CONTROL: Token = Token(2);
 const SIGNALS: Token = Token(3);
 const TLS_LISTENER: Token = Token(4);
+// Token(5) is the hand-off socket's (`handoff::TOKEN`).
 
 /// Size of the worker-wide read buffer every connection reads into.
 const READ_BUF: usize = 64 * 1024;
@@ -76,6 +78,10 @@ pub struct Worker {
     stats: ProcessStats,
     /// Set once the worker was told to stop: no more accepting, clients closing.
     stopping: Option<lifecycle::Stopping>,
+    /// Handing this worker's connections to its replacement (a reload).
+    handoff_out: Option<Box<handoff::Sending>>,
+    /// Receiving the connections of the worker this one replaces.
+    handoff_in: Option<Box<handoff::Receiving>>,
     started: Instant,
 }
 
@@ -92,6 +98,11 @@ pub fn run(index: usize) -> anyhow::Result<()> {
         }
     }
     let mut worker = Worker::new(index, config).context("worker setup failed")?;
+    if std::env::var(control::handoff::HANDOFF_ENV).is_ok_and(|v| v == "1") {
+        let fd = crate::sys::adopt_inherited_fd(control::handoff::CHILD_HANDOFF_FD)
+            .context("no hand-off socket from the master")?;
+        worker.expect_hand_off(fd).context("cannot take the hand-off socket")?;
+    }
     info!("worker {index} started");
     worker.run()
 }
@@ -140,6 +151,8 @@ impl Worker {
             accept_paused_until: None,
             stats,
             stopping: None,
+            handoff_out: None,
+            handoff_in: None,
             started: Instant::now(),
             config,
         })
@@ -172,6 +185,8 @@ impl Worker {
                     bus::TOKEN => self.bus_ready(),
                     CONTROL => self.control_ready(),
                     SIGNALS => self.signals_ready(),
+                    handoff::TOKEN if self.handoff_out.is_some() => self.hand_off_answers(),
+                    handoff::TOKEN => self.hand_off_records(),
                     Token(t) => {
                         let key = t - FIRST_CONN;
                         let (clients, mut parts, buf) = self.parts();
@@ -206,6 +221,10 @@ impl Worker {
         if let Some(at) = self.accept_paused_until {
             wake = wake.min(at);
         }
+        if let Some(sending) = &self.handoff_out {
+            // Rounds start at the end of a turn; handshakes still completing need turns too.
+            wake = wake.min(sending.deadline()).min(now + Duration::from_millis(20));
+        }
         wake.saturating_duration_since(now)
     }
 
@@ -214,6 +233,9 @@ impl Worker {
         self.bus.end_of_turn(self.poll.registry());
         let (clients, mut parts, _) = self.parts();
         clients.end_of_turn(&mut parts);
+        if self.handoff_out.is_some() {
+            self.hand_off_turn();
+        }
         if self.accept_paused_until.is_some_and(|t| Instant::now() >= t) {
             self.accept_paused_until = None;
             self.accept_all();
@@ -277,9 +299,14 @@ impl Worker {
     /// messages, history answers), then sends the history requests that gave rise to.
     fn bus_ready(&mut self) {
         let (clients, groups, offsets) = (&mut self.clients, &mut self.groups, &mut self.offsets);
+        let handoff = &mut self.handoff_out;
         let mut asks = Vec::new();
         let mut link_up = false;
         self.bus.on_ready(self.poll.registry(), &mut self.read_buf, |event| {
+            // A hand-off making its cut watches the stream and takes its own answers.
+            if handoff.as_mut().is_some_and(|h| h.observe(&event, groups)) {
+                return;
+            }
             link_up |= event == bus::BusEvent::LinkUp;
             clients.on_bus_event(event, groups, offsets, &mut asks)
         });

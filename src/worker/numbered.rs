@@ -10,7 +10,7 @@
 //! was given); while its join or the group's catch-up is unanswered, live messages wait in a
 //! bounded buffer; what cannot be recovered is said with a gap notice.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 
 use crate::channel::wire::PayloadKind;
@@ -87,6 +87,10 @@ pub struct NumberedGroup {
     /// Most messages a buffer holds (`history.max_recover`, at least 64); beyond, the oldest
     /// go and the member (or the group) is told of a gap.
     buffer_max: usize,
+    /// Members handed over by a reload from a seed-protocol connection (worker/handoff): they
+    /// follow the group's offsets like the others, so nothing is repeated or skipped across
+    /// the switch, but they are sent the bare message, as seed members are.
+    bare: HashSet<usize>,
 }
 
 impl NumberedGroup {
@@ -99,6 +103,7 @@ impl NumberedGroup {
             pending: HashMap::new(),
             catch_up: None,
             buffer_max: buffer_max.max(64),
+            bare: HashSet::new(),
         }
     }
 
@@ -128,9 +133,40 @@ impl NumberedGroup {
         self.pending.insert(request, conn);
     }
 
+    /// Adds `conn` as a member taking the bare message (a handed-over seed member), waiting for
+    /// the answer to `request`.
+    pub fn add_pending_bare(&mut self, conn: usize, request: u64) {
+        self.add_pending(conn, request);
+        self.bare.insert(conn);
+    }
+
+    /// Whether `conn` takes the bare message rather than the envelope.
+    pub fn is_bare(&self, conn: usize) -> bool {
+        !self.bare.is_empty() && self.bare.contains(&conn)
+    }
+
+    /// The frame `conn` is sent for a message: the envelope, or the bare text.
+    fn frame_for(&self, conn: usize, live: &Live) -> Rc<[u8]> {
+        if self.is_bare(conn) {
+            Rc::from(crate::ws::frame::text(&live.payload))
+        } else {
+            envelope_of(&self.name_json, live.offset, live.kind, &live.payload)
+        }
+    }
+
     pub fn remove(&mut self, conn: usize) {
+        self.bare.remove(&conn);
         if let Some(Member::Pending { request, .. }) = self.members.remove(&conn) {
             self.pending.remove(&request);
+        }
+    }
+
+    /// Where member `conn` stands: the epoch and the last offset it was given; `None` while
+    /// its join waits for its answer (or it is no member).
+    pub fn member_position(&self, conn: usize) -> Option<Position> {
+        match self.members.get(&conn)? {
+            Member::Active { floor, epoch } => Some(Position { epoch: epoch.clone(), offset: *floor }),
+            Member::Pending { .. } => None,
         }
     }
 
@@ -181,12 +217,16 @@ impl NumberedGroup {
     fn deliver(&mut self, offset: u64, kind: PayloadKind, payload: &[u8], sink: &mut impl Sink) {
         let Some(at) = &mut self.position else { return };
         at.offset = offset;
-        let mut frame = None;
+        let (mut frame, mut bare_frame) = (None, None);
         for (&conn, member) in &mut self.members {
             if let Member::Active { floor, epoch } = member {
                 if offset > *floor && (Rc::ptr_eq(epoch, &at.epoch) || **epoch == *at.epoch) {
                     *floor = offset;
-                    let f = frame.get_or_insert_with(|| envelope_of(&self.name_json, offset, kind, payload));
+                    let f = if !self.bare.is_empty() && self.bare.contains(&conn) {
+                        bare_frame.get_or_insert_with(|| Rc::from(crate::ws::frame::text(payload)))
+                    } else {
+                        frame.get_or_insert_with(|| envelope_of(&self.name_json, offset, kind, payload))
+                    };
                     sink.send(conn, f);
                 }
             }
@@ -294,7 +334,7 @@ impl NumberedGroup {
         let recovered = recovered && !replay_overflowed && follows && replay.back().is_none_or(|l| l.offset == offset);
         if recovered {
             for live in &replay {
-                sink.send(conn, &envelope_of(&self.name_json, live.offset, live.kind, &live.payload));
+                sink.send(conn, &self.frame_for(conn, live));
             }
         }
         let joined = Joined { conn, at, recovered };
@@ -310,7 +350,7 @@ impl NumberedGroup {
                 break;
             }
             floor = live.offset;
-            sink.send(conn, &envelope_of(&self.name_json, live.offset, live.kind, &live.payload));
+            sink.send(conn, &self.frame_for(conn, &live));
         }
         let mut member_epoch = joined.at.epoch.clone();
         match &self.position {
@@ -416,6 +456,44 @@ mod tests {
         fn joined(&mut self, j: &Joined) {
             self.log.push(format!("{}:reply{}{}", j.conn, j.at.offset, if j.recovered { "" } else { "!" }));
         }
+    }
+
+    /// Every frame's payload as sent, per connection.
+    #[derive(Default)]
+    struct Raw(Vec<(usize, String)>);
+
+    impl Sink for Raw {
+        fn send(&mut self, conn: usize, frame: &Rc<[u8]>) {
+            self.0.push((conn, String::from_utf8_lossy(&frame[2..]).into_owned()));
+        }
+        fn gap(&mut self, conn: usize, at: &Position) {
+            self.0.push((conn, format!("gap{}", at.offset)));
+        }
+        fn request(&mut self, _: u64, _: Option<&Position>) {}
+        fn next_request(&mut self) -> u64 {
+            1000
+        }
+        fn joined(&mut self, _: &Joined) {}
+    }
+
+    #[test]
+    fn handed_over_seed_members_get_bare_messages_from_their_cut_on() {
+        let mut g = NumberedGroup::new("g", 100);
+        let mut s = Raw::default();
+        g.add_pending(1, 7);
+        g.add_pending_bare(2, 8);
+        assert!(g.is_bare(2) && !g.is_bare(1));
+        g.on_position(7, "e", 3, false, &mut s);
+        // The seed member's cut was 2: the history brings 3, then the answer.
+        g.on_item(8, 3, PayloadKind::Text, b"three", &mut s);
+        g.on_position(8, "e", 3, true, &mut s);
+        assert_eq!(g.member_position(2), Some(Position { epoch: Rc::from("e"), offset: 3 }));
+        g.on_live(4, PayloadKind::Json, br#"{"n":4}"#, &mut s);
+        let to = |c: usize| s.0.iter().filter(|(k, _)| *k == c).map(|(_, m)| m.clone()).collect::<Vec<_>>();
+        assert_eq!(to(2), ["three", r#"{"n":4}"#], "bare, from the cut on, once each");
+        assert_eq!(to(1), [r#"{"group":"g","offset":4,"message":{"n":4}}"#]);
+        g.remove(2);
+        assert!(!g.is_bare(2) && g.member_position(2).is_none());
     }
 
     fn live(g: &mut NumberedGroup, offset: u64, sink: &mut Record) {

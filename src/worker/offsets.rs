@@ -14,7 +14,9 @@ pub enum Asked {
     /// A protocol-2 join: the joining connection's id (the member is found by the request;
     /// the id guards against a reused slab key), its reply `id`, and its `since` (asked
     /// again after a reconnect).
-    Join { group: Rc<str>, conn_id: u64, id: Option<Box<RawValue>>, since: Option<Position> },
+    /// `handed`: not a client's join but a membership handed over by a reload
+    /// (worker/handoff): no reply, and what cannot be recovered is a gap.
+    Join { group: Rc<str>, conn_id: u64, id: Option<Box<RawValue>>, since: Option<Position>, handed: bool },
     /// The group's catch-up after a break in its stream.
     CatchUp { group: Rc<str> },
 }

@@ -117,6 +117,30 @@ impl OutQueue {
         dropped
     }
 
+    /// Every byte not yet written, in order (the first may be inside a frame): what a live
+    /// hand-off moves to the next worker (worker/handoff).
+    pub fn unsent(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(self.bytes);
+        for (i, chunk) in self.chunks.iter().enumerate() {
+            let start = if i == 0 { self.offset } else { 0 };
+            bytes.extend_from_slice(&chunk[start.min(chunk.len())..]);
+        }
+        bytes
+    }
+
+    /// A queue holding `unsent` (handed over from another worker) and counting `written` bytes
+    /// written before. The bytes form one owned chunk: the drop policy never cuts into them
+    /// (they may end inside a frame).
+    pub fn resume(unsent: Vec<u8>, written: u64) -> OutQueue {
+        let mut queue = OutQueue { written, ..OutQueue::default() };
+        if !unsent.is_empty() {
+            queue.push(Chunk::Owned(unsent.into_boxed_slice()));
+            // Nothing before it may be dropped.
+            queue.scan = 1;
+        }
+        queue
+    }
+
     pub fn write_to(&mut self, out: &mut impl Write) -> io::Result<Flushed> {
         while !self.chunks.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
@@ -267,6 +291,26 @@ mod tests {
         assert_eq!(q.drop_oldest_shared(0), 2);
         assert_eq!(q.write_to(&mut sink).unwrap(), Flushed::All);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn unsent_bytes_move_whole_and_resume_in_order() {
+        let shared: Rc<[u8]> = Rc::from(&b"abcdef"[..]);
+        let mut q = OutQueue::default();
+        q.push(Chunk::Shared(shared.clone()));
+        q.push(Chunk::Owned(b"XYZ".to_vec().into_boxed_slice()));
+        q.push(Chunk::Shared(shared.clone()));
+        q.drop_oldest_shared(100);
+        let mut sink = Trickle { got: Vec::new(), limit: 4, cap: 4 };
+        assert_eq!(q.write_to(&mut sink).unwrap(), Flushed::Blocked);
+        assert_eq!(q.unsent(), b"efXYZabcdef", "from inside the first frame on");
+        let mut moved = OutQueue::resume(q.unsent(), q.total_written());
+        assert_eq!((moved.bytes(), moved.total_written()), (11, 4));
+        moved.push(Chunk::Shared(shared));
+        assert_eq!(moved.drop_oldest_shared(0), 1, "only what came after the move may be dropped");
+        sink.cap = 100;
+        assert_eq!(moved.write_to(&mut sink).unwrap(), Flushed::All);
+        assert_eq!(sink.got, b"abcdefXYZabcdef");
     }
 
     #[test]

@@ -54,8 +54,7 @@ impl Sink for ToMembers<'_> {
         self.clients.queue_shared(conn, frame.clone());
     }
     fn gap(&mut self, conn: usize, at: &Position) {
-        self.clients.stats.gap_notices += 1;
-        self.clients.reply_open(conn, &gap_notice(self.group, at));
+        self.clients.tell_gap(conn, self.group, at);
     }
     fn request(&mut self, request: u64, since: Option<&Position>) {
         self.offsets.asked.insert(request, Asked::CatchUp { group: self.group.clone() });
@@ -65,9 +64,15 @@ impl Sink for ToMembers<'_> {
         self.offsets.next_request()
     }
     fn joined(&mut self, joined: &numbered::Joined) {
-        if let Some(Asked::Join { conn_id, id, since, .. }) = self.join {
-            let (conn, at) = (joined.conn, &joined.at);
-            self.clients.joined(conn, *conn_id, id.as_deref(), since.is_some(), at, joined.recovered);
+        match self.join {
+            Some(Asked::Join { conn_id, handed: true, .. }) => {
+                self.clients.handed_joined(joined.conn, *conn_id, self.group, &joined.at, joined.recovered)
+            }
+            Some(Asked::Join { conn_id, id, since, .. }) => {
+                let (conn, at) = (joined.conn, &joined.at);
+                self.clients.joined(conn, *conn_id, id.as_deref(), since.is_some(), at, joined.recovered);
+            }
+            _ => {}
         }
     }
 }
@@ -101,7 +106,8 @@ impl Clients {
                 let ask = Ask { request, group: Rc::from(group), since };
                 parts.bus.request_history(request, group, ask.since(), parts.offsets.max_recover);
                 let conn_id = conn.id;
-                let asked = Asked::Join { group: ask.group, conn_id, id: id.map(RawValue::to_owned), since: ask.since };
+                let id = id.map(RawValue::to_owned);
+                let asked = Asked::Join { group: ask.group, conn_id, id, since: ask.since, handed: false };
                 parts.offsets.asked.insert(request, asked);
                 Ok(Answer::Later)
             }
@@ -212,6 +218,52 @@ impl Clients {
                 }
             }
         }
+    }
+
+    /// Tells `conn` it lost messages of `group` before `at`: a gap notice on protocol 2; a
+    /// seed-protocol connection (a handed-over one, the only kind that follows offsets) has
+    /// no way to hear it, so it is only counted (`handoff_gaps`).
+    fn tell_gap(&mut self, conn: usize, group: &str, at: &Position) {
+        match self.conns.get(conn) {
+            Some(c) if c.protocol2 => {
+                self.stats.gap_notices += 1;
+                self.reply_open(conn, &gap_notice(group, at));
+            }
+            Some(_) => self.stats.handoff_gaps += 1,
+            None => {}
+        }
+    }
+
+    /// A membership handed over by a reload is in step with the group: what the history could
+    /// not give between the old worker's cut and now is a gap.
+    fn handed_joined(&mut self, conn: usize, conn_id: u64, group: &str, at: &Position, recovered: bool) {
+        if self.conns.get(conn).is_some_and(|c| c.id == conn_id) && !recovered {
+            self.tell_gap(conn, group, at);
+        }
+    }
+
+    /// Makes connection `key` (just handed over, not yet serving) a numbered member of `group`
+    /// from `cut`, the last offset the old worker queued to it: the bus is asked for what
+    /// follows, so the member gets every later message once, the missing ones from the
+    /// history first. `bare`: a seed-protocol connection, sent bare messages.
+    pub(super) fn join_handed(&mut self, key: usize, group: &str, cut: Position, bare: bool, parts: &mut Parts<'_>) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        let request = parts.offsets.next_request();
+        let buffer_max = parts.offsets.max_recover as usize;
+        let joined = if bare {
+            parts.groups.join_numbered_bare(group, key, request, buffer_max)
+        } else {
+            parts.groups.join_numbered(group, key, request, buffer_max)
+        };
+        let Joined::New { id: gid, first } = joined else { return };
+        conn.groups.push(gid);
+        if first {
+            parts.bus.subscribe(group);
+        }
+        let since = Since { epoch: &cut.epoch, offset: cut.offset };
+        parts.bus.request_history(request, group, Some(since), parts.offsets.max_recover);
+        let asked = Asked::Join { group: Rc::from(group), conn_id: conn.id, id: None, since: Some(cut), handed: true };
+        parts.offsets.asked.insert(request, asked);
     }
 
     /// A join got its answer: reply (with `recovered` when it asked with `since`), count it.

@@ -48,6 +48,11 @@ impl Worker {
                             self.shut_down(code, Duration::from_millis(drain_ms));
                             Ok(())
                         }
+                        Request::HandOff { generation, timeout_ms } => {
+                            let fd = self.control.take_fd();
+                            self.begin_hand_off(fd, generation, Duration::from_millis(timeout_ms));
+                            Ok(())
+                        }
                     };
                     if let Err(e) = sent {
                         warn!("cannot answer the master: {e}");

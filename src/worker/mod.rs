@@ -13,6 +13,7 @@ mod clients;
 pub mod conn;
 mod delivery;
 pub mod groups;
+mod handoff;
 mod input;
 mod lifecycle;
 mod limits;
@@ -124,6 +125,7 @@ impl Worker {
                 .map_err(|e| anyhow::anyhow!("token key from the master: {e}"))?,
             config.limits.connections_per_worker(config.workers),
             inherit_per_ip_counter()?,
+            control::handoff::generation(),
         );
         Ok(Worker {
             index,

@@ -99,16 +99,28 @@ pub fn stop_if_running(config: &Config, graceful: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `groupcast reload [-g]`: SIGUSR1 (or SIGUSR2, graceful) to the master, then wait until the
-/// reload it starts has ended and report how.
-pub fn reload(config: &Config, graceful: bool) -> anyhow::Result<()> {
+/// `groupcast reload [-g] [--close]`: SIGUSR1 (or SIGUSR2, graceful) to the master, or with
+/// `--close` the control request `reload close [graceful]` (a signal cannot say the mode),
+/// then wait until the reload it starts has ended and report how.
+pub fn reload(config: &Config, graceful: bool, close: bool) -> anyhow::Result<()> {
     let pid = running_master(config)?;
     let before = fetch_status(config)?;
-    let generation = before.reloads + 1;
-    let signal = if graceful { Signal::SIGUSR2 } else { Signal::SIGUSR1 };
-    kill(Pid::from_raw(pid as i32), signal).with_context(|| format!("cannot signal pid {pid}"))?;
-    // Each worker may take the ready timeout and, graceful, the drain time; plus margin.
+    let generation = if close {
+        let request = if graceful { "reload close graceful" } else { "reload close" };
+        let answer = ask(config, request)?;
+        match answer.trim().strip_prefix("ok ").and_then(|g| g.parse::<u64>().ok()) {
+            Some(generation) => generation,
+            None => bail!("the master refused the reload: {}", answer.trim()),
+        }
+    } else {
+        let signal = if graceful { Signal::SIGUSR2 } else { Signal::SIGUSR1 };
+        kill(Pid::from_raw(pid as i32), signal).with_context(|| format!("cannot signal pid {pid}"))?;
+        before.reloads + 1
+    };
+    // Each worker may take the ready timeout, its hand-off and, graceful, the drain time; plus
+    // margin.
     let per_worker = crate::master::READY_TIMEOUT
+        + Duration::from_millis(before.handoff_timeout_ms)
         + if graceful { Duration::from_millis(before.graceful_timeout_ms) } else { Duration::ZERO };
     let deadline = Instant::now() + per_worker * before.workers as u32 + Duration::from_secs(10);
     while Instant::now() < deadline {
@@ -119,11 +131,12 @@ pub fn reload(config: &Config, graceful: bool) -> anyhow::Result<()> {
         }
         match report.last_reload {
             Some(last) if last.generation >= generation => {
+                let lines: String = last.handoffs.iter().map(|h| format!("\n  {}", h.line())).collect();
                 if last.ok {
-                    println!("groupcast reloaded: {}", last.message);
+                    println!("groupcast reloaded: {}{lines}", last.message);
                     return Ok(());
                 }
-                bail!("{}", last.message);
+                bail!("{}{lines}", last.message);
             }
             _ => {}
         }
@@ -220,6 +233,15 @@ fn render_status(r: &StatusReport) -> String {
         out += &format!(" (last: {})", if last.ok { "ok" } else { "FAILED" });
     }
     out += if r.reloading { "  RELOADING\n" } else { "\n" };
+    out += &format!("reload mode {}  hand-off timeout {}ms", r.reload_mode.name(), r.handoff_timeout_ms);
+    if let Some(last) = &r.last_reload {
+        let mode = if last.mode.is_empty() { "close" } else { &last.mode };
+        out += &format!("  last reload {} ({mode}): {}", last.generation, last.message);
+    }
+    out += "\n";
+    for handoff in r.last_reload.iter().flat_map(|l| &l.handoffs) {
+        out += &format!("  {}\n", handoff.line());
+    }
     out += &format!(
         "connections {}  memberships {}  messages in {}  out {}  published {}  send failures {}  bad requests {}  restarts {}\n",
         t.connections, t.memberships, t.messages_in, t.messages_out, t.published, t.send_failures, t.bad_requests, t.restarts
@@ -355,6 +377,11 @@ fn render_status(r: &StatusReport) -> String {
             ("joins unrecovered", &t.joins_unrecovered),
             ("gap notices", &t.gap_notices),
         ],
+    );
+    out += &labelled(
+        "hand-off:",
+        7,
+        &[("received", &t.handoffs_in), ("handed over", &t.handoffs_out), ("seed gaps", &t.handoff_gaps)],
     );
     out += "\n";
     out += &format!(

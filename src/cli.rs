@@ -46,6 +46,10 @@ pub enum Command {
         /// Graceful: wait for each old worker's clients to close before replacing the next.
         #[arg(short = 'g', long = "graceful")]
         graceful: bool,
+        /// Close mode for this reload: old workers close their clients with 1012 instead of
+        /// handing them over (whatever `reload_mode` says).
+        #[arg(long = "close")]
+        close: bool,
     },
     /// Show live figures of every process of the running instance.
     Status {

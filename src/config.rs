@@ -58,6 +58,8 @@ pub const DEFAULT_CHANNEL_MAX_FRAME: usize = 16 << 20;
 pub const DEFAULT_STATUS_TIMEOUT_MS: u64 = 2000;
 /// How long a graceful stop or reload waits for clients to close, in milliseconds.
 pub const DEFAULT_GRACEFUL_TIMEOUT_MS: u64 = 30_000;
+/// How long one worker's live hand-off at reload may take, in milliseconds.
+pub const DEFAULT_HANDOFF_TIMEOUT_MS: u64 = 10_000;
 /// How long a channel peer has to authenticate before the broker drops it, in milliseconds.
 pub const DEFAULT_CHANNEL_AUTH_TIMEOUT_MS: u64 = 5_000;
 /// Most channel peers one broker serves at once.
@@ -137,6 +139,27 @@ pub enum BusKind {
     Channel,
     /// Redis pub/sub (`[redis]`), for deployments beyond one broker.
     Redis,
+}
+
+/// How a reload replaces a worker's open connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReloadMode {
+    /// The old worker hands its plain connections to its replacement (live hand-off); the
+    /// clients notice nothing. TLS connections are still closed with 1012.
+    #[default]
+    Handoff,
+    /// The old worker closes every client with 1012 (service restart); clients reconnect.
+    Close,
+}
+
+impl ReloadMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReloadMode::Handoff => "handoff",
+            ReloadMode::Close => "close",
+        }
+    }
 }
 
 /// Redis bus settings (`bus = "redis"`).
@@ -384,6 +407,11 @@ pub struct Config {
     pub status_timeout_ms: u64,
     /// How long `stop -g` / `reload -g` let clients close before forcing, ms (default 30000).
     pub graceful_timeout_ms: u64,
+    /// How a reload replaces workers: `"handoff"` (default) moves open connections to the new
+    /// worker, `"close"` closes them with 1012 (`reload --close` forces it for one reload).
+    pub reload_mode: ReloadMode,
+    /// How long one worker's hand-off may take before it is rolled back, ms (default 10000).
+    pub handoff_timeout_ms: u64,
     /// User to run as after binding, when started as root (default: stay as started).
     pub user: Option<String>,
     /// Group to run as after binding (default: the user's primary group).
@@ -562,6 +590,8 @@ impl Default for Config {
             backlog: DEFAULT_BACKLOG,
             status_timeout_ms: DEFAULT_STATUS_TIMEOUT_MS,
             graceful_timeout_ms: DEFAULT_GRACEFUL_TIMEOUT_MS,
+            reload_mode: ReloadMode::Handoff,
+            handoff_timeout_ms: DEFAULT_HANDOFF_TIMEOUT_MS,
             user: None,
             group: None,
             bus: BusKind::Channel,
@@ -823,6 +853,7 @@ impl Config {
             ("backlog", u64::from(self.backlog), 1, 65_535),
             ("status_timeout_ms", self.status_timeout_ms, 1, MAX_DURATION_MS),
             ("graceful_timeout_ms", self.graceful_timeout_ms, 1, MAX_DURATION_MS),
+            ("handoff_timeout_ms", self.handoff_timeout_ms, 100, 600_000),
             ("channel.queue_max_messages", n(c.queue_max_messages), 1, MAX_COUNT),
             ("channel.queue_max_bytes", n(c.queue_max_bytes), 1024, MAX_BYTES),
             ("channel.grace_ms", c.grace_ms, 0, MAX_DURATION_MS),

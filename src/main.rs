@@ -47,7 +47,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             start(config, source, Mode::Instance, args.daemon)
         }
         Command::Stop { graceful } => admin::stop(&config, graceful),
-        Command::Reload { graceful } => admin::reload(&config, graceful),
+        Command::Reload { graceful, close } => admin::reload(&config, graceful, close),
         Command::Status { json, refresh } => admin::status(&config, json, refresh),
         Command::Connections { json } => admin::connections(&config, json),
         Command::Publish { group, message } => publish::publish(&config, &group, message.as_deref()),

@@ -1,4 +1,4 @@
-//! The only `unsafe` in groupcast: adopting inherited descriptors, preparing a child between
+//! The only `unsafe` in groupcast: adopting inherited and received descriptors, preparing a child between
 //! fork and exec, and mapping the one shared-memory region the workers count in
 //! (`SharedWords`). Everything else goes through safe std/nix/mio calls.
 #![allow(unsafe_code)]
@@ -32,6 +32,16 @@ pub fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     // Keep it from leaking into anything this process might exec later.
     fcntl(owned.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
     Ok(owned)
+}
+
+/// Takes ownership of descriptors that arrived in an SCM_RIGHTS message (recvmsg just
+/// installed them in this process), so they close when dropped.
+pub fn own_received_fds(fds: Vec<RawFd>) -> Vec<OwnedFd> {
+    fds.into_iter()
+        // SAFETY: the kernel created these descriptors in this process for the message just
+        // received; nothing else knows their numbers, so each gets exactly one owner here.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect()
 }
 
 /// Spawns `command` (fork + exec) with each `(fd, target)` of `fds` available in the child as

@@ -1,6 +1,6 @@
 //! What a child inherits from the master across exec: its listeners (plain and TLS), its end of
-//! the status link, the TLS certificate and key (a sealed memfd) and (workers) the per-IP table
-//! at fixed descriptor numbers, and the resolved config in the environment, so every
+//! the status link, the TLS certificate and key (a sealed memfd), (workers) the per-IP table
+//! and (hand-off reload) the hand-off socket at fixed descriptor numbers, its generation, and the resolved config in the environment, so every
 //! process of an instance runs with exactly the master's values.
 
 use anyhow::Context;
@@ -19,6 +19,15 @@ pub const CHILD_TLS_LISTENER_FD: i32 = 5;
 pub const CHILD_TLS_MATERIAL_FD: i32 = 6;
 /// Descriptor number at which a worker finds the shared per-IP connection table (`per_ip.rs`).
 pub const CHILD_PER_IP_FD: i32 = 7;
+/// Descriptor number at which a worker started by a hand-off reload finds its end of the
+/// hand-off socket (SOCK_SEQPACKET) shared with the worker it replaces.
+pub const CHILD_HANDOFF_FD: i32 = 8;
+/// Set (to `1`) in the environment of a worker started to receive a hand-off at
+/// `CHILD_HANDOFF_FD`.
+pub const HANDOFF_ENV: &str = "GROUPCAST_HANDOFF";
+/// The reload generation a worker was started in (0 at start): its connection ids start at
+/// `(generation << 32) + 1`, so ids handed over from an older worker never collide.
+pub const GENERATION_ENV: &str = "GROUPCAST_GENERATION";
 /// Environment variable naming the per-IP table column a worker writes.
 pub const PER_IP_COLUMN_ENV: &str = "GROUPCAST_PER_IP_COLUMN";
 /// Environment variable carrying the resolved config (JSON) from master to child.
@@ -55,4 +64,10 @@ pub fn child_config() -> anyhow::Result<Config> {
     config.log.syslog = passed.syslog;
     config.auth.jwt_key = passed.jwt_key;
     Ok(config)
+}
+
+/// The reload generation of this worker from `GENERATION_ENV` (0 when unset or unreadable:
+/// a worker started by hand).
+pub fn generation() -> u64 {
+    std::env::var(GENERATION_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(0)
 }

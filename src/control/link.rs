@@ -1,9 +1,12 @@
 //! Both ends of the status link, a Unix socket pair made at spawn: `ChildLink` is the child's
 //! end, driven by the child's own event loop (non-blocking, registered with mio);
 //! `MasterLink` is the master's end, read with a deadline while the master gathers figures.
-//! Every line is a `Request` (master to child) or a `Reply` (child to master) in JSON.
+//! Every line is a `Request` (master to child) or a `Reply` (child to master) in JSON. A
+//! request may carry a descriptor (SCM_RIGHTS, in the same sendmsg as its line): the hand-off
+//! socket of `Request::HandOff`.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::time::Instant;
 
@@ -17,12 +20,17 @@ use crate::sendbuf::SendBuf;
 
 /// Longest request line a child keeps; a longer one is not from the master and is dropped.
 const MAX_REQUEST_LINE: usize = 4096;
+/// Received descriptors kept for `take_fd`; older ones are closed beyond this (the master
+/// sends one per `HandOff`, and the worker takes it at once).
+const MAX_KEPT_FDS: usize = 4;
 
 /// The child's end of the status link.
 pub struct ChildLink {
     stream: UnixStream,
     inbuf: Vec<u8>,
     outbuf: SendBuf,
+    /// Descriptors that came with requests, oldest first.
+    fds: std::collections::VecDeque<OwnedFd>,
 }
 
 impl ChildLink {
@@ -33,16 +41,18 @@ impl ChildLink {
         std_stream.set_nonblocking(true)?;
         let mut stream = UnixStream::from_std(std_stream);
         registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
-        let mut link = ChildLink { stream, inbuf: Vec::new(), outbuf: SendBuf::default() };
+        let mut link =
+            ChildLink { stream, inbuf: Vec::new(), outbuf: SendBuf::default(), fds: Default::default() };
         link.send_json(Reply::Ready)?;
         Ok(link)
     }
 
-    /// Reads what the master sent. `Ok(None)` at end of stream: the master is gone.
+    /// Reads what the master sent, keeping descriptors that came with it (`take_fd`).
+    /// `Ok(None)` at end of stream: the master is gone.
     pub fn read_requests(&mut self) -> io::Result<Option<Vec<Request>>> {
         let mut buf = [0u8; 512];
         loop {
-            match self.stream.read(&mut buf) {
+            match self.receive(&mut buf) {
                 Ok(0) => return Ok(None),
                 Ok(n) => self.inbuf.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -65,6 +75,39 @@ impl ChildLink {
             self.inbuf.clear();
         }
         Ok(Some(requests))
+    }
+
+    /// One recvmsg: bytes into `buf`, descriptors onto `self.fds` (close-on-exec).
+    fn receive(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        let mut iov = [IoSliceMut::new(buf)];
+        let mut space = nix::cmsg_space!([RawFd; 4]);
+        let msg = recvmsg::<()>(self.stream.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+            .map_err(io::Error::from)?;
+        let n = msg.bytes;
+        match msg.cmsgs() {
+            Ok(cmsgs) => {
+                for cmsg in cmsgs {
+                    if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                        self.fds.extend(crate::sys::own_received_fds(fds));
+                    }
+                }
+            }
+            // More descriptors than the master ever sends with one line: not from the master.
+            Err(_) => warn!("descriptors from the master were cut off (MSG_CTRUNC)"),
+        }
+        while self.fds.len() > MAX_KEPT_FDS {
+            self.fds.pop_front();
+        }
+        Ok(n)
+    }
+
+    /// The descriptor that came with the last request carrying one (`Request::HandOff`'s
+    /// socket), if it was not taken yet.
+    pub fn take_fd(&mut self) -> Option<OwnedFd> {
+        let newest = self.fds.pop_back();
+        self.fds.clear();
+        newest
     }
 
     /// Sends one reply (a `&ProcessStats` or a `&ConnectionList` converts into one).
@@ -105,15 +148,52 @@ impl MasterLink {
         true
     }
 
-    /// Reads and discards whatever is already waiting (late answers to earlier requests that
-    /// timed out, so they are not taken for the next one's); true if a `Ready` was among them.
-    pub fn discard_pending(&mut self) -> bool {
-        let mut ready = false;
-        while let Ok(Some(reply)) = self.read_reply(None) {
-            ready |= matches!(reply, Reply::Ready);
+    /// Sends one request with `fd` attached (SCM_RIGHTS) to the same sendmsg as its line, so
+    /// the child finds the descriptor when it reads the request; false if the link is gone.
+    pub fn send_with_fd(&mut self, request: &Request, fd: BorrowedFd<'_>) -> bool {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let Some(stream) = self.stream.as_mut() else { return false };
+        let mut line = Vec::new();
+        if encode_line(request, &mut line).is_err() || stream.set_nonblocking(false).is_err() {
+            self.stream = None;
+            return false;
         }
-        self.linebuf.clear();
-        ready
+        let fds = [fd.as_raw_fd()];
+        let sent = loop {
+            match sendmsg::<()>(
+                stream.as_raw_fd(),
+                &[IoSlice::new(&line)],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                other => break other,
+            }
+        };
+        // A short write leaves the rest of the line (the descriptor went with its first byte).
+        let ok = match sent {
+            Ok(n) => stream.write_all(&line[n..]).is_ok(),
+            Err(_) => false,
+        };
+        if !ok {
+            self.stream = None;
+        }
+        ok
+    }
+
+    /// Reads and discards whatever is already waiting (late answers to earlier requests that
+    /// timed out, so they are not taken for the next one's); returns the replies that are not
+    /// answers and must not be lost (`Ready`, `HandOff`).
+    pub fn discard_pending(&mut self) -> Vec<Reply<'static>> {
+        let mut kept = Vec::new();
+        while let Ok(Some(reply)) = self.read_reply(None) {
+            if matches!(reply, Reply::Ready | Reply::HandOff(_)) {
+                kept.push(reply);
+            }
+        }
+        // A partial line stays: its rest follows, and it may be a `HandOff` report.
+        kept
     }
 
     /// Reads one reply: blocking until `deadline`, or without blocking when `None`.

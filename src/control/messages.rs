@@ -7,7 +7,7 @@ use std::borrow::Cow;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use super::report::{ConnectionList, ProcessStats};
+use super::report::{ConnectionList, HandOffReport, ProcessStats};
 
 /// What the master asks a child.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +20,10 @@ pub enum Request {
     /// Close every client with `code`, wait up to `drain_ms` for them to go, then exit.
     /// No answer: the link closes when the process ends.
     Shutdown { code: u16, drain_ms: u64 },
+    /// Reload in hand-off mode: move the open connections to the replacement, reached through
+    /// the socket that comes with this line (SCM_RIGHTS, `ChildLink::take_fd`), within
+    /// `timeout_ms`. Answered by `Reply::HandOff` when it is over.
+    HandOff { generation: u64, timeout_ms: u64 },
 }
 
 /// What a child tells the master. Borrowed when sent (no copy of a large connection list),
@@ -33,6 +37,8 @@ pub enum Reply<'a> {
     Ready,
     Stats(Cow<'a, ProcessStats>),
     Connections(Cow<'a, ConnectionList>),
+    /// How a `Request::HandOff` ended (sent once, by the old worker).
+    HandOff(HandOffReport),
 }
 
 impl<'a> From<&'a ProcessStats> for Reply<'a> {
@@ -72,7 +78,12 @@ mod tests {
 
     #[test]
     fn requests_round_trip() {
-        for r in [Request::Stats, Request::Connections, Request::Shutdown { code: 1012, drain_ms: 30_000 }] {
+        for r in [
+            Request::Stats,
+            Request::Connections,
+            Request::Shutdown { code: 1012, drain_ms: 30_000 },
+            Request::HandOff { generation: 3, timeout_ms: 10_000 },
+        ] {
             assert_eq!(round_trip(&r), r);
         }
     }
@@ -85,6 +96,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(round_trip(&Reply::Ready), Reply::Ready));
+        let report = HandOffReport { index: 1, moved: 5, ..Default::default() };
+        match round_trip(&Reply::HandOff(report.clone())) {
+            Reply::HandOff(r) => assert_eq!(r, report),
+            other => panic!("{other:?}"),
+        }
         let list = ConnectionList { missing_workers: vec![3], ..Default::default() };
         match round_trip(&Reply::from(&list)) {
             Reply::Connections(l) => assert_eq!(l.missing_workers, vec![3]),

@@ -20,5 +20,6 @@ pub use handoff::{child_config, encode_child_config, CHILD_LINK_FD, CHILD_LISTEN
 pub use link::{ChildLink, MasterLink};
 pub use messages::{Reply, Request};
 pub use report::{
-    binary_identity, AuthReport, ConnectionInfo, ConnectionList, ProcessStats, ReloadOutcome, StatusReport, Totals,
+    binary_identity, AuthReport, ConnectionInfo, ConnectionList, HandOffOutcome, HandOffReport, ProcessStats,
+    ReloadOutcome, StatusReport, Totals,
 };

@@ -117,6 +117,13 @@ pub struct ProcessStats {
     pub history_messages: u64,
     /// Channel: bytes of the messages kept in the history now (bounded by `history.max_bytes`).
     pub history_bytes: u64,
+    /// Connections this worker received from the worker it replaced (live hand-off).
+    pub handoffs_in: u64,
+    /// Connections this worker handed to its replacement, committed.
+    pub handoffs_out: u64,
+    /// Messages of a seed (protocol 1) member lost across a hand-off: the history could not
+    /// bridge the switch (protocol-2 members get a gap notice instead).
+    pub handoff_gaps: u64,
 }
 
 /// One client connection, as `groupcast connections` lists it.
@@ -174,6 +181,10 @@ pub struct StatusReport {
     pub last_reload: Option<ReloadOutcome>,
     /// How long a graceful stop waits for clients, so `stop -g` knows how long to wait.
     pub graceful_timeout_ms: u64,
+    /// How a reload replaces workers (`handoff` or `close`).
+    pub reload_mode: crate::config::ReloadMode,
+    /// How long one worker's hand-off may take.
+    pub handoff_timeout_ms: u64,
     /// The client limits in force (of the running config).
     pub limits: crate::config::Limits,
     /// The channel settings in force: bounds of the broker and of the workers' channel client.
@@ -227,6 +238,67 @@ pub struct ReloadOutcome {
     pub ok: bool,
     pub message: String,
     pub graceful: bool,
+    /// `handoff` or `close`: how this reload replaced the workers.
+    pub mode: String,
+    /// One report per worker replaced by hand-off in this reload (empty in close mode).
+    pub handoffs: Vec<HandOffReport>,
+}
+
+/// How one worker's live hand-off ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HandOffOutcome {
+    /// Every open plain connection is with the new worker.
+    Moved,
+    /// The new worker refused the offered format (or there was nothing to offer): the old
+    /// one closed its clients with 1012, as a close-mode reload does.
+    FellBack,
+    /// Rolled back before commit: the old worker serves on, the new one is killed.
+    #[default]
+    Failed,
+}
+
+/// The old worker's answer to `Request::HandOff`, when its hand-off is over.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HandOffReport {
+    pub generation: u64,
+    /// Worker index.
+    pub index: usize,
+    pub outcome: HandOffOutcome,
+    /// Connections handed over.
+    pub moved: u64,
+    /// Connections the old worker closed with 1012 (TLS ones; all of them on `fell_back`).
+    pub closed: u64,
+    pub rounds: u32,
+    /// `HandOff` received -> last commit.
+    pub millis: u64,
+    /// Longest time any moved connection went without I/O.
+    pub max_pause_ms: u64,
+    /// Empty when moved; why otherwise.
+    pub reason: String,
+}
+
+impl HandOffReport {
+    /// The `status` line of this worker, e.g. `worker-0: moved 1000 connections in 3 rounds,
+    /// 41 ms, longest pause 12 ms`.
+    pub fn line(&self) -> String {
+        let who = format!("worker-{}", self.index);
+        match self.outcome {
+            HandOffOutcome::Moved => format!(
+                "{who}: moved {} connections in {} rounds, {} ms, longest pause {} ms{}",
+                self.moved,
+                self.rounds,
+                self.millis,
+                self.max_pause_ms,
+                if self.closed > 0 { format!(", closed {} (TLS)", self.closed) } else { String::new() }
+            ),
+            HandOffOutcome::FellBack => {
+                format!("{who}: fell back to closing {} connections: {}", self.closed, self.reason)
+            }
+            HandOffOutcome::Failed => format!("{who}: failed: {}", self.reason),
+        }
+    }
 }
 
 /// Version and binary identity of the running process, for `ProcessStats`.
@@ -294,6 +366,9 @@ totals_of!(
     joins_recovered,
     joins_unrecovered,
     gap_notices,
+    handoffs_in,
+    handoffs_out,
+    handoff_gaps,
 );
 
 #[cfg(test)]

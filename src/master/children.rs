@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::control::handoff::PER_IP_COLUMN_ENV;
+use crate::control::handoff::{CHILD_HANDOFF_FD, GENERATION_ENV, HANDOFF_ENV, PER_IP_COLUMN_ENV};
+use crate::control::report::HandOffReport;
 use crate::control::{MasterLink, Reply, Request, CHILD_LINK_FD, CONFIG_ENV};
 use crate::per_ip::ColumnLease;
 
@@ -51,6 +52,9 @@ pub struct ChildProc {
     pub started_at: Instant,
     /// The child has sent `Reply::Ready`.
     ready: bool,
+    /// Its answer to `Request::HandOff`, kept by whichever reader of the link saw it (a
+    /// `status` may be gathering figures when it arrives) until the reload takes it.
+    pub handoff_report: Option<HandOffReport>,
     /// A worker's column of the per-IP table; freed (and zeroed) when this process is dropped
     /// after it was reaped.
     _per_ip: Option<ColumnLease>,
@@ -58,14 +62,17 @@ pub struct ChildProc {
 
 impl ChildProc {
     /// Starts `role` from `exe` with each of `inherit` at its descriptor number (the listeners
-    /// and, for a worker, the per-IP table; see `control::handoff`), a fresh link as 4, and a
-    /// worker's per-IP column (`per_ip`) named in its environment.
+    /// and, for a worker, the per-IP table; see `control::handoff`), a fresh link as 4, a
+    /// worker's per-IP column (`per_ip`) and its reload `generation` named in its environment,
+    /// and, for a worker that is to receive a hand-off, its end of the hand-off socket as 8.
     pub fn spawn(
         role: Role,
         exe: &Path,
         config_json: &str,
         inherit: &[(BorrowedFd<'_>, i32)],
         per_ip: Option<ColumnLease>,
+        generation: u64,
+        handoff: Option<BorrowedFd<'_>>,
     ) -> io::Result<ChildProc> {
         let (ours, theirs) = UnixStream::pair()?;
         let mut command = Command::new(exe);
@@ -78,10 +85,30 @@ impl ChildProc {
         if let Some(lease) = &per_ip {
             command.env(PER_IP_COLUMN_ENV, lease.column.to_string());
         }
+        if let Role::Worker(_) = role {
+            command.env(GENERATION_ENV, generation.to_string());
+        }
         let mut fds = inherit.to_vec();
         fds.push((theirs.as_fd(), CHILD_LINK_FD));
+        match handoff {
+            Some(fd) => {
+                command.env(HANDOFF_ENV, "1");
+                fds.push((fd, CHILD_HANDOFF_FD));
+            }
+            // Never inherited from the master's own environment.
+            None => {
+                command.env_remove(HANDOFF_ENV);
+            }
+        }
         let child = crate::sys::spawn_with_fds(&mut command, &fds)?;
-        Ok(ChildProc { child, link: MasterLink::new(ours), started_at: Instant::now(), ready: false, _per_ip: per_ip })
+        Ok(ChildProc {
+            child,
+            link: MasterLink::new(ours),
+            started_at: Instant::now(),
+            ready: false,
+            handoff_report: None,
+            _per_ip: per_ip,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -122,19 +149,38 @@ impl ChildProc {
         self.link.send(request)
     }
 
+    /// Sends a request with a descriptor attached (`Request::HandOff` and its socket).
+    pub fn send_with_fd(&mut self, request: &Request, fd: BorrowedFd<'_>) -> bool {
+        self.link.send_with_fd(request, fd)
+    }
+
     /// Sends a request that expects an answer, first dropping answers to earlier requests that
     /// timed out so they are not taken for this one's.
     pub fn request(&mut self, request: &Request) -> bool {
-        self.ready |= self.link.discard_pending();
+        for reply in self.link.discard_pending() {
+            self.note(reply);
+        }
         self.link.send(request)
     }
 
-    /// Reads the answer to `request` (noting `Ready` on the way), waiting until `deadline`.
+    /// Keeps what a reply that is no answer says (`Ready`, a hand-off report); returns the
+    /// reply if it is an answer.
+    fn note(&mut self, reply: Reply<'static>) -> Option<Reply<'static>> {
+        match reply {
+            Reply::Ready => self.ready = true,
+            Reply::HandOff(report) => self.handoff_report = Some(report),
+            answer => return Some(answer),
+        }
+        None
+    }
+
+    /// Reads the answer to `request` (noting `Ready` and hand-off reports on the way), waiting
+    /// until `deadline`.
     pub fn read_answer(&mut self, deadline: Instant) -> Option<Reply<'static>> {
         loop {
-            match self.link.read_reply(Some(deadline)).ok()?? {
-                Reply::Ready => self.ready = true,
-                answer => return Some(answer),
+            let reply = self.link.read_reply(Some(deadline)).ok()??;
+            if let Some(answer) = self.note(reply) {
+                return Some(answer);
             }
         }
     }
@@ -143,8 +189,9 @@ impl ChildProc {
     pub fn wait_ready(&mut self, deadline: Instant) -> io::Result<()> {
         while !self.ready {
             match self.link.read_reply(Some(deadline))? {
-                Some(Reply::Ready) => self.ready = true,
-                Some(_) => {}
+                Some(reply) => {
+                    self.note(reply);
+                }
                 None => return Err(io::Error::new(io::ErrorKind::TimedOut, "did not become ready in time")),
             }
         }
@@ -156,12 +203,29 @@ impl ChildProc {
     pub fn poll_ready(&mut self) -> io::Result<bool> {
         while !self.ready {
             match self.link.read_reply(None)? {
-                Some(Reply::Ready) => self.ready = true,
-                Some(_) => {}
+                Some(reply) => {
+                    self.note(reply);
+                }
                 None => return Ok(false),
             }
         }
         Ok(true)
+    }
+
+    /// Non-blocking check for the answer to `Request::HandOff`: `Ok(Some)` once it was read
+    /// (here or by a `status` reading the link meanwhile), `Err` if the link closed without it.
+    pub fn poll_reply(&mut self) -> io::Result<Option<HandOffReport>> {
+        loop {
+            if let Some(report) = self.handoff_report.take() {
+                return Ok(Some(report));
+            }
+            match self.link.read_reply(None)? {
+                Some(reply) => {
+                    self.note(reply);
+                }
+                None => return Ok(None),
+            }
+        }
     }
 }
 

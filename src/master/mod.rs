@@ -371,19 +371,31 @@ impl Master {
         }
     }
 
-    fn spawn_proc(&self, role: Role) -> anyhow::Result<ChildProc> {
+    /// Starts a process for `role`, in the current reload generation (0 before any reload;
+    /// a respawn after a crash takes the latest one), with `handoff` as its hand-off socket
+    /// when it is to receive a worker's connections.
+    fn spawn_proc(&self, role: Role, handoff: Option<std::os::fd::BorrowedFd<'_>>) -> anyhow::Result<ChildProc> {
         let per_ip = match (role, &self.per_ip) {
             (Role::Worker(_), Some((_, columns))) => Some(columns.lease()),
             _ => None,
         };
-        let proc = ChildProc::spawn(role, &self.exe, &self.config_json, &self.inherited_fds(role), per_ip)
-            .with_context(|| format!("cannot start {} from {}", role.name(), self.exe.display()))?;
+        let generation = self.reload.started;
+        let proc = ChildProc::spawn(
+            role,
+            &self.exe,
+            &self.config_json,
+            &self.inherited_fds(role),
+            per_ip,
+            generation,
+            handoff,
+        )
+        .with_context(|| format!("cannot start {} from {}", role.name(), self.exe.display()))?;
         info!("started {} (pid {})", role.name(), proc.pid());
         Ok(proc)
     }
 
     fn spawn_slot(&mut self, i: usize) -> anyhow::Result<()> {
-        let proc = self.spawn_proc(self.slots[i].role)?;
+        let proc = self.spawn_proc(self.slots[i].role, None)?;
         self.slots[i].proc = Some(proc);
         self.slots[i].respawn_at = None;
         Ok(())
@@ -440,11 +452,11 @@ impl Master {
                 Some(Exit::Stop { graceful: true })
             }
             SIGHUP | SIGUSR1 => {
-                self.request_reload(false);
+                self.request_reload(reload::Requested { graceful: false, force_close: false });
                 None
             }
             SIGUSR2 => {
-                self.request_reload(true);
+                self.request_reload(reload::Requested { graceful: true, force_close: false });
                 None
             }
             _ => None,

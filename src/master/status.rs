@@ -1,5 +1,5 @@
 //! The master's answers on its control socket: one request line (`status`, `connections`,
-//! `ping`), one JSON answer line, then the connection closes (control_clients.rs does the
+//! `ping`, `reload close [graceful]`), one answer line (JSON, or `ok`/`error` words), then the connection closes (control_clients.rs does the
 //! socket side without blocking). Figures are gathered live from each child over its status
 //! link, within `status_timeout_ms`.
 
@@ -33,6 +33,11 @@ impl Master {
             "status" => serde_json::to_vec(&self.status_report()),
             "connections" => serde_json::to_vec(&self.connection_list()),
             "ping" => Ok(b"pong".to_vec()),
+            "reload close" | "reload close graceful" => {
+                let graceful = request.ends_with(" graceful");
+                let generation = self.reload_from_control(graceful);
+                Ok(format!("ok {generation}").into_bytes())
+            }
             other => Ok(format!("error unknown request {other:?}").into_bytes()),
         }
         .unwrap_or_else(|e| {
@@ -41,6 +46,18 @@ impl Master {
         });
         out.push(b'\n');
         out
+    }
+
+    /// `reload --close`: a close-mode reload, started now or after the running one. Returns
+    /// the generation the CLI waits for in `last_reload`.
+    fn reload_from_control(&mut self, graceful: bool) -> u64 {
+        let queued = self.reload.busy();
+        self.request_reload(super::reload::Requested { graceful, force_close: true });
+        if queued {
+            self.reload.started + 1
+        } else {
+            self.reload.started
+        }
     }
 
     fn status_report(&mut self) -> StatusReport {
@@ -98,6 +115,8 @@ impl Master {
             reloading: self.reload.in_progress(),
             last_reload: self.last_reload(),
             graceful_timeout_ms: self.config.graceful_timeout_ms,
+            reload_mode: self.config.reload_mode,
+            handoff_timeout_ms: self.config.handoff_timeout_ms,
             limits: self.config.limits.clone(),
             channel_settings: self.config.channel.clone(),
             history: self.config.history.clone(),

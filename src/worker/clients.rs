@@ -86,13 +86,15 @@ pub struct Clients {
 }
 
 impl Clients {
-    pub fn new(limits: Limits, gate: Gate, max_conns: usize, per_ip: PerIpCounter) -> Clients {
+    /// `generation`: the reload generation this worker was started in; its connection ids
+    /// start at `(generation << 32) + 1`, so ids handed over by an older worker never collide.
+    pub fn new(limits: Limits, gate: Gate, max_conns: usize, per_ip: PerIpCounter, generation: u64) -> Clients {
         Clients {
             conns: Slab::new(),
             dirty: Vec::new(),
             read_again: Vec::new(),
             timers: BinaryHeap::new(),
-            next_conn_id: 1,
+            next_conn_id: (generation << 32) + 1,
             limits,
             gate,
             max_conns,

@@ -17,6 +17,8 @@ pub mod cli;
 pub mod config;
 /// The master <-> child status link.
 pub mod control;
+/// The hand-off socket protocol: an old worker gives its connections to its replacement at reload.
+pub mod handoff;
 /// The `log` backend: stderr or syslog, role and pid on every line.
 pub mod logging;
 /// The master: daemonizing, pid file, binding, spawning and supervising children.
@@ -29,7 +31,7 @@ pub mod protocol;
 pub mod publish;
 /// Unsent bytes of a non-blocking socket, written from an offset (no quadratic draining).
 pub mod sendbuf;
-/// The only unsafe code: inherited descriptors, the fork/exec hook, the shared counters' mapping.
+/// The only unsafe code: inherited and received descriptors, the fork/exec hook, the shared counters' mapping.
 pub mod sys;
 /// `wss://`: the certificate and key (master), rustls over a client socket (worker).
 pub mod tls;

@@ -144,14 +144,3 @@ impl Drop for SharedWords {
         let _ = unsafe { nix::sys::mman::munmap(self.ptr, self.len * 4) };
     }
 }
-
-/// Takes ownership of descriptors that just arrived in an `SCM_RIGHTS` control message (the
-/// hand-off socket), so they close on every path, including the error ones.
-pub fn own_received_fds(raw: &[RawFd]) -> Vec<OwnedFd> {
-    raw.iter()
-        // SAFETY: recvmsg has just installed each of these descriptors in this process's table
-        // for this message alone (received with MSG_CMSG_CLOEXEC); nothing else knows their
-        // numbers, and each number appears once, so each gets exactly one owner.
-        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        .collect()
-}

@@ -157,7 +157,7 @@ impl HandOffSocket {
             let mut fds = Vec::new();
             for c in msg.cmsgs().map_err(errno)? {
                 if let ControlMessageOwned::ScmRights(raw) = c {
-                    fds.extend(crate::sys::own_received_fds(&raw));
+                    fds.extend(crate::sys::own_received_fds(raw));
                 }
             }
             break (msg.bytes, msg.flags, fds);

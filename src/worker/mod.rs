@@ -222,6 +222,9 @@ impl Worker {
         if let Some(at) = self.accept_paused_until {
             wake = wake.min(at);
         }
+        if let Some(receiving) = &self.handoff_in {
+            wake = wake.min(receiving.deadline());
+        }
         if let Some(sending) = &self.handoff_out {
             // Rounds start at the end of a turn; handshakes still completing need turns too.
             wake = wake.min(sending.deadline()).min(now + Duration::from_millis(20));
@@ -236,6 +239,9 @@ impl Worker {
         clients.end_of_turn(&mut parts);
         if self.handoff_out.is_some() {
             self.hand_off_turn();
+        }
+        if self.handoff_in.is_some() {
+            self.hand_off_in_turn();
         }
         if self.accept_paused_until.is_some_and(|t| Instant::now() >= t) {
             self.accept_paused_until = None;

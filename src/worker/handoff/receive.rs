@@ -39,6 +39,19 @@ pub struct Receiving {
     /// A test switch (`GROUPCAST_TEST_HANDOFF_FAULT`).
     fault: Option<String>,
     received: u64,
+    /// The old worker's hand-off must be over by then (`handoff_timeout_ms` and a margin):
+    /// past it, what is prepared and not committed is let go, and the socket closed.
+    deadline: Instant,
+}
+
+/// Beyond `handoff_timeout_ms`: the old worker gives up at that time, the master a little
+/// later; the new worker waits longer still, so it never lets go of a round being committed.
+const DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Receiving {
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
 }
 
 impl Worker {
@@ -53,6 +66,7 @@ impl Worker {
             prepared: Vec::new(),
             fault: std::env::var(FAULT_ENV).ok(),
             received: 0,
+            deadline: Instant::now() + std::time::Duration::from_millis(self.config.handoff_timeout_ms) + DEADLINE_MARGIN,
         }));
         Ok(())
     }
@@ -212,8 +226,15 @@ impl Worker {
         info!("hand-off: round {round} committed: serving {count} connections");
     }
 
+    /// End of a loop turn: a hand-off that outlived its deadline is given up.
+    pub(in crate::worker) fn hand_off_in_turn(&mut self) {
+        if self.handoff_in.as_ref().is_some_and(|r| Instant::now() >= r.deadline) {
+            self.end_receiving("timed out");
+        }
+    }
+
     /// The old worker is done (or gone): what is prepared and not committed stays with it.
-    fn end_receiving(&mut self, why: &str) {
+    pub(in crate::worker) fn end_receiving(&mut self, why: &str) {
         let Some(mut receiving) = self.handoff_in.take() else { return };
         let _ = self.poll.registry().deregister(&mut receiving.socket);
         if !receiving.prepared.is_empty() {

@@ -35,7 +35,7 @@ use super::super::numbered::Position;
 use super::super::transport::Transport;
 use super::super::Worker;
 use super::snapshot::record_of;
-use super::{TOKEN, WRITE_FORMAT_ENV};
+use super::{FAULT_ENV, TOKEN, WRITE_FORMAT_ENV};
 use crate::control::{HandOffOutcome, HandOffReport, Reply};
 use crate::handoff::record::{
     decode_handshake, decode_record, Batch, Bounds, Commit, ConnRecord, Cut, Done, MembershipRecord, Offer, Record,
@@ -331,7 +331,14 @@ impl Worker {
             }
             let fds: Vec<BorrowedFd<'_>> = keys.iter().filter_map(|&k| plain_fd(&self.clients.conns[k].stream)).collect();
             let batch = Record::Batch(Batch { round: number, conns });
-            if let Err(e) = sending.socket.send_record(&batch, format, &fds, deadline) {
+            let sent = if std::env::var(FAULT_ENV).is_ok_and(|f| f == "corrupt-batch") {
+                // Test switch: a batch the new worker cannot read (its bounds and decoding
+                // are what is tested), with the descriptors attached.
+                sending.socket.send(&[0x05, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x01], &fds).map(drop)
+            } else {
+                sending.socket.send_record(&batch, format, &fds, deadline)
+            };
+            if let Err(e) = sent {
                 sending.phase = Phase::Preparing(round);
                 return self.hand_off_failed(format!("cannot send a batch: {e}"));
             }

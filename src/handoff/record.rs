@@ -535,4 +535,4 @@ impl From<IdentityRecord> for Identity {
 
 #[cfg(test)]
 #[path = "record_tests.rs"]
-mod tests;
+pub(crate) mod tests;

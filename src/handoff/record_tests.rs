@@ -179,11 +179,13 @@ fn every_bound_is_checked_and_named() {
 
 #[test]
 fn bounds_follow_the_limits() {
-    let mut limits = Limits::default();
-    limits.max_message_size = 1000;
-    limits.send_buffer_limit = 5000;
-    limits.max_groups_per_connection = 7;
-    limits.max_group_id_len = 9;
+    let limits = Limits {
+        max_message_size: 1000,
+        send_buffer_limit: 5000,
+        max_groups_per_connection: 7,
+        max_group_id_len: 9,
+        ..Limits::default()
+    };
     let b = Bounds::from_limits(&limits);
     assert_eq!(
         b,

@@ -167,7 +167,8 @@ pub fn recv_with_fds(fd: BorrowedFd<'_>, buf: &mut [u8], max_fds: usize) -> io::
     let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
     while !c.is_null() {
         // SAFETY: `c` is a non-null header inside `control` (see above).
-        let (level, kind, len, data) = unsafe { ((*c).cmsg_level, (*c).cmsg_type, (*c).cmsg_len as usize, libc::CMSG_DATA(c)) };
+        let (level, kind, len, data) =
+            unsafe { ((*c).cmsg_level, (*c).cmsg_type, (*c).cmsg_len as usize, libc::CMSG_DATA(c)) };
         let header = data as usize - c as usize;
         let end = (c as usize - base).saturating_add(len).min(used);
         let data_len = end.saturating_sub(data as usize - base);

@@ -139,10 +139,7 @@ fn every_bound_is_checked_and_named() {
         ("groups.group", Box::new(|c| c.groups[0].group = String::new())),
         ("groups.group", Box::new(move |c| c.groups[0].group = long(bounds().max_group_len + 1))),
         ("groups.group", Box::new(|c| c.groups[1].group = c.groups[0].group.clone())),
-        (
-            "groups.cut.epoch",
-            Box::new(move |c| c.groups[0].cut = Some(Cut { epoch: long(65), offset: 0 })),
-        ),
+        ("groups.cut.epoch", Box::new(move |c| c.groups[0].cut = Some(Cut { epoch: long(65), offset: 0 }))),
         ("identity.sub", Box::new(move |c| c.identity.as_mut().unwrap().sub = long(4097))),
         ("identity.join", Box::new(|c| c.identity.as_mut().unwrap().join = vec!["g".into(); 257])),
         ("identity.join", Box::new(move |c| c.identity.as_mut().unwrap().join = vec![long(4097)])),

@@ -233,10 +233,8 @@ pub fn split_record(encoded: &[u8]) -> Vec<Vec<u8>> {
         n => n,
     };
     let (head, tail) = body.split_at(body.len() - tail_len);
-    let mut pieces: Vec<Vec<u8>> = head
-        .chunks(chunk)
-        .map(|c| encode_record(&Record::Part(Part { bytes: c.to_vec() }), 0))
-        .collect();
+    let mut pieces: Vec<Vec<u8>> =
+        head.chunks(chunk).map(|c| encode_record(&Record::Part(Part { bytes: c.to_vec() }), 0)).collect();
     let mut last = Vec::with_capacity(1 + tail.len());
     last.push(BATCH_TAG);
     last.extend_from_slice(tail);
@@ -350,12 +348,7 @@ impl mio::event::Source for HandOffSocket {
         mio::unix::SourceFd(&self.fd.as_raw_fd()).register(registry, token, interests)
     }
 
-    fn reregister(
-        &mut self,
-        registry: &mio::Registry,
-        token: mio::Token,
-        interests: mio::Interest,
-    ) -> io::Result<()> {
+    fn reregister(&mut self, registry: &mio::Registry, token: mio::Token, interests: mio::Interest) -> io::Result<()> {
         mio::unix::SourceFd(&self.fd.as_raw_fd()).reregister(registry, token, interests)
     }
 

@@ -271,3 +271,18 @@ fn mio_reports_the_socket_readable() {
     assert_eq!(incoming.record, Record::Done(crate::handoff::record::Done {}));
     poll.registry().deregister(&mut n).unwrap();
 }
+
+#[test]
+fn a_peer_that_reads_nothing_times_the_sender_out() {
+    let (mut o, _n) = sockets();
+    let conns: Vec<_> = (0..2)
+        .map(|i| {
+            let mut c = conn(i + 1);
+            c.out = vec![0x81; 1024 * 1024];
+            c
+        })
+        .collect();
+    let record = Record::Batch(Batch { round: 1, conns });
+    let err = o.send_record(&record, FORMAT_CURRENT, &[], Instant::now() + Duration::from_millis(100)).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+}

@@ -144,3 +144,56 @@ impl Drop for SharedWords {
         let _ = unsafe { nix::sys::mman::munmap(self.ptr, self.len * 4) };
     }
 }
+
+/// One `recvmsg` on a unix socket with room for `max_fds` descriptors (`SCM_RIGHTS`, received
+/// close-on-exec): returns the bytes read into `buf`, the message flags (`MSG_TRUNC`,
+/// `MSG_CTRUNC`: the caller decides) and the descriptors that arrived, owned — also when the
+/// control data was cut short, so none leaks (nix refuses to walk a truncated control buffer).
+pub fn recv_with_fds(fd: BorrowedFd<'_>, buf: &mut [u8], max_fds: usize) -> io::Result<(usize, i32, Vec<OwnedFd>)> {
+    const FD_SIZE: usize = std::mem::size_of::<RawFd>();
+    let wanted = u32::try_from(max_fds * FD_SIZE).map_err(|_| io::Error::other("too many descriptors"))?;
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(wanted) } as usize;
+    // u64 words: the control buffer must be aligned for `cmsghdr`.
+    let mut control = vec![0u64; space.div_ceil(8).max(1)];
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header, filled in below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: `msg` points at `buf` and `control`, both alive and writable for the lengths given.
+    let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The kernel shrank msg_controllen to what it wrote; never trust more than we allocated.
+    let used = (msg.msg_controllen as usize).min(space);
+    let base = control.as_ptr() as usize;
+    let mut fds = Vec::new();
+    // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR walk `control` within msg_controllen and return null
+    // at its end; each header they return lies inside the buffer (aligned, u64 words).
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !c.is_null() {
+        // SAFETY: `c` is a non-null header inside `control` (see above).
+        let (level, kind, len, data) =
+            unsafe { ((*c).cmsg_level, (*c).cmsg_type, (*c).cmsg_len as usize, libc::CMSG_DATA(c)) };
+        let header = data as usize - c as usize;
+        let end = (c as usize - base).saturating_add(len).min(used);
+        let data_len = end.saturating_sub(data as usize - base);
+        if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS && len >= header {
+            for i in 0..data_len / FD_SIZE {
+                // SAFETY: the i-th descriptor lies inside the data of this header, within the
+                // bytes the kernel wrote; read_unaligned because CMSG_DATA promises no alignment.
+                let raw = unsafe { std::ptr::read_unaligned(data.cast::<RawFd>().add(i)) };
+                // SAFETY: recvmsg has just installed this descriptor in our table for this
+                // message alone; nothing else knows its number, so it gets exactly one owner.
+                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+            }
+        }
+        // SAFETY: as for CMSG_FIRSTHDR; `c` came from it or from a previous CMSG_NXTHDR.
+        c = unsafe { libc::CMSG_NXTHDR(&msg, c) };
+    }
+    Ok((n as usize, msg.msg_flags, fds))
+}

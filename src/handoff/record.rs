@@ -367,7 +367,11 @@ impl Bounds {
         if c.groups.len() > self.max_groups {
             return bound(
                 "groups",
-                format!("holds {} groups, more than the bound of {} (max_groups_per_connection)", c.groups.len(), self.max_groups),
+                format!(
+                    "holds {} groups, more than the bound of {} (max_groups_per_connection)",
+                    c.groups.len(),
+                    self.max_groups
+                ),
             );
         }
         let mut seen = HashSet::with_capacity(c.groups.len());
@@ -393,7 +397,10 @@ impl Bounds {
             }
             for (field, globs) in [("identity.join", &identity.join), ("identity.publish", &identity.publish)] {
                 if globs.len() > self.max_globs {
-                    return bound(field, format!("holds {} globs, more than the bound of {}", globs.len(), self.max_globs));
+                    return bound(
+                        field,
+                        format!("holds {} globs, more than the bound of {}", globs.len(), self.max_globs),
+                    );
                 }
                 if let Some(glob) = globs.iter().find(|g| g.len() > self.max_string) {
                     return bound(field, format!("has a glob of {}", longer(glob.len(), self.max_string)));
@@ -535,4 +542,4 @@ impl From<IdentityRecord> for Identity {
 
 #[cfg(test)]
 #[path = "record_tests.rs"]
-mod tests;
+pub(crate) mod tests;

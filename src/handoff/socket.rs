@@ -7,14 +7,13 @@
 //! `Assembler` puts them back together (at most `MAX_BATCH_BYTES`).
 
 use std::io;
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Instant;
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    recvmsg, sendmsg, setsockopt, socketpair, sockopt, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockFlag, SockType, UnixAddr,
+    sendmsg, setsockopt, socketpair, sockopt, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
 };
 
 use super::record::{decode_record, encode_record, Bounds, HandOffError, Part, Record, BATCH_TAG, PART_TAG};
@@ -133,35 +132,22 @@ impl HandOffSocket {
     /// yet. The peer closing is `UnexpectedEof`; a record cut short, or descriptors lost
     /// (MSG_CTRUNC), is `InvalidData` — the descriptors that did arrive are closed.
     pub fn recv(&mut self) -> io::Result<Option<Received>> {
-        self.recv_with_cmsg_space(nix::cmsg_space!([RawFd; MAX_FDS_PER_RECORD]))
+        self.recv_with_fd_room(MAX_FDS_PER_RECORD)
     }
 
-    fn recv_with_cmsg_space(&mut self, mut cmsg: Vec<u8>) -> io::Result<Option<Received>> {
+    fn recv_with_fd_room(&mut self, max_fds: usize) -> io::Result<Option<Received>> {
         // One byte more than a record may have: a longer one is then seen as MSG_TRUNC.
         let mut buf = vec![0u8; MAX_RECORD_BYTES + 1];
+        // The descriptors that arrived come back owned, so every error path below closes them.
         let (len, flags, fds) = loop {
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            let msg = match recvmsg::<UnixAddr>(
-                self.fd.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Ok(msg) => msg,
-                Err(Errno::EINTR) => continue,
-                Err(Errno::EAGAIN) => return Ok(None),
-                Err(e) => return Err(errno(e)),
-            };
-            // Own whatever descriptors arrived before looking at anything else, so every
-            // error path below closes them.
-            let mut fds = Vec::new();
-            for c in msg.cmsgs().map_err(errno)? {
-                if let ControlMessageOwned::ScmRights(raw) = c {
-                    fds.extend(crate::sys::own_received_fds(raw));
-                }
+            match crate::sys::recv_with_fds(self.fd.as_fd(), &mut buf, max_fds) {
+                Ok(got) => break got,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
             }
-            break (msg.bytes, msg.flags, fds);
         };
+        let flags = MsgFlags::from_bits_truncate(flags);
         check_flags(flags, fds.len())?;
         if len == 0 {
             // Every record has at least its tag byte: an empty read is the peer's close.
@@ -247,10 +233,8 @@ pub fn split_record(encoded: &[u8]) -> Vec<Vec<u8>> {
         n => n,
     };
     let (head, tail) = body.split_at(body.len() - tail_len);
-    let mut pieces: Vec<Vec<u8>> = head
-        .chunks(chunk)
-        .map(|c| encode_record(&Record::Part(Part { bytes: c.to_vec() }), 0))
-        .collect();
+    let mut pieces: Vec<Vec<u8>> =
+        head.chunks(chunk).map(|c| encode_record(&Record::Part(Part { bytes: c.to_vec() }), 0)).collect();
     let mut last = Vec::with_capacity(1 + tail.len());
     last.push(BATCH_TAG);
     last.extend_from_slice(tail);
@@ -364,12 +348,7 @@ impl mio::event::Source for HandOffSocket {
         mio::unix::SourceFd(&self.fd.as_raw_fd()).register(registry, token, interests)
     }
 
-    fn reregister(
-        &mut self,
-        registry: &mio::Registry,
-        token: mio::Token,
-        interests: mio::Interest,
-    ) -> io::Result<()> {
+    fn reregister(&mut self, registry: &mio::Registry, token: mio::Token, interests: mio::Interest) -> io::Result<()> {
         mio::unix::SourceFd(&self.fd.as_raw_fd()).reregister(registry, token, interests)
     }
 

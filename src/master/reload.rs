@@ -344,14 +344,13 @@ impl Master {
         let old = self.slots[slot].proc.replace(candidate);
         self.slots[slot].respawn_at = None;
         job.replaced += 1;
-        let Some(mut old) = old else {
+        let Some(old) = old else {
             self.reload.job = Some(job);
             return;
         };
         let drain = if job.graceful { Duration::from_millis(self.config.graceful_timeout_ms) } else { Duration::ZERO };
-        // It exits by itself; this only bounds what it still holds (TLS clients, closing
-        // ones) to the drain of this reload. Not signalled if its link is gone: it is leaving.
-        old.send(&Request::Shutdown { code: close_code::SERVICE_RESTART, drain_ms: duration_ms(drain) });
+        // It exits by itself once what it still holds (TLS clients closed with 1012, closing
+        // ones) has finished its close handshake (worker/handoff/send.rs); killed if not.
         let old_pid = old.pid();
         self.retiring.push(Retiring { role, proc: old, kill_at: Instant::now() + drain + STOP_GRACE });
         if job.graceful {
@@ -381,7 +380,7 @@ impl Master {
         let old = self.slots[slot].proc.replace(candidate);
         self.slots[slot].respawn_at = None;
         job.replaced += 1;
-        let Some(mut old) = old else { return };
+        let Some(old) = old else { return };
         let drain = if job.graceful { Duration::from_millis(self.config.graceful_timeout_ms) } else { Duration::ZERO };
         let shutdown = Request::Shutdown { code: close_code::SERVICE_RESTART, drain_ms: duration_ms(drain) };
         if !old.send(&shutdown) {

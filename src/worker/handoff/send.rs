@@ -19,7 +19,8 @@
 //! passes) rolls back: the held connections are served here again, reading and accepting
 //! resume, and the master is told `failed`. A refused *format* is `fell_back`: the old way
 //! (close 1012) for this worker. What cannot move (TLS connections, joins still waiting for
-//! their answer when time is up) is closed with 1012 at the end, as a close-mode reload does.
+//! their answer when time is up) is closed with 1012 at the end, as a close-mode reload does;
+//! connections closing already get `CLOSE_TIMEOUT` to finish their close handshake here.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -30,6 +31,7 @@ use log::{error, info, warn};
 use mio::Interest;
 
 use super::super::bus::BusEvent;
+use super::super::clients::CLOSE_TIMEOUT;
 use super::super::groups::{GroupId, Groups};
 use super::super::numbered::Position;
 use super::super::transport::Transport;
@@ -404,7 +406,7 @@ impl Worker {
         );
         self.report_hand_off(report);
         self.clients.reads_frozen = false;
-        self.shut_down(close_code::SERVICE_RESTART, Duration::ZERO);
+        self.shut_down(close_code::SERVICE_RESTART, CLOSE_TIMEOUT);
     }
 
     /// A failure before the round's commit: every connection still here is served here again.
@@ -413,6 +415,25 @@ impl Worker {
         let _ = self.poll.registry().deregister(&mut sending.socket);
         drop(sending.socket);
         let resumed = self.clients.resume_all();
+        if sending.moved > 0 {
+            // Earlier rounds are committed: the new worker serves those clients and must stay.
+            // What is left here goes the close-mode way.
+            let left = self.clients.len() as u64;
+            warn!("worker {} hand-off: {why}; {} moved already, closing the {left} left with 1012", self.index, sending.moved);
+            self.report_hand_off(HandOffReport {
+                generation: sending.generation,
+                index: self.index,
+                outcome: HandOffOutcome::Moved,
+                moved: sending.moved,
+                closed: left,
+                rounds: sending.rounds,
+                millis: millis(sending.asked_at.elapsed()),
+                max_pause_ms: millis(sending.max_pause),
+                reason: format!("{why}; {left} connections closed with 1012"),
+            });
+            self.shut_down(close_code::SERVICE_RESTART, CLOSE_TIMEOUT);
+            return;
+        }
         if let Some(listener) = self.listener.as_mut() {
             let _ = self.poll.registry().register(listener, super::super::LISTENER, Interest::READABLE);
         }
@@ -453,7 +474,7 @@ impl Worker {
             reason: why,
         };
         self.report_hand_off(report);
-        self.shut_down(close_code::SERVICE_RESTART, Duration::ZERO);
+        self.shut_down(close_code::SERVICE_RESTART, CLOSE_TIMEOUT);
     }
 
     fn drop_socket(&mut self) {

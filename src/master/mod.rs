@@ -465,7 +465,11 @@ impl Master {
 
     fn reap_children(&mut self) {
         let in_reload = self.reload.slot_being_replaced();
+        let handing_off = self.reload.slot_handing_off();
         for (i, slot) in self.slots.iter_mut().enumerate() {
+            if handing_off == Some(i) {
+                continue;
+            }
             if let Some(how) = slot.reap() {
                 error!("{} {how}", slot.role.name());
                 if in_reload == Some(i) {

@@ -111,6 +111,16 @@ impl ReloadState {
         }
     }
 
+    /// The slot whose old process is handing its connections over: the reload, not the
+    /// reaper, reads its last words (the report may come just before it exits) and lets the
+    /// reaper have it once the hand-off is over.
+    pub fn slot_handing_off(&self) -> Option<usize> {
+        match self.job.as_ref()?.step {
+            Step::HandingOff { slot, .. } => Some(slot),
+            _ => None,
+        }
+    }
+
     /// Kills a starting or receiving replacement (the master is stopping).
     pub fn abort(&mut self) {
         if let Some(Job { step: Step::Starting { candidate, .. } | Step::HandingOff { candidate, .. }, .. }) =
@@ -303,11 +313,12 @@ impl Master {
         job.step = Step::HandingOff { slot, candidate, old_pid, deadline };
     }
 
-    /// Looks for the old worker's report without blocking.
+    /// Looks for the old worker's report without blocking. The slot is not reaped meanwhile
+    /// (`slot_handing_off`), so a report sent just before the old process exits is read.
     fn poll_hand_off(&mut self, slot: usize, old_pid: u32, deadline: Instant) -> Polled {
         let old = self.slots[slot].proc.as_mut().filter(|p| p.pid() == old_pid);
         let Some(old) = old else {
-            return Polled::Lost(format!("the old process (pid {old_pid}) died during the hand-off"));
+            return Polled::Lost(format!("the old process (pid {old_pid}) is gone"));
         };
         match old.poll_reply() {
             Ok(Some(report)) => Polled::Report(report),
@@ -315,7 +326,8 @@ impl Master {
             Ok(None) => Polled::Lost(format!(
                 "the old process (pid {old_pid}) did not report within handoff_timeout_ms + {HANDOFF_SLACK:?}"
             )),
-            Err(_) => Polled::Lost(format!("the old process (pid {old_pid}) closed its status link during the hand-off")),
+            // Its link closes when it dies; the reaper restarts the slot once the reload is over.
+            Err(_) => Polled::Lost(format!("the old process (pid {old_pid}) died during the hand-off")),
         }
     }
 

@@ -352,8 +352,9 @@ impl Master {
             return;
         };
         let drain = if job.graceful { Duration::from_millis(self.config.graceful_timeout_ms) } else { Duration::ZERO };
-        // It exits by itself; this only bounds what it still holds (TLS clients, closing
-        // ones) to the drain of this reload. Not signalled if its link is gone: it is leaving.
+        // What it still holds (TLS clients, closing ones; every client on `fell_back`) is
+        // closed with 1012 and drained as in close mode; the old worker waits for this after
+        // its report. Not signalled if its link is gone: it is leaving already.
         old.send(&Request::Shutdown { code: close_code::SERVICE_RESTART, drain_ms: duration_ms(drain) });
         let old_pid = old.pid();
         self.retiring.push(Retiring { role, proc: old, kill_at: Instant::now() + drain + STOP_GRACE });

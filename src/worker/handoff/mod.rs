@@ -1,6 +1,7 @@
 //! TEMPORARY stub of the old worker's side of a live hand-off (the lead replaces this file):
-//! it answers every `Request::HandOff` with `fell_back` and closes its clients with 1012,
-//! which is what a close-mode reload does.
+//! it answers every `Request::HandOff` with `fell_back`. The master answers a `fell_back` (or
+//! `moved`) report with `Request::Shutdown { 1012, drain of this reload }`, which closes the
+//! clients as a close-mode reload does, draining them on `reload -g`.
 
 use std::os::fd::OwnedFd;
 use std::time::Duration;
@@ -25,7 +26,8 @@ impl Worker {
         };
         if let Err(e) = self.control.send_json(Reply::HandOff(report)) {
             warn!("cannot report the hand-off to the master: {e}");
+            // No master to send the Shutdown: close as a close-mode reload would.
+            self.shut_down(close_code::SERVICE_RESTART, Duration::ZERO);
         }
-        self.shut_down(close_code::SERVICE_RESTART, Duration::ZERO);
     }
 }

@@ -273,13 +273,8 @@ impl Master {
         if mode == ReloadMode::Close || self.slots[slot].proc.is_none() {
             return Ok((self.spawn_proc(role, None)?, None));
         }
-        let (for_old, for_new) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .map_err(|e| anyhow::anyhow!("cannot create the hand-off socket for {}: {e}", role.name()))?;
+        let (for_old, for_new) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+            .map_err(|e| anyhow::anyhow!("cannot create the hand-off socket for {}: {e}", role.name()))?;
         // The master's copy of the new worker's end closes when `for_new` drops, right after
         // the spawn: the new worker then holds the only one.
         let candidate = self.spawn_proc(role, Some(for_new.as_fd()))?;
@@ -459,7 +454,16 @@ enum Polled {
 
 impl Job {
     fn new(generation: u64, graceful: bool, mode: ReloadMode, queue: VecDeque<usize>) -> Job {
-        Job { generation, graceful, mode, queue, step: Step::Next, replaced: 0, began: Instant::now(), handoffs: Vec::new() }
+        Job {
+            generation,
+            graceful,
+            mode,
+            queue,
+            step: Step::Next,
+            replaced: 0,
+            began: Instant::now(),
+            handoffs: Vec::new(),
+        }
     }
 }
 

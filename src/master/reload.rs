@@ -154,9 +154,11 @@ impl Master {
         self.reload.started += 1;
         let generation = self.reload.started;
         notify::notify("RELOADING=1");
-        if let Err(e) = self.reread_config() {
-            info!("reload {generation} started");
-            let mode = if requested.force_close { ReloadMode::Close } else { self.config.reload_mode };
+        info!("reload {generation} ({}) started", if graceful { "graceful" } else { "immediate" });
+        let reread = self.reread_config();
+        // The re-read config decides, so a reload can switch the mode for itself.
+        let mode = if requested.force_close { ReloadMode::Close } else { self.config.reload_mode };
+        if let Err(e) = reread {
             self.finish_reload(
                 Job::new(generation, graceful, mode, VecDeque::new()),
                 false,
@@ -164,13 +166,7 @@ impl Master {
             );
             return;
         }
-        // The re-read config decides, so a reload can switch the mode for itself.
-        let mode = if requested.force_close { ReloadMode::Close } else { self.config.reload_mode };
-        info!(
-            "reload {generation} ({}, {} mode) started",
-            if graceful { "graceful" } else { "immediate" },
-            mode.name()
-        );
+        info!("reload {generation}: {} mode", mode.name());
         let queue = self.slots.iter().enumerate().filter(|(_, s)| matches!(s.role, Role::Worker(_))).map(|(i, _)| i);
         self.reload.job = Some(Job::new(generation, graceful, mode, queue.collect()));
         self.advance_reload();

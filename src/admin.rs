@@ -475,8 +475,30 @@ mod tests {
             commands_per_second: Some(5),
             commands_burst: None,
         }];
+        r.last_reload = Some(crate::control::ReloadOutcome {
+            generation: 3,
+            ok: true,
+            message: "reloaded 2 workers".into(),
+            mode: "handoff".into(),
+            handoffs: vec![crate::control::HandOffReport {
+                generation: 3,
+                index: 0,
+                outcome: crate::control::HandOffOutcome::Moved,
+                moved: 1000,
+                rounds: 3,
+                millis: 41,
+                max_pause_ms: 12,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        r.totals.handoffs_in = 8;
         let table = render_status(&r);
         for shown in [
+            "reload mode handoff",
+            "last reload 3 (handoff): reloaded 2 workers",
+            "  worker-0: moved 1000 connections in 3 rounds, 41 ms, longest pause 12 ms\n",
+            "hand-off: received 8",
             "message timeout 7000ms",
             "max peers 9",
             "auth timeout 1500ms",

@@ -37,12 +37,15 @@ impl ChildLink {
     /// Adopts descriptor 4 and registers it; queues the `Ready` reply.
     pub fn inherit(registry: &Registry, token: Token) -> io::Result<ChildLink> {
         let fd = crate::sys::adopt_inherited_fd(CHILD_LINK_FD)?;
-        let std_stream = StdUnixStream::from(fd);
+        ChildLink::new(StdUnixStream::from(fd), registry, token)
+    }
+
+    /// The child's end of a link made by the master (`inherit`), or by a test.
+    fn new(std_stream: StdUnixStream, registry: &Registry, token: Token) -> io::Result<ChildLink> {
         std_stream.set_nonblocking(true)?;
         let mut stream = UnixStream::from_std(std_stream);
         registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
-        let mut link =
-            ChildLink { stream, inbuf: Vec::new(), outbuf: SendBuf::default(), fds: Default::default() };
+        let mut link = ChildLink { stream, inbuf: Vec::new(), outbuf: SendBuf::default(), fds: Default::default() };
         link.send_json(Reply::Ready)?;
         Ok(link)
     }
@@ -122,6 +125,9 @@ impl ChildLink {
     }
 }
 
+/// How a `Reply::HandOff` line starts (serde's external enum tag).
+const HANDOFF_REPLY_START: &[u8] = br#"{"hand_off""#;
+
 /// The master's end of one child's status link.
 pub struct MasterLink {
     stream: Option<StdUnixStream>,
@@ -192,7 +198,13 @@ impl MasterLink {
                 kept.push(reply);
             }
         }
-        // A partial line stays: its rest follows, and it may be a `HandOff` report.
+        // The start of a late answer is dropped (its rest then fails to parse and is skipped,
+        // never taken for the next answer), except the start of a hand-off report, which is
+        // no answer and must not be lost.
+        let tag = HANDOFF_REPLY_START;
+        if !(self.linebuf.starts_with(tag) || tag.starts_with(&self.linebuf)) {
+            self.linebuf.clear();
+        }
         kept
     }
 
@@ -237,5 +249,48 @@ impl MasterLink {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A request sent with a descriptor arrives with it: the child reads the line and takes
+    /// the descriptor, a working socket; a `HandOff` report read while discarding late answers
+    /// is kept.
+    #[test]
+    fn a_descriptor_travels_with_its_request() {
+        let poll = mio::Poll::new().unwrap();
+        let (master_end, child_end) = StdUnixStream::pair().unwrap();
+        let mut master = MasterLink::new(master_end);
+        let mut child = ChildLink::new(child_end, poll.registry(), Token(0)).unwrap();
+        let (mut here, there) = StdUnixStream::pair().unwrap();
+        let request = Request::HandOff { generation: 2, timeout_ms: 500 };
+        assert!(master.send_with_fd(&request, std::os::fd::AsFd::as_fd(&there)));
+        drop(there);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = Vec::new();
+        while got.is_empty() && Instant::now() < deadline {
+            got = child.read_requests().unwrap().expect("link open");
+        }
+        assert_eq!(got, vec![request]);
+        let fd = child.take_fd().expect("the descriptor came with the request");
+        assert!(child.take_fd().is_none(), "taken once");
+        let mut passed = StdUnixStream::from(fd);
+        passed.write_all(b"x").unwrap();
+        let mut byte = [0u8; 1];
+        here.read_exact(&mut byte).unwrap();
+        assert_eq!(&byte, b"x");
+
+        // Ready (sent at start, by `new`), then a hand-off report: neither is discarded.
+        let report = crate::control::report::HandOffReport { index: 1, ..Default::default() };
+        child.send_json(Reply::HandOff(report.clone())).unwrap();
+        let mut kept = Vec::new();
+        while kept.len() < 2 && Instant::now() < deadline {
+            kept.extend(master.discard_pending());
+        }
+        assert!(matches!(kept.as_slice(), [Reply::Ready, Reply::HandOff(r)] if *r == report), "{kept:?}");
     }
 }

@@ -120,6 +120,16 @@ impl ReloadState {
         }
     }
 
+    /// The slot whose old process is handing its connections over: the reload, not the
+    /// reaper, reads its last words (the report may come just before it exits) and lets the
+    /// reaper have it once the hand-off is over.
+    pub fn slot_handing_off(&self) -> Option<usize> {
+        match self.job.as_ref()?.step {
+            Step::HandingOff { slot, .. } => Some(slot),
+            _ => None,
+        }
+    }
+
     /// Kills a starting or receiving replacement (the master is stopping).
     pub fn abort(&mut self) {
         if let Some(Job { step: Step::Starting { candidate, .. } | Step::HandingOff { candidate, .. }, .. }) =
@@ -153,9 +163,11 @@ impl Master {
         self.reload.started += 1;
         let generation = self.reload.started;
         notify::notify("RELOADING=1");
-        if let Err(e) = self.reread_config() {
-            info!("reload {generation} started");
-            let mode = if requested.force_close { ReloadMode::Close } else { self.config.reload_mode };
+        info!("reload {generation} ({}) started", if graceful { "graceful" } else { "immediate" });
+        let reread = self.reread_config();
+        // The re-read config decides, so a reload can switch the mode for itself.
+        let mode = if requested.force_close { ReloadMode::Close } else { self.config.reload_mode };
+        if let Err(e) = reread {
             self.finish_reload(
                 Job::new(generation, graceful, mode, VecDeque::new()),
                 false,
@@ -163,13 +175,7 @@ impl Master {
             );
             return;
         }
-        // The re-read config decides, so a reload can switch the mode for itself.
-        let mode = if requested.force_close { ReloadMode::Close } else { self.config.reload_mode };
-        info!(
-            "reload {generation} ({}, {} mode) started",
-            if graceful { "graceful" } else { "immediate" },
-            mode.name()
-        );
+        info!("reload {generation}: {} mode", mode.name());
         let queue = self.slots.iter().enumerate().filter(|(_, s)| matches!(s.role, Role::Worker(_))).map(|(i, _)| i);
         self.reload.job = Some(Job::new(generation, graceful, mode, queue.collect()));
         self.advance_reload();
@@ -272,13 +278,8 @@ impl Master {
         if mode == ReloadMode::Close || self.slots[slot].proc.is_none() {
             return Ok((self.spawn_proc(role, None)?, None));
         }
-        let (for_old, for_new) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .map_err(|e| anyhow::anyhow!("cannot create the hand-off socket for {}: {e}", role.name()))?;
+        let (for_old, for_new) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+            .map_err(|e| anyhow::anyhow!("cannot create the hand-off socket for {}: {e}", role.name()))?;
         // The master's copy of the new worker's end closes when `for_new` drops, right after
         // the spawn: the new worker then holds the only one.
         let candidate = self.spawn_proc(role, Some(for_new.as_fd()))?;
@@ -312,11 +313,12 @@ impl Master {
         job.step = Step::HandingOff { slot, candidate, old_pid, deadline };
     }
 
-    /// Looks for the old worker's report without blocking.
+    /// Looks for the old worker's report without blocking. The slot is not reaped meanwhile
+    /// (`slot_handing_off`), so a report sent just before the old process exits is read.
     fn poll_hand_off(&mut self, slot: usize, old_pid: u32, deadline: Instant) -> Polled {
         let old = self.slots[slot].proc.as_mut().filter(|p| p.pid() == old_pid);
         let Some(old) = old else {
-            return Polled::Lost(format!("the old process (pid {old_pid}) died during the hand-off"));
+            return Polled::Lost(format!("the old process (pid {old_pid}) is gone"));
         };
         match old.poll_reply() {
             Ok(Some(report)) => Polled::Report(report),
@@ -324,7 +326,8 @@ impl Master {
             Ok(None) => Polled::Lost(format!(
                 "the old process (pid {old_pid}) did not report within handoff_timeout_ms + {HANDOFF_SLACK:?}"
             )),
-            Err(_) => Polled::Lost(format!("the old process (pid {old_pid}) closed its status link during the hand-off")),
+            // Its link closes when it dies; the reaper restarts the slot once the reload is over.
+            Err(_) => Polled::Lost(format!("the old process (pid {old_pid}) died during the hand-off")),
         }
     }
 
@@ -454,7 +457,16 @@ enum Polled {
 
 impl Job {
     fn new(generation: u64, graceful: bool, mode: ReloadMode, queue: VecDeque<usize>) -> Job {
-        Job { generation, graceful, mode, queue, step: Step::Next, replaced: 0, began: Instant::now(), handoffs: Vec::new() }
+        Job {
+            generation,
+            graceful,
+            mode,
+            queue,
+            step: Step::Next,
+            replaced: 0,
+            began: Instant::now(),
+            handoffs: Vec::new(),
+        }
     }
 }
 

@@ -7,12 +7,15 @@
 //!
 //! One of each: `Client` (tungstenite) and `RawWs` (hand-made frames, through the library's
 //! `frame::encode_client`); `Broker` (broker.rs), the standalone broker guard; `Watchers`
-//! (watchers.rs), the bystanders that prove delivery still works; `skip_or_fail`/`require`
+//! (watchers.rs), the bystanders that prove delivery still works; `Swarm` (swarm.rs), thousands
+//! of clients on one thread, and `GroupLoad` (group_load.rs), a checked workload on it; `skip_or_fail`/`require`
 //! for a test that cannot run on this machine (skipped locally, failed under CI).
 #![allow(dead_code)]
 
 mod broker;
+mod group_load;
 mod redis;
+mod swarm;
 mod watchers;
 
 // Each test crate uses some of these only.
@@ -22,6 +25,10 @@ pub use broker::{connect_args, write_secret, Broker, BrokerOpts, BROKER_SECRET};
 pub use redis::Redis;
 #[allow(unused_imports)]
 pub use watchers::Watchers;
+#[allow(unused_imports)]
+pub use group_load::{GroupLoad, LoadShape};
+#[allow(unused_imports)]
+pub use swarm::{Ended, Swarm};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
@@ -817,6 +824,12 @@ impl RawWs {
         assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "bad accept key: {head}");
         raw.buf.drain(..head_end);
         raw
+    }
+
+    /// A client whose upgrade the caller did by hand (e.g. split across a reload): `rest` is
+    /// what arrived after the 101's head.
+    pub fn after_upgrade(stream: TcpStream, rest: Vec<u8>) -> RawWs {
+        RawWs { stream, buf: rest }
     }
 
     fn fill(&mut self) -> Result<usize, End> {

@@ -489,3 +489,27 @@ fn a_frame_split_across_the_reload_is_processed_once() {
     member.sync_quiet();
     assert_eq!(outcomes(&server.status()), vec!["moved"]);
 }
+
+/// The harness itself, without a reload: the same 2,000-connection load is delivered exactly
+/// once and nothing closes. When the reload tests fail, this one says whether the load and
+/// its checks are sound on this machine.
+#[test]
+fn the_load_without_a_reload_is_delivered_exactly_once() {
+    let (server, _exe) = start_from_copy("handoff-control", CONFIG, 2, &[]);
+    let shape = LoadShape {
+        members: 2000,
+        groups: 20,
+        max_groups_per_member: 2,
+        publishers: 4,
+        period: Duration::from_millis(8),
+        seed: 13,
+    };
+    let started = Instant::now();
+    let mut load = GroupLoad::start(server.addr, &shape, Duration::from_secs(60));
+    server.wait_subscriptions(load.memberships());
+    load.run_for(Duration::from_secs(3));
+    assert_none_closed(&load.swarm, "without a reload");
+    load.wait_acks(DELIVERY);
+    load.check_delivery(DELIVERY);
+    eprintln!("{} publishes delivered exactly once in {:?}", load.published(), started.elapsed());
+}

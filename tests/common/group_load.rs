@@ -228,6 +228,7 @@ impl GroupLoad {
             self.read_replies();
             let missing: usize = self.sent.iter().map(|s| s.iter().filter(|p| !p.acked).count()).sum();
             if missing == 0 {
+                assert!(self.publisher_errors.is_empty(), "publishers got unexpected frames: {:?}", self.publisher_errors);
                 return;
             }
             assert!(

@@ -197,18 +197,22 @@ fn small_load(server: &Server, seed: u64) -> GroupLoad {
     load
 }
 
-#[test]
-fn a_new_binary_dying_in_prepare_leaves_every_connection_with_the_old_worker() {
-    let (server, exe) = start_from_copy("handoff-die", CONFIG, 2, &[]);
+/// A reload whose new worker fails the hand-off before commit (`fault`, a value of the test
+/// switch): the command fails, every worker keeps its pid, no client notices, publishing
+/// before, during and after reaches everyone exactly once; the good binary back, the next
+/// reload moves everyone.
+fn failed_handoff_keeps_every_connection(name: &str, fault: &str) {
+    let (server, exe) = start_from_copy(name, CONFIG, 2, &[]);
     let real = install_copy(server.dir.path(), "groupcast-real", days_ago(2));
     let mut load = small_load(&server, 2);
     load.run_for(Duration::from_millis(300));
 
-    install_wrapper(&exe, &real, &format!("{}\nexport {FAULT_ENV}=die-in-prepare", plain_setup()));
+    // No core file from the abort: the disk is not the test's to fill.
+    install_wrapper(&exe, &real, &format!("{}\nulimit -c 0\nexport {FAULT_ENV}={fault}", plain_setup()));
     let before = worker_pids(&server.status());
     let run = reload_during(&server, &mut load, &["reload"]);
     load.run_for(Duration::from_millis(300));
-    assert_none_closed(&load.swarm, "by a reload whose new worker died in prepare");
+    assert_none_closed(&load.swarm, &format!("by a reload whose new worker failed ({fault})"));
 
     assert_ne!(run.code, Some(0), "the reload must fail: {run:?}");
     let report = server.status();
@@ -221,6 +225,7 @@ fn a_new_binary_dying_in_prepare_leaves_every_connection_with_the_old_worker() {
     );
     assert_eq!(worker_pids(&report), before, "the old workers keep their slots");
     wait_for("no retiring worker", TIMEOUT, || retiring_rows(&server.status()).is_empty().then_some(()));
+    load.run_for(Duration::from_millis(300));
 
     // The good binary back: the next reload moves everyone.
     install_wrapper(&exe, &real, &plain_setup());
@@ -235,6 +240,16 @@ fn a_new_binary_dying_in_prepare_leaves_every_connection_with_the_old_worker() {
     load.wait_acks(DELIVERY);
     load.check_delivery(DELIVERY);
     assert_none_closed(&load.swarm, "by the end");
+}
+
+#[test]
+fn a_new_binary_dying_in_prepare_leaves_every_connection_with_the_old_worker() {
+    failed_handoff_keeps_every_connection("handoff-die", "die-in-prepare");
+}
+
+#[test]
+fn a_new_binary_refusing_the_state_leaves_every_connection_with_the_old_worker() {
+    failed_handoff_keeps_every_connection("handoff-refuse", "refuse");
 }
 
 /// The variables in the environment of `pid`.
@@ -286,13 +301,14 @@ fn members_on_every_worker(server: &Server, g: &str) -> Vec<Client> {
 /// After a reload that closed `clients` with 1012: new clients on every worker exchange
 /// messages across the workers.
 fn reconnect_works(server: &Server, g: &str, tag: &str) {
-    let base = field(&server.status()["totals"], "memberships");
+    // The closed clients' memberships are gone with their old workers.
+    server.wait_status("the old workers gone", |r| retiring_rows(r).is_empty() && r["totals"]["memberships"] == 0);
     let (mut clients, on) = server.connect_spread(1);
     for c in &mut clients {
         c.add_group(&json!(g));
         c.sync_quiet();
     }
-    server.wait_subscriptions(base + clients.len() as u64);
+    server.wait_subscriptions(clients.len() as u64);
     let flows: Vec<Flow> = (0..server.workers)
         .map(|w| Flow { sender: on.iter().position(|&x| x == w).unwrap(), group: g.into(), group_id: json!(g) })
         .collect();
@@ -318,6 +334,7 @@ fn an_unknown_format_falls_back_to_close_1012() {
         assert!(!h["reason"].as_str().unwrap_or_default().is_empty(), "a fall-back says why: {h}");
     }
     assert_all_replaced(&before, &worker_pids(&report), "the reload");
+    drop(clients);
     reconnect_works(&server, "f2", "after-fallback");
 }
 
@@ -380,6 +397,7 @@ fn reload_close_keeps_todays_behaviour() {
     let mut clients = members_on_every_worker(&server, "c");
     let run = server.cli(&["reload", "--close"]);
     assert_close_mode_reload(&server, &mut clients, &run);
+    drop(clients);
     reconnect_works(&server, "c2", "after-close");
     // `--close` is for that one reload: the next one hands off again.
     let mut load = small_load(&server, 6);

@@ -96,7 +96,10 @@ fn assert_none_closed(swarm: &Swarm, when: &str) {
 /// The new workers replaced every old one.
 fn assert_all_replaced(before: &[u32], after: &[u32], when: &str) {
     assert_eq!(before.len(), after.len(), "{when}: {before:?} -> {after:?}");
-    assert!(after.iter().all(|p| !before.contains(p)), "{when}: worker pids did not all change: {before:?} -> {after:?}");
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "{when}: worker pids did not all change: {before:?} -> {after:?}"
+    );
 }
 
 /// What one reload of the loaded test left behind.
@@ -171,7 +174,25 @@ fn two_thousand_connections_survive_three_reloads_one_to_a_new_binary() {
         );
     }
     let last = &reloads[2].report;
-    assert!(moved_total(last) >= 2000, "the last reload moved {} connections: {}", moved_total(last), last["last_reload"]);
+    assert!(
+        moved_total(last) >= 2000,
+        "the last reload moved {} connections: {}",
+        moved_total(last),
+        last["last_reload"]
+    );
+    let mut indexes: Vec<u64> = handoffs(last).iter().map(|h| field(h, "index")).collect();
+    indexes.sort_unstable();
+    assert_eq!(indexes, vec![0, 1], "one hand-off per worker slot: {}", last["last_reload"]);
+    for h in handoffs(last) {
+        assert_eq!(h["generation"], last["last_reload"]["generation"], "{h}");
+        assert!(field(&h, "rounds") >= 1, "{h}");
+    }
+    let received: u64 = slot_rows(last).iter().map(|w| field(w, "handoffs_in")).sum();
+    assert!(received >= 2000, "the new workers count the connections they received: {received}");
+    let text = server.cli(&["status"]).stdout;
+    for w in 0..2 {
+        assert!(text.contains(&format!("worker-{w}: moved ")), "status names each worker's hand-off:\n{text}");
+    }
     let new_mtime = mtime_secs(&exe);
     let mtimes: Vec<u64> = slot_rows(last).iter().map(|w| field(w, "binary_mtime")).collect();
     assert_eq!(mtimes, vec![new_mtime; 2], "the last workers run the binary installed before the third reload");
@@ -453,7 +474,11 @@ fn a_frame_split_across_the_reload_is_processed_once() {
     member.sync_quiet();
     server.wait_subscriptions(1);
     let mut sender = RawWs::connect(server.addr);
-    let frame = encode_frame(0x81, json!({"cmd":"send_to_group","group_id":"s","message":"split"}).to_string().as_bytes(), true);
+    let frame = encode_frame(
+        0x81,
+        json!({"cmd":"send_to_group","group_id":"s","message":"split"}).to_string().as_bytes(),
+        true,
+    );
     let half = frame.len() / 2;
     sender.stream.write_all(&frame[..half]).unwrap();
 

@@ -103,9 +103,16 @@ impl GroupLoad {
                 }
             }
             for &g in &mine {
-                swarm.send_text(conn, &json!({"cmd":"add_group","group_id":groups[g],"id":format!("j{g}")}).to_string());
+                swarm
+                    .send_text(conn, &json!({"cmd":"add_group","group_id":groups[g],"id":format!("j{g}")}).to_string());
             }
-            members.push(Member { conn, protocol2: i % 2 == 1, groups: mine, join_offset: HashMap::new(), first_message: 0 });
+            members.push(Member {
+                conn,
+                protocol2: i % 2 == 1,
+                groups: mine,
+                join_offset: HashMap::new(),
+                first_message: 0,
+            });
             if i % 100 == 99 {
                 swarm.pump(Duration::ZERO);
             }
@@ -180,7 +187,8 @@ impl GroupLoad {
         let seq = publisher.next_seq;
         publisher.next_seq += 1;
         let g = (p * 7 + seq as usize) % self.groups.len();
-        let text = json!({"cmd":"send_to_group","group_id":self.groups[g],"message":body(p, &self.groups[g], seq),"id":seq});
+        let text =
+            json!({"cmd":"send_to_group","group_id":self.groups[g],"message":body(p, &self.groups[g], seq),"id":seq});
         let conn = publisher.conn;
         self.sent[p].push(Publish { group: g, acked: false });
         self.swarm.send_text(conn, &text.to_string());
@@ -228,7 +236,11 @@ impl GroupLoad {
             self.read_replies();
             let missing: usize = self.sent.iter().map(|s| s.iter().filter(|p| !p.acked).count()).sum();
             if missing == 0 {
-                assert!(self.publisher_errors.is_empty(), "publishers got unexpected frames: {:?}", self.publisher_errors);
+                assert!(
+                    self.publisher_errors.is_empty(),
+                    "publishers got unexpected frames: {:?}",
+                    self.publisher_errors
+                );
                 return;
             }
             assert!(
@@ -292,7 +304,12 @@ impl GroupLoad {
                 failures.push(format!("member {} ({}): {e}", m.conn, if m.protocol2 { "protocol 2" } else { "seed" }));
             }
         }
-        assert!(failures.is_empty(), "{} members got a wrong stream; first: {:#?}", failures.len(), &failures[..failures.len().min(5)]);
+        assert!(
+            failures.is_empty(),
+            "{} members got a wrong stream; first: {:#?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
     }
 
     fn check_member(&self, m: &Member, expected: &[BTreeMap<usize, Vec<u64>>]) -> Result<(), String> {
@@ -316,7 +333,9 @@ impl GroupLoad {
             };
             let parts: Vec<&str> = message.split('|').collect();
             let parsed = (parts.len() == 3)
-                .then(|| Some((parts[0].strip_prefix('p')?.parse::<usize>().ok()?, parts[1], parts[2].parse::<u64>().ok()?)))
+                .then(|| {
+                    Some((parts[0].strip_prefix('p')?.parse::<usize>().ok()?, parts[1], parts[2].parse::<u64>().ok()?))
+                })
                 .flatten();
             let (p, group, seq) = parsed.ok_or_else(|| format!("unexpected frame {t}"))?;
             if envelope_group.as_deref().is_some_and(|eg| eg != group) {

@@ -22,13 +22,13 @@ mod watchers;
 #[allow(unused_imports)]
 pub use broker::{connect_args, write_secret, Broker, BrokerOpts, BROKER_SECRET};
 #[allow(unused_imports)]
-pub use redis::Redis;
-#[allow(unused_imports)]
-pub use watchers::Watchers;
-#[allow(unused_imports)]
 pub use group_load::{GroupLoad, LoadShape};
 #[allow(unused_imports)]
+pub use redis::Redis;
+#[allow(unused_imports)]
 pub use swarm::{Ended, Swarm};
+#[allow(unused_imports)]
+pub use watchers::Watchers;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{ErrorKind, Read, Write};

@@ -276,7 +276,8 @@ impl Swarm {
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
                     self.parse(i);
-                    let how = if e.kind() == ErrorKind::ConnectionReset { Ended::Eof } else { Ended::Error(e.to_string()) };
+                    let how =
+                        if e.kind() == ErrorKind::ConnectionReset { Ended::Eof } else { Ended::Error(e.to_string()) };
                     self.end(i, how);
                     return;
                 }

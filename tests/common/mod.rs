@@ -480,7 +480,23 @@ impl Server {
     /// `workers_of` for connections named by their client-side port. The TCP table is the
     /// workers' own (`/proc/PID/net/tcp` is per network namespace), so this also works for an
     /// instance started in another namespace.
+    ///
+    /// A connection being handed from one worker to another at a reload is in no worker's
+    /// table for a moment (its descriptor is in flight): a port not found is looked up again
+    /// for up to 5 s before this panics.
     pub fn workers_of_ports(&self, ports: &[u16]) -> Vec<usize> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.try_workers_of_ports(ports) {
+                Ok(on) => return on,
+                Err(e) if Instant::now() >= deadline => panic!("{e}"),
+                Err(_) => sleep(POLL),
+            }
+        }
+    }
+
+    /// One look-up of `workers_of_ports`; the first port no worker holds is the error.
+    fn try_workers_of_ports(&self, ports: &[u16]) -> Result<Vec<usize>, String> {
         let report = self.status();
         let mut inode_owner: HashMap<u64, usize> = HashMap::new();
         let mut tcp = String::new();
@@ -520,8 +536,8 @@ impl Server {
         ports
             .iter()
             .map(|port| {
-                let inode = by_peer.get(port).unwrap_or_else(|| panic!("no server socket for client port {port}"));
-                *inode_owner.get(inode).unwrap_or_else(|| panic!("no worker holds client port {port}"))
+                let inode = by_peer.get(port).ok_or_else(|| format!("no server socket for client port {port}"))?;
+                inode_owner.get(inode).copied().ok_or_else(|| format!("no worker holds client port {port}"))
             })
             .collect()
     }

@@ -174,8 +174,11 @@ impl Swarm {
             Err(e) if e.kind() == ErrorKind::Interrupted => return,
             Err(e) => panic!("poll: {e}"),
         }
-        let ready: Vec<(usize, bool, bool)> =
-            self.events.iter().map(|e| (e.token().0, e.is_readable() || e.is_read_closed(), e.is_writable())).collect();
+        let ready: Vec<(usize, bool, bool)> = self
+            .events
+            .iter()
+            .map(|e| (e.token().0, e.is_readable() || e.is_read_closed() || e.is_error(), e.is_writable()))
+            .collect();
         for (i, readable, writable) in ready {
             if writable {
                 self.flush(i);

@@ -556,3 +556,29 @@ fn the_load_without_a_reload_is_delivered_exactly_once() {
     load.check_delivery(DELIVERY);
     eprintln!("{} publishes delivered exactly once in {:?}", load.published(), started.elapsed());
 }
+
+/// A reload by signal (SIGHUP, as an init system sends it) hands off like the command.
+#[test]
+fn a_reload_by_sighup_hands_off_too() {
+    let (server, _exe) = start_from_copy("handoff-hup", CONFIG, 2, &[]);
+    let mut load = small_load(&server, 8);
+    load.run_for(Duration::from_millis(300));
+    let before = worker_pids(&server.status());
+    let report = std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
+            signal(server.master_pid, libc::SIGHUP);
+            server.wait_status("the reload by SIGHUP to finish", |r| {
+                r["reloads"] == 1 && r["reloading"] == false && r["last_reload"]["generation"] == 1
+            })
+        });
+        load.run_until(|_| waiter.is_finished());
+        waiter.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+    });
+    load.run_for(Duration::from_millis(300));
+    assert_none_closed(&load.swarm, "by a reload by SIGHUP");
+    assert_eq!(report["last_reload"]["ok"], true, "{}", report["last_reload"]);
+    assert_eq!(outcomes(&report), vec!["moved"; 2], "{}", report["last_reload"]);
+    assert_all_replaced(&before, &worker_pids(&report), "the reload by SIGHUP");
+    load.wait_acks(DELIVERY);
+    load.check_delivery(DELIVERY);
+}

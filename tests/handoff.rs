@@ -10,6 +10,7 @@
 //! (the master resolves its path once at start; a reload starts whatever is there).
 
 mod common;
+mod robustness;
 #[path = "handoff_support/wss.rs"]
 mod wss;
 
@@ -581,4 +582,72 @@ fn a_reload_by_sighup_hands_off_too() {
     assert_all_replaced(&before, &worker_pids(&report), "the reload by SIGHUP");
     load.wait_acks(DELIVERY);
     load.check_delivery(DELIVERY);
+}
+
+/// Bytes the worker holds queued for the client on local `port` (`connections --json`).
+fn send_buffer_of(server: &Server, port: u16) -> u64 {
+    let run = server.cli(&["connections", "--json"]);
+    let list: Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {run:?}"));
+    let peer = format!("127.0.0.1:{port}");
+    list["connections"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["peer"] == peer.as_str()))
+        .map_or(0, |r| field(r, "send_buffer"))
+}
+
+/// A client that stopped reading has a backlog in the worker's own queue (not only in the
+/// kernel's buffers): the queue moves with the connection, and once the client reads again
+/// it gets every message once, in order (the trap PgBouncer fell into).
+#[test]
+fn a_queued_backlog_moves_with_its_connection() {
+    // More than the kernel's buffers take (tcp_wmem's default maximum is 4 MiB), less than
+    // the queue may hold.
+    const COUNT: usize = 6000;
+    let pad = "x".repeat(1000);
+    // The publisher sends faster than the default command rate; the queue may hold the rest.
+    let config = format!(
+        "{CONFIG}[limits]\ncommands_per_second = 100000\ncommands_burst = 100000\nsend_buffer_limit = 16777216\n"
+    );
+    let (server, _exe) = start_from_copy("handoff-backlog", &config, 1, &[]);
+    let mut slow = RawWs::upgrade(robustness::connect_small_rcvbuf(server.addr, 4096));
+    slow.send_text(&json!({"cmd":"add_group","group_id":"q","id":1}).to_string());
+    assert_eq!(slow.next_text(), json!({"id":1,"ok":true}).to_string());
+    server.wait_subscriptions(1);
+    let mut publisher = Client::connect(server.addr);
+    for i in 0..COUNT {
+        publisher.send_to_group(&json!("q"), &format!("m{i}-{pad}"));
+        if i % 100 == 99 {
+            publisher.sync_quiet();
+        }
+    }
+    publisher.sync_quiet();
+    let port = slow.port();
+    wait_for("a backlog in the worker's queue", TIMEOUT, || {
+        (send_buffer_of(&server, port) >= 512 * 1024).then_some(())
+    });
+
+    let run = server.cli(&["reload"]);
+    assert_eq!(run.code, Some(0), "{run:?}\n{}", server.log());
+    // A new publisher: the slow reader's stream is what this test is about.
+    let mut publisher = Client::connect(server.addr);
+    publisher.send_to_group(&json!("q"), "after");
+    publisher.sync_quiet();
+    for i in 0..=COUNT {
+        let want = if i == COUNT { "after".to_string() } else { format!("m{i}-{pad}") };
+        match slow.next_frame() {
+            Ok((0x81, p)) => {
+                assert!(p == want.as_bytes(), "message {i}: got {:?}", String::from_utf8_lossy(&p[..p.len().min(40)]))
+            }
+            Ok((first, p)) if first & 0x0f == 0x8 => {
+                panic!("the reload closed the slow reader after {i} of {COUNT} queued messages: close {:?}", p.get(..2))
+            }
+            Err(End::Eof) => {
+                panic!("the reload ended the slow reader's connection (EOF) after {i} of {COUNT} queued messages")
+            }
+            other => panic!("message {i}: {:?}", other.map(|(f, p)| (f, p.len()))),
+        }
+    }
+    slow.read_timeout(Some(Duration::from_millis(300)));
+    assert_eq!(slow.next_frame().map(|(f, p)| (f, p.len())), Err(End::Timeout), "nothing after the last message");
+    assert_eq!(outcomes(&server.status()), vec!["moved"]);
 }

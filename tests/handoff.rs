@@ -469,6 +469,7 @@ fn assert_raw_open(raw: &mut RawWs, who: &str) {
 
 #[test]
 fn a_frame_split_across_the_reload_is_processed_once() {
+    // Also a fragmented message and a handshake split across the same reload.
     let (server, _exe) = start_from_copy("handoff-split", CONFIG, 1, &[]);
     let mut member = Client::connect(server.addr);
     member.add_group(&json!("s"));
@@ -482,6 +483,11 @@ fn a_frame_split_across_the_reload_is_processed_once() {
     );
     let half = frame.len() / 2;
     sender.stream.write_all(&frame[..half]).unwrap();
+    // A message in two fragments, the first before the reload.
+    let mut fragmenter = RawWs::connect(server.addr);
+    let message = json!({"cmd":"send_to_group","group_id":"s","message":"fragmented"}).to_string();
+    let (first, second) = message.as_bytes().split_at(message.len() / 2);
+    fragmenter.write_frame(0x01, first, true);
 
     // A handshake in progress: half the upgrade request, accepted by the worker.
     let mut pending = TcpStream::connect(server.addr).unwrap();
@@ -513,9 +519,13 @@ fn a_frame_split_across_the_reload_is_processed_once() {
     }
     assert_raw_open(&mut sender, "the sender with half a frame sent");
 
+    assert_raw_open(&mut fragmenter, "the sender with one fragment sent");
+
     // The second half, to the new worker: the message is processed once.
     sender.stream.write_all(&frame[half..]).unwrap();
     assert_eq!(member.recv(), "split");
+    fragmenter.write_frame(0x80, second, true);
+    assert_eq!(member.recv(), "fragmented");
     member.sync_quiet();
 
     // The split handshake completed and the connection works, after the old worker is gone

@@ -7,19 +7,26 @@
 //!
 //! One of each: `Client` (tungstenite) and `RawWs` (hand-made frames, through the library's
 //! `frame::encode_client`); `Broker` (broker.rs), the standalone broker guard; `Watchers`
-//! (watchers.rs), the bystanders that prove delivery still works; `skip_or_fail`/`require`
+//! (watchers.rs), the bystanders that prove delivery still works; `Swarm` (swarm.rs), thousands
+//! of clients on one thread, and `GroupLoad` (group_load.rs), a checked workload on it; `skip_or_fail`/`require`
 //! for a test that cannot run on this machine (skipped locally, failed under CI).
 #![allow(dead_code)]
 
 mod broker;
+mod group_load;
 mod redis;
+mod swarm;
 mod watchers;
 
 // Each test crate uses some of these only.
 #[allow(unused_imports)]
 pub use broker::{connect_args, write_secret, Broker, BrokerOpts, BROKER_SECRET};
 #[allow(unused_imports)]
+pub use group_load::{GroupLoad, LoadShape};
+#[allow(unused_imports)]
 pub use redis::Redis;
+#[allow(unused_imports)]
+pub use swarm::{Ended, Swarm};
 #[allow(unused_imports)]
 pub use watchers::Watchers;
 
@@ -473,7 +480,23 @@ impl Server {
     /// `workers_of` for connections named by their client-side port. The TCP table is the
     /// workers' own (`/proc/PID/net/tcp` is per network namespace), so this also works for an
     /// instance started in another namespace.
+    ///
+    /// A connection being handed from one worker to another at a reload is in no worker's
+    /// table for a moment (its descriptor is in flight): a port not found is looked up again
+    /// for up to 5 s before this panics.
     pub fn workers_of_ports(&self, ports: &[u16]) -> Vec<usize> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.try_workers_of_ports(ports) {
+                Ok(on) => return on,
+                Err(e) if Instant::now() >= deadline => panic!("{e}"),
+                Err(_) => sleep(POLL),
+            }
+        }
+    }
+
+    /// One look-up of `workers_of_ports`; the first port no worker holds is the error.
+    fn try_workers_of_ports(&self, ports: &[u16]) -> Result<Vec<usize>, String> {
         let report = self.status();
         let mut inode_owner: HashMap<u64, usize> = HashMap::new();
         let mut tcp = String::new();
@@ -513,8 +536,8 @@ impl Server {
         ports
             .iter()
             .map(|port| {
-                let inode = by_peer.get(port).unwrap_or_else(|| panic!("no server socket for client port {port}"));
-                *inode_owner.get(inode).unwrap_or_else(|| panic!("no worker holds client port {port}"))
+                let inode = by_peer.get(port).ok_or_else(|| format!("no server socket for client port {port}"))?;
+                inode_owner.get(inode).copied().ok_or_else(|| format!("no worker holds client port {port}"))
             })
             .collect()
     }
@@ -817,6 +840,12 @@ impl RawWs {
         assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "bad accept key: {head}");
         raw.buf.drain(..head_end);
         raw
+    }
+
+    /// A client whose upgrade the caller did by hand (e.g. split across a reload): `rest` is
+    /// what arrived after the 101's head.
+    pub fn after_upgrade(stream: TcpStream, rest: Vec<u8>) -> RawWs {
+        RawWs { stream, buf: rest }
     }
 
     fn fill(&mut self) -> Result<usize, End> {

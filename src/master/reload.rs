@@ -104,15 +104,6 @@ impl ReloadState {
     /// The slot whose replacement is starting: if its old process dies now, the replacement
     /// takes the slot instead of a respawn. Not while handing off: then the replacement is
     /// killed and the slot respawns as after any crash.
-    /// The slot whose old process is handing its connections over: its exit is read from its
-    /// link by the reload (its report comes first), not reaped as a crash.
-    pub fn slot_handing_off(&self) -> Option<usize> {
-        match self.job.as_ref()?.step {
-            Step::HandingOff { slot, .. } => Some(slot),
-            _ => None,
-        }
-    }
-
     pub fn slot_being_replaced(&self) -> Option<usize> {
         match self.job.as_ref()?.step {
             Step::Starting { slot, .. } => Some(slot),
@@ -383,7 +374,7 @@ impl Master {
         let old = self.slots[slot].proc.replace(candidate);
         self.slots[slot].respawn_at = None;
         job.replaced += 1;
-        let Some(old) = old else { return };
+        let Some(mut old) = old else { return };
         let drain = if job.graceful { Duration::from_millis(self.config.graceful_timeout_ms) } else { Duration::ZERO };
         let shutdown = Request::Shutdown { code: close_code::SERVICE_RESTART, drain_ms: duration_ms(drain) };
         if !old.send(&shutdown) {

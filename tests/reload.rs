@@ -235,7 +235,9 @@ fn reload_under_a_steady_stream_of_connections() {
 #[test]
 fn issue5_handshake_pending_during_reload_gets_101_then_1012() {
     use std::io::{Read, Write};
-    let server = Server::start_with(Opts::workers(1));
+    // Close mode (with a hand-off the handshake completes and the connection moves:
+    // tests/handoff.rs, `a_frame_split_across_the_reload_is_processed_once`).
+    let server = Server::start_with(Opts::close_mode(1));
     let old = worker_pids(&server.status());
     let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 /// answers with the temporary stub (`worker/handoff/`) today: `fell_back`, clients closed
 /// with 1012. The real hand-off changes this to `moved` and clients stay connected: update
 /// this one place and `clients_after_default_reload`.
-const EXPECTED_OUTCOME: &str = "fell_back";
+const EXPECTED_OUTCOME: &str = "moved";
 
 /// Two clients on each worker, each in group "g".
 fn clients_on_every_worker(server: &Server) -> Vec<Client> {
@@ -41,7 +41,14 @@ fn assert_closed_with_1012(clients: &mut [Client]) {
 
 /// What clients of an old worker see after a default-mode reload (see `EXPECTED_OUTCOME`).
 fn clients_after_default_reload(clients: &mut [Client]) {
-    assert_closed_with_1012(clients);
+    // Moved, not closed: each still answers and is still in "g".
+    for c in clients.iter_mut() {
+        c.sync_quiet();
+    }
+    clients[0].send_to_group(&json!("g"), "after");
+    for c in clients.iter_mut() {
+        assert_eq!(c.recv(), "after", "a moved member still gets its group's messages");
+    }
 }
 
 #[test]
@@ -122,7 +129,9 @@ fn default_reload_reports_a_hand_off_per_worker() {
     let run = server.cli(&["connections", "--json"]);
     let list: Value = serde_json::from_str(&run.stdout).expect("connections --json");
     let ids: Vec<u64> = list["connections"].as_array().unwrap().iter().map(|c| c["id"].as_u64().unwrap()).collect();
-    assert!(!ids.is_empty() && ids.iter().all(|&id| id > 1 << 32), "ids {ids:?}");
+    // The moved ones keep theirs (from generation 0).
+    let fresh_ids = ids.iter().filter(|&&id| id > 1 << 32).count();
+    assert_eq!((ids.len(), fresh_ids), (clients.len() + 1, 1), "ids {ids:?}");
 }
 
 #[test]

@@ -19,6 +19,11 @@ fn graceful_config() -> Opts {
     Opts { config: Some(format!("graceful_timeout_ms = {DRAIN_MS}\nstatus_timeout_ms = 5000\n")), ..Opts::workers(2) }
 }
 
+fn graceful_close_config() -> Opts {
+    let config = format!("{CLOSE_MODE}graceful_timeout_ms = {DRAIN_MS}\nstatus_timeout_ms = 5000\n");
+    Opts { config: Some(config), ..Opts::workers(2) }
+}
+
 /// Every client in group "s", a sender on each worker: delivery crosses the workers.
 fn assert_delivers_across_workers(server: &Server, tag: &str) {
     // Clients of the test still connected keep their memberships.
@@ -140,7 +145,9 @@ fn stop_g_closes_clients_with_1001_and_reports() {
 /// old clients closed with 1012, and the instance keeps delivering across workers.
 #[test]
 fn sigusr1_and_sighup_reload_the_workers() {
-    let server = Server::start_with(Opts::workers(2));
+    // Close mode: the signals' reload, seen by its 1012 (a hand-off moves clients silently:
+    // tests/handoff.rs, `a_reload_by_sighup_hands_off_too`).
+    let server = Server::start_with(Opts::close_mode(2));
     let first = server.status();
     let channel = channel_pid(&first);
     let mut old_workers = worker_pids(&first);
@@ -189,7 +196,8 @@ fn sigusr1_and_sighup_reload_the_workers() {
 /// closed; worker 1 is not touched until then. Then the same for worker 1.
 #[test]
 fn sigusr2_replaces_one_draining_worker_at_a_time() {
-    let server = Server::start_with(graceful_config());
+    // Close mode: draining is what a graceful close-mode reload does.
+    let server = Server::start_with(graceful_close_config());
     let before = server.status();
     let old = worker_pids(&before);
     // Clients that read the close frame but do not answer it: they keep their worker draining.

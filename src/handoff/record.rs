@@ -323,6 +323,12 @@ pub struct Bounds {
 /// headers, a partial next frame, control frames.
 const SLACK: usize = 64 * 1024;
 
+/// Buffer bytes a received connection may hold whatever the new worker's limits say
+/// (`Bounds::for_received`).
+const GRANDFATHERED: usize = 16 * 1024 * 1024;
+/// Group memberships likewise.
+const GRANDFATHERED_GROUPS: usize = 4096;
+
 impl Bounds {
     pub fn from_limits(limits: &crate::config::Limits) -> Bounds {
         Bounds {
@@ -334,6 +340,24 @@ impl Bounds {
             max_epoch_len: crate::protocol::MAX_EPOCH_LEN,
             max_string: 4096,
             max_globs: 256,
+        }
+    }
+
+    /// The bounds a new worker checks what it receives against: its own `limits`, but never
+    /// below `GRANDFATHERED` bytes or `max_group_id_len`'s highest valid value, so a reload that
+    /// lowers a limit applies it to what comes next and does not refuse (and so fail on)
+    /// connections that were within the old one. The batch bound (`MAX_BATCH_BYTES`) still
+    /// caps what one batch can make the new worker hold.
+    pub fn for_received(limits: &crate::config::Limits) -> Bounds {
+        let at_least = |n: usize| n.max(GRANDFATHERED);
+        let own = Bounds::from_limits(limits);
+        Bounds {
+            max_inbuf: at_least(own.max_inbuf),
+            max_fragment: at_least(own.max_fragment),
+            max_out: at_least(own.max_out),
+            max_groups: own.max_groups.max(GRANDFATHERED_GROUPS),
+            max_group_len: crate::config::MAX_GROUP_ID_LEN as usize,
+            ..own
         }
     }
 

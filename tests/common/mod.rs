@@ -250,6 +250,9 @@ pub fn free_port() -> u16 {
 // ---- the server guard ----------------------------------------------------------------------
 
 /// How to start an instance.
+/// The config line of a reload that closes clients with 1012 instead of handing them over.
+pub const CLOSE_MODE: &str = "reload_mode = \"close\"\n";
+
 #[derive(Clone, Debug)]
 pub struct Opts {
     pub workers: Option<usize>,
@@ -269,6 +272,12 @@ impl Default for Opts {
 impl Opts {
     pub fn workers(n: usize) -> Opts {
         Opts { workers: Some(n), ..Opts::default() }
+    }
+
+    /// `n` workers reloading the close way (`reload_mode = "close"`: clients get 1012), for
+    /// the tests of that mode; live hand-off is the default and tests/handoff.rs's subject.
+    pub fn close_mode(n: usize) -> Opts {
+        Opts { workers: Some(n), config: Some(CLOSE_MODE.into()), ..Opts::default() }
     }
 }
 

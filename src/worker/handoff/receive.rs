@@ -61,7 +61,7 @@ impl Worker {
         self.poll.registry().register(&mut socket, TOKEN, Interest::READABLE)?;
         self.handoff_in = Some(Box::new(Receiving {
             socket,
-            assembler: Assembler::new(Bounds::from_limits(&self.config.limits)),
+            assembler: Assembler::new(Bounds::for_received(&self.config.limits)),
             format: None,
             prepared: Vec::new(),
             fault: std::env::var(FAULT_ENV).ok(),

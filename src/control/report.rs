@@ -15,7 +15,9 @@ pub struct ProcessStats {
     pub index: Option<usize>,
     pub pid: u32,
     /// `running`, `starting` (spawned, not answering yet), `down` (waiting to be restarted)
-    /// or `retiring` (replaced by a reload, closing its clients).
+    /// `retiring` (replaced by a reload, closing its clients), `handing_off` (a worker moving
+    /// its connections to its replacement) or `receiving` (that replacement, until the hand-off
+    /// ends).
     pub state: String,
     /// groupcast version of the binary this process runs.
     pub version: String,

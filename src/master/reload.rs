@@ -121,6 +121,15 @@ impl ReloadState {
         }
     }
 
+    /// The replacement receiving a hand-off (in slot `slot_handing_off`): `status` shows it (state
+    /// `receiving`) next to the old process still in the slot.
+    pub fn receiving(&mut self) -> Option<&mut ChildProc> {
+        match &mut self.job.as_mut()?.step {
+            Step::HandingOff { candidate, .. } => Some(candidate),
+            _ => None,
+        }
+    }
+
     /// Kills a starting or receiving replacement (the master is stopping).
     pub fn abort(&mut self) {
         if let Some(Job { step: Step::Starting { candidate, .. } | Step::HandingOff { candidate, .. }, .. }) =

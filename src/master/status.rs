@@ -69,6 +69,9 @@ impl Master {
         for r in &mut self.retiring {
             r.proc.request(&Request::Stats);
         }
+        if let Some(candidate) = self.reload.receiving() {
+            candidate.request(&Request::Stats);
+        }
         let deadline = Instant::now() + Duration::from_millis(self.config.status_timeout_ms);
         let master_pid = std::process::id();
         let (version, binary_mtime) = binary_identity();
@@ -93,6 +96,12 @@ impl Master {
         for r in &mut self.retiring {
             let mut stats = row(r.role, Some(&mut r.proc), deadline);
             stats.state = "retiring".into();
+            processes.push(stats);
+        }
+        let receiving_role = self.reload.slot_handing_off().map(|slot| self.slots[slot].role);
+        if let (Some(role), Some(candidate)) = (receiving_role, self.reload.receiving()) {
+            let mut stats = row(role, Some(candidate), deadline);
+            stats.state = "receiving".into();
             processes.push(stats);
         }
         for p in processes.iter().filter(|p| p.role == "worker") {

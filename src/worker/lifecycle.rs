@@ -76,7 +76,11 @@ impl Worker {
         s.version = version;
         s.binary_mtime = binary_mtime;
         s.uptime_secs = self.started.elapsed().as_secs();
-        s.state = if self.stopping.is_some() { "retiring".into() } else { "running".into() };
+        s.state = match (&self.stopping, &self.handoff_out) {
+            (Some(_), _) => "retiring".into(),
+            (None, Some(_)) => "handing_off".into(),
+            (None, None) => "running".into(),
+        };
         s.connections = self.clients.len() as u64;
         s.groups = self.groups.len() as u64;
         s.memberships = self.groups.memberships() as u64;

@@ -48,6 +48,10 @@ use crate::ws::close_code;
 
 /// Most connections per batch record (the descriptor limit per record is the other bound).
 const BATCH_CONNS: usize = MAX_FDS_PER_RECORD;
+/// How long after the freeze handshakes still in progress are waited for (they move once
+/// open); a client slower than that completes its handshake here and gets 1012, so one slow
+/// client cannot hold a reload up to `handoff_timeout_ms`.
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(3);
 /// A batch is closed once its records' buffers pass this many bytes, far below the
 /// receiver's bound on a batch (`MAX_BATCH_BYTES`).
 const BATCH_BYTES: usize = 8 * 1024 * 1024;
@@ -259,7 +263,8 @@ impl Worker {
         }
         if movable.is_empty() {
             let waiting = self.clients.conns.iter().any(|(_, c)| c.state.is_open() && !c.stream.is_tls());
-            if !waiting && !self.clients.any_handshaking() {
+            let handshakes_due = self.handoff_out.as_ref().and_then(|s| s.frozen_at).is_some_and(|at| at.elapsed() < HANDSHAKE_WAIT);
+            if !waiting && !(handshakes_due && self.clients.any_handshaking()) {
                 self.finish_hand_off();
             }
             return;

@@ -661,3 +661,30 @@ fn a_queued_backlog_moves_with_its_connection() {
     assert_eq!(slow.next_frame().map(|(f, p)| (f, p.len())), Err(End::Timeout), "nothing after the last message");
     assert_eq!(outcomes(&server.status()), vec!["moved"]);
 }
+
+#[test]
+fn an_unreadable_batch_is_refused_and_the_old_worker_keeps_serving() {
+    // The first workers send a batch the new ones cannot decode (test switch): the new worker's
+    // decoding and bounds are the input path under test; its refusal rolls the hand-off back.
+    let (server, exe) = start_from_copy("handoff-corrupt", CONFIG, 2, &[(FAULT_ENV, "corrupt-batch")]);
+    let real = install_copy(server.dir.path(), "groupcast-real", days_ago(2));
+    let mut load = small_load(&server, 4);
+    load.run_for(Duration::from_millis(300));
+    install_wrapper(&exe, &real, &plain_setup());
+    let before = worker_pids(&server.status());
+    let run = reload_during(&server, &mut load, &["reload"]);
+    load.run_for(Duration::from_millis(300));
+    assert_none_closed(&load.swarm, "by a reload whose batch was unreadable");
+    assert_ne!(run.code, Some(0), "the reload must fail: {run:?}");
+    let report = server.status();
+    let last = &report["last_reload"];
+    assert_eq!(last["ok"], false, "{last}");
+    assert_eq!(outcomes(&report), vec!["failed"], "the first worker's hand-off fails and ends the reload: {last}");
+    let reason = handoffs(&report)[0]["reason"].as_str().unwrap_or_default().to_owned();
+    assert!(reason.contains("refused"), "the new worker's refusal is the reason: {reason}");
+    assert_eq!(worker_pids(&report), before, "the old workers keep their slots");
+    assert!(server.log().contains("hand-off: bad record"), "the new worker says why in the log");
+    load.wait_acks(DELIVERY);
+    load.check_delivery(DELIVERY);
+    assert_none_closed(&load.swarm, "by the end");
+}

@@ -194,11 +194,16 @@ impl Bus {
         seq
     }
 
-    /// Whether some of our publishes may not have their offset yet: a hand-off's cut must
-    /// come after them (on Redis the history is read on another connection than the one
-    /// that publishes, so only their numbering orders them).
+    /// Whether some of our publishes may not have their offset yet, so a hand-off's cut must
+    /// wait (on Redis the history is read on another connection than the one that publishes,
+    /// so only their numbering orders them).
     pub fn publishes_in_flight(&self) -> bool {
-        self.last_stamped < self.last_published && self.counters().connected
+        match &self.carrier {
+            // One connection carries our publishes and the position request after them, and
+            // the broker answers in order: nothing to wait for.
+            Carrier::Channel(_) => false,
+            Carrier::Redis(r) => self.last_stamped < self.last_published && r.is_connected(),
+        }
     }
 
     fn publish_on_carrier(&mut self, group: &str, kind: PayloadKind, payload: &[u8], numbered_here: bool) -> u64 {

@@ -374,10 +374,14 @@ impl Clients {
         let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
         for &key in &keys {
             let conn = &mut self.conns[key];
-            conn.held = false;
+            let was_held = std::mem::replace(&mut conn.held, false);
             if conn.state.is_open() && !conn.paused {
                 conn.resumed = true;
                 self.read_again.push(key);
+            } else if was_held && matches!(conn.state, ConnState::Closing(_)) {
+                // Its close timer may have fired while it was held.
+                let id = conn.id;
+                self.timers.push(Reverse((Instant::now() + CLOSE_TIMEOUT, key, id)));
             }
             self.mark_dirty(key);
         }
@@ -419,6 +423,11 @@ impl Clients {
                 continue;
             };
             if conn.id != id {
+                continue;
+            }
+            if conn.held {
+                // In a hand-off: it stays whole until the commit or the roll-back (which
+                // starts its close timer again).
                 continue;
             }
             match conn.state {

@@ -22,7 +22,7 @@
 //! their answer when time is up) is closed with 1012 at the end, as a close-mode reload does;
 //! connections closing already get `CLOSE_TIMEOUT` to finish their close handshake here.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -52,6 +52,10 @@ const BATCH_CONNS: usize = MAX_FDS_PER_RECORD;
 /// open); a client slower than that completes its handshake here and gets 1012, so one slow
 /// client cannot hold a reload up to `handoff_timeout_ms`.
 const HANDSHAKE_WAIT: Duration = Duration::from_secs(3);
+/// Batches sent ahead of their `Prepared`: descriptors in flight count against the sender's
+/// open-file limit (and the kernel's per-user limit on descriptors in flight), so a round of
+/// 20,000 connections is not all in the socket at once.
+const BATCHES_IN_FLIGHT: usize = 4;
 /// A batch is closed once its records' buffers pass this many bytes, far below the
 /// receiver's bound on a batch (`MAX_BATCH_BYTES`).
 const BATCH_BYTES: usize = 8 * 1024 * 1024;
@@ -99,6 +103,9 @@ struct Round {
     seen: HashMap<GroupId, u64>,
     /// Batches not yet prepared.
     batches_left: usize,
+    /// Batches made at the snapshot, not yet sent (slab keys, in the batch's order): at most
+    /// `BATCHES_IN_FLIGHT` are sent ahead of their `Prepared`.
+    unsent: VecDeque<(Vec<usize>, Record)>,
 }
 
 impl Sending {
@@ -200,6 +207,8 @@ impl Worker {
                     round.batches_left = round.batches_left.saturating_sub(1);
                     if round.batches_left == 0 {
                         self.commit_round();
+                    } else if let Err(why) = self.send_batches() {
+                        return self.hand_off_failed(why);
                     }
                 }
                 (Ok(Record::Refuse(refusal)), _) => {
@@ -287,7 +296,14 @@ impl Worker {
         }
         // Out now, not at the next turn's end.
         self.bus.end_of_turn(self.poll.registry());
-        let round = Round { conns: movable, asked, answers: HashMap::new(), seen: HashMap::new(), batches_left: 0 };
+        let round = Round {
+            conns: movable,
+            asked,
+            answers: HashMap::new(),
+            seen: HashMap::new(),
+            batches_left: 0,
+            unsent: VecDeque::new(),
+        };
         if let Some(sending) = self.handoff_out.as_mut() {
             sending.round += 1;
             sending.phase = Phase::Cutting(round);
@@ -324,8 +340,7 @@ impl Worker {
         for &(key, _) in &round.conns {
             self.clients.conns[key].held = true;
         }
-        let (format, deadline, number) = (sending.format, sending.deadline, sending.round);
-        let mut batches = 0;
+        let number = sending.round;
         let mut pending = records.into_iter().peekable();
         while pending.peek().is_some() {
             let mut keys = Vec::new();
@@ -336,29 +351,38 @@ impl Worker {
                 keys.push(key);
                 conns.push(record);
             }
-            let fds: Vec<BorrowedFd<'_>> = keys.iter().filter_map(|&k| plain_fd(&self.clients.conns[k].stream)).collect();
-            let batch = Record::Batch(Batch { round: number, conns });
-            let sent = if std::env::var(FAULT_ENV).is_ok_and(|f| f == "corrupt-batch") {
-                // Test switch: a batch the new worker cannot read (its bounds and decoding
+            round.unsent.push_back((keys, Record::Batch(Batch { round: number, conns })));
+        }
+        let batches = round.unsent.len();
+        round.batches_left = batches;
+        let count = round.conns.len();
+        sending.phase = if batches == 0 { Phase::Between } else { Phase::Preparing(round) };
+        if let Err(why) = self.send_batches() {
+            return self.hand_off_failed(why);
+        }
+        info!("worker {} hand-off: round {number}: {count} connections in {batches} batches", self.index);
+    }
+
+    /// Sends the round's next batches, keeping `BATCHES_IN_FLIGHT` ahead of their answers.
+    fn send_batches(&mut self) -> Result<(), String> {
+        let Some(sending) = self.handoff_out.as_mut() else { return Ok(()) };
+        let Phase::Preparing(round) = &mut sending.phase else { return Ok(()) };
+        let corrupt = std::env::var(FAULT_ENV).is_ok_and(|f| f == "corrupt-batch");
+        while round.batches_left - round.unsent.len() < BATCHES_IN_FLIGHT {
+            let Some((keys, batch)) = round.unsent.pop_front() else { break };
+            // Held connections stay in the slab until the commit or the roll-back.
+            let fds: Vec<BorrowedFd<'_>> =
+                keys.iter().filter_map(|&k| self.clients.conns.get(k).and_then(|c| plain_fd(&c.stream))).collect();
+            let sent = if corrupt {
+                // Test switch: a batch the new worker cannot read (its decoding and bounds
                 // are what is tested), with the descriptors attached.
                 sending.socket.send(&[0x05, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x01], &fds).map(drop)
             } else {
-                sending.socket.send_record(&batch, format, &fds, deadline)
+                sending.socket.send_record(&batch, sending.format, &fds, sending.deadline)
             };
-            if let Err(e) = sent {
-                sending.phase = Phase::Preparing(round);
-                return self.hand_off_failed(format!("cannot send a batch: {e}"));
-            }
-            batches += 1;
+            sent.map_err(|e| format!("cannot send a batch: {e}"))?;
         }
-        round.batches_left = batches;
-        let count = round.conns.len();
-        sending.phase = Phase::Preparing(round);
-        if batches == 0 {
-            // Every connection of the round went away meanwhile.
-            sending.phase = Phase::Between;
-        }
-        info!("worker {} hand-off: round {number}: {count} connections in {batches} batches", self.index);
+        Ok(())
     }
 
     /// Every batch of the round is prepared: let go of the connections, then tell the new

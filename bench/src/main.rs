@@ -31,7 +31,9 @@ struct Args {
     /// (run by scripts/soak). Over wss:// (need --tls-ca): t1 connect rate (as s5),
     /// t2 CPU per delivery at 1,000 and 5,000 msg/s (s2's swarm), t3 idle memory (as s3).
     /// cert: write a fresh ECDSA P-256 certificate and key to --cert-dir.
-    #[arg(value_parser = ["s1", "s2", "s3", "s4", "s5", "s6", "s7", "t1", "t2", "t3", "soak", "cert"])]
+    /// hold: open and join idle members, print a `ready` line, wait for a line on stdin, then
+    /// check every member is still open and answers (scripts/bench-handoff reloads meanwhile).
+    #[arg(value_parser = ["s1", "s2", "s3", "s4", "s5", "s6", "s7", "t1", "t2", "t3", "soak", "hold", "cert"])]
     scenario: String,
     /// Connect with wss://, trusting the certificate(s) in this PEM file (any scenario;
     /// required by t1..t3).

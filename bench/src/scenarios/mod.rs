@@ -2,6 +2,7 @@
 
 pub mod connect;
 pub mod floor;
+pub mod hold;
 pub mod idle;
 pub mod large;
 pub mod pubsub;
@@ -61,7 +62,7 @@ pub struct Outcome {
     pub body: Value,
 }
 
-/// Run scenario `name` ("s1".."s7", "t1".."t3" (wss://, the target carries TLS), or "soak").
+/// Run scenario `name` ("s1".."s7", "t1".."t3" (wss://, the target carries TLS), "soak" or "hold").
 pub async fn run(name: &str, ctx: &Ctx) -> Result<Outcome> {
     match name {
         "s1" => pubsub::s1(ctx).await,
@@ -75,6 +76,7 @@ pub async fn run(name: &str, ctx: &Ctx) -> Result<Outcome> {
         "t2" => pubsub::t2(ctx).await,
         "t3" => idle::s3(ctx).await,
         "soak" => soak::soak(ctx).await,
+        "hold" => hold::hold(ctx).await,
         other => Ok(Outcome { ok: false, body: json!({ "error": format!("unknown scenario {other}") }) }),
     }
 }

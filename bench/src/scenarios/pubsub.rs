@@ -20,6 +20,8 @@ async fn fixed(ctx: &Ctx, spec: Spec, rate: f64, secs: (f64, f64)) -> Result<Out
         body: json!({
             "params": { "swarm": spec.to_json(), "rate": rate, "duration_s": duration.as_secs_f64(), "size": size },
             "setup_s": swarm.setup.as_secs_f64(),
+            // Any close fails the phase too (its errors); counted here for a reload's run.
+            "connections_closed": swarm.tracker.conn_failures(),
             "result": phase.to_json(),
         }),
     })

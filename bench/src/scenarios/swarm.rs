@@ -82,6 +82,11 @@ impl Phase {
 }
 
 impl Swarm {
+    /// The member connections' sinks (connection indices 0..members).
+    pub fn members(&self) -> &[Writer] {
+        &self._members
+    }
+
     pub async fn open(t: &Target, spec: Spec, concurrency: usize) -> Result<Swarm> {
         let start = Instant::now();
         let mut groups = conn::membership(spec.members, spec.groups, spec.per_conn);

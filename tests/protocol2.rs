@@ -341,8 +341,10 @@ fn bad_since_and_unknown_protocols_are_refused_and_seed_joins_ignore_since() {
 /// every message exactly once, in order.
 #[test]
 fn reloads_under_steady_publishing_lose_and_repeat_nothing_for_protocol_2_members() {
-    let server =
-        Arc::new(Server::start_with(Opts { config: Some(format!("{CLOSE_MODE}graceful_timeout_ms = 3000\n")), ..Opts::workers(2) }));
+    let server = Arc::new(Server::start_with(Opts {
+        config: Some(format!("{CLOSE_MODE}graceful_timeout_ms = 3000\n")),
+        ..Opts::workers(2)
+    }));
     let (clients, _) = server.connect_spread_path(2, P2);
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));

@@ -217,14 +217,22 @@ fn identity_converts_both_ways() {
 
 #[test]
 fn a_new_worker_keeps_what_was_within_the_old_limits() {
-    let mut limits = crate::config::Limits::default();
-    limits.max_group_id_len = 8;
-    limits.max_groups_per_connection = 2;
-    limits.max_message_size = 1024;
+    let limits = crate::config::Limits {
+        max_group_id_len: 8,
+        max_groups_per_connection: 2,
+        max_message_size: 1024,
+        ..Default::default()
+    };
     let own = Bounds::from_limits(&limits);
     let received = Bounds::for_received(&limits);
     assert_eq!(own.max_group_len, 8);
-    assert!(received.max_group_len >= 256 && received.max_groups >= 4096, "lowered limits do not refuse moved connections");
+    assert!(
+        received.max_group_len >= 256 && received.max_groups >= 4096,
+        "lowered limits do not refuse moved connections"
+    );
     assert!(received.max_inbuf >= 16 << 20 && received.max_out >= 16 << 20 && received.max_fragment >= 16 << 20);
-    assert_eq!((received.max_epoch_len, received.max_string, received.max_globs), (own.max_epoch_len, own.max_string, own.max_globs));
+    assert_eq!(
+        (received.max_epoch_len, received.max_string, received.max_globs),
+        (own.max_epoch_len, own.max_string, own.max_globs)
+    );
 }

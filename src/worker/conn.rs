@@ -140,7 +140,10 @@ impl CommandBudget {
 
     /// The bucket `export` described, on this worker's clock.
     pub fn import(tokens: f32, since_refill_ms: u32, now_ms: u32) -> CommandBudget {
-        CommandBudget { tokens: if tokens.is_finite() { tokens.max(0.0) } else { 0.0 }, at_ms: now_ms.wrapping_sub(since_refill_ms) }
+        CommandBudget {
+            tokens: if tokens.is_finite() { tokens.max(0.0) } else { 0.0 },
+            at_ms: now_ms.wrapping_sub(since_refill_ms),
+        }
     }
 
     /// Takes one command's token; false when the client is over its rate.

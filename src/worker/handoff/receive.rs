@@ -66,7 +66,9 @@ impl Worker {
             prepared: Vec::new(),
             fault: std::env::var(FAULT_ENV).ok(),
             received: 0,
-            deadline: Instant::now() + std::time::Duration::from_millis(self.config.handoff_timeout_ms) + DEADLINE_MARGIN,
+            deadline: Instant::now()
+                + std::time::Duration::from_millis(self.config.handoff_timeout_ms)
+                + DEADLINE_MARGIN,
         }));
         Ok(())
     }
@@ -90,7 +92,10 @@ impl Worker {
             let Some(format) = receiving.format else {
                 let answer = match decode_handshake(&received.bytes) {
                     Ok(Record::Offer(offer)) if readable(offer.format) => {
-                        info!("hand-off offered by pid {} (worker {}), state format {}", offer.from_pid, offer.index, offer.format);
+                        info!(
+                            "hand-off offered by pid {} (worker {}), state format {}",
+                            offer.from_pid, offer.index, offer.format
+                        );
                         receiving.format = Some(offer.format);
                         Record::Accept(Accept { format: offer.format })
                     }
@@ -156,7 +161,10 @@ impl Worker {
         }
         let room = self.clients.max_conns.saturating_sub(self.clients.len());
         if batch.conns.len() > room {
-            return Err(format!("no room: {} connections offered, {room} free under the connection limit", batch.conns.len()));
+            return Err(format!(
+                "no room: {} connections offered, {room} free under the connection limit",
+                batch.conns.len()
+            ));
         }
         let round = batch.round;
         let mut added: Vec<(usize, u64)> = Vec::with_capacity(batch.conns.len());
@@ -185,9 +193,13 @@ impl Worker {
     /// One connection: check the descriptor, rebuild the state, restore the memberships.
     fn adopt(&mut self, mut record: ConnRecord, fd: OwnedFd) -> Result<(usize, u64), String> {
         let stream = std::net::TcpStream::from(fd);
-        let peer = stream.peer_addr().map_err(|e| format!("connection {}: not a connected TCP socket: {e}", record.id))?;
+        let peer =
+            stream.peer_addr().map_err(|e| format!("connection {}: not a connected TCP socket: {e}", record.id))?;
         if peer != record.peer {
-            return Err(format!("connection {}: the socket's peer is {peer}, the record says {}", record.id, record.peer));
+            return Err(format!(
+                "connection {}: the socket's peer is {peer}, the record says {}",
+                record.id, record.peer
+            ));
         }
         stream.set_nonblocking(true).map_err(|e| format!("connection {}: {e}", record.id))?;
         let _ = stream.set_nodelay(true);
@@ -210,7 +222,10 @@ impl Worker {
                 None if !membership.protocol2 => {
                     let _ = clients.join(key, &membership.group, &mut parts);
                 }
-                None => warn!("connection {id}: protocol-2 membership of {:?} without a position; dropped", membership.group),
+                None => warn!(
+                    "connection {id}: protocol-2 membership of {:?} without a position; dropped",
+                    membership.group
+                ),
             }
         }
         Ok((key, id))
@@ -238,7 +253,10 @@ impl Worker {
         let Some(mut receiving) = self.handoff_in.take() else { return };
         let _ = self.poll.registry().deregister(&mut receiving.socket);
         if !receiving.prepared.is_empty() {
-            warn!("hand-off ended ({why}) with {} connections prepared, not committed: letting them go", receiving.prepared.len());
+            warn!(
+                "hand-off ended ({why}) with {} connections prepared, not committed: letting them go",
+                receiving.prepared.len()
+            );
         }
         for (_, key, id) in receiving.prepared.drain(..) {
             if self.clients.conns.get(key).is_some_and(|c| c.id == id) {

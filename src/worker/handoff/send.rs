@@ -261,7 +261,8 @@ impl Worker {
             .iter()
             .filter(|(key, c)| {
                 // A protocol-2 join still waiting for its answer moves in a later round.
-                let waiting = c.groups.iter().any(|&g| groups.numbered(g).and_then(|n| n.pending_request(*key)).is_some());
+                let waiting =
+                    c.groups.iter().any(|&g| groups.numbered(g).and_then(|n| n.pending_request(*key)).is_some());
                 c.state.is_open() && !c.held && !c.stream.is_tls() && !waiting && !answering.contains(key)
             })
             .map(|(key, c)| (key, c.id))
@@ -272,8 +273,9 @@ impl Worker {
         }
         if movable.is_empty() {
             let waiting = self.clients.conns.iter().any(|(_, c)| c.state.is_open() && !c.stream.is_tls());
-            let handshakes_due = self.handoff_out.as_ref().and_then(|s| s.frozen_at).is_some_and(|at| at.elapsed() < HANDSHAKE_WAIT);
-            if !waiting && !(handshakes_due && self.clients.any_handshaking()) {
+            let handshakes_due =
+                self.handoff_out.as_ref().and_then(|s| s.frozen_at).is_some_and(|at| at.elapsed() < HANDSHAKE_WAIT);
+            if !(waiting || handshakes_due && self.clients.any_handshaking()) {
                 self.finish_hand_off();
             }
             return;
@@ -406,7 +408,9 @@ impl Worker {
             sending.max_pause = sending.max_pause.max(frozen_at.elapsed());
         }
         let deadline = sending.deadline.max(Instant::now() + Duration::from_secs(1));
-        if let Err(e) = sending.socket.send_record(&Record::Commit(Commit { round: number }), sending.format, &[], deadline) {
+        if let Err(e) =
+            sending.socket.send_record(&Record::Commit(Commit { round: number }), sending.format, &[], deadline)
+        {
             // Let go of already: they are the new worker's or nobody's.
             error!("worker {}: hand-off round {number} committed, but the new worker cannot be told: {e}", self.index);
         }
@@ -415,7 +419,12 @@ impl Worker {
     /// Nothing more can move: say so, close what is left with 1012 and stop.
     fn finish_hand_off(&mut self) {
         let Some(mut sending) = self.handoff_out.take() else { return };
-        let _ = sending.socket.send_record(&Record::Done(Done {}), sending.format, &[], Instant::now() + Duration::from_secs(1));
+        let _ = sending.socket.send_record(
+            &Record::Done(Done {}),
+            sending.format,
+            &[],
+            Instant::now() + Duration::from_secs(1),
+        );
         let _ = self.poll.registry().deregister(&mut sending.socket);
         let left = self.clients.len() as u64;
         let report = HandOffReport {
@@ -427,7 +436,11 @@ impl Worker {
             rounds: sending.rounds,
             millis: millis(sending.asked_at.elapsed()),
             max_pause_ms: millis(sending.max_pause),
-            reason: if left > 0 { format!("{left} connections could not move (TLS, or not ready in time): closed with 1012") } else { String::new() },
+            reason: if left > 0 {
+                format!("{left} connections could not move (TLS, or not ready in time): closed with 1012")
+            } else {
+                String::new()
+            },
         };
         info!(
             "worker {} hand-off: moved {} connections in {} rounds, {} ms (longest pause {} ms); closing {left} others",
@@ -448,7 +461,10 @@ impl Worker {
             // Earlier rounds are committed: the new worker serves those clients and must stay.
             // What is left here goes the close-mode way.
             let left = self.clients.len() as u64;
-            warn!("worker {} hand-off: {why}; {} moved already, closing the {left} left with 1012", self.index, sending.moved);
+            warn!(
+                "worker {} hand-off: {why}; {} moved already, closing the {left} left with 1012",
+                self.index, sending.moved
+            );
             self.report_hand_off(HandOffReport {
                 generation: sending.generation,
                 index: self.index,

@@ -36,7 +36,9 @@ pub fn record_of(conn: &Conn, now_ms: u32, groups: Vec<MembershipRecord>) -> Con
         identity: auth.and_then(|a| a.identity.as_ref()).map(Into::into),
         groups,
         rule_budgets: auth
-            .map(|a| a.rule_budgets.iter().map(|(rule, b)| (u32::try_from(*rule).unwrap_or(u32::MAX), budget(b))).collect())
+            .map(|a| {
+                a.rule_budgets.iter().map(|(rule, b)| (u32::try_from(*rule).unwrap_or(u32::MAX), budget(b))).collect()
+            })
             .unwrap_or_default(),
         counters: Counters {
             bytes_in: conn.bytes_in,

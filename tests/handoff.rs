@@ -688,3 +688,43 @@ fn an_unreadable_batch_is_refused_and_the_old_worker_keeps_serving() {
     load.check_delivery(DELIVERY);
     assert_none_closed(&load.swarm, "by the end");
 }
+
+#[test]
+fn connections_move_on_the_redis_bus_too() {
+    // On Redis the cut's position is read on another connection than the one that publishes,
+    // so the old worker first waits for its own publishes to be numbered (worker/bus.rs).
+    let redis_port = free_port();
+    let Some(_redis) = Redis::start(redis_port, None) else { return };
+    let config = format!(
+        "bus = \"redis\"\n[redis]\nurl = \"redis://127.0.0.1:{redis_port}/\"\nprefix = \"gc-handoff:\"\n\
+         [history]\nsize = 5000\n"
+    );
+    let (server, _exe) = start_from_copy("handoff-redis", &config, 2, &[]);
+    let shape = LoadShape {
+        members: 200,
+        groups: 5,
+        max_groups_per_member: 2,
+        publishers: 2,
+        period: Duration::from_millis(10),
+        seed: 9,
+    };
+    let mut load = GroupLoad::start(server.addr, &shape, Duration::from_secs(60));
+    // No broker here: every membership joined and both workers connected to Redis.
+    let memberships = load.memberships();
+    server.wait_status("the members joined, the workers on Redis", |r| {
+        r["totals"]["memberships"] == memberships && worker_rows(r).iter().all(|w| w["channel_connected"] == true)
+    });
+    load.run_for(Duration::from_millis(300));
+    let before = worker_pids(&server.status());
+    for reload in 1..=2 {
+        let run = reload_during(&server, &mut load, &["reload"]);
+        load.run_for(Duration::from_millis(300));
+        assert_none_closed(&load.swarm, &format!("by reload {reload} on the Redis bus"));
+        assert_eq!(run.code, Some(0), "{run:?}\n{}", server.log());
+        assert_eq!(outcomes(&server.status()), vec!["moved"; 2]);
+    }
+    assert_all_replaced(&before, &worker_pids(&server.status()), "the reloads on the Redis bus");
+    load.wait_acks(DELIVERY);
+    load.check_delivery(DELIVERY);
+    assert_none_closed(&load.swarm, "by the end");
+}

@@ -1,5 +1,5 @@
 // Against the real binary, channel bus: a protocol-2 client keeps receiving a numbered stream
-// while its worker is SIGKILLed, the instance reloads (close 1012), the broker (channel process)
+// while its worker is SIGKILLed, the instance reloads (a live hand-off, then --close: 1012), the broker (channel process)
 // is SIGKILLed and restarted by the master (new epoch: one gap), and its TCP connection is cut.
 // At the end it holds every message exactly once in offset order, with the one gap the broker
 // restart had to cause, and no other loss.
@@ -7,7 +7,7 @@
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 
-import { Server, Proxy, waitFor, channelRow } from "./helpers.mjs";
+import { Server, Proxy, waitFor, channelRow, sleep } from "./helpers.mjs";
 import { speaksProtocol2, Receiver, Publisher, underFaults, workerOf, checkHistory } from "./scenario.mjs";
 
 const cleanup = [];
@@ -52,10 +52,21 @@ test("worker kill, reload, broker restart, TCP cut: every message once, in order
       },
     ],
     [
-      "reload (close 1012)",
+      "reload (live hand-off: the connection moves, no reconnect)",
       async () => {
         const opens = receiver.opens();
+        const closes = receiver.states.filter((s) => s.state === "closed").length;
         await server.reload();
+        await sleep(300);
+        assert.equal(receiver.opens(), opens, "no reconnect across a hand-off");
+        assert.equal(receiver.states.filter((s) => s.state === "closed").length, closes, "not closed");
+      },
+    ],
+    [
+      "reload --close (close 1012)",
+      async () => {
+        const opens = receiver.opens();
+        await server.reload("--close");
         await waitFor("the receiver to reconnect", () => receiver.opens() > opens);
         assert.ok(receiver.states.some((s) => s.state === "closed" && s.code === 1012), "closed with 1012");
       },

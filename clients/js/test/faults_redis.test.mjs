@@ -1,6 +1,6 @@
 // Against the real binary, Redis bus: two instances share a redis-server started by the test
 // (no persistence). A protocol-2 client on instance A keeps receiving a numbered stream published
-// on instance B while A's worker is SIGKILLed, A reloads (close 1012), its TCP connection is cut,
+// on instance B while A's worker is SIGKILLed, A reloads (a live hand-off, then --close: 1012), its TCP connection is cut,
 // and Redis is killed and started afresh (its data gone: new epoch, one gap). At the end it holds
 // every message exactly once in offset order, with the one gap the lost Redis data had to cause.
 // Then the same with a Redis that keeps its data (append-only file): killed and restarted, it
@@ -10,7 +10,7 @@
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 
-import { Server, Proxy, Redis, waitFor, cannotRun, haveRedis, tempDir } from "./helpers.mjs";
+import { Server, Proxy, Redis, waitFor, cannotRun, haveRedis, tempDir, sleep } from "./helpers.mjs";
 import { speaksProtocol2, Receiver, Publisher, underFaults, workerOf, checkHistory } from "./scenario.mjs";
 
 const cleanup = [];
@@ -62,10 +62,21 @@ test("redis bus: worker kill, reload, TCP cut, Redis restart without data: every
       },
     ],
     [
-      "reload of A (close 1012)",
+      "reload of A (live hand-off: the connection moves, no reconnect)",
       async () => {
         const opens = receiver.opens();
+        const closes = receiver.states.filter((s) => s.state === "closed").length;
         await a.reload();
+        await sleep(300);
+        assert.equal(receiver.opens(), opens, "no reconnect across a hand-off");
+        assert.equal(receiver.states.filter((s) => s.state === "closed").length, closes, "not closed");
+      },
+    ],
+    [
+      "reload of A --close (close 1012)",
+      async () => {
+        const opens = receiver.opens();
+        await a.reload("--close");
         await waitFor("the receiver to reconnect", () => receiver.opens() > opens);
         assert.ok(receiver.states.some((s) => s.state === "closed" && s.code === 1012), "closed with 1012");
       },

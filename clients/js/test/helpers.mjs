@@ -223,9 +223,10 @@ export class Server {
     return JSON.parse(r.stdout).connections;
   }
 
-  /** `groupcast reload -c FILE`; throws unless it succeeded. */
-  async reload() {
-    const r = await run(["reload", "-c", this.configFile]);
+  /** `groupcast -c FILE reload [ARGS]` (`--close`: the way with close 1012); throws unless it
+   *  succeeded. */
+  async reload(...args) {
+    const r = await run(["-c", this.configFile, "reload", ...args]);
     if (r.code !== 0) throw new Error(`reload failed (${r.code}): ${r.stdout}${r.stderr}\n${this.log()}`);
     return r;
   }

@@ -140,6 +140,21 @@ impl Sending {
     pub fn deadline(&self) -> Instant {
         self.deadline
     }
+
+    /// What the master is told about this hand-off of worker `index`.
+    fn report(&self, index: usize, outcome: HandOffOutcome, closed: u64, reason: String) -> HandOffReport {
+        HandOffReport {
+            generation: self.generation,
+            index,
+            outcome,
+            moved: self.moved,
+            closed,
+            rounds: self.rounds,
+            millis: millis(self.asked_at.elapsed()),
+            max_pause_ms: millis(self.max_pause),
+            reason,
+        }
+    }
 }
 
 impl Worker {
@@ -427,21 +442,16 @@ impl Worker {
         );
         let _ = self.poll.registry().deregister(&mut sending.socket);
         let left = self.clients.len() as u64;
-        let report = HandOffReport {
-            generation: sending.generation,
-            index: self.index,
-            outcome: HandOffOutcome::Moved,
-            moved: sending.moved,
-            closed: left,
-            rounds: sending.rounds,
-            millis: millis(sending.asked_at.elapsed()),
-            max_pause_ms: millis(sending.max_pause),
-            reason: if left > 0 {
+        let report = sending.report(
+            self.index,
+            HandOffOutcome::Moved,
+            left,
+            if left > 0 {
                 format!("{left} connections could not move (TLS, or not ready in time): closed with 1012")
             } else {
                 String::new()
             },
-        };
+        );
         info!(
             "worker {} hand-off: moved {} connections in {} rounds, {} ms (longest pause {} ms); closing {left} others",
             self.index, report.moved, report.rounds, report.millis, report.max_pause_ms
@@ -455,7 +465,7 @@ impl Worker {
     pub(in crate::worker) fn hand_off_failed(&mut self, why: String) {
         let Some(mut sending) = self.handoff_out.take() else { return };
         let _ = self.poll.registry().deregister(&mut sending.socket);
-        drop(sending.socket);
+
         let resumed = self.clients.resume_all();
         if sending.moved > 0 {
             // Earlier rounds are committed: the new worker serves those clients and must stay.
@@ -465,17 +475,8 @@ impl Worker {
                 "worker {} hand-off: {why}; {} moved already, closing the {left} left with 1012",
                 self.index, sending.moved
             );
-            self.report_hand_off(HandOffReport {
-                generation: sending.generation,
-                index: self.index,
-                outcome: HandOffOutcome::Moved,
-                moved: sending.moved,
-                closed: left,
-                rounds: sending.rounds,
-                millis: millis(sending.asked_at.elapsed()),
-                max_pause_ms: millis(sending.max_pause),
-                reason: format!("{why}; {left} connections closed with 1012"),
-            });
+            let reason = format!("{why}; {left} connections closed with 1012");
+            self.report_hand_off(sending.report(self.index, HandOffOutcome::Moved, left, reason));
             self.shut_down(close_code::SERVICE_RESTART, CLOSE_TIMEOUT);
             return;
         }
@@ -489,17 +490,7 @@ impl Worker {
             "worker {} hand-off {} failed: {why}; serving its {resumed} connections again ({} moved before)",
             self.index, sending.generation, sending.moved
         );
-        self.report_hand_off(HandOffReport {
-            generation: sending.generation,
-            index: self.index,
-            outcome: HandOffOutcome::Failed,
-            moved: sending.moved,
-            closed: 0,
-            rounds: sending.rounds,
-            millis: millis(sending.asked_at.elapsed()),
-            max_pause_ms: millis(sending.max_pause),
-            reason: why,
-        });
+        self.report_hand_off(sending.report(self.index, HandOffOutcome::Failed, 0, why));
         // Pick up what arrived while nothing was read or accepted.
         self.accept_all();
     }

@@ -131,17 +131,22 @@ fn three_reloads(server: &Server, exe: &Path, published: &AtomicU64) -> Vec<Relo
     done
 }
 
-#[test]
-fn two_thousand_connections_survive_three_reloads_one_to_a_new_binary() {
-    let (server, exe) = start_from_copy("handoff-2k", CONFIG, 2, &[]);
-    let shape = LoadShape {
+/// The load: 2,000 members in 20 groups, 4 publishers every 8 ms.
+fn two_thousand_in_twenty_groups() -> LoadShape {
+    LoadShape {
         members: 2000,
         groups: 20,
         max_groups_per_member: 2,
         publishers: 4,
         period: Duration::from_millis(8),
         seed: 13,
-    };
+    }
+}
+
+#[test]
+fn two_thousand_connections_survive_three_reloads_one_to_a_new_binary() {
+    let (server, exe) = start_from_copy("handoff-2k", CONFIG, 2, &[]);
+    let shape = two_thousand_in_twenty_groups();
     let started = Instant::now();
     let mut load = GroupLoad::start(server.addr, &shape, Duration::from_secs(60));
     server.wait_subscriptions(load.memberships());
@@ -550,14 +555,7 @@ fn a_frame_split_across_the_reload_is_processed_once() {
 #[test]
 fn the_load_without_a_reload_is_delivered_exactly_once() {
     let (server, _exe) = start_from_copy("handoff-control", CONFIG, 2, &[]);
-    let shape = LoadShape {
-        members: 2000,
-        groups: 20,
-        max_groups_per_member: 2,
-        publishers: 4,
-        period: Duration::from_millis(8),
-        seed: 13,
-    };
+    let shape = two_thousand_in_twenty_groups();
     let started = Instant::now();
     let mut load = GroupLoad::start(server.addr, &shape, Duration::from_secs(60));
     server.wait_subscriptions(load.memberships());

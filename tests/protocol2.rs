@@ -46,6 +46,32 @@ fn join(c: &mut Client, group: &str, since: Option<(&str, u64)>, id: &str) -> (V
     ask(c, cmd, id)
 }
 
+/// A join with `since` whose connection may be closed with 1012 before the answer (a reload
+/// still running): `None` then; else the frames before the reply, and the reply.
+fn join_unless_closed(c: &mut Client, group: &str, since: (&str, u64)) -> Option<(Vec<Value>, Value)> {
+    let cmd = json!({"cmd":"add_group","group_id":group,"since":{"epoch":since.0,"offset":since.1},"id":"again"});
+    c.send_json(&cmd);
+    let mut before = Vec::new();
+    loop {
+        match c.next_message(TIMEOUT) {
+            Some(tungstenite::Message::Text(t)) => {
+                let v = parse(t.as_str());
+                if v["id"] == json!("again") {
+                    return Some((before, v));
+                }
+                before.push(v);
+            }
+            Some(tungstenite::Message::Close(frame)) => {
+                let code = frame.map(|f| u16::from(f.code));
+                assert_eq!(code, Some(1012), "closed while joining, by a reload");
+                return None;
+            }
+            Some(_) => {}
+            None => panic!("no answer to the join within {TIMEOUT:?}"),
+        }
+    }
+}
+
 /// The next `n` frames, parsed.
 fn take(c: &mut Client, n: usize) -> Vec<Value> {
     (0..n).map(|_| parse(&c.recv())).collect()
@@ -383,8 +409,15 @@ fn reloads_under_steady_publishing_lose_and_repeat_nothing_for_protocol_2_member
                         reconnects += 1;
                         // The master holds the listener: the connection waits in its backlog
                         // for the new worker.
-                        c = Client::connect_path(server.addr, P2);
-                        let (replayed, reply) = join(&mut c, "feed", Some((&epoch, last)), "again");
+                        // A reload replaces the workers one at a time: the new connection may
+                        // land on one not replaced yet and be closed again while it joins.
+                        let (replayed, reply) = loop {
+                            c = Client::connect_path(server.addr, P2);
+                            match join_unless_closed(&mut c, "feed", (&epoch, last)) {
+                                Some(answer) => break answer,
+                                None => reconnects += 1,
+                            }
+                        };
                         assert_eq!(reply["recovered"], true, "client {n}: {reply}");
                         for v in replayed {
                             let off = v["offset"].as_u64().unwrap();

@@ -218,6 +218,9 @@ pub enum NoResp {
 pub struct HttpConn {
     pub stream: TcpStream,
     buf: Vec<u8>,
+    /// The server reset the connection (closed it with bytes of ours unread): what it had sent
+    /// before may be cut.
+    pub reset: bool,
 }
 
 impl HttpConn {
@@ -229,7 +232,7 @@ impl HttpConn {
         let stream = TcpStream::connect_timeout(&addr, TIMEOUT).ok()?;
         stream.set_read_timeout(Some(TIMEOUT)).ok()?;
         stream.set_write_timeout(Some(TIMEOUT)).ok()?;
-        Some(HttpConn { stream, buf: Vec::new() })
+        Some(HttpConn { stream, buf: Vec::new(), reset: false })
     }
 
     /// Writes `bytes`; a write the server refused (it closed first) is not an error here.
@@ -255,7 +258,10 @@ impl HttpConn {
                 Ok(n)
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Err(NoResp::Timeout),
-            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => Ok(0),
+            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => {
+                self.reset = true;
+                Ok(0)
+            }
             Err(e) => panic!("read from the API: {e}"),
         }
     }

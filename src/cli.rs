@@ -84,6 +84,9 @@ pub enum Command {
     /// (internal) run the instance's channel server; started by the master.
     #[command(hide = true, name = "channel-child")]
     ChannelChild,
+    /// (internal) serve the HTTP API (`[api] listen`); started by the master.
+    #[command(hide = true, name = "api-child")]
+    ApiChild,
 }
 
 #[derive(Debug, Args, Default, Clone)]

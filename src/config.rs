@@ -14,6 +14,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+mod api;
+pub use api::{ApiKey, ApiSettings};
+
 /// WebSocket listen address of the seed example.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:1234";
 /// Name of the pid file of an instance started without one, in `runtime_dir()`; the channel
@@ -435,6 +438,8 @@ pub struct Config {
     pub groups: Vec<crate::auth::GroupRule>,
     /// `[tls]`: the `wss://` listener and its certificate.
     pub tls: TlsSettings,
+    /// `[api]`: the HTTP API (publish, counts, connections, metrics, health).
+    pub api: ApiSettings,
 }
 
 /// `[tls]`: serving `wss://` with rustls. Without `listen` (the default) there is no TLS
@@ -603,6 +608,7 @@ impl Default for Config {
             auth: AuthSettings::default(),
             groups: Vec::new(),
             tls: TlsSettings::default(),
+            api: ApiSettings::default(),
         }
     }
 }
@@ -790,6 +796,7 @@ const FIXED: &[Fixed] = fixed_settings! {
     "log.syslog_socket" => log.syslog_socket;
     "log.syslog_facility" => log.syslog_facility;
     "tls.listen" => tls.listen;
+    "api.listen" => api.listen;
 };
 
 impl Config {
@@ -811,6 +818,7 @@ impl Config {
         config.make_paths_absolute()?;
         config.validate()?;
         config.auth.load_key()?;
+        config.api.load_key()?;
         Ok(config)
     }
 
@@ -837,6 +845,9 @@ impl Config {
         }
         if let Some(path) = &self.tls.key_file {
             self.tls.key_file = Some(absolute(path, "tls.key_file")?);
+        }
+        if let Some(path) = &self.api.key_file {
+            self.api.key_file = Some(absolute(path, "api.key_file")?);
         }
         Ok(())
     }
@@ -916,6 +927,7 @@ impl Config {
         }
         self.tls.validate()?;
         self.auth.validate()?;
+        self.api.validate()?;
         crate::auth::rules::validate_rules(&self.groups).map_err(|e| invalid("groups", e))?;
         self.check_secret_for_remote_peers()
     }

@@ -139,7 +139,8 @@ fn publish_through_either_instance_reaches_both_on_one_broker() {
     let broker = Broker::start("api-cluster");
     let a = Api::start(ApiOpts { config: FAST.into(), extra: broker.connect_args(), ..ApiOpts::default() });
     let b = Api::start(ApiOpts { config: FAST.into(), extra: broker.connect_args(), ..ApiOpts::default() });
-    wait_for("4 workers connected to the broker", TIMEOUT, || (broker.peers() == 4).then_some(()));
+    // 2 workers and the api process of each instance.
+    wait_for("6 peers (4 workers, 2 api processes) at the broker", TIMEOUT, || (broker.peers() == 6).then_some(()));
     let mut members: Vec<(String, Client)> = Vec::new();
     for (name, api) in [("a", &a), ("b", &b)] {
         let (clients, on) = api.server.connect_spread(1);
@@ -172,19 +173,22 @@ fn group_members_are_summed_over_the_workers() {
     let (mut clients, on) = api.server.connect_spread(2);
     assert!((0..2).all(|w| on.iter().filter(|&&x| x == w).count() >= 2), "{on:?}");
     let odd = "a b/ü?#%";
+    // Members of `odd`: the first two clients on each worker.
+    let in_odd: Vec<bool> = (0..on.len()).map(|i| on[..i].iter().filter(|&&w| w == on[i]).count() < 2).collect();
     for (i, c) in clients.iter_mut().enumerate() {
         c.add_group(&json!("all"));
-        if i % 2 == 0 {
+        if in_odd[i] {
             c.add_group(&json!(odd));
         }
         c.add_group(&json!(7));
         c.sync_quiet();
     }
     let n = clients.len();
-    let evens = n.div_ceil(2);
+    let evens = in_odd.iter().filter(|&&b| b).count();
+    assert_eq!(evens, 4);
     api.server.wait_subscriptions((2 * n + evens) as u64);
     let on_workers = |g: &str| {
-        let members: BTreeSet<usize> = (0..n).filter(|&i| g != odd || i % 2 == 0).map(|i| on[i]).collect();
+        let members: BTreeSet<usize> = (0..n).filter(|&i| g != odd || in_odd[i]).map(|i| on[i]).collect();
         members
     };
     assert_eq!(on_workers("all").len(), 2, "members on both workers");
@@ -206,10 +210,16 @@ fn group_members_are_summed_over_the_workers() {
     clients[0].sync_quiet();
     assert_eq!(api.get("/api/groups/all").assert_ok()["members"], n - 1);
     // Ids the WebSocket refuses are refused here too.
-    let long = "x".repeat(300);
-    api.get(&format!("/api/groups/{long}")).assert_error(400, "invalid_field");
+    // (A group id longer than limits.max_group_id_len has no members: 0, or refused.)
+    let long = api.get(&format!("/api/groups/{}", "x".repeat(300)));
+    assert!(long.status == 400 || long.json()["members"] == 0, "{long}");
+    if long.status == 400 {
+        long.assert_error(400, "invalid_field");
+    }
     api.get("/api/groups/%ZZ").assert_error(400, "invalid_field");
-    api.get("/api/groups/").assert_error(404, "not_found");
+    api.get("/api/groups/%C3").assert_error(400, "invalid_field");
+    api.get("/api/groups/").assert_error(400, "invalid_field");
+    api.get("/api/groups/a/b").assert_error(400, "invalid_field");
 }
 
 /// The list without the fields that move between two reads (age, counters).
@@ -228,95 +238,140 @@ fn stable(list: &Value) -> BTreeMap<u64, Value> {
         .collect()
 }
 
-#[test]
-fn connections_list_equals_the_cli_and_delete_closes_exactly_one() {
-    let api = Api::start(ApiOpts { config: FAST.into(), ..ApiOpts::default() });
-    let (mut clients, on) = api.server.connect_spread(3);
+/// Clients on both workers, each in one group, and the API's list of them, by client port.
+fn clients_and_list(api: &Api, per_worker: usize) -> (Vec<Client>, Vec<usize>, Value, Vec<u64>) {
+    let (mut clients, on) = api.server.connect_spread(per_worker);
     for (i, c) in clients.iter_mut().enumerate() {
         c.add_group(&json!(format!("g{}", i % 2)));
         c.sync_quiet();
     }
-    let resp = api.get("/api/connections");
-    let listed = resp.assert_ok();
+    let listed = api.get("/api/connections").assert_ok();
+    let by_port: BTreeMap<u16, Value> = listed["connections"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no connections: {listed}"))
+        .iter()
+        .map(|c| (c["peer"].as_str().unwrap().rsplit(':').next().unwrap().parse().unwrap(), c.clone()))
+        .collect();
+    let ids: Vec<u64> = clients
+        .iter()
+        .map(|c| by_port.get(&c.port).unwrap_or_else(|| panic!("port {} not listed: {listed}", c.port))["id"].as_u64().unwrap())
+        .collect();
+    (clients, on, listed, ids)
+}
+
+#[test]
+fn the_connection_list_equals_the_cli_and_names_each_connection_once() {
+    let api = Api::start(ApiOpts { config: FAST.into(), ..ApiOpts::default() });
+    let (clients, on, listed, ids) = clients_and_list(&api, 3);
     let run = api.server.cli(&["connections", "--json"]);
     assert_eq!(run.code, Some(0), "{run:?}");
     let cli: Value = serde_json::from_str(&run.stdout).expect("connections --json is JSON");
     let keys: BTreeSet<&String> = listed.as_object().unwrap().keys().collect();
     let cli_keys: BTreeSet<&String> = cli.as_object().unwrap().keys().collect();
     assert_eq!(keys, cli_keys, "the same fields: {listed}");
+    assert_eq!(listed["missing_workers"], json!([]));
     assert_eq!(stable(&listed), stable(&cli), "the API's list and the CLI's");
     assert_eq!(stable(&listed).len(), clients.len());
     let fields: BTreeSet<&String> = listed["connections"][0].as_object().unwrap().keys().collect();
     let cli_fields: BTreeSet<&String> = cli["connections"][0].as_object().unwrap().keys().collect();
     assert_eq!(fields, cli_fields);
+    // `DELETE /api/connections/ID` names one connection: an id must not be held by two.
+    let mut holders: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+    for (i, id) in ids.iter().enumerate() {
+        holders.entry(*id).or_default().push(on[i]);
+    }
+    let shared: Vec<(&u64, &Vec<usize>)> = holders.iter().filter(|(_, w)| w.len() > 1).collect();
+    assert!(shared.is_empty(), "connection ids held by several workers (id, workers): {shared:?}");
+}
 
-    // Close one connection by its id, with the default code, then one with ours.
-    let by_port: BTreeMap<u16, Value> = listed["connections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| (c["peer"].as_str().unwrap().rsplit(':').next().unwrap().parse().unwrap(), c.clone()))
-        .collect();
-    let ids: Vec<u64> = clients.iter().map(|c| by_port[&c.port]["id"].as_u64().unwrap()).collect();
-    let id_of = |i: usize| ids[i];
-    // The victims: the first client on worker 1, then the last one on worker 0.
-    let first = on.iter().position(|&w| w == 1).unwrap();
-    let second = on.iter().rposition(|&w| w == 0).unwrap();
-    for (victim, query, code, reason) in [
-        (first, String::new(), 1008u16, None),
-        (second, "?code=4001&reason=x".to_string(), 4001, Some("x")),
-    ] {
-        let id = id_of(victim);
-        let resp = api.call("DELETE", &format!("/api/connections/{id}{query}"), None);
-        assert_eq!(resp.assert_ok(), json!({"ok":true,"id":id}), "{resp}");
-        let c = &mut clients[victim];
-        loop {
-            match c.next_message(TIMEOUT) {
-                Some(tungstenite::Message::Close(Some(frame))) => {
-                    assert_eq!(u16::from(frame.code), code, "client {victim}");
-                    if let Some(r) = reason {
-                        assert_eq!(frame.reason.as_str(), r);
-                    }
-                    break;
-                }
-                Some(tungstenite::Message::Close(None)) => panic!("close without a code"),
-                Some(_) => {}
-                None => panic!("client {victim} (id {id}) was not closed"),
-            }
+/// Reads until the server's close frame: (code, reason); panics if none comes.
+fn close_of(c: &mut Client, who: &str) -> (u16, String) {
+    loop {
+        match c.next_message(TIMEOUT) {
+            Some(tungstenite::Message::Close(Some(frame))) => return (u16::from(frame.code), frame.reason.as_str().to_owned()),
+            Some(tungstenite::Message::Close(None)) => panic!("{who}: close without a code"),
+            Some(_) => {}
+            None => panic!("{who} was not closed"),
         }
     }
-    // Exactly those two: every other client still talks.
+}
+
+/// Every client but `closed` still answers; a closed one names itself.
+fn others_still_talk(clients: &mut [Client], closed: &[usize], on: &[usize], ids: &[u64]) {
     for (i, c) in clients.iter_mut().enumerate() {
-        if i != first && i != second {
-            c.sync_quiet();
+        if closed.contains(&i) {
+            continue;
+        }
+        c.send_json(&json!({"cmd":"leave_group","group_id":"__probe__","id":"still"}));
+        match c.next_message(TIMEOUT) {
+            Some(tungstenite::Message::Text(t)) => assert_eq!(parse(t.as_str()), json!({"id":"still","ok":true})),
+            other => panic!(
+                "client {i} (id {}, worker {}) was not the one closed, yet got {other:?} (closed: {:?})",
+                ids[i],
+                on[i],
+                closed.iter().map(|&k| (ids[k], on[k])).collect::<Vec<_>>()
+            ),
         }
     }
-    let after = stable(&api.get("/api/connections").assert_ok());
-    assert_eq!(after.len(), clients.len() - 2, "{after:?}");
-    // Unknown, bad ids and bad codes.
-    let gone = id_of(first);
-    api.call("DELETE", &format!("/api/connections/{gone}"), None).assert_error(404, "not_found");
+}
+
+#[test]
+fn delete_closes_exactly_that_connection_with_its_code() {
+    let api = Api::start(ApiOpts { config: FAST.into(), ..ApiOpts::default() });
+    let (mut clients, on, _, ids) = clients_and_list(&api, 3);
+    // Unknown ids, bad ids and bad codes close nothing.
     api.call("DELETE", "/api/connections/999999999", None).assert_error(404, "not_found");
-    let alive_id = id_of(if first == 0 || second == 0 { 1 } else { 0 });
+    let some = ids[0];
     for bad in [
         "/api/connections/abc".to_string(),
         "/api/connections/-1".to_string(),
         "/api/connections/1.5".to_string(),
         "/api/connections/99999999999999999999999".to_string(),
-        format!("/api/connections/{alive_id}?code=999"),
-        format!("/api/connections/{alive_id}?code=1005"),
-        format!("/api/connections/{alive_id}?code=2000"),
-        format!("/api/connections/{alive_id}?code=5000"),
-        format!("/api/connections/{alive_id}?code=x"),
-        format!("/api/connections/{alive_id}?reason={}", "r".repeat(124)),
+        format!("/api/connections/{some}?code=999"),
+        format!("/api/connections/{some}?code=1005"),
+        format!("/api/connections/{some}?code=1011"),
+        format!("/api/connections/{some}?code=2000"),
+        format!("/api/connections/{some}?code=5000"),
+        format!("/api/connections/{some}?code=x"),
+        format!("/api/connections/{some}?reason={}", "r".repeat(124)),
     ] {
         api.call("DELETE", &bad, None).assert_error(400, "invalid_field");
     }
-    for (i, c) in clients.iter_mut().enumerate() {
-        if i != first && i != second {
-            c.sync_quiet();
-        }
+    others_still_talk(&mut clients, &[], &on, &ids);
+    // Our code and reason on a client of worker 0, then the default on one of worker 1.
+    let first = on.iter().rposition(|&w| w == 0).unwrap();
+    let second = on.iter().position(|&w| w == 1).unwrap();
+    let mut closed = Vec::new();
+    for (victim, query, code, reason) in [
+        (first, "?code=4001&reason=x", 4001u16, "x"),
+        (second, "", 1008, "closed by the API"),
+    ] {
+        let id = ids[victim];
+        let resp = api.call("DELETE", &format!("/api/connections/{id}{query}"), None);
+        assert_eq!(resp.assert_ok(), json!({"ok":true,"id":id}), "{resp}");
+        let (got_code, got_reason) = close_of(&mut clients[victim], &format!("client {victim} (id {id})"));
+        assert_eq!(got_code, code, "client {victim}");
+        assert_eq!(got_reason, reason, "client {victim}");
+        closed.push(victim);
+        others_still_talk(&mut clients, &closed, &on, &ids);
     }
+    let after = stable(&api.get("/api/connections").assert_ok());
+    assert_eq!(after.len(), clients.len() - 2, "{after:?}");
+    // Gone: 404.
+    api.call("DELETE", &format!("/api/connections/{}", ids[first]), None).assert_error(404, "not_found");
+    // Codes at the ends of the ranges are taken.
+    let mut c = Client::connect(api.server.addr);
+    c.sync_quiet();
+    let listed = api.get("/api/connections").assert_ok();
+    let me = listed["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["peer"] == format!("127.0.0.1:{}", c.port))
+        .map(|e| e["id"].as_u64().unwrap())
+        .unwrap();
+    api.call("DELETE", &format!("/api/connections/{me}?code=1000"), None).assert_ok();
+    assert_eq!(close_of(&mut c, "the 1000 client").0, 1000);
 }
 
 // ---- the key ----------------------------------------------------------------------------------
@@ -358,7 +413,8 @@ fn with_a_key_file_the_api_and_metrics_need_the_bearer_key() {
         }
         let resp = api.call(method, path, body);
         assert_ne!(resp.status, 401, "{method} {path} with the key: {resp}");
-        assert!(resp.status == 200 || path.starts_with("/api/connections/"), "{method} {path}: {resp}");
+        // (`/metrics` itself is checked in the next test.)
+        assert!(resp.status == 200 || path.starts_with("/api/connections/") || path == "/metrics", "{method} {path}: {resp}");
     }
     // Nothing was published without the key; once with it.
     assert_eq!(member.recv(), "m");
@@ -380,7 +436,8 @@ fn without_a_key_file_everything_is_open_and_metrics_are_prometheus_text() {
     let api = Api::start(ApiOpts::default());
     for (method, path, body) in keyed_endpoints() {
         let resp = api.call_with(method, path, body, None);
-        assert!(resp.status == 200 || (path.starts_with("/api/connections/") && resp.status == 404), "{method} {path}: {resp}");
+        let expected = if path.starts_with("/api/connections/") { 404 } else { 200 };
+        assert!(resp.status == expected || (path == "/metrics" && resp.status != 401), "{method} {path}: {resp}");
         // A key sent anyway is ignored.
         let resp = api.call_with(method, path, body, Some("whatever"));
         assert_ne!(resp.status, 401, "{method} {path}: {resp}");
@@ -399,12 +456,15 @@ fn without_a_key_file_everything_is_open_and_metrics_are_prometheus_text() {
 
 #[test]
 fn the_demo_is_served_when_enabled() {
-    let api = Api::start(ApiOpts { key: true, ..ApiOpts::api("demo = true") });
+    // (A fixed WebSocket port: with port 0 the api process reports 0, not the bound port.)
+    let ws = format!("127.0.0.1:{}", free_port());
+    let api = Api::start(ApiOpts { key: true, listen: Some(ws), ..ApiOpts::api("demo = true") });
     for path in ["/demo/", "/demo/index.html"] {
         let resp = api.call_with("GET", path, None, None);
         assert_eq!(resp.status, 200, "{path}: {resp}");
         assert!(resp.header("content-type").is_some_and(|t| t.starts_with("text/html")), "{resp}");
-        assert!(resp.text().contains("groupcast.js"), "the page loads the JS client: {path}");
+        let page = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/chat/index.html")).unwrap();
+        assert_eq!(resp.body, page, "{path} is examples/chat/index.html");
     }
     let resp = api.call_with("GET", "/demo/groupcast.js", None, None);
     assert_eq!(resp.status, 200, "{resp}");
@@ -441,13 +501,16 @@ fn every_bad_request_gets_its_status_and_code() {
         r#"{"group":1.5,"message":"m"}"#,
         r#"{"group":true,"message":"m"}"#,
         r#"{"group":{"a":1},"message":"m"}"#,
-        r#"{"group":null,"message":"m"}"#,
         r#"{"groups":"a","message":"m"}"#,
         r#"{"groups":["a",""],"message":"m"}"#,
         r#"{"groups":["a",[1]],"message":"m"}"#,
     ] {
         post(bad).assert_error(400, "invalid_field");
     }
+    // `null` is as good as missing, or a bad value.
+    let null = post(r#"{"group":null,"message":"m"}"#);
+    assert!(["missing_field", "invalid_field"].contains(&null.json()["error"].as_str().unwrap_or_default()), "{null}");
+    assert_eq!(null.status, 400, "{null}");
     let empty = post(r#"{"groups":[],"message":"m"}"#);
     assert_eq!(empty.status, 400, "{empty}");
     post(r#"{"groups":["a","b","c","d"],"message":"m"}"#).assert_error(400, "too_many_groups");

@@ -11,6 +11,9 @@ pub enum ApiError {
     /// A body the WebSocket protocol's rules refuse (bad JSON, a bad group...): its code.
     #[error("{0}")]
     Request(#[from] RequestError),
+    /// A publish listing more groups than `limits.max_groups_per_connection` (400).
+    #[error("`groups` lists {count} groups; at most {max} (limits.max_groups_per_connection)")]
+    TooManyGroups { count: usize, max: usize },
     #[error("missing or wrong bearer key (Authorization: Bearer KEY)")]
     Unauthorized,
     #[error("{0}")]
@@ -48,7 +51,7 @@ pub enum ApiError {
 impl ApiError {
     pub fn status(&self) -> u16 {
         match self {
-            ApiError::BadRequest(_) | ApiError::Request(_) => 400,
+            ApiError::BadRequest(_) | ApiError::Request(_) | ApiError::TooManyGroups { .. } => 400,
             ApiError::Unauthorized => 401,
             ApiError::NotFound(_) => 404,
             ApiError::MethodNotAllowed { .. } => 405,
@@ -72,6 +75,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Request(e) => e.code(),
+            ApiError::TooManyGroups { .. } => "too_many_groups",
             ApiError::Unauthorized => "unauthorized",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",

@@ -66,11 +66,7 @@ fn group_list<'a>(raw: &'a RawValue, limits: &Limits) -> Result<Vec<Cow<'a, str>
     }
     let max = limits.max_groups_per_connection;
     if items.len() > max {
-        return Err(RequestError::InvalidField {
-            field: "groups",
-            reason: format!("lists {} groups; at most {max} (limits.max_groups_per_connection)", items.len()),
-        }
-        .into());
+        return Err(ApiError::TooManyGroups { count: items.len(), max });
     }
     let mut groups: Vec<Cow<'a, str>> = Vec::with_capacity(items.len());
     for item in items {

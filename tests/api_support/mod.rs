@@ -28,11 +28,13 @@ pub struct ApiOpts {
     pub config: String,
     /// More command-line arguments (`--channel-connect`...).
     pub extra: Vec<String>,
+    /// The WebSocket `--listen` (default: a port the kernel picks).
+    pub listen: Option<String>,
 }
 
 impl Default for ApiOpts {
     fn default() -> Self {
-        ApiOpts { workers: 2, key: false, api: String::new(), config: String::new(), extra: Vec::new() }
+        ApiOpts { workers: 2, key: false, api: String::new(), config: String::new(), extra: Vec::new(), listen: None }
     }
 }
 
@@ -72,7 +74,11 @@ impl Api {
         });
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = format!("{}\n{}", opts.config, api_section(addr, key_file.as_ref(), &opts.api));
-        let server = Server::start_with(Opts { config: Some(config), extra: opts.extra, ..Opts::workers(opts.workers) });
+        let mut server_opts = Opts { config: Some(config), extra: opts.extra, ..Opts::workers(opts.workers) };
+        if opts.listen.is_some() {
+            server_opts.listen = opts.listen;
+        }
+        let server = Server::start_with(server_opts);
         let api = Api { server, addr, key: opts.key.then(|| KEY.to_owned()), key_dir, agent: agent() };
         api.wait_api_running();
         api

@@ -2,7 +2,8 @@
 //! requests cut anywhere and sent in pieces, and truncated requests never take the api process
 //! down (after each case `/health` answers on a fresh connection and the api pid is the same);
 //! every answer is a well-formed HTTP/1.1 response, errors with a JSON `{"error","detail"}`
-//! body; a request sent in pieces gets the answer it gets whole.
+//! body; a request sent in pieces gets the answer it gets whole. And the request-head parser as
+//! a pure function: it never panics, and any split of a head parses as the whole.
 
 mod api_support;
 mod common;
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use api_support::*;
 use common::*;
+use groupcast::api::http::parse_head;
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -201,4 +203,86 @@ fn the_api_survives_any_input_and_answers_well_formed_http() {
     check("a truncated request", (0..n, any::<prop::sample::Index>()), |(which, cut)| {
         a_truncated_request_gets_no_success(&api, which, cut)
     });
+}
+
+// ---- the request-head parser, as a pure function ---------------------------------------------
+
+const MAX_HEAD: usize = 2048;
+
+/// `parse_head`'s result in a comparable form.
+fn parsed(buf: &[u8]) -> String {
+    format!("{:?}", parse_head(buf, MAX_HEAD))
+}
+
+/// Valid heads: a method, a path with a query, a version, a few headers, maybe a body.
+fn valid_head() -> impl Strategy<Value = Vec<u8>> {
+    let header = prop::sample::select(vec![
+        "Host: example.test",
+        "Content-Type: application/json; charset=utf-8",
+        "Content-Length: 12",
+        "Authorization: Bearer 0123456789abcdef",
+        "Authorization: Basic eDp5",
+        "Connection: close",
+        "Connection: keep-alive",
+        "Transfer-Encoding: chunked",
+        "Expect: 100-continue",
+        "X-Anything: \t spaced value ",
+    ]);
+    (
+        prop::sample::select(vec!["GET", "POST", "DELETE", "PUT", "HEAD"]),
+        "/[a-z0-9%/._-]{0,24}(\\?[a-z0-9=&%]{0,16})?",
+        prop::sample::select(vec!["HTTP/1.1", "HTTP/1.0"]),
+        prop::collection::vec(header, 0..6),
+        prop::collection::vec(any::<u8>(), 0..32),
+    )
+        .prop_map(|(method, path, version, headers, body)| {
+            let mut r = format!("{method} {path} {version}\r\n");
+            for h in headers {
+                r += h;
+                r += "\r\n";
+            }
+            r += "\r\n";
+            let mut v = r.into_bytes();
+            v.extend(body);
+            v
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn parse_head_never_panics_and_a_complete_head_is_decided_by_its_prefix(
+        bytes in prop::collection::vec(any::<u8>(), 0..3000),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let whole = parse_head(&bytes, MAX_HEAD);
+        let c = cut.index(bytes.len() + 1);
+        match parse_head(&bytes[..c], MAX_HEAD) {
+            // A head complete within the prefix is the whole buffer's head.
+            Ok(Some(head)) => prop_assert_eq!(format!("{:?}", Ok::<_, ()>(Some(head))), format!("{:?}", whole.map_err(|_| ()))),
+            // An error in the prefix stays an error with more bytes.
+            Err(e) => prop_assert!(whole.is_err(), "prefix {:?} -> {:?}, whole -> {:?}", &bytes[..c], e, whole),
+            Ok(None) => {}
+        }
+    }
+
+    #[test]
+    fn any_split_of_a_valid_head_parses_the_same(req in valid_head(), cuts in prop::collection::vec(any::<prop::sample::Index>(), 1..8)) {
+        let whole = parse_head(&req, MAX_HEAD);
+        let head = match &whole {
+            Ok(Some(h)) => h.clone(),
+            other => return Err(TestCaseError::fail(format!("a valid head did not parse: {other:?} from {:?}", String::from_utf8_lossy(&req)))),
+        };
+        prop_assert!(head.head_len <= req.len());
+        for cut in cuts {
+            let c = cut.index(req.len() + 1);
+            let part = parsed(&req[..c]);
+            if c < head.head_len {
+                prop_assert_eq!(part, "Ok(None)", "prefix of {} bytes of a {}-byte head", c, head.head_len);
+            } else {
+                prop_assert_eq!(part, parsed(&req), "prefix of {} bytes", c);
+            }
+        }
+    }
 }

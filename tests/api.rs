@@ -905,3 +905,98 @@ fn a_remote_listen_with_a_key_and_the_status_show_the_api() {
     let plain = Server::start_with(Opts::workers(1));
     assert!(api_row(&plain.status()).is_none(), "an api row without [api]");
 }
+
+/// Sends SIGCONT to a process this test stopped, panics included.
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        signal(self.0, libc::SIGCONT);
+    }
+}
+
+#[test]
+fn a_publish_the_bus_does_not_number_in_time_gets_503_publish_timeout() {
+    let api = Api::start(ApiOpts { workers: 1, config: FAST.into(), ..ApiOpts::api("publish_timeout_ms = 300") });
+    let mut member = Client::connect(api.server.addr);
+    member.add_group(&json!("t"));
+    member.sync_quiet();
+    api.server.wait_subscriptions(1);
+    let first = api.publish(&json!({"group":"t","message":"numbered"}));
+    assert_eq!(first.assert_ok()["offset"], 1, "{first}");
+    assert_eq!(member.recv(), "numbered");
+    // The channel server stops (SIGSTOP): its connections stay up, nothing gets numbered.
+    let channel = channel_pid(&api.server.status());
+    signal(channel, libc::SIGSTOP);
+    let resume = Resume(channel);
+    wait_for("the channel server to be stopped", TIMEOUT, || (proc_state(channel) == Some('T')).then_some(()));
+    let resp = api.publish(&json!({"group":"t","message":"late"}));
+    resp.assert_error(503, "publish_timeout");
+    // Other requests are not held up by the waiting publish (the api does not block on it).
+    assert_eq!(api.call_with("GET", "/health", None, None).status, 200);
+    drop(resume);
+    // Once it runs again, the publish that timed out may be delivered (documented), and new
+    // ones are numbered after it.
+    let next = wait_for("a publish to be numbered again", TIMEOUT, || {
+        let r = api.publish(&json!({"group":"t","message":"again"}));
+        (r.status == 200).then_some(r)
+    });
+    let offset = next.json()["offset"].as_u64().unwrap_or_else(|| panic!("{next}"));
+    assert!(offset >= 2, "{next}");
+    let mut got = Vec::new();
+    while got.last().map(String::as_str) != Some("again") {
+        got.push(member.recv());
+    }
+    assert!(got.iter().all(|m| m == "late" || m == "again"), "{got:?}");
+    assert!(got.iter().filter(|m| *m == "late").count() <= 1, "delivered twice: {got:?}");
+}
+
+#[test]
+fn the_api_process_is_restarted_and_replaced_at_reload_without_refusing_a_request() {
+    let api = Api::start(ApiOpts { workers: 1, ..ApiOpts::default() });
+    let first = field(&api.row(), "pid") as u32;
+    // Killed: the master starts another; the listener stays bound meanwhile.
+    signal(first, libc::SIGKILL);
+    let second = wait_for("a new api process", TIMEOUT, || {
+        let row = api_row(&api.server.status())?;
+        let pid = row["pid"].as_u64()? as u32;
+        (pid != first && pid != 0 && row["state"] == "running").then_some(pid)
+    });
+    let row = api.row();
+    assert_eq!(field(&row, "restarts"), 1, "the restart is counted: {row}");
+    api.wait_api_running();
+    // A reload replaces it; requests made all along are every one answered.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let addr = api.addr;
+    let client = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut answered = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut c = HttpConn::connect(addr);
+                match c.read_response_to(&request("GET", "/health", "Connection: close\r\n", None)) {
+                    Ok(r) if r.status == 200 => answered += 1,
+                    other => return Err(format!("after {answered} answers: {other:?}")),
+                }
+            }
+            Ok(answered)
+        })
+    };
+    let run = api.server.cli(&["reload"]);
+    assert_eq!(run.code, Some(0), "reload: {run:?}");
+    let third = wait_for("the api process replaced by the reload", TIMEOUT, || {
+        let row = api_row(&api.server.status())?;
+        let pid = row["pid"].as_u64()? as u32;
+        (pid != second && row["state"] == "running").then_some(pid)
+    });
+    // A few more requests to the new process, then stop.
+    let more = Instant::now();
+    while more.elapsed() < Duration::from_millis(300) {
+        assert_eq!(api.call_with("GET", "/health", None, None).status, 200);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answered = client.join().unwrap().unwrap_or_else(|e| panic!("a request was not answered across the reload: {e}"));
+    assert!(answered > 0);
+    wait_for("the old api process to exit", TIMEOUT, || (!alive(second)).then_some(()));
+    assert!(alive(third));
+}

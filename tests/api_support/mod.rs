@@ -303,6 +303,14 @@ impl HttpConn {
         Ok(Resp { status, headers, body })
     }
 
+    /// Writes `bytes` and reads one answer, reporting instead of panicking.
+    pub fn read_response_to(&mut self, bytes: &[u8]) -> Result<Resp, NoResp> {
+        if !self.send(bytes) {
+            return Err(NoResp::Closed);
+        }
+        self.read_response()
+    }
+
     /// `read_response`, panicking unless an answer comes.
     #[track_caller]
     pub fn response(&mut self) -> Resp {

@@ -55,7 +55,10 @@ fn publish_reaches_members_on_both_workers_exactly_as_send_to_group() {
     // the same frames (a string as is, anything else compacted).
     let bodies = [
         (r#"{"group":"room","message":"hello \"world\""}"#, json!("hello \"world\"")),
-        (r#"{ "message" : { "a" : 1 , "b" : [ 1 , 2 , { "c" : null } ] } , "group" : "room" }"#, json!({"a":1,"b":[1,2,{"c":null}]})),
+        (
+            r#"{ "message" : { "a" : 1 , "b" : [ 1 , 2 , { "c" : null } ] } , "group" : "room" }"#,
+            json!({"a":1,"b":[1,2,{"c":null}]}),
+        ),
         (r#"{"group":"room","message":42}"#, json!(42)),
         (r#"{"group":"room","message":"{\"a\": 1}"}"#, json!("{\"a\": 1}")),
         (r#"{"group":"room","message":[true, false]}"#, json!([true, false])),
@@ -254,7 +257,11 @@ fn clients_and_list(api: &Api, per_worker: usize) -> (Vec<Client>, Vec<usize>, V
         .collect();
     let ids: Vec<u64> = clients
         .iter()
-        .map(|c| by_port.get(&c.port).unwrap_or_else(|| panic!("port {} not listed: {listed}", c.port))["id"].as_u64().unwrap())
+        .map(|c| {
+            by_port.get(&c.port).unwrap_or_else(|| panic!("port {} not listed: {listed}", c.port))["id"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     (clients, on, listed, ids)
 }
@@ -288,7 +295,9 @@ fn the_connection_list_equals_the_cli_and_names_each_connection_once() {
 fn close_of(c: &mut Client, who: &str) -> (u16, String) {
     loop {
         match c.next_message(TIMEOUT) {
-            Some(tungstenite::Message::Close(Some(frame))) => return (u16::from(frame.code), frame.reason.as_str().to_owned()),
+            Some(tungstenite::Message::Close(Some(frame))) => {
+                return (u16::from(frame.code), frame.reason.as_str().to_owned())
+            }
             Some(tungstenite::Message::Close(None)) => panic!("{who}: close without a code"),
             Some(_) => {}
             None => panic!("{who} was not closed"),
@@ -342,10 +351,9 @@ fn delete_closes_exactly_that_connection_with_its_code() {
     let first = on.iter().rposition(|&w| w == 0).unwrap();
     let second = on.iter().position(|&w| w == 1).unwrap();
     let mut closed = Vec::new();
-    for (victim, query, code, reason) in [
-        (first, "?code=4001&reason=x", 4001u16, "x"),
-        (second, "", 1008, "closed by the API"),
-    ] {
+    for (victim, query, code, reason) in
+        [(first, "?code=4001&reason=x", 4001u16, "x"), (second, "", 1008, "closed by the API")]
+    {
         let id = ids[victim];
         let resp = api.call("DELETE", &format!("/api/connections/{id}{query}"), None);
         assert_eq!(resp.assert_ok(), json!({"ok":true,"id":id}), "{resp}");
@@ -414,7 +422,10 @@ fn with_a_key_file_the_api_and_metrics_need_the_bearer_key() {
         let resp = api.call(method, path, body);
         assert_ne!(resp.status, 401, "{method} {path} with the key: {resp}");
         // (`/metrics` itself is checked in the next test.)
-        assert!(resp.status == 200 || path.starts_with("/api/connections/") || path == "/metrics", "{method} {path}: {resp}");
+        assert!(
+            resp.status == 200 || path.starts_with("/api/connections/") || path == "/metrics",
+            "{method} {path}: {resp}"
+        );
     }
     // Nothing was published without the key; once with it.
     assert_eq!(member.recv(), "m");
@@ -518,7 +529,12 @@ fn every_bad_request_gets_its_status_and_code() {
 
     let raw = |bytes: &[u8]| api.raw().request(bytes);
     // 400: malformed HTTP.
-    for bad in [&b"GARBAGE\r\n\r\n"[..], b"GET\r\n\r\n", b"GET /health HTTP/1.1\r\nno colon here\r\n\r\n", b"\x00\x01\x02\r\n\r\n"] {
+    for bad in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"GET\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nno colon here\r\n\r\n",
+        b"\x00\x01\x02\r\n\r\n",
+    ] {
         raw(bad).assert_error(400, "bad_request");
     }
     // 404 and 405.
@@ -558,7 +574,12 @@ fn every_bad_request_gets_its_status_and_code() {
     post(&body).assert_ok();
     // 415: no or another Content-Type.
     let body = r#"{"group":"a","message":"m"}"#;
-    for ct in ["", "Content-Type: text/plain\r\n", "Content-Type: application/x-www-form-urlencoded\r\n", "Content-Type: application/jsonx\r\n"] {
+    for ct in [
+        "",
+        "Content-Type: text/plain\r\n",
+        "Content-Type: application/x-www-form-urlencoded\r\n",
+        "Content-Type: application/jsonx\r\n",
+    ] {
         let r = format!("POST /api/publish HTTP/1.1\r\nHost: t\r\n{ct}Content-Length: {}\r\n\r\n{body}", body.len());
         raw(r.as_bytes()).assert_error(415, "unsupported_media_type");
     }
@@ -574,7 +595,8 @@ fn every_bad_request_gets_its_status_and_code() {
     c.response().assert_error(431, "headers_too_large");
     // 505: not HTTP/1.x.
     for version in ["HTTP/2.0", "HTTP/3.0"] {
-        raw(format!("GET /health {version}\r\nHost: t\r\n\r\n").as_bytes()).assert_error(505, "http_version_not_supported");
+        raw(format!("GET /health {version}\r\nHost: t\r\n\r\n").as_bytes())
+            .assert_error(505, "http_version_not_supported");
     }
     // The api row counts the errors.
     let row = api.row();
@@ -647,7 +669,9 @@ fn silent_and_slow_clients_do_not_delay_others_and_are_timed_out() {
     let mut partial_head = api.raw();
     partial_head.send(b"GET /health HTTP/1.1\r\nHost: t\r\n");
     let mut partial_body = api.raw();
-    partial_body.send(b"POST /api/publish HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{\"gro");
+    partial_body.send(
+        b"POST /api/publish HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{\"gro",
+    );
     // A slow loris: one byte of a never-ending head every 50 ms, on a thread of its own.
     let mut loris = api.raw();
     loris.send(b"GET /health HTTP/1.1\r\n");
@@ -688,7 +712,9 @@ fn silent_and_slow_clients_do_not_delay_others_and_are_timed_out() {
         let got = c.expect_closed();
         assert!(got.is_empty() || String::from_utf8_lossy(&got).starts_with("HTTP/1.1 408 "), "silent {i}: {got:?}");
     }
-    for (name, c) in [("partial head", &mut partial_head), ("partial body", &mut partial_body), ("slow loris", &mut loris)] {
+    for (name, c) in
+        [("partial head", &mut partial_head), ("partial body", &mut partial_body), ("slow loris", &mut loris)]
+    {
         c.response().assert_error(408, "request_timeout");
         let rest = c.expect_closed();
         assert!(rest.is_empty(), "{name}: {rest:?}");
@@ -811,7 +837,8 @@ fn ready_and_publish_follow_the_bus() {
     got.assert_error(503, "bus_unavailable");
 
     // It comes back on the same address: ready again, publishes go through.
-    let broker = Broker::start_with("api-bus-again", BrokerOpts { listen: Some(addr.to_string()), ..BrokerOpts::default() });
+    let broker =
+        Broker::start_with("api-bus-again", BrokerOpts { listen: Some(addr.to_string()), ..BrokerOpts::default() });
     wait_for("/ready to say 200 again", TIMEOUT, || (ready().status == 200).then_some(()));
     assert_eq!(ready().json(), json!({"ready":true}));
     broker.wait_memberships(1);
@@ -821,7 +848,8 @@ fn ready_and_publish_follow_the_bus() {
     });
     r.assert_ok();
     // The member gets "after"; of the refused ones, only those that timed out may arrive.
-    let maybe: BTreeSet<String> = refused.iter().filter(|(_, c)| c == "publish_timeout").map(|(m, _)| m.clone()).collect();
+    let maybe: BTreeSet<String> =
+        refused.iter().filter(|(_, c)| c == "publish_timeout").map(|(m, _)| m.clone()).collect();
     loop {
         let m = member.recv();
         if m == "after" {
@@ -844,7 +872,10 @@ fn a_bad_api_config_is_refused_naming_the_key() {
     std::fs::write(&long, "k".repeat(4097)).unwrap();
     let missing = dir.join("missing.key");
     for file in [&short, &long, &missing] {
-        refused(&format!("[api]\nlisten = \"127.0.0.1:{port}\"\nkey_file = {:?}\n", file.to_str().unwrap()), "api.key_file");
+        refused(
+            &format!("[api]\nlisten = \"127.0.0.1:{port}\"\nkey_file = {:?}\n", file.to_str().unwrap()),
+            "api.key_file",
+        );
     }
     for (key, value) in [
         ("max_connections", "0"),
@@ -893,7 +924,10 @@ fn a_remote_listen_with_a_key_and_the_status_show_the_api() {
     let text = server.cli(&["status", "--json"]).stdout;
     assert!(!text.contains("0123456789abcdef"), "status shows the key:\n{text}");
     let table = server.cli(&["status"]).stdout;
-    let line = table.lines().find(|l| l.split_whitespace().next() == Some("api")).unwrap_or_else(|| panic!("no api row:\n{table}"));
+    let line = table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("api"))
+        .unwrap_or_else(|| panic!("no api row:\n{table}"));
     assert!(line.contains(&row["pid"].to_string()) && line.contains("running"), "{line}");
     // The key is required, and the right one works.
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -995,7 +1029,8 @@ fn the_api_process_is_restarted_and_replaced_at_reload_without_refusing_a_reques
         assert_eq!(api.call_with("GET", "/health", None, None).status, 200);
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let answered = client.join().unwrap().unwrap_or_else(|e| panic!("a request was not answered across the reload: {e}"));
+    let answered =
+        client.join().unwrap().unwrap_or_else(|e| panic!("a request was not answered across the reload: {e}"));
     assert!(answered > 0);
     wait_for("the old api process to exit", TIMEOUT, || (!alive(second)).then_some(()));
     assert!(alive(third));

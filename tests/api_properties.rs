@@ -195,11 +195,9 @@ fn the_api_survives_any_input_and_answers_well_formed_http() {
     let api = start_api();
     let n = valid_requests().len();
     check("arbitrary bytes", junk(), |bytes| arbitrary_bytes_never_take_the_api_down(&api, bytes));
-    check(
-        "a request in pieces",
-        (0..n, prop::collection::vec(any::<prop::sample::Index>(), 0..6)),
-        |(which, cuts)| a_request_in_pieces_gets_the_answer_it_gets_whole(&api, which, cuts),
-    );
+    check("a request in pieces", (0..n, prop::collection::vec(any::<prop::sample::Index>(), 0..6)), |(which, cuts)| {
+        a_request_in_pieces_gets_the_answer_it_gets_whole(&api, which, cuts)
+    });
     check("a truncated request", (0..n, any::<prop::sample::Index>()), |(which, cut)| {
         a_truncated_request_gets_no_success(&api, which, cut)
     });

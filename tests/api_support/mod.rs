@@ -290,7 +290,9 @@ impl HttpConn {
         let len = headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-            .map(|(_, v)| v.trim().parse::<usize>().map_err(|e| NoResp::Malformed(format!("Content-Length {v:?}: {e}"))))
+            .map(|(_, v)| {
+                v.trim().parse::<usize>().map_err(|e| NoResp::Malformed(format!("Content-Length {v:?}: {e}")))
+            })
             .transpose()?
             .ok_or_else(|| NoResp::Malformed(format!("no Content-Length in {headers:?}")))?;
         while self.buf.len() < head_end + len {
@@ -333,7 +335,9 @@ impl HttpConn {
                 Ok(0) => return std::mem::take(&mut self.buf),
                 Ok(_) => {}
                 Err(NoResp::Timeout) if Instant::now() < deadline => {}
-                Err(e) => panic!("the server kept the connection open: {e:?}; got {:?}", String::from_utf8_lossy(&self.buf)),
+                Err(e) => {
+                    panic!("the server kept the connection open: {e:?}; got {:?}", String::from_utf8_lossy(&self.buf))
+                }
             }
         }
     }

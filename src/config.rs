@@ -705,7 +705,13 @@ pub struct Overrides {
     pub channel_connect: Option<String>,
     pub channel_secret_file: Option<PathBuf>,
     pub channel_insecure: bool,
+    pub api_listen: Option<String>,
+    /// `--demo`: serve the chat demo, on `DEMO_API_LISTEN` unless the API listens already.
+    pub demo: bool,
 }
+
+/// Where `start --demo` puts the API when neither the file nor `--api-listen` does.
+pub const DEMO_API_LISTEN: &str = "127.0.0.1:1235";
 
 impl Overrides {
     /// Lays the flags over `config` (the one place flags meet the file).
@@ -733,6 +739,18 @@ impl Overrides {
             config.channel.secret_file = Some(path.clone());
         }
         config.channel.insecure |= self.channel_insecure;
+        if let Some(listen) = &self.api_listen {
+            config.api.listen = match listen.trim() {
+                "" => None,
+                addr => Some(addr.parse::<HostPort>().map_err(|e| flag("api.listen", e))?.0),
+            };
+        }
+        if self.demo {
+            config.api.demo = true;
+            if config.api.listen.is_none() {
+                config.api.listen = Some(DEMO_API_LISTEN.parse().expect("the demo address parses"));
+            }
+        }
         Ok(())
     }
 }

@@ -593,6 +593,19 @@ fn every_bad_request_gets_its_status_and_code() {
     let mut c = api.raw();
     c.send(format!("GET /health HTTP/1.1\r\nX-Pad: {}", "y".repeat(4096)).as_bytes());
     c.response().assert_error(431, "headers_too_large");
+    // 431 too: more than 64 header lines, however short.
+    let many: String = (0..65).map(|i| format!("X-{i}: v\r\n")).collect();
+    raw(format!("GET /health HTTP/1.1\r\n{many}\r\n").as_bytes()).assert_error(431, "headers_too_large");
+    // 400: a Content-Length that is not a number, two that disagree, an Expect we do not know.
+    for headers in [
+        "Content-Length: 1x\r\n",
+        "Content-Length: -1\r\n",
+        "Content-Length: 2\r\nContent-Length: 3\r\n",
+        "Expect: 200-ok\r\n",
+    ] {
+        let r = format!("POST /api/publish HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n{headers}\r\n{{}}");
+        raw(r.as_bytes()).assert_error(400, "bad_request");
+    }
     // 505: not HTTP/1.x.
     for version in ["HTTP/2.0", "HTTP/3.0"] {
         raw(format!("GET /health {version}\r\nHost: t\r\n\r\n").as_bytes())
@@ -787,6 +800,32 @@ fn keep_alive_pipelining_and_connection_close() {
     for _ in 0..3 {
         assert_eq!(c.request(b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").status, 200);
     }
+    // Expect: 100-continue gets its 100 once the head is accepted, then the answer.
+    let mut c = api.raw();
+    let body = r#"{"group":"g2","message":"after 100"}"#;
+    c.send(
+        format!(
+            "POST /api/publish HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    let mut interim = Vec::new();
+    let mut byte = [0u8; 1];
+    while !interim.ends_with(b"\r\n\r\n") {
+        use std::io::Read;
+        assert_eq!(c.stream.read(&mut byte).expect("the 100 Continue"), 1, "closed before 100: {interim:?}");
+        interim.push(byte[0]);
+    }
+    assert!(interim.starts_with(b"HTTP/1.1 100 "), "{:?}", String::from_utf8_lossy(&interim));
+    c.send(body.as_bytes());
+    c.response().assert_ok();
+    for m in g2.iter_mut() {
+        assert_eq!(m.recv(), "after 100");
+    }
+    // An oversized body with Expect gets its 413 instead of the 100.
+    c.send(b"POST /api/publish HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 99999999\r\n\r\n");
+    c.response().assert_error(413, "body_too_large");
     // An error that does not end the connection (404) keeps it.
     let mut c = api.raw();
     c.request(&request("GET", "/nope", "", None)).assert_error(404, "not_found");
@@ -913,6 +952,7 @@ fn a_remote_listen_with_a_key_and_the_status_show_the_api() {
     assert!(row["pid"].as_u64().is_some_and(|p| p > 0 && p != u64::from(server.master_pid)), "{row}");
     let a = &report["api"];
     assert_eq!(a["listen"], format!("0.0.0.0:{port}"), "{a}");
+    assert_eq!(report["api_listen"], format!("0.0.0.0:{port}"), "{report}");
     assert_eq!(a["max_connections"], 77, "{a}");
     assert_eq!(a["request_timeout_ms"], 1234, "{a}");
     assert_eq!(a["max_header_bytes"], 16384, "{a}");

@@ -654,6 +654,13 @@ fn one_connection_over_max_connections_gets_503_and_is_closed() {
     for c in [&mut a, &mut b] {
         assert_eq!(c.request(&request("GET", "/health", "", None)).status, 200);
     }
+    // The api row counts the HTTP connections open.
+    let count = |n: u64| {
+        api.server.wait_status(&format!("{n} HTTP connections in the api row"), |r| {
+            api_row(r).is_some_and(|a| a["connections"] == n)
+        })
+    };
+    count(2);
     let mut third = api.raw();
     third.send(&request("GET", "/health", "", None));
     third.response().assert_error(503, "too_many_connections");
@@ -661,6 +668,7 @@ fn one_connection_over_max_connections_gets_503_and_is_closed() {
     // The two others still work; once one goes, a new one is served.
     assert_eq!(a.request(&request("GET", "/health", "", None)).status, 200);
     drop(b);
+    count(1);
     wait_for("a connection to be served after one closed", TIMEOUT, || {
         let mut c = api.raw();
         c.send(&request("GET", "/health", "", None));

@@ -1083,3 +1083,30 @@ fn the_api_process_is_restarted_and_replaced_at_reload_without_refusing_a_reques
     wait_for("the old api process to exit", TIMEOUT, || (!alive(second)).then_some(()));
     assert!(alive(third));
 }
+
+#[test]
+fn a_master_that_does_not_answer_gets_503_master_unavailable_and_health_still_answers() {
+    let api = Api::start(ApiOpts { workers: 1, config: "status_timeout_ms = 200\n".into(), ..ApiOpts::default() });
+    api.get("/api/groups/x").assert_ok();
+    // The master stops (SIGSTOP): its control socket accepts, nobody answers.
+    let master = api.server.master_pid;
+    signal(master, libc::SIGSTOP);
+    let resume = Resume(master);
+    wait_for("the master to be stopped", TIMEOUT, || (proc_state(master) == Some('T')).then_some(()));
+    let mut waiting = api.raw();
+    waiting.send(&request("GET", "/api/groups/x", "", None));
+    // Meanwhile the api process serves what does not need the master.
+    let mut other = api.raw();
+    for _ in 0..5 {
+        assert_eq!(other.request(&request("GET", "/health", "", None)).status, 200);
+    }
+    api.publish(&json!({"group":"x","message":"the bus needs no master"})).assert_ok();
+    waiting.response().assert_error(503, "master_unavailable");
+    for path in ["/api/connections", "/api/groups/y"] {
+        api.get(path).assert_error(503, "master_unavailable");
+    }
+    let ready = api.get("/ready");
+    assert_eq!(ready.status, 503, "{ready}");
+    drop(resume);
+    wait_for("the master to answer again", TIMEOUT, || (api.get("/api/groups/x").status == 200).then_some(()));
+}

@@ -1110,3 +1110,36 @@ fn a_master_that_does_not_answer_gets_503_master_unavailable_and_health_still_an
     drop(resume);
     wait_for("the master to answer again", TIMEOUT, || (api.get("/api/groups/x").status == 200).then_some(()));
 }
+
+#[test]
+fn the_api_listen_flag_starts_the_api_and_is_checked_like_the_key() {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let server = Server::start_with(Opts { extra: vec!["--api-listen".into(), addr.to_string()], ..Opts::workers(1) });
+    server.wait_status("the api row to run", |r| api_row(r).is_some_and(|a| a["state"] == "running"));
+    let health = wait_for("/health on the flag's address", TIMEOUT, || {
+        let mut c = HttpConn::try_connect(addr)?;
+        c.read_response_to(&request("GET", "/health", "", None)).ok()
+    });
+    assert_eq!((health.status, health.json()), (200, json!({"ok":true})));
+    assert_eq!(server.status()["api"]["listen"], addr.to_string());
+    // Beyond loopback without a key file: refused at load, naming api.listen.
+    let dir = TempDir::new("api-flag");
+    let pid_file = dir.join("g.pid");
+    let remote = format!("0.0.0.0:{}", free_port());
+    let run = run_timed(
+        &["start", "--listen", "127.0.0.1:0", "--api-listen", &remote, "--pid-file", pid_file.to_str().unwrap()],
+        dir.path(),
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("api.listen"), "{run:?}");
+    assert!(!pid_file.exists());
+}
+
+#[test]
+fn the_demo_config_names_the_bound_port_when_listen_asks_for_any() {
+    // `--listen 127.0.0.1:0`: the kernel picks the WebSocket port; the page must get that one.
+    let api = Api::start(ApiOpts { workers: 1, ..ApiOpts::api("demo = true") });
+    assert_ne!(api.server.addr.port(), 0);
+    let resp = api.get("/demo/config.json");
+    assert_eq!(resp.json(), json!({"ws_port": api.server.addr.port(), "wss_port": null}), "{resp}");
+}

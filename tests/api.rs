@@ -128,9 +128,20 @@ fn publish_reaches_members_on_both_workers_exactly_as_send_to_group() {
         );
         c.sync_quiet();
     }
-    // The api process counts what it did: 5 + 1 + 3 group publishes.
+    // A group listed twice is published once; unknown fields are ignored.
+    let resp = api.publish(&json!({"groups":["other","other"],"message":"once","extra":[1]}));
+    assert_eq!(resp.assert_ok(), json!({"ok":true,"offsets":{"other":2}}), "{resp}");
+    for c in seeds.iter_mut() {
+        assert_eq!(c.recv(), "once");
+        c.sync_quiet();
+    }
+    for c in p2s.iter_mut() {
+        assert_eq!(parse(&c.recv()), json!({"group":"other","offset":2,"message":"once"}));
+        c.sync_quiet();
+    }
+    // The api process counts what it did: 5 + 1 + 3 + 1 group publishes.
     let row = api.row();
-    assert_eq!(field(&row, "published"), 5 + 1 + 3, "{row}");
+    assert_eq!(field(&row, "published"), 5 + 1 + 3 + 1, "{row}");
     assert!(field(&row, "api_requests") >= 7, "{row}");
     assert_eq!(field(&row, "api_errors"), 0, "{row}");
     let totals = &server.status()["totals"];
@@ -515,6 +526,7 @@ fn every_bad_request_gets_its_status_and_code() {
         r#"{"groups":"a","message":"m"}"#,
         r#"{"groups":["a",""],"message":"m"}"#,
         r#"{"groups":["a",[1]],"message":"m"}"#,
+        r#"{"group":"a","groups":["b"],"message":"m"}"#,
     ] {
         post(bad).assert_error(400, "invalid_field");
     }

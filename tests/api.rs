@@ -1,9 +1,11 @@
 //! The HTTP API (`[api]`, docs/api.md) against the real binary, through a real HTTP client
-//! (ureq) and by hand over raw sockets: publish reaching members on both workers and across two
-//! instances on one broker exactly as a WebSocket `send_to_group`, member counts summed over
-//! workers, the connection list and closing one connection, the bearer key, every error status
-//! and code, slow and silent HTTP clients, keep-alive and pipelining, `/ready` following the
-//! bus, and the `[api]` config checks.
+//! (ureq) and by hand over raw sockets: publish reaching members on both workers, and across
+//! two instances on one broker or on Redis, exactly as a WebSocket `send_to_group`; member
+//! counts summed over workers; the connection list and closing one connection; the bearer key;
+//! every error status and code (503 `bus_unavailable`, `publish_timeout` and
+//! `master_unavailable` with the broker gone, the channel server or the master stopped); slow
+//! and silent HTTP clients; keep-alive and pipelining; `/ready` following the bus; the api
+//! process restarted and replaced at a reload; the `[api]` config checks and `status`.
 
 mod api_support;
 mod common;
@@ -1154,4 +1156,41 @@ fn the_demo_config_names_the_bound_port_when_listen_asks_for_any() {
     assert_ne!(api.server.addr.port(), 0);
     let resp = api.get("/demo/config.json");
     assert_eq!(resp.json(), json!({"ws_port": api.server.addr.port(), "wss_port": null}), "{resp}");
+}
+
+#[test]
+fn publish_through_the_api_reaches_both_instances_on_redis() {
+    let port = free_port();
+    let Some(redis) = Redis::start(port, None) else { return };
+    let config = format!("bus = \"redis\"\n[redis]\nurl = \"redis://127.0.0.1:{port}/\"\nprefix = \"gc-api:\"\n{FAST}");
+    let a = Api::start(ApiOpts { config: config.clone(), ..ApiOpts::default() });
+    let b = Api::start(ApiOpts { config, ..ApiOpts::default() });
+    let mut members: Vec<(String, Client)> = Vec::new();
+    for (name, api) in [("a", &a), ("b", &b)] {
+        let (clients, on) = api.server.connect_spread(1);
+        for (mut c, w) in clients.into_iter().zip(on) {
+            c.add_group(&json!("room"));
+            c.sync_quiet();
+            members.push((format!("{name}-worker{w}"), c));
+        }
+        let n = members.iter().filter(|(m, _)| m.starts_with(name)).count();
+        api.server.wait_status(&format!("{n} memberships"), |r| r["totals"]["memberships"] == n as u64);
+    }
+    // Every worker of both instances subscribes to the group's channel.
+    wait_for("4 subscribers of the group's Redis channel", TIMEOUT, || {
+        let answer = redis.command("PUBSUB NUMSUB gc-api:room");
+        let subscribers: u64 = answer.lines().last()?.trim_start_matches(':').parse().ok()?;
+        (subscribers >= 4).then_some(())
+    });
+    for (i, api) in [&a, &b].into_iter().enumerate() {
+        let message = json!({"via": "redis", "from": i});
+        let resp = api.publish(&json!({"group":"room","message":message}));
+        assert_eq!(resp.assert_ok()["ok"], true, "{resp}");
+        for (who, c) in members.iter_mut() {
+            assert_eq!(parse(&c.recv()), message, "{who}");
+        }
+    }
+    for (who, c) in members.iter_mut() {
+        assert!(c.sync().is_empty(), "{who}: nothing twice");
+    }
 }

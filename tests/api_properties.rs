@@ -129,8 +129,14 @@ fn check<S: Strategy>(name: &str, strategy: S, case: impl Fn(S::Value) -> Result
 where
     S::Value: std::fmt::Debug,
 {
-    let config =
-        ProptestConfig { cases: 48, max_shrink_iters: 64, failure_persistence: None, ..ProptestConfig::default() };
+    let config = ProptestConfig {
+        cases: 48,
+        // A failing case may cost an api restart (with its back-off): shrink briefly.
+        max_shrink_iters: 16,
+        max_shrink_time: 30_000,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
     let mut runner = proptest::test_runner::TestRunner::new(config);
     if let Err(e) = runner.run(&strategy, case) {
         panic!("{name}: {e}");

@@ -127,7 +127,7 @@ pub fn tree_cpu_by_role(root: u32) -> RoleCpu {
         let us = (get(11) + get(12)) * 1_000_000 / ticks;
         let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).skip(1).collect();
-        let has = |word: &[u8]| args.iter().any(|a| *a == word);
+        let has = |word: &[u8]| args.contains(&word);
         let slot = if pid == root {
             &mut out.master
         } else if has(b"api-child") {

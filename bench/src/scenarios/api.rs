@@ -61,11 +61,15 @@ impl Mode {
         match self {
             Mode::Http(1) => "POST /api/publish, 1 keep-alive connection, each waiting for its answer".into(),
             Mode::Http(n) => format!("POST /api/publish, {n} keep-alive connections, each waiting for its answer"),
-            Mode::WsAck(1) => "WebSocket protocol 2 send_to_group with id, 1 connection, each waiting for its ack".into(),
+            Mode::WsAck(1) => {
+                "WebSocket protocol 2 send_to_group with id, 1 connection, each waiting for its ack".into()
+            }
             Mode::WsAck(n) => {
                 format!("WebSocket protocol 2 send_to_group with id, {n} connections, each waiting for its ack")
             }
-            Mode::WsFire => format!("WebSocket seed protocol send_to_group, 1 connection, fire and forget (window {WINDOW})"),
+            Mode::WsFire => {
+                format!("WebSocket seed protocol send_to_group, 1 connection, fire and forget (window {WINDOW})")
+            }
         }
     }
 }
@@ -124,8 +128,11 @@ pub async fn a1(ctx: &Ctx) -> Result<Outcome> {
         );
         results.push(v);
     }
-    let cpu = |name: &str| results.iter().find(|r| r["mode"] == name).and_then(|r| r["server_cpu_us_per_publish"].as_f64());
-    let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).filter(|(_, b)| *b > 0.0).map(|(a, b)| (a / b * 100.0).round() / 100.0);
+    let cpu =
+        |name: &str| results.iter().find(|r| r["mode"] == name).and_then(|r| r["server_cpu_us_per_publish"].as_f64());
+    let ratio = |a: Option<f64>, b: Option<f64>| {
+        a.zip(b).filter(|(_, b)| *b > 0.0).map(|(a, b)| (a / b * 100.0).round() / 100.0)
+    };
     let n = concurrent;
     Ok(Outcome {
         ok,

@@ -239,14 +239,32 @@ impl ApiServer {
     }
 
     fn conn_ready(&mut self, key: usize) {
+        self.pump(key);
+        self.flush(key);
+    }
+
+    /// Reads and answers what the connection sent. Reading stops at the input bound, so when
+    /// answering freed room, it reads again: with edge-triggered readiness no new event would
+    /// come for bytes already waiting in the socket.
+    fn pump(&mut self, key: usize) {
         let cap = self.input_cap();
-        let Some(conn) = self.conns.get_mut(key) else { return };
-        if conn.phase != Phase::Closing && conn.read(cap).is_err() {
-            self.drop_conn(key);
-            return;
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else { return };
+            if matches!(conn.phase, Phase::Closing | Phase::Waiting) || conn.peer_done {
+                break;
+            }
+            if conn.read(cap).is_err() {
+                self.drop_conn(key);
+                return;
+            }
+            let full = conn.inbuf.len() >= cap;
+            self.handle_input(key);
+            let Some(conn) = self.conns.get(key) else { return };
+            if !(full && conn.inbuf.len() < cap) {
+                return;
+            }
         }
         self.handle_input(key);
-        self.flush(key);
     }
 
     /// Answers every whole request buffered, in order, until one must wait.
@@ -333,14 +351,13 @@ impl ApiServer {
         self.count(response.status);
         let keepalive = Duration::from_millis(self.config.api.keepalive_timeout_ms);
         let Some(conn) = self.conns.get_mut(key) else { return };
+        if self.stopping.is_some() {
+            // Replaced by a reload: this is the last answer on this connection.
+            conn.keep_alive = false;
+        }
         conn.answer(response);
         if conn.phase != Phase::Closing {
-            if self.stopping.is_some() {
-                // Replaced: this was the last answer on this connection.
-                conn.phase = Phase::Closing;
-            } else {
-                conn.idle(keepalive);
-            }
+            conn.idle(keepalive);
         }
     }
 
@@ -398,7 +415,7 @@ impl ApiServer {
         }
         self.answer(key, response);
         // Requests that were pipelined behind it.
-        self.handle_input(key);
+        self.pump(key);
         self.flush(key);
     }
 

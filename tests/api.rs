@@ -1014,7 +1014,7 @@ impl Drop for Resume {
 
 #[test]
 fn a_publish_the_bus_does_not_number_in_time_gets_503_publish_timeout() {
-    let api = Api::start(ApiOpts { workers: 1, config: FAST.into(), ..ApiOpts::api("publish_timeout_ms = 300") });
+    let api = Api::start(ApiOpts { workers: 1, config: FAST.into(), ..ApiOpts::api("publish_timeout_ms = 1000") });
     let mut member = Client::connect(api.server.addr);
     member.add_group(&json!("t"));
     member.sync_quiet();
@@ -1101,7 +1101,7 @@ fn the_api_process_is_restarted_and_replaced_at_reload_without_refusing_a_reques
 
 #[test]
 fn a_master_that_does_not_answer_gets_503_master_unavailable_and_health_still_answers() {
-    let api = Api::start(ApiOpts { workers: 1, config: "status_timeout_ms = 200\n".into(), ..ApiOpts::default() });
+    let api = Api::start(ApiOpts { workers: 1, config: "status_timeout_ms = 500\n".into(), ..ApiOpts::default() });
     api.get("/api/groups/x").assert_ok();
     // The master stops (SIGSTOP): its control socket accepts, nobody answers.
     let master = api.server.master_pid;

@@ -241,7 +241,7 @@ mod tests {
         assert_eq!(code(r#"{"group":1.5,"message":1}"#), "invalid_field");
         assert_eq!(code(r#"{"groups":[],"message":1}"#), "invalid_field");
         assert_eq!(code(r#"{"groups":"a","message":1}"#), "invalid_field");
-        assert_eq!(code(r#"{"groups":["a","b","c","d"],"message":1}"#), "invalid_field");
+        assert_eq!(code(r#"{"groups":["a","b","c","d"],"message":1}"#), "too_many_groups");
         assert_eq!(code("{\"group\":\"a\",\"message\":\"\u{0}\"}"), "invalid_json");
     }
 

@@ -1195,3 +1195,24 @@ fn publish_through_the_api_reaches_both_instances_on_redis() {
         assert!(c.sync().is_empty(), "{who}: nothing twice");
     }
 }
+
+#[test]
+fn ready_says_503_while_a_worker_does_not_serve() {
+    let api = Api::start(ApiOpts { workers: 2, config: "status_timeout_ms = 500\n".into(), ..ApiOpts::default() });
+    let ready = || api.call_with("GET", "/ready", None, None);
+    assert_eq!(ready().status, 200);
+    // A worker that stops answering (SIGSTOP) does not serve: not ready, and the detail names it.
+    let worker = worker_pids(&api.server.status())[1];
+    signal(worker, libc::SIGSTOP);
+    let resume = Resume(worker);
+    let resp = wait_for("/ready to say 503", TIMEOUT, || {
+        let r = ready();
+        (r.status == 503).then_some(r)
+    });
+    resp.assert_error(503, "not_ready");
+    assert_eq!(resp.json()["ready"], false, "{resp}");
+    assert!(resp.json()["detail"].as_str().is_some_and(|d| d.contains('1')), "names worker 1: {resp}");
+    drop(resume);
+    wait_for("/ready to say 200 again", TIMEOUT, || (ready().status == 200).then_some(()));
+    assert_eq!(ready().json(), json!({"ready":true}));
+}

@@ -76,6 +76,8 @@ struct ApiServer {
     poll: Poll,
     listener: TcpListener,
     accepting: bool,
+    /// The last accept failed (descriptors ran out): the sweep tries again.
+    accept_paused: bool,
     conns: Slab<HttpConn>,
     next_serial: u64,
     queries: MasterQueries,
@@ -109,6 +111,7 @@ impl ApiServer {
             poll,
             listener,
             accepting: true,
+            accept_paused: false,
             conns: Slab::new(),
             next_serial: 0,
             queries,
@@ -227,6 +230,7 @@ impl ApiServer {
                     // Out of descriptors and the like: the connection waits in the backlog,
                     // and the sweep tries again.
                     warn!("api accept failed: {e}");
+                    self.accept_paused = true;
                     return;
                 }
             }
@@ -253,7 +257,7 @@ impl ApiServer {
             if matches!(conn.phase, Phase::Closing | Phase::Waiting) || conn.peer_done {
                 break;
             }
-            if conn.read(cap).is_err() {
+            if conn.read(cap, &mut self.scratch).is_err() {
                 self.drop_conn(key);
                 return;
             }
@@ -400,10 +404,9 @@ impl ApiServer {
                 _ => self.drop_conn(key),
             }
         }
-        if !self.accepting && self.stopping.is_none() {
-            self.accepting = true;
-        }
-        if self.accepting {
+        if self.accept_paused && self.stopping.is_none() {
+            // Out of descriptors at the last accept: the connections wait in the backlog.
+            self.accept_paused = false;
             self.accept();
         }
     }

@@ -1216,3 +1216,27 @@ fn ready_says_503_while_a_worker_does_not_serve() {
     wait_for("/ready to say 200 again", TIMEOUT, || (ready().status == 200).then_some(()));
     assert_eq!(ready().json(), json!({"ready":true}));
 }
+
+#[test]
+fn a_client_that_half_closes_after_its_requests_gets_its_answers_and_the_close() {
+    // Timeouts far beyond the test's deadline: only the client's FIN can end these connections.
+    let api = Api::start(ApiOpts {
+        workers: 1,
+        ..ApiOpts::api("request_timeout_ms = 600000\nkeepalive_timeout_ms = 600000")
+    });
+    let publish = request("POST", "/api/publish", "", Some(r#"{"group":"h","message":"m"}"#));
+    let health = request("GET", "/health", "", None);
+    for (what, bytes, answers) in [
+        ("one request", health.clone(), 1),
+        ("two pipelined", [health.clone(), request("GET", "/api/groups/h", "", None)].concat(), 2),
+        ("a publish", publish, 1),
+    ] {
+        let mut c = api.raw();
+        c.send(&bytes);
+        c.shutdown_write();
+        for i in 0..answers {
+            assert_eq!(c.response().status, 200, "{what}: answer {i}");
+        }
+        assert!(c.expect_closed().is_empty(), "{what}: nothing more");
+    }
+}

@@ -39,6 +39,9 @@ pub struct HttpConn {
     pub deadline: Instant,
     /// The peer shut its side: after what it sent is answered, the connection ends.
     pub peer_done: bool,
+    /// The poller saw the peer's FIN (`is_read_closed`): read on to the end of the stream even
+    /// after a short read, as no later edge will tell of it.
+    pub read_closed: bool,
     /// The request being answered wants the connection kept open.
     pub keep_alive: bool,
     /// A `100 Continue` went out for the request being read.
@@ -55,6 +58,7 @@ impl HttpConn {
             phase: Phase::Idle,
             deadline: Instant::now() + keepalive,
             peer_done: false,
+            read_closed: false,
             keep_alive: true,
             continued: false,
         }
@@ -72,7 +76,7 @@ impl HttpConn {
                     break;
                 }
                 // A short read drained the socket: bytes arriving later raise a new edge.
-                Ok(n) if n < room => {
+                Ok(n) if n < room && !self.read_closed => {
                     self.inbuf.extend_from_slice(&scratch[..n]);
                     break;
                 }
@@ -87,7 +91,8 @@ impl HttpConn {
 
     /// Queues an answer. After one that closes, nothing more is read or answered.
     pub fn answer(&mut self, response: &Response) {
-        let keep_alive = self.keep_alive && !response.close && !self.peer_done;
+        // A peer that shut its side still gets an answer to every whole request it sent.
+        let keep_alive = self.keep_alive && !response.close && !(self.peer_done && self.inbuf.is_empty());
         response.encode(keep_alive, self.out.tail());
         if !keep_alive {
             self.phase = Phase::Closing;

@@ -157,7 +157,14 @@ impl ApiServer {
                         let answers = self.queries.ready(self.poll.registry(), token);
                         self.master_answered(answers);
                     }
-                    Token(t) if t >= FIRST_CONN => self.conn_ready(t - FIRST_CONN),
+                    Token(t) if t >= FIRST_CONN => {
+                        if event.is_read_closed() {
+                            if let Some(conn) = self.conns.get_mut(t - FIRST_CONN) {
+                                conn.read_closed = true;
+                            }
+                        }
+                        self.conn_ready(t - FIRST_CONN)
+                    }
                     _ => {}
                 }
             }

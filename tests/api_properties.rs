@@ -17,13 +17,14 @@ use proptest::prelude::*;
 use serde_json::Value;
 
 /// The instance the cases run against: one for the whole file (killed by its guard at the
-/// end of the test). Every case ends its connection (`Connection: close` or a half-close), so
-/// the timeouts only need to outlast a loaded machine's pauses between pieces.
+/// end of the test). Every case ends its connection (`Connection: close` or a half-close), and
+/// the timeouts are longer than a case may wait: a connection the server keeps open after
+/// that fails the case.
 fn start_api() -> Api {
     Api::start(ApiOpts {
         workers: 1,
         config: "[limits]\nmax_message_size = 2048\n".into(),
-        ..ApiOpts::api("request_timeout_ms = 5000\nkeepalive_timeout_ms = 5000\nmax_header_bytes = 1024")
+        ..ApiOpts::api("request_timeout_ms = 60000\nkeepalive_timeout_ms = 60000\nmax_header_bytes = 1024")
     })
 }
 
@@ -46,7 +47,7 @@ fn answers(conn: &mut HttpConn) -> Result<Vec<Resp>, TestCaseError> {
             Err(NoResp::Malformed(_)) if conn.reset => return Ok(out),
             Err(NoResp::Malformed(m)) => return Err(TestCaseError::fail(format!("malformed answer: {m}"))),
             Err(NoResp::Timeout) => {
-                return Err(TestCaseError::fail(format!("not closed within 15 s (timeouts are 5 s); got {out:?}")))
+                return Err(TestCaseError::fail(format!("not closed within 15 s (the timeouts are 60 s: only our FIN or Connection: close may end it); got {out:?}")))
             }
         }
     }

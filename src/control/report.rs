@@ -126,6 +126,14 @@ pub struct ProcessStats {
     /// Messages of a seed (protocol 1) member lost across a hand-off: the history could not
     /// bridge the switch (protocol-2 members get a gap notice instead).
     pub handoff_gaps: u64,
+    /// Worker: for each write() to a client socket, the time since that connection's send
+    /// queue was last empty, measured from the start of the loop turn in which the frames
+    /// were queued (a message is read from a client's `send_to_group` or taken from the bus
+    /// in that turn) — the age of the oldest frame the write carries. In microseconds here;
+    /// seconds in /metrics. The broker hop before the worker is not included (docs/metrics.md).
+    pub publish_to_write_seconds: super::Histogram,
+    /// Worker: bytes queued for the connection at each write() to a client socket (before it).
+    pub send_queue_bytes: super::Histogram,
 }
 
 /// One client connection, as `groupcast connections` lists it.

@@ -7,6 +7,8 @@
 
 /// Operator commands run from the shell: stop, status (talk to a running master).
 pub mod admin;
+/// The HTTP API child: publish, groups, connections, /metrics (docs/api.md).
+pub mod api;
 /// Client access control: JWT tokens, per-group tokens, `[[groups]]` rules (docs/security.md).
 pub mod auth;
 /// The channel: broker process, worker-side client, wire format.

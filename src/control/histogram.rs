@@ -64,17 +64,15 @@ impl Histogram {
         !self.bounds.is_empty() && self.counts.len() == self.bounds.len() + 1
     }
 
-    /// `(upper bound, cumulative count)` per bucket, `+Inf` last, bounds multiplied by `scale`
-    /// (1e-6 turns microseconds into seconds): the form Prometheus wants.
-    pub fn cumulative(&self, scale: f64) -> Vec<(f64, u64)> {
-        let mut total = 0;
-        let mut out = Vec::with_capacity(self.counts.len());
-        for (i, &n) in self.counts.iter().enumerate() {
-            total += n;
-            let bound = self.bounds.get(i).map_or(f64::INFINITY, |&b| b as f64 * scale);
-            out.push((bound, total));
-        }
-        out
+    /// `(upper bound, count)` per bucket (not cumulative), `+Inf` last, bounds divided by
+    /// `divisor` (1e6 turns microseconds into seconds; a division keeps 50 µs `5e-5`
+    /// exactly where a product would print `4.9999999999999996e-5`).
+    pub fn buckets(&self, divisor: f64) -> Vec<(f64, u64)> {
+        self.counts
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (self.bounds.get(i).map_or(f64::INFINITY, |&b| b as f64 / divisor), n))
+            .collect()
     }
 
     /// Adds `other`'s counts (same bounds; two rows of one worker slot during a reload).
@@ -110,7 +108,7 @@ mod tests {
         }
         assert_eq!(h.counts, vec![2, 2, 2]);
         assert_eq!(h.count(), 6);
-        assert_eq!(h.cumulative(1.0), vec![(10.0, 2), (100.0, 4), (f64::INFINITY, 6)]);
+        assert_eq!(h.buckets(10.0), vec![(1.0, 2), (10.0, 2), (f64::INFINITY, 2)]);
         assert_eq!(h.sum, 0 + 10 + 11 + 100 + 101 + u64::MAX / 2);
     }
 

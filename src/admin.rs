@@ -383,6 +383,7 @@ fn render_status(r: &StatusReport) -> String {
         7,
         &[("received", &t.handoffs_in), ("handed over", &t.handoffs_out), ("seed gaps", &t.handoff_gaps)],
     );
+    out += &api_text(r);
     out += "\n";
     out += &format!(
         "{:<10} {:>8} {:<9} {:<8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>10} {:>10} {:>9} {:>8} {:>8}\n",
@@ -429,6 +430,31 @@ fn render_status(r: &StatusReport) -> String {
 
 /// A section of the status table: `heading`, then `label value` items two spaces apart,
 /// `per_row` to a row, the rows after the first indented under the first.
+/// The `[api]` line: where, guarded or not, its bounds, and its process's counters.
+fn api_text(r: &StatusReport) -> String {
+    let a = &r.api;
+    if r.api_listen.is_empty() {
+        return "api: off\n".into();
+    }
+    let row = r.processes.iter().find(|p| p.role == "api" && p.state != "retiring");
+    let (requests, errors, limited, published) =
+        row.map_or((0, 0, 0, 0), |p| (p.api_requests, p.api_errors, p.api_rate_limited, p.published));
+    format!(
+        "api: http://{}  key {}  demo {}  conns {}  header {}  request {}ms  keep-alive {}ms  publish wait {}ms  \
+         publishes {}/s burst {}\n     requests {requests}  errors {errors}  rate limited {limited}  published {published}\n",
+        r.api_listen,
+        a.key_file.as_ref().map_or_else(|| "none (loopback only)".to_owned(), |p| p.display().to_string()),
+        a.demo,
+        a.max_connections,
+        a.max_header_bytes,
+        a.request_timeout_ms,
+        a.keepalive_timeout_ms,
+        a.publish_timeout_ms,
+        a.publishes_per_second,
+        a.publishes_burst,
+    )
+}
+
 fn labelled(heading: &str, per_row: usize, items: &[(&str, &dyn std::fmt::Display)]) -> String {
     let indent = " ".repeat(heading.len());
     let mut out = String::new();

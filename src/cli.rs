@@ -84,6 +84,9 @@ pub enum Command {
     /// (internal) run the instance's channel server; started by the master.
     #[command(hide = true, name = "channel-child")]
     ChannelChild,
+    /// (internal) serve the HTTP API (`[api] listen`); started by the master.
+    #[command(hide = true, name = "api-child")]
+    ApiChild,
 }
 
 #[derive(Debug, Args, Default, Clone)]
@@ -106,6 +109,12 @@ pub struct StartArgs {
     /// File with the shared secret of the channel.
     #[arg(long = "channel-secret-file", value_name = "PATH")]
     pub channel_secret_file: Option<PathBuf>,
+    /// HTTP API listen address, HOST:PORT ("" for none).
+    #[arg(long = "api-listen", value_name = "HOST:PORT")]
+    pub api_listen: Option<String>,
+    /// Serve the chat demo at http://API/demo/ (the API on 127.0.0.1:1235 unless set).
+    #[arg(long = "demo")]
+    pub demo: bool,
 }
 
 #[derive(Debug, Args, Default, Clone)]
@@ -135,6 +144,8 @@ impl Cli {
                 o.channel_listen = start.channel_listen.clone();
                 o.channel_connect = start.channel_connect.clone();
                 o.channel_secret_file = start.channel_secret_file.clone();
+                o.api_listen = start.api_listen.clone();
+                o.demo = start.demo;
             }
             Command::Channel(args) => {
                 o.channel_listen = args.listen.clone();

@@ -14,6 +14,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+mod api;
+pub use api::{ApiKey, ApiSettings};
+
 /// WebSocket listen address of the seed example.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:1234";
 /// Name of the pid file of an instance started without one, in `runtime_dir()`; the channel
@@ -435,6 +438,8 @@ pub struct Config {
     pub groups: Vec<crate::auth::GroupRule>,
     /// `[tls]`: the `wss://` listener and its certificate.
     pub tls: TlsSettings,
+    /// `[api]`: the HTTP API (publish, counts, connections, metrics, health).
+    pub api: ApiSettings,
 }
 
 /// `[tls]`: serving `wss://` with rustls. Without `listen` (the default) there is no TLS
@@ -603,6 +608,7 @@ impl Default for Config {
             auth: AuthSettings::default(),
             groups: Vec::new(),
             tls: TlsSettings::default(),
+            api: ApiSettings::default(),
         }
     }
 }
@@ -699,7 +705,13 @@ pub struct Overrides {
     pub channel_connect: Option<String>,
     pub channel_secret_file: Option<PathBuf>,
     pub channel_insecure: bool,
+    pub api_listen: Option<String>,
+    /// `--demo`: serve the chat demo, on `DEMO_API_LISTEN` unless the API listens already.
+    pub demo: bool,
 }
+
+/// Where `start --demo` puts the API when neither the file nor `--api-listen` does.
+pub const DEMO_API_LISTEN: &str = "127.0.0.1:1235";
 
 impl Overrides {
     /// Lays the flags over `config` (the one place flags meet the file).
@@ -727,6 +739,18 @@ impl Overrides {
             config.channel.secret_file = Some(path.clone());
         }
         config.channel.insecure |= self.channel_insecure;
+        if let Some(listen) = &self.api_listen {
+            config.api.listen = match listen.trim() {
+                "" => None,
+                addr => Some(addr.parse::<HostPort>().map_err(|e| flag("api.listen", e))?.0),
+            };
+        }
+        if self.demo {
+            config.api.demo = true;
+            if config.api.listen.is_none() {
+                config.api.listen = Some(DEMO_API_LISTEN.parse().expect("the demo address parses"));
+            }
+        }
         Ok(())
     }
 }
@@ -790,6 +814,7 @@ const FIXED: &[Fixed] = fixed_settings! {
     "log.syslog_socket" => log.syslog_socket;
     "log.syslog_facility" => log.syslog_facility;
     "tls.listen" => tls.listen;
+    "api.listen" => api.listen;
 };
 
 impl Config {
@@ -811,6 +836,7 @@ impl Config {
         config.make_paths_absolute()?;
         config.validate()?;
         config.auth.load_key()?;
+        config.api.load_key()?;
         Ok(config)
     }
 
@@ -837,6 +863,9 @@ impl Config {
         }
         if let Some(path) = &self.tls.key_file {
             self.tls.key_file = Some(absolute(path, "tls.key_file")?);
+        }
+        if let Some(path) = &self.api.key_file {
+            self.api.key_file = Some(absolute(path, "api.key_file")?);
         }
         Ok(())
     }
@@ -916,6 +945,7 @@ impl Config {
         }
         self.tls.validate()?;
         self.auth.validate()?;
+        self.api.validate()?;
         crate::auth::rules::validate_rules(&self.groups).map_err(|e| invalid("groups", e))?;
         self.check_secret_for_remote_peers()
     }

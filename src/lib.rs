@@ -7,7 +7,7 @@
 
 /// Operator commands run from the shell: stop, status (talk to a running master).
 pub mod admin;
-/// The HTTP API child: publish, groups, connections, /metrics (docs/api.md).
+/// The HTTP API process: publish, group counts, connections, metrics, health (docs/api.md).
 pub mod api;
 /// Client access control: JWT tokens, per-group tokens, `[[groups]]` rules (docs/security.md).
 pub mod auth;

@@ -7,12 +7,12 @@ use clap::Parser;
 use groupcast::cli::{Cli, Command};
 use groupcast::config::{log_level_filter, Config};
 use groupcast::master::{ConfigSource, Mode};
-use groupcast::{admin, channel, logging, master, publish, worker};
+use groupcast::{admin, api, channel, logging, master, publish, worker};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Children have no terminal in daemon mode: their failures must reach the log.
-    let is_child = matches!(cli.command, Command::Worker { .. } | Command::ChannelChild);
+    let is_child = matches!(cli.command, Command::Worker { .. } | Command::ChannelChild | Command::ApiChild);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_child => {
@@ -30,6 +30,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Worker { index } => return worker::run(*index),
         Command::ChannelChild => return channel::server::run_child(),
+        Command::ApiChild => return api::run_child(),
         _ => {}
     }
     let overrides = cli.overrides();
@@ -51,6 +52,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { json, refresh } => admin::status(&config, json, refresh),
         Command::Connections { json } => admin::connections(&config, json),
         Command::Publish { group, message } => publish::publish(&config, &group, message.as_deref()),
-        Command::Worker { .. } | Command::ChannelChild => unreachable!("handled above"),
+        Command::Worker { .. } | Command::ChannelChild | Command::ApiChild => unreachable!("handled above"),
     }
 }

@@ -149,9 +149,8 @@ fn parse_command<'a>(raw: &RawRequest<'a>, limits: &Limits) -> Result<Command<'a
         "leave_group" => Ok(Command::LeaveGroup { group: group_id(raw.group_id, limits)? }),
         "send_to_group" => {
             let group = group_id(raw.group_id, limits)?;
-            let message = raw.message.ok_or(RequestError::MissingField("message"))?;
-            let kind = if message.get().starts_with('"') { PayloadKind::Text } else { PayloadKind::Json };
-            Ok(Command::SendToGroup { group, message: message_text(message)?, kind })
+            let (message, kind) = message_payload(raw.message.ok_or(RequestError::MissingField("message"))?)?;
+            Ok(Command::SendToGroup { group, message, kind })
         }
         other => Err(RequestError::UnknownCmd(other.chars().take(64).collect())),
     }
@@ -192,7 +191,11 @@ fn json_string(raw: &RawValue) -> Option<Cow<'_, str>> {
 /// A group id: a non-empty string or an integer, both as text, so `123` and `"123"` are one
 /// group (PHP array keys merge them in the seed).
 fn group_id<'a>(raw: Option<&'a RawValue>, limits: &Limits) -> Result<Cow<'a, str>, RequestError> {
-    let raw = raw.ok_or(RequestError::MissingField("group_id"))?;
+    group_named(raw.ok_or(RequestError::MissingField("group_id"))?, "group_id", limits)
+}
+
+/// `group_id`'s rules for a group id in field `field` (the HTTP API calls it `group`).
+pub fn group_named<'a>(raw: &'a RawValue, field: &'static str, limits: &Limits) -> Result<Cow<'a, str>, RequestError> {
     let group = if let Some(s) = json_string(raw) {
         s
     } else if let Ok(n) = raw.get().parse::<i64>() {
@@ -200,18 +203,24 @@ fn group_id<'a>(raw: Option<&'a RawValue>, limits: &Limits) -> Result<Cow<'a, st
     } else if let Ok(n) = raw.get().parse::<u64>() {
         Cow::Owned(n.to_string())
     } else {
-        return Err(RequestError::InvalidField { field: "group_id", reason: "must be a string or an integer".into() });
+        return Err(RequestError::InvalidField { field, reason: "must be a string or an integer".into() });
     };
     if group.is_empty() {
-        return Err(RequestError::InvalidField { field: "group_id", reason: "must not be empty".into() });
+        return Err(RequestError::InvalidField { field, reason: "must not be empty".into() });
     }
     if group.len() > limits.max_group_id_len {
         return Err(RequestError::InvalidField {
-            field: "group_id",
+            field,
             reason: format!("is longer than {} bytes", limits.max_group_id_len),
         });
     }
     Ok(group)
+}
+
+/// A `message` as `send_to_group` delivers it: the text, and whether it was a JSON string.
+pub fn message_payload(raw: &RawValue) -> Result<(Cow<'_, str>, PayloadKind), RequestError> {
+    let kind = if raw.get().starts_with('"') { PayloadKind::Text } else { PayloadKind::Json };
+    Ok((message_text(raw)?, kind))
 }
 
 /// The text delivered for `message`: a string as is, any other JSON value compacted.

@@ -1,3 +1,612 @@
-//! Temporary stand-in (helper "metrics"): the lead's src/api/mod.rs replaces this file.
+//! The api process (`[api] listen`, docs/api.md): a small HTTP/1.1 server in its own child of
+//! the master, so neither the master (a single-threaded supervisor) nor a worker (which
+//! cannot sum its siblings) blocks on HTTP clients. One mio event loop, no async runtime:
+//! `http.rs` parses heads with httparse, `conn.rs` holds each connection and its deadlines,
+//! `routes.rs` picks the endpoint, `publish.rs` publishes through the same bus the workers
+//! use (`worker::bus`) and answers once the bus has numbered the message, `master_query.rs`
+//! asks the master (over its control socket) for what only it can sum, `metrics.rs` renders
+//! its `status` in the Prometheus format and `demo.rs` serves the chat page.
 
+mod conn;
+mod demo;
+pub mod errors;
+pub mod http;
+mod master_query;
 pub mod metrics;
+pub mod publish;
+pub mod routes;
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use log::{debug, error, info, warn};
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+
+use crate::config::Config;
+use crate::control::{self, ChildLink, ProcessStats, Request, StatusReport};
+use crate::worker::bus::{Bus, BusEvent};
+use conn::{HttpConn, Phase};
+use errors::ApiError;
+use http::Response;
+use master_query::{Answer, MasterQueries, Purpose};
+use publish::{Answered, Bucket, Waiters};
+use routes::Route;
+
+const LISTENER: Token = Token(0);
+// Token(1) is the bus's (worker::bus::TOKEN).
+const LINK: Token = Token(2);
+const SIGNALS: Token = Token(3);
+const FIRST_QUERY: usize = 16;
+const FIRST_CONN: usize = 64;
+/// How often deadlines are checked while connections are open.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
+/// Prometheus text format's media type.
+const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// `groupcast api-child`: started by the master with the API listener at fd 3.
+pub fn run_child() -> anyhow::Result<()> {
+    let config = control::child_config()?;
+    crate::logging::init("api", crate::config::log_level_filter(&config.log.level).unwrap_or(log::LevelFilter::Info));
+    if config.log.syslog {
+        if let Err(e) = crate::logging::use_syslog(&config.log.syslog_socket, &config.log.syslog_facility) {
+            warn!("{e}");
+        }
+    }
+    if let Err(e) = crate::sys::raise_open_file_limit() {
+        warn!("cannot raise the open-file limit: {e}");
+    }
+    let fd = crate::sys::adopt_inherited_fd(control::CHILD_LISTENER_FD).context("no API listener from the master")?;
+    let listener = std::net::TcpListener::from(fd);
+    listener.set_nonblocking(true).context("cannot make the API listener non-blocking")?;
+    let mut server = ApiServer::new(TcpListener::from_std(listener), config)?;
+    info!(
+        "api listening on http://{}{}",
+        server.config.api.listen.map_or_else(String::new, |a| a.to_string()),
+        if server.config.api.key.is_some() { " (bearer key required)" } else { " (no key: loopback only)" }
+    );
+    server.run()
+}
+
+struct ApiServer {
+    poll: Poll,
+    listener: TcpListener,
+    accepting: bool,
+    conns: Slab<HttpConn>,
+    next_serial: u64,
+    queries: MasterQueries,
+    bus: Bus,
+    waiters: Waiters,
+    bucket: Bucket,
+    link: ChildLink,
+    signals: Signals,
+    config: Config,
+    stats: ProcessStats,
+    started: Instant,
+    /// Set by the master's `Shutdown` (a reload replaced us): finish what is in hand, then go.
+    stopping: Option<Instant>,
+    next_sweep: Instant,
+    scratch: Vec<u8>,
+}
+
+impl ApiServer {
+    fn new(mut listener: TcpListener, config: Config) -> anyhow::Result<ApiServer> {
+        let poll = Poll::new().context("cannot create the event loop")?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        let link = ChildLink::inherit(poll.registry(), LINK).context("no status link from the master")?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT])?;
+        poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let bus = Bus::start_as(&config, poll.registry(), "api".into())?;
+        let queries =
+            MasterQueries::new(config.control_socket(), Duration::from_millis(config.status_timeout_ms), FIRST_QUERY);
+        let bucket = Bucket::new(config.api.publishes_per_second, config.api.publishes_burst);
+        let stats = ProcessStats { role: "api".into(), pid: std::process::id(), ..Default::default() };
+        Ok(ApiServer {
+            poll,
+            listener,
+            accepting: true,
+            conns: Slab::new(),
+            next_serial: 0,
+            queries,
+            bus,
+            waiters: Waiters::default(),
+            bucket,
+            link,
+            signals,
+            config,
+            stats,
+            started: Instant::now(),
+            stopping: None,
+            next_sweep: Instant::now(),
+            scratch: vec![0; 64 * 1024],
+        })
+    }
+
+    fn run(&mut self) -> anyhow::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.next_wake().map(|at| at.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e).context("event loop failed");
+                }
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    crate::worker::bus::TOKEN => self.bus_ready(),
+                    LINK => {
+                        if !self.link_ready() {
+                            return Ok(());
+                        }
+                    }
+                    SIGNALS => {
+                        if self.signals.pending().next().is_some() {
+                            info!("api stopping");
+                            return Ok(());
+                        }
+                    }
+                    token if self.queries.owns(token) => {
+                        let answers = self.queries.ready(self.poll.registry(), token);
+                        self.master_answered(answers);
+                    }
+                    Token(t) if t >= FIRST_CONN => self.conn_ready(t - FIRST_CONN),
+                    _ => {}
+                }
+            }
+            let now = Instant::now();
+            for answered in self.waiters.expire(now, self.config.api.publish_timeout_ms) {
+                self.publish_answered(answered);
+            }
+            let answers = self.queries.expire(self.poll.registry(), now);
+            self.master_answered(answers);
+            if now >= self.next_sweep {
+                self.sweep(now);
+                self.next_sweep = now + SWEEP_EVERY;
+            }
+            self.bus.end_of_turn(self.poll.registry());
+            if let Some(until) = self.stopping {
+                if self.conns.is_empty() || now >= until {
+                    info!("api replaced; exiting");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        let mut wake = Instant::now() + Duration::from_secs(1);
+        if !self.conns.is_empty() {
+            wake = wake.min(self.next_sweep);
+        }
+        for at in [self.waiters.next_deadline(), self.queries.next_deadline(), self.bus.next_wake(), self.stopping]
+            .into_iter()
+            .flatten()
+        {
+            wake = wake.min(at);
+        }
+        Some(wake)
+    }
+
+    // ---- connections -----------------------------------------------------------------------
+
+    fn accept(&mut self) {
+        while self.accepting {
+            match self.listener.accept() {
+                Ok((mut stream, peer)) => {
+                    let max = self.config.api.max_connections;
+                    if self.conns.len() >= max {
+                        // Best effort: one write of the refusal, then the socket goes.
+                        let mut out = Vec::new();
+                        ApiError::TooManyConnections(max).response().encode(false, &mut out);
+                        let _ = io::Write::write(&mut stream, &out);
+                        self.count(503);
+                        debug!("api connection from {peer} refused: {max} already open");
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    let entry = self.conns.vacant_entry();
+                    let token = Token(FIRST_CONN + entry.key());
+                    if let Err(e) =
+                        self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                    {
+                        warn!("cannot watch an api connection: {e}");
+                        continue;
+                    }
+                    self.next_serial += 1;
+                    let keepalive = Duration::from_millis(self.config.api.keepalive_timeout_ms);
+                    entry.insert(HttpConn::new(stream, self.next_serial, keepalive));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of descriptors and the like: the connection waits in the backlog,
+                    // and the sweep tries again.
+                    warn!("api accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Bytes the input buffer holds at most: one whole request (head and body) and a little.
+    fn input_cap(&self) -> usize {
+        self.config.api.max_header_bytes + self.config.limits.max_message_size + 4096
+    }
+
+    fn conn_ready(&mut self, key: usize) {
+        let cap = self.input_cap();
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        if conn.phase != Phase::Closing && conn.read(cap).is_err() {
+            self.drop_conn(key);
+            return;
+        }
+        self.handle_input(key);
+        self.flush(key);
+    }
+
+    /// Answers every whole request buffered, in order, until one must wait.
+    fn handle_input(&mut self, key: usize) {
+        loop {
+            let max_header = self.config.api.max_header_bytes;
+            let Some(conn) = self.conns.get_mut(key) else { return };
+            if matches!(conn.phase, Phase::Waiting | Phase::Closing) || conn.out.len() > conn::MAX_QUEUED_ANSWERS {
+                return;
+            }
+            if conn.inbuf.is_empty() {
+                if conn.peer_done {
+                    conn.phase = Phase::Closing;
+                } else if conn.phase == Phase::Reading {
+                    conn.idle(Duration::from_millis(self.config.api.keepalive_timeout_ms));
+                }
+                return;
+            }
+            conn.reading(Duration::from_millis(self.config.api.request_timeout_ms));
+            let head = match http::parse_head(&conn.inbuf, max_header) {
+                Ok(Some(head)) => head,
+                Ok(None) => {
+                    if conn.peer_done {
+                        self.answer(
+                            key,
+                            &ApiError::BadRequest("the connection ended inside a request".into()).response(),
+                        );
+                    }
+                    return;
+                }
+                Err(e) => {
+                    self.answer(key, &e.response());
+                    return;
+                }
+            };
+            conn.keep_alive = head.keep_alive;
+            let cx = routes::Context {
+                key: self.config.api.key.as_ref(),
+                max_body: self.config.limits.max_message_size,
+                demo: self.config.api.demo,
+                ws_port: self.config.listen.map(|a| a.port()),
+                wss_port: self.config.tls.listen.map(|a| a.port()),
+            };
+            let routed = routes::route(&head, &cx);
+            let body_len = match &routed {
+                Ok(Route::Publish { length }) => *length,
+                _ => head.content_length.unwrap_or(0),
+            };
+            let whole = head.head_len.saturating_add(body_len);
+            if conn.inbuf.len() < whole {
+                match routed {
+                    // The body is still coming: refuse now, and close (we will not read it).
+                    Err(e) => {
+                        let mut response = e.response();
+                        response.close = true;
+                        self.answer(key, &response);
+                    }
+                    Ok(_) => {
+                        if head.expect_continue && !conn.continued {
+                            conn.continued = true;
+                            conn.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                        }
+                        if conn.peer_done {
+                            self.answer(
+                                key,
+                                &ApiError::BadRequest("the connection ended inside a body".into()).response(),
+                            );
+                        }
+                    }
+                }
+                return;
+            }
+            let body: Vec<u8> = conn.inbuf[head.head_len..whole].to_vec();
+            conn.inbuf.drain(..whole);
+            match routed {
+                Err(e) => self.answer(key, &e.response()),
+                Ok(route) => self.serve(key, route, &body),
+            }
+        }
+    }
+
+    /// Queues `response` for `key` and moves it to its next phase.
+    fn answer(&mut self, key: usize, response: &Response) {
+        self.count(response.status);
+        let keepalive = Duration::from_millis(self.config.api.keepalive_timeout_ms);
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        conn.answer(response);
+        if conn.phase != Phase::Closing {
+            if self.stopping.is_some() {
+                // Replaced: this was the last answer on this connection.
+                conn.phase = Phase::Closing;
+            } else {
+                conn.idle(keepalive);
+            }
+        }
+    }
+
+    fn count(&mut self, status: u16) {
+        self.stats.api_requests += 1;
+        if status >= 400 {
+            self.stats.api_errors += 1;
+        }
+    }
+
+    fn flush(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        match conn.flush() {
+            Ok(false) => {}
+            Ok(true) | Err(_) => self.drop_conn(key),
+        }
+    }
+
+    fn drop_conn(&mut self, key: usize) {
+        if let Some(mut conn) = self.conns.try_remove(key) {
+            let _ = self.poll.registry().deregister(&mut conn.stream);
+        }
+    }
+
+    /// Deadlines: idle keep-alive connections go silently, a request not whole in time gets
+    /// 408, an answer not taken in time is dropped.
+    fn sweep(&mut self, now: Instant) {
+        let late: Vec<(usize, Phase)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.deadline <= now && c.phase != Phase::Waiting)
+            .map(|(k, c)| (k, c.phase))
+            .collect();
+        for (key, phase) in late {
+            match phase {
+                Phase::Reading => {
+                    self.answer(key, &ApiError::RequestTimeout(self.config.api.request_timeout_ms).response());
+                    self.flush(key);
+                }
+                _ => self.drop_conn(key),
+            }
+        }
+        if !self.accepting && self.stopping.is_none() {
+            self.accepting = true;
+        }
+        if self.accepting {
+            self.accept();
+        }
+    }
+
+    /// An answer for (key, serial), if that connection is still the one that asked.
+    fn answer_later(&mut self, (key, serial): (usize, u64), response: &Response) {
+        if self.conns.get(key).is_none_or(|c| c.serial != serial || c.phase != Phase::Waiting) {
+            return;
+        }
+        self.answer(key, response);
+        // Requests that were pipelined behind it.
+        self.handle_input(key);
+        self.flush(key);
+    }
+
+    // ---- endpoints ---------------------------------------------------------------------
+
+    fn serve(&mut self, key: usize, route: Route, body: &[u8]) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        let who = (key, conn.serial);
+        let ask = |purpose: Purpose, line: String| (purpose, line);
+        let question = match route {
+            Route::Health => return self.answer(key, &Response::json(200, br#"{"ok":true}"#.to_vec())),
+            Route::Demo(response) => return self.answer(key, &response),
+            Route::Publish { .. } => return self.publish(key, body),
+            Route::Ready => ask(Purpose::Ready, "status".into()),
+            Route::Metrics => ask(Purpose::Metrics, "status".into()),
+            Route::Connections => ask(Purpose::Connections, "connections".into()),
+            Route::Group(group) => {
+                let quoted = serde_json::Value::from(group).to_string();
+                ask(Purpose::Group, format!("group {quoted}"))
+            }
+            Route::Close { id, code, reason } => {
+                let quoted = serde_json::Value::from(reason).to_string();
+                ask(Purpose::Close { id }, format!("close {id} {code} {quoted}"))
+            }
+        };
+        conn.phase = Phase::Waiting;
+        let (purpose, line) = question;
+        let failed = self.queries.ask(self.poll.registry(), who, purpose, line);
+        self.master_answered(failed);
+    }
+
+    fn publish(&mut self, key: usize, body: &[u8]) {
+        let limits = self.config.limits.clone();
+        let parsed = match publish::parse(body, &limits) {
+            Ok(p) => p,
+            Err(e) => return self.answer(key, &e.response()),
+        };
+        if !self.bus.counters().connected {
+            return self.answer(key, &ApiError::BusUnavailable.response());
+        }
+        if !self.bucket.take(parsed.groups.len(), Instant::now()) {
+            self.stats.api_rate_limited += 1;
+            return self.answer(key, &ApiError::RateLimited.response());
+        }
+        let seqs: Vec<u64> =
+            parsed.groups.iter().map(|g| self.bus.publish(g, parsed.kind, parsed.message.as_bytes(), false)).collect();
+        self.stats.published += seqs.len() as u64;
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        conn.phase = Phase::Waiting;
+        let timeout = Duration::from_millis(self.config.api.publish_timeout_ms);
+        self.waiters.wait((key, conn.serial), &parsed.groups, &seqs, parsed.several, timeout);
+    }
+
+    fn publish_answered(&mut self, answered: Answered) {
+        let response = match answered.result {
+            Ok(body) => Response::json(200, body),
+            Err(e) => e.response(),
+        };
+        self.answer_later(answered.conn, &response);
+    }
+
+    fn bus_ready(&mut self) {
+        let mut stamps = Vec::new();
+        self.bus.on_ready(self.poll.registry(), &mut self.scratch, |event| {
+            if let BusEvent::Stamped { seq, offset } = event {
+                stamps.push((seq, offset));
+            }
+        });
+        for (seq, offset) in stamps {
+            if let Some(answered) = self.waiters.stamped(seq, offset) {
+                self.publish_answered(answered);
+            }
+        }
+    }
+
+    fn master_answered(&mut self, answers: Vec<Answer>) {
+        for answer in answers {
+            let response = match answer.line {
+                Err(why) => ApiError::MasterUnavailable(why).response(),
+                Ok(line) if line.starts_with(b"error ") => {
+                    ApiError::Internal(String::from_utf8_lossy(&line["error ".len()..]).into_owned()).response()
+                }
+                Ok(line) => self.from_master(&answer.purpose, line),
+            };
+            self.answer_later(answer.conn, &response);
+        }
+    }
+
+    /// Turns the master's answer line into the endpoint's response.
+    fn from_master(&self, purpose: &Purpose, line: Vec<u8>) -> Response {
+        let report = || -> Result<StatusReport, ApiError> {
+            serde_json::from_slice(&line).map_err(|e| ApiError::Internal(format!("unreadable status: {e}")))
+        };
+        let result = match purpose {
+            Purpose::Connections | Purpose::Group => Ok(Response::json(200, line)),
+            Purpose::Metrics => report().and_then(|r| {
+                let text = metrics::render(&r).map_err(|e| ApiError::Internal(format!("{e:#}")))?;
+                Ok(Response {
+                    status: 200,
+                    content_type: METRICS_TYPE,
+                    body: text.into_bytes(),
+                    headers: Vec::new(),
+                    close: false,
+                })
+            }),
+            Purpose::Ready => report().map(|r| self.readiness(&r)),
+            Purpose::Close { id } => match serde_json::from_slice::<serde_json::Value>(&line) {
+                Ok(v) if v["closed"] == true => {
+                    Ok(Response::json(200, format!("{{\"ok\":true,\"id\":{id}}}").into_bytes()))
+                }
+                Ok(v) if v["missing_workers"].as_array().is_some_and(|m| !m.is_empty()) => {
+                    Err(ApiError::MasterUnavailable(format!("workers {} did not answer", v["missing_workers"])))
+                }
+                Ok(_) => Err(ApiError::NotFound(format!("no connection {id}"))),
+                Err(e) => Err(ApiError::Internal(format!("unreadable answer: {e}"))),
+            },
+        };
+        result.unwrap_or_else(|e| e.response())
+    }
+
+    /// `/ready`: every worker index has a process that serves and reaches the bus, and so
+    /// does this process's own bus.
+    fn readiness(&self, report: &StatusReport) -> Response {
+        let serving = |state: &str| matches!(state, "running" | "handing_off" | "receiving");
+        let mut missing = Vec::new();
+        for index in 0..report.workers {
+            let ok = report
+                .processes
+                .iter()
+                .any(|p| p.role == "worker" && p.index == Some(index) && serving(&p.state) && p.channel_connected);
+            if !ok {
+                missing.push(format!("worker-{index}"));
+            }
+        }
+        if !self.bus.counters().connected {
+            missing.push("the api's bus".into());
+        }
+        if missing.is_empty() {
+            Response::json(200, br#"{"ready":true}"#.to_vec())
+        } else {
+            let detail = format!("not serving or not on the bus: {}", missing.join(", "));
+            let body = serde_json::json!({ "ready": false, "error": "not_ready", "detail": detail });
+            Response::json(503, body.to_string().into_bytes())
+        }
+    }
+
+    // ---- the master ----------------------------------------------------------------------
+
+    /// Reads the master's requests; false when the link is gone (the master died: exit).
+    fn link_ready(&mut self) -> bool {
+        match self.link.read_requests() {
+            Ok(Some(requests)) => {
+                for request in requests {
+                    let sent = match request {
+                        Request::Stats => {
+                            let stats = self.snapshot();
+                            self.link.send_json(&stats)
+                        }
+                        Request::Shutdown { drain_ms, .. } => {
+                            self.stop_accepting(Duration::from_millis(drain_ms));
+                            Ok(())
+                        }
+                        other => {
+                            debug!("api: ignoring {other:?}");
+                            Ok(())
+                        }
+                    };
+                    if let Err(e) = sent {
+                        warn!("cannot answer the master: {e}");
+                    }
+                }
+                let _ = self.link.flush();
+                true
+            }
+            Ok(None) | Err(_) => {
+                error!("lost the link to the master; stopping");
+                false
+            }
+        }
+    }
+
+    /// Replaced by a reload: the listener is the next api process's now; connections get
+    /// their current answer (with `Connection: close`) and idle ones are closed.
+    fn stop_accepting(&mut self, drain: Duration) {
+        self.stopping = Some(Instant::now() + drain);
+        self.accepting = false;
+        let _ = self.poll.registry().deregister(&mut self.listener);
+        let idle: Vec<usize> = self.conns.iter().filter(|(_, c)| c.phase == Phase::Idle).map(|(k, _)| k).collect();
+        for key in idle {
+            self.drop_conn(key);
+        }
+    }
+
+    fn snapshot(&self) -> ProcessStats {
+        let (version, binary_mtime) = control::binary_identity();
+        let bus = self.bus.counters();
+        ProcessStats {
+            version,
+            binary_mtime,
+            uptime_secs: self.started.elapsed().as_secs(),
+            state: if self.stopping.is_some() { "retiring".into() } else { "running".into() },
+            connections: self.conns.len() as u64,
+            channel_connected: bus.connected,
+            channel_dropped: bus.dropped,
+            channel_queued: bus.queued,
+            channel_resent: bus.resent,
+            log_dropped: crate::logging::dropped_lines(),
+            ..self.stats.clone()
+        }
+    }
+}

@@ -42,6 +42,9 @@ struct ChildConfig<'a> {
     /// that file after the privilege drop.
     #[serde(default)]
     jwt_key: Option<crate::auth::JwtKey>,
+    /// The API's bearer key, read from `api.key_file` by the master for the same reason.
+    #[serde(default)]
+    api_key: Option<crate::config::ApiKey>,
     config: std::borrow::Cow<'a, Config>,
 }
 
@@ -50,6 +53,7 @@ pub fn encode_child_config(config: &Config) -> serde_json::Result<String> {
     serde_json::to_string(&ChildConfig {
         syslog: config.log.syslog,
         jwt_key: config.auth.jwt_key.clone(),
+        api_key: config.api.key.clone(),
         config: std::borrow::Cow::Borrowed(config),
     })
 }
@@ -63,6 +67,7 @@ pub fn child_config() -> anyhow::Result<Config> {
     let mut config = passed.config.into_owned();
     config.log.syslog = passed.syslog;
     config.auth.jwt_key = passed.jwt_key;
+    config.api.key = passed.api_key;
     Ok(config)
 }
 

@@ -24,6 +24,11 @@ pub enum Request {
     /// the socket that comes with this line (SCM_RIGHTS, `ChildLink::take_fd`), within
     /// `timeout_ms`. Answered by `Reply::HandOff` when it is over.
     HandOff { generation: u64, timeout_ms: u64 },
+    /// How many of this worker's connections are in `group`. Answered by `Reply::Members`.
+    GroupMembers { group: String },
+    /// Close connection `id` with `code` and `reason`, if this worker holds it. Answered by
+    /// `Reply::Closed`.
+    CloseConnection { id: u64, code: u16, reason: String },
 }
 
 /// What a child tells the master. Borrowed when sent (no copy of a large connection list),
@@ -39,6 +44,14 @@ pub enum Reply<'a> {
     Connections(Cow<'a, ConnectionList>),
     /// How a `Request::HandOff` ended (sent once, by the old worker).
     HandOff(HandOffReport),
+    /// The answer to `Request::GroupMembers`.
+    Members {
+        count: u64,
+    },
+    /// The answer to `Request::CloseConnection`: whether this worker held the connection.
+    Closed {
+        found: bool,
+    },
 }
 
 impl<'a> From<&'a ProcessStats> for Reply<'a> {
@@ -83,6 +96,8 @@ mod tests {
             Request::Connections,
             Request::Shutdown { code: 1012, drain_ms: 30_000 },
             Request::HandOff { generation: 3, timeout_ms: 10_000 },
+            Request::GroupMembers { group: "a \"b\"\n".into() },
+            Request::CloseConnection { id: 1 << 40, code: 1008, reason: "closed by the API".into() },
         ] {
             assert_eq!(round_trip(&r), r);
         }

@@ -126,6 +126,12 @@ pub struct ProcessStats {
     /// Messages of a seed (protocol 1) member lost across a hand-off: the history could not
     /// bridge the switch (protocol-2 members get a gap notice instead).
     pub handoff_gaps: u64,
+    /// API: HTTP requests answered.
+    pub api_requests: u64,
+    /// API: requests answered with an error (4xx or 5xx).
+    pub api_errors: u64,
+    /// API: publishes refused by `api.publishes_per_second` (429).
+    pub api_rate_limited: u64,
     /// Worker: for each write() to a client socket, the time since that connection's send
     /// queue was last empty, measured from the start of the loop turn in which the frames
     /// were queued (a message is read from a client's `send_to_group` or taken from the bus
@@ -207,6 +213,10 @@ pub struct StatusReport {
     pub tls: crate::config::TlsSettings,
     /// Expiry of the certificate workers serve now (`YYYY-MM-DD HH:MM:SS UTC`); empty without TLS.
     pub tls_not_after: String,
+    /// `[api]` in force (never the key).
+    pub api: crate::config::ApiSettings,
+    /// The API address actually bound; empty without `api.listen`.
+    pub api_listen: String,
 }
 
 /// `[auth]` and `[[groups]]` as `status` shows them: which algorithm and which file, never

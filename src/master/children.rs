@@ -22,6 +22,8 @@ use crate::per_ip::ColumnLease;
 pub enum Role {
     Channel,
     Worker(usize),
+    /// The HTTP API (`[api] listen`, src/api/).
+    Api,
 }
 
 impl Role {
@@ -29,12 +31,13 @@ impl Role {
         match self {
             Role::Channel => "channel".into(),
             Role::Worker(i) => format!("worker-{i}"),
+            Role::Api => "api".into(),
         }
     }
 
     pub fn index(self) -> Option<usize> {
         match self {
-            Role::Channel => None,
+            Role::Channel | Role::Api => None,
             Role::Worker(i) => Some(i),
         }
     }
@@ -78,6 +81,7 @@ impl ChildProc {
         let mut command = Command::new(exe);
         match role {
             Role::Channel => command.arg("channel-child"),
+            Role::Api => command.arg("api-child"),
             Role::Worker(i) => command.arg("worker").arg("--index").arg(i.to_string()),
         };
         // NOTIFY_SOCKET is the master's alone: systemd takes readiness from the main process.

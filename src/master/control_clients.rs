@@ -16,8 +16,8 @@ use crate::sendbuf::SendBuf;
 const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 /// Time a client has to read the answer (a connection list may be large).
 const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
-/// Longest request line; the requests are single words.
-const MAX_REQUEST: usize = 1024;
+/// Longest request line: a `group` request carries a group id (up to 64 KiB) as a JSON string.
+const MAX_REQUEST: usize = 512 * 1024;
 /// Control clients served at once; more are closed at accept.
 const MAX_CLIENTS: usize = 64;
 

@@ -1,8 +1,8 @@
 //! Sockets the master binds before forking, so they outlive any child: one WebSocket
 //! listener per worker index (and one `wss://` listener per index with `tls.listen`, bound
 //! the same way) (SO_REUSEPORT, so the kernel spreads connections evenly and a
-//! respawned worker finds the connections that queued while it was down), and the control
-//! socket that `status` talks to.
+//! respawned worker finds the connections that queued while it was down), the API listener,
+//! and the control socket that `status` talks to.
 
 use std::io;
 use std::net::SocketAddr;
@@ -69,6 +69,17 @@ pub fn bind_worker_listeners(addr: SocketAddr, count: usize, backlog: u32) -> io
         listeners.push(OwnedFd::from(socket));
     }
     Ok((listeners, bound))
+}
+
+/// Binds the API listener (`[api] listen`): one socket, served by the one api process, and
+/// kept by the master so a restarted or reloaded api process finds the requests that queued.
+pub fn bind_api_listener(addr: SocketAddr, backlog: u32) -> io::Result<(OwnedFd, SocketAddr)> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog as i32)?;
+    let bound = socket.local_addr()?.as_socket().unwrap_or(addr);
+    Ok((OwnedFd::from(socket), bound))
 }
 
 /// Binds the control socket at `path`; the caller holds the pid lock, so a file already there

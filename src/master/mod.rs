@@ -41,6 +41,8 @@ const CONTROL: Token = Token(1);
 const FIRST_CONTROL_CLIENT: usize = 16;
 /// How long children get to exit after being told to stop, beyond any drain time, before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a replaced api process may take to answer the requests it holds.
+const API_DRAIN: Duration = Duration::from_secs(5);
 /// How long a freshly started child may take to report ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -77,6 +79,8 @@ pub struct Master {
     tls_material: Option<TlsMaterial>,
     /// The channel listener, when this master runs a broker (not with `channel.connect`).
     channel_listener: Option<OwnedFd>,
+    /// The API listener (`[api] listen`) and the address it got.
+    api_listener: Option<(OwnedFd, std::net::SocketAddr)>,
     control: control_clients::ControlClients,
     slots: Vec<Slot>,
     retiring: Vec<Retiring>,
@@ -92,6 +96,7 @@ struct Bound {
     sockets: listeners::WorkerSockets,
     tls_material: Option<TlsMaterial>,
     channel_listener: Option<OwnedFd>,
+    api_listener: Option<(OwnedFd, std::net::SocketAddr)>,
     control: UnixListener,
 }
 
@@ -142,10 +147,17 @@ fn bind_all(config: &Config, mode: Mode) -> anyhow::Result<Bound> {
     } else {
         None
     };
+    let api_listener = match config.api.listen {
+        Some(addr) if mode.runs_workers() => Some(
+            listeners::bind_api_listener(addr, config.backlog)
+                .with_context(|| format!("cannot listen on {addr} (api.listen)"))?,
+        ),
+        _ => None,
+    };
     let control_path = config.control_socket();
     let control = runtime_dir::with_private_umask(|| listeners::bind_control_socket(&control_path))
         .with_context(|| format!("cannot bind the control socket {}", control_path.display()))?;
-    Ok(Bound { pidfile, sockets, tls_material, channel_listener, control })
+    Ok(Bound { pidfile, sockets, tls_material, channel_listener, api_listener, control })
 }
 
 /// The certificate and key the workers are started with.
@@ -257,7 +269,7 @@ fn run(
     signals: Signals,
     ready: Option<io::PipeWriter>,
 ) -> anyhow::Result<()> {
-    let Bound { mut pidfile, sockets, tls_material, channel_listener, control } = bound;
+    let Bound { mut pidfile, sockets, tls_material, channel_listener, api_listener, control } = bound;
     pidfile.write_pid().context("cannot write the pid file")?;
     let mut owned = vec![config.control_socket()];
     if let (Some(_), ChannelAddr::Unix(path)) = (&channel_listener, &*config.channel_listen()) {
@@ -278,6 +290,9 @@ fn run(
         slots.push(Slot::new(Role::Channel));
     }
     slots.extend((0..sockets.workers).map(|i| Slot::new(Role::Worker(i))));
+    if api_listener.is_some() {
+        slots.push(Slot::new(Role::Api));
+    }
     let per_ip = match sockets.workers {
         0 => None,
         workers => {
@@ -295,6 +310,7 @@ fn run(
         sockets,
         tls_material,
         channel_listener,
+        api_listener,
         control,
         slots,
         retiring: Vec::new(),
@@ -305,12 +321,13 @@ fn run(
     let result = master.start_children().and_then(|()| {
         match (master.sockets.listen, master.sockets.tls_listen) {
             (listen, tls) if listen.is_some() || tls.is_some() => info!(
-                "groupcast {} ready: {} workers on {}{}, channel {}",
+                "groupcast {} ready: {} workers on {}{}, channel {}{}",
                 env!("CARGO_PKG_VERSION"),
                 master.config.workers,
                 listen.map_or_else(String::new, |a| format!("ws://{a}")),
                 tls.map_or_else(String::new, |a| format!(" wss://{a}")),
-                master.config.channel_target()
+                master.config.channel_target(),
+                master.api_listener.as_ref().map_or_else(String::new, |(_, a)| format!(", api http://{a}")),
             ),
             _ => info!(
                 "groupcast {} channel server ready on {}",
@@ -350,6 +367,10 @@ impl Master {
         match role {
             Role::Channel => {
                 let fd = self.channel_listener.as_ref().expect("a channel slot exists only with its listener");
+                vec![(fd.as_fd(), CHILD_LISTENER_FD)]
+            }
+            Role::Api => {
+                let (fd, _) = self.api_listener.as_ref().expect("an api slot exists only with its listener");
                 vec![(fd.as_fd(), CHILD_LISTENER_FD)]
             }
             Role::Worker(w) => {
@@ -504,6 +525,31 @@ impl Master {
                     self.slots[i].respawn_at = Some(now + Duration::from_secs(1));
                 }
             }
+        }
+    }
+
+    /// Starts a new api process and retires the old one, which finishes the requests in hand
+    /// (up to `API_DRAIN`) while the new one takes the listener's next connections.
+    fn replace_api(&mut self) {
+        let Some(i) = self.slots.iter().position(|s| s.role == Role::Api) else { return };
+        let new = match self.spawn_proc(Role::Api, None) {
+            Ok(new) => new,
+            Err(e) => {
+                error!("{e:#}; the running api process stays");
+                return;
+            }
+        };
+        self.slots[i].respawn_at = None;
+        if let Some(mut old) = self.slots[i].proc.replace(new) {
+            let shutdown = Request::Shutdown { code: close_code::GOING_AWAY, drain_ms: API_DRAIN.as_millis() as u64 };
+            if !old.send(&shutdown) {
+                old.signal(Signal::SIGTERM);
+            }
+            self.retiring.push(Retiring {
+                role: Role::Api,
+                proc: old,
+                kill_at: Instant::now() + API_DRAIN + STOP_GRACE,
+            });
         }
     }
 

@@ -440,6 +440,10 @@ impl Master {
             handoffs: job.handoffs,
         });
         self.reload.job = None;
+        if ok {
+            // The api process runs the new binary and config (a rotated key) from now on.
+            self.replace_api();
+        }
         notify::notify("READY=1");
         if let Some(requested) = self.reload.pending.take() {
             self.begin_reload(requested);

@@ -1,5 +1,6 @@
 //! The master's answers on its control socket: one request line (`status`, `connections`,
-//! `ping`, `reload close [graceful]`), one answer line (JSON, or `ok`/`error` words), then the connection closes (control_clients.rs does the
+//! `ping`, `reload close [graceful]`, and for the api process `group "NAME"` and
+//! `close ID CODE "REASON"`), one answer line (JSON, or `ok`/`error` words), then the connection closes (control_clients.rs does the
 //! socket side without blocking). Figures are gathered live from each child over its status
 //! link, within `status_timeout_ms`.
 
@@ -33,6 +34,14 @@ impl Master {
             "status" => serde_json::to_vec(&self.status_report()),
             "connections" => serde_json::to_vec(&self.connection_list()),
             "ping" => Ok(b"pong".to_vec()),
+            _ if request.starts_with("group ") => match self.group_members(&request["group ".len()..]) {
+                Ok(count) => serde_json::to_vec(&count),
+                Err(why) => Ok(format!("error {why}").into_bytes()),
+            },
+            _ if request.starts_with("close ") => match self.close_connection(&request["close ".len()..]) {
+                Ok(closed) => serde_json::to_vec(&closed),
+                Err(why) => Ok(format!("error {why}").into_bytes()),
+            },
             "reload close" | "reload close graceful" => {
                 let graceful = request.ends_with(" graceful");
                 let generation = self.reload_from_control(graceful);
@@ -115,6 +124,8 @@ impl Master {
             tls_listen: self.sockets.tls_listen.map(|a| a.to_string()).unwrap_or_default(),
             tls: self.config.tls.clone(),
             tls_not_after: self.tls_material.as_ref().and_then(|m| m.not_after.clone()).unwrap_or_default(),
+            api: self.config.api.clone(),
+            api_listen: self.api_listener.as_ref().map(|(_, a)| a.to_string()).unwrap_or_default(),
             channel: self.config.channel_target().to_string(),
             workers: self.sockets.workers,
             load: load_average(),
@@ -134,32 +145,91 @@ impl Master {
     }
 
     fn connection_list(&mut self) -> ConnectionList {
+        let (parts, missing_workers) = self.ask_workers(&Request::Connections, |reply| match reply {
+            Reply::Connections(list) => Some(list.into_owned()),
+            _ => None,
+        });
+        ConnectionList { connections: parts.into_iter().flat_map(|p| p.connections).collect(), missing_workers }
+    }
+
+    /// `group "NAME"` (the group as a JSON string): its connections summed over the workers.
+    fn group_members(&mut self, quoted: &str) -> Result<GroupCount, String> {
+        let group: String =
+            serde_json::from_str(quoted).map_err(|e| format!("the group must be a JSON string: {e}"))?;
+        let (counts, missing_workers) =
+            self.ask_workers(&Request::GroupMembers { group: group.clone() }, |reply| match reply {
+                Reply::Members { count } => Some(count),
+                _ => None,
+            });
+        Ok(GroupCount { group, members: counts.iter().sum(), missing_workers })
+    }
+
+    /// `close ID CODE "REASON"`: the worker holding connection ID closes it.
+    fn close_connection(&mut self, args: &str) -> Result<Closed, String> {
+        let mut words = args.splitn(3, ' ');
+        let id = words.next().and_then(|w| w.parse::<u64>().ok()).ok_or("the id must be a number")?;
+        let code = words.next().and_then(|w| w.parse::<u16>().ok()).ok_or("the code must be a number")?;
+        let reason: String = match words.next() {
+            Some(quoted) => {
+                serde_json::from_str(quoted).map_err(|e| format!("the reason must be a JSON string: {e}"))?
+            }
+            None => String::new(),
+        };
+        let request = Request::CloseConnection { id, code, reason };
+        let (found, missing_workers) = self.ask_workers(&request, |reply| match reply {
+            Reply::Closed { found } => Some(found),
+            _ => None,
+        });
+        Ok(Closed { closed: found.contains(&true), missing_workers })
+    }
+
+    /// Sends `request` to every worker, then reads each answer (`take` picks it out of the
+    /// reply) until `status_timeout_ms`; returns the answers and the workers that gave none.
+    fn ask_workers<T>(
+        &mut self,
+        request: &Request,
+        mut take: impl FnMut(Reply<'static>) -> Option<T>,
+    ) -> (Vec<T>, Vec<usize>) {
         let mut asked = Vec::new();
         for slot in &mut self.slots {
             if let (Role::Worker(i), Some(proc)) = (slot.role, slot.proc.as_mut()) {
-                if proc.request(&Request::Connections) {
+                if proc.request(request) {
                     asked.push(i);
                 }
             }
         }
         let deadline = Instant::now() + Duration::from_millis(self.config.status_timeout_ms);
-        let mut list = ConnectionList::default();
+        let (mut answers, mut missing) = (Vec::new(), Vec::new());
         for slot in &mut self.slots {
             let Role::Worker(i) = slot.role else { continue };
-            let answer =
-                slot.proc.as_mut().filter(|_| asked.contains(&i)).and_then(|p| p.read_answer(deadline)).and_then(
-                    |reply| match reply {
-                        Reply::Connections(list) => Some(list.into_owned()),
-                        _ => None,
-                    },
-                );
+            let answer = slot
+                .proc
+                .as_mut()
+                .filter(|_| asked.contains(&i))
+                .and_then(|p| p.read_answer(deadline))
+                .and_then(&mut take);
             match answer {
-                Some(part) => list.connections.extend(part.connections),
-                None => list.missing_workers.push(i),
+                Some(answer) => answers.push(answer),
+                None => missing.push(i),
             }
         }
-        list
+        (answers, missing)
     }
+}
+
+/// The answer to `group`.
+#[derive(serde::Serialize)]
+struct GroupCount {
+    group: String,
+    members: u64,
+    missing_workers: Vec<usize>,
+}
+
+/// The answer to `close`.
+#[derive(serde::Serialize)]
+struct Closed {
+    closed: bool,
+    missing_workers: Vec<usize>,
 }
 
 /// One process's row: its own figures if it answered in time, else just what the master knows.
@@ -184,6 +254,7 @@ fn row(role: Role, proc: Option<&mut ChildProc>, deadline: Instant) -> ProcessSt
     };
     stats.role = match role {
         Role::Channel => "channel".into(),
+        Role::Api => "api".into(),
         Role::Worker(_) => "worker".into(),
     };
     stats.index = role.index();

@@ -126,6 +126,11 @@ impl Awaiting {
 impl Bus {
     /// Builds the configured bus and starts connecting; only that bus's settings are read.
     pub fn start(config: &Config, registry: &Registry, index: usize) -> anyhow::Result<Bus> {
+        Bus::start_as(config, registry, format!("worker-{index}"))
+    }
+
+    /// `start` for a process that only publishes (the api process), named `name` to the broker.
+    pub fn start_as(config: &Config, registry: &Registry, name: String) -> anyhow::Result<Bus> {
         let origin = crate::channel::auth::random_origin(false).context("no random origin id")?;
         let carrier = match config.bus {
             BusKind::Channel => {
@@ -136,7 +141,7 @@ impl Bus {
                     queue_max_bytes: config.channel.queue_max_bytes,
                     auth_timeout: std::time::Duration::from_millis(config.channel.auth_timeout_ms),
                 };
-                let mut client = ChannelClient::new(settings, TOKEN, origin, format!("worker-{index}"));
+                let mut client = ChannelClient::new(settings, TOKEN, origin, name);
                 client.maybe_connect(registry);
                 Carrier::Channel(Box::new(client))
             }

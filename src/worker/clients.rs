@@ -370,6 +370,15 @@ impl Clients {
         self.mark_dirty(key);
     }
 
+    /// Closes the connection numbered `id` (not its slab key) with `code`, as the API's
+    /// `DELETE /api/connections/ID` asks; false when this worker does not hold it. A scan: the
+    /// operator's request is rare, a map from ids would cost every connection memory.
+    pub fn close_by_id(&mut self, id: u64, code: u16, reason: &str) -> bool {
+        let Some(key) = self.conns.iter().find(|(_, c)| c.id == id).map(|(k, _)| k) else { return false };
+        self.close_conn(key, code, reason);
+        true
+    }
+
     /// Closes every open connection with `code`, waiting for them until `deadline`; a
     /// handshake completing after this is closed the same way.
     pub fn close_all(&mut self, code: u16, reason: &str, deadline: Instant) {

@@ -110,6 +110,12 @@ impl Groups {
         self.groups.iter().filter(|(_, g)| g.numbered.is_some()).map(|(id, _)| id).collect()
     }
 
+    /// Connections in `name`, seed and protocol-2 members alike (the API's group count).
+    pub fn member_count(&self, name: &str) -> usize {
+        let Some(group) = self.lookup(name).and_then(|id| self.groups.get(id)) else { return 0 };
+        group.members.len() + group.numbered.as_ref().map_or(0, |n| n.len())
+    }
+
     /// Protocol-2 memberships, for `status`.
     pub fn numbered_memberships(&self) -> usize {
         self.groups.iter().filter_map(|(_, g)| g.numbered.as_ref()).map(|n| n.len()).sum()

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn};
 
 use super::Worker;
-use crate::control::{binary_identity, ConnectionList, ProcessStats, Request};
+use crate::control::{binary_identity, ConnectionList, ProcessStats, Reply, Request};
 use crate::ws::close_code;
 
 /// How the worker is stopping.
@@ -52,6 +52,17 @@ impl Worker {
                             let fd = self.control.take_fd();
                             self.begin_hand_off(fd, generation, Duration::from_millis(timeout_ms));
                             Ok(())
+                        }
+                        Request::GroupMembers { group } => {
+                            let count = self.groups.member_count(&group) as u64;
+                            self.control.send_json(Reply::Members { count })
+                        }
+                        Request::CloseConnection { id, code, reason } => {
+                            let found = self.clients.close_by_id(id, code, &reason);
+                            if found {
+                                info!("connection {id}: closing with {code} as the API asked");
+                            }
+                            self.control.send_json(Reply::Closed { found })
                         }
                     };
                     if let Err(e) = sent {

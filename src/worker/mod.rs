@@ -8,7 +8,7 @@
 //! every local member. Every connection touched in a loop turn is flushed once, at the end of
 //! the turn, with one writev (corking).
 
-mod bus;
+pub mod bus;
 mod clients;
 pub mod conn;
 mod delivery;

@@ -146,6 +146,12 @@ const HISTOGRAMS: &[HistogramFigure] = &[
 struct Slot {
     role: String,
     index: String,
+    /// The state of every process of the slot, for `groupcast_processes`.
+    states: Vec<String>,
+    /// The rows with figures: a process that did not answer the master in time shows as
+    /// `starting` (or `down`) with zeros, and a zero sample would read as a counter reset
+    /// (and the next real value as a burst), so such rows leave their series out of this
+    /// scrape instead.
     rows: Vec<ProcessStats>,
 }
 
@@ -170,16 +176,25 @@ struct Snapshot {
 
 impl Snapshot {
     fn of(report: &StatusReport) -> Snapshot {
-        let mut slots: BTreeMap<(String, String), Vec<ProcessStats>> = BTreeMap::new();
+        let mut slots: BTreeMap<(String, String), Slot> = BTreeMap::new();
         for p in &report.processes {
             let index = p.index.map(|i| i.to_string()).unwrap_or_default();
-            slots.entry((p.role.clone(), index)).or_default().push(p.clone());
+            let slot = slots.entry((p.role.clone(), index.clone())).or_insert_with(|| Slot {
+                role: p.role.clone(),
+                index,
+                states: Vec::new(),
+                rows: Vec::new(),
+            });
+            slot.states.push(p.state.clone());
+            if !matches!(p.state.as_str(), "starting" | "down") {
+                slot.rows.push(p.clone());
+            }
         }
         Snapshot {
             reloads: report.reloads,
             reloading: report.reloading,
             workers: report.workers,
-            slots: slots.into_iter().map(|((role, index), rows)| Slot { role, index, rows }).collect(),
+            slots: slots.into_values().collect(),
         }
     }
 }
@@ -211,8 +226,8 @@ impl Collector for Snapshot {
         )?;
         for slot in &self.slots {
             let mut states: BTreeMap<&str, i64> = BTreeMap::new();
-            for row in &slot.rows {
-                *states.entry(row.state.as_str()).or_default() += 1;
+            for state in &slot.states {
+                *states.entry(state.as_str()).or_default() += 1;
             }
             for (state, n) in states {
                 let [role, index] = slot.labels();
@@ -222,7 +237,7 @@ impl Collector for Snapshot {
 
         for figure in FIGURES {
             let mut m = encoder.encode_descriptor(figure.name, figure.help, None, figure.kind)?;
-            for slot in self.slots.iter().filter(|s| s.shows(figure.roles)) {
+            for slot in self.slots.iter().filter(|s| s.shows(figure.roles) && !s.rows.is_empty()) {
                 let values = slot.rows.iter().map(figure.value);
                 let value = if figure.name == "channel_connected" {
                     values.min().unwrap_or(0)
@@ -342,6 +357,21 @@ mod tests {
             ],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_process_that_did_not_answer_leaves_its_series_out() {
+        let mut r = report();
+        r.processes.push(ProcessStats {
+            role: "worker".into(),
+            index: Some(2),
+            state: "starting".into(),
+            ..Default::default()
+        });
+        let text = render(&r).unwrap();
+        assert!(text.contains("groupcast_processes{role=\"worker\",index=\"2\",state=\"starting\"} 1"), "{text}");
+        assert!(!text.contains("index=\"2\"} 0"), "no zero sample that would read as a counter reset:\n{text}");
+        assert!(!text.contains("groupcast_messages_in_total{role=\"worker\",index=\"2\""));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! server error detected, 1 = could not run (setup failure).
 
 mod conn;
+mod http;
 mod procfs;
 mod publisher;
 mod scenarios;
@@ -33,7 +34,9 @@ struct Args {
     /// cert: write a fresh ECDSA P-256 certificate and key to --cert-dir.
     /// hold: open and join idle members, print a `ready` line, wait for a line on stdin, then
     /// check every member is still open and answers (scripts/bench-handoff reloads meanwhile).
-    #[arg(value_parser = ["s1", "s2", "s3", "s4", "s5", "s6", "s7", "t1", "t2", "t3", "soak", "hold", "cert"])]
+    /// a1 (groupcast only, needs --api-addr): publishes/s and CPU per publish through
+    /// `POST /api/publish` (1 and 50 keep-alive connections) beside WebSocket publishers.
+    #[arg(value_parser = ["s1", "s2", "s3", "s4", "s5", "s6", "s7", "t1", "t2", "t3", "a1", "soak", "hold", "cert"])]
     scenario: String,
     /// Connect with wss://, trusting the certificate(s) in this PEM file (any scenario;
     /// required by t1..t3).
@@ -51,6 +54,12 @@ struct Args {
     /// Server WebSocket address (127.0.0.1:PORT); not needed for s6.
     #[arg(long)]
     addr: Option<SocketAddr>,
+    /// A1: the groupcast HTTP API address (`[api] listen`).
+    #[arg(long)]
+    api_addr: Option<SocketAddr>,
+    /// A1: file holding the API's bearer key (`[api] key_file`).
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
     /// Root pid of the server: its process tree's CPU and PSS are sampled from /proc.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -125,6 +134,20 @@ fn tls_client(args: &Args) -> anyhow::Result<Option<tls::Tls>> {
     Ok(Some(tls::Tls::new(ca, &name, args.tls_resume)?))
 }
 
+/// --api-addr with the key read from --api-key-file (trailing newline trimmed, as the server does).
+fn api_target(args: &Args) -> anyhow::Result<Option<scenarios::api::ApiTarget>> {
+    let Some(addr) = args.api_addr else { return Ok(None) };
+    let key = match &args.api_key_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read the API key file {}: {e}", path.display()))?;
+            Some(text.trim_end_matches(['\r', '\n']).to_owned())
+        }
+        None => None,
+    };
+    Ok(Some(scenarios::api::ApiTarget { addr, key }))
+}
+
 fn main() {
     let args = Args::parse();
     if args.scenario == "cert" {
@@ -138,7 +161,15 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let api = match api_target(&args) {
+        Ok(a) => a,
+        Err(e) => {
+            println!("{}", json!({ "scenario": args.scenario.to_uppercase(), "ok": false, "error": format!("{e:#}") }));
+            std::process::exit(1);
+        }
+    };
     let ctx = Ctx {
+        api,
         target: args.addr.map(|addr| conn::Target {
             addr,
             source_ips: args.source_ips.max(1),

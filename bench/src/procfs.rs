@@ -83,4 +83,63 @@ impl Server {
     pub fn pss_bytes(&self) -> Option<u64> {
         self.0.map(tree_pss_bytes)
     }
+    pub fn cpu_by_role(&self) -> Option<RoleCpu> {
+        self.0.map(tree_cpu_by_role)
+    }
+}
+
+/// CPU (utime+stime, microseconds) of a groupcast instance split by process role, read from
+/// each process's command line: the root is the master; children run `groupcast worker`,
+/// `channel-child` or `api-child`. Anything else (a child we do not know) counts as `other`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoleCpu {
+    pub master: u64,
+    pub channel: u64,
+    pub workers: u64,
+    pub api: u64,
+    pub other: u64,
+}
+
+impl RoleCpu {
+    pub fn total(&self) -> u64 {
+        self.master + self.channel + self.workers + self.api + self.other
+    }
+
+    /// What was spent between `earlier` and `self`.
+    pub fn since(&self, earlier: &RoleCpu) -> RoleCpu {
+        RoleCpu {
+            master: self.master.saturating_sub(earlier.master),
+            channel: self.channel.saturating_sub(earlier.channel),
+            workers: self.workers.saturating_sub(earlier.workers),
+            api: self.api.saturating_sub(earlier.api),
+            other: self.other.saturating_sub(earlier.other),
+        }
+    }
+}
+
+/// The instance rooted at `root`, by role (see RoleCpu).
+pub fn tree_cpu_by_role(root: u32) -> RoleCpu {
+    let ticks = clock_ticks();
+    let mut out = RoleCpu::default();
+    for pid in tree(root) {
+        let Some(f) = stat_fields(pid) else { continue };
+        let get = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+        let us = (get(11) + get(12)) * 1_000_000 / ticks;
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).skip(1).collect();
+        let has = |word: &[u8]| args.contains(&word);
+        let slot = if pid == root {
+            &mut out.master
+        } else if has(b"api-child") {
+            &mut out.api
+        } else if has(b"channel-child") {
+            &mut out.channel
+        } else if has(b"worker") {
+            &mut out.workers
+        } else {
+            &mut out.other
+        };
+        *slot += us;
+    }
+    out
 }

@@ -61,17 +61,22 @@ impl HttpConn {
     }
 
     /// Reads what the socket has, up to `cap` bytes buffered (the rest stays in the kernel
-    /// until the buffered requests are handled). An error: drop the connection.
-    pub fn read(&mut self, cap: usize) -> io::Result<()> {
-        let mut buf = [0u8; 16 * 1024];
+    /// until the buffered requests are handled), through `scratch`. An error: drop the
+    /// connection.
+    pub fn read(&mut self, cap: usize, scratch: &mut [u8]) -> io::Result<()> {
         while self.inbuf.len() < cap {
-            let room = (cap - self.inbuf.len()).min(buf.len());
-            match self.stream.read(&mut buf[..room]) {
+            let room = (cap - self.inbuf.len()).min(scratch.len());
+            match self.stream.read(&mut scratch[..room]) {
                 Ok(0) => {
                     self.peer_done = true;
                     break;
                 }
-                Ok(n) => self.inbuf.extend_from_slice(&buf[..n]),
+                // A short read drained the socket: bytes arriving later raise a new edge.
+                Ok(n) if n < room => {
+                    self.inbuf.extend_from_slice(&scratch[..n]);
+                    break;
+                }
+                Ok(n) => self.inbuf.extend_from_slice(&scratch[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),

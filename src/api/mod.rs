@@ -76,6 +76,8 @@ struct ApiServer {
     poll: Poll,
     listener: TcpListener,
     accepting: bool,
+    /// The last accept failed (descriptors ran out): the sweep tries again.
+    accept_paused: bool,
     conns: Slab<HttpConn>,
     next_serial: u64,
     queries: MasterQueries,
@@ -109,6 +111,7 @@ impl ApiServer {
             poll,
             listener,
             accepting: true,
+            accept_paused: false,
             conns: Slab::new(),
             next_serial: 0,
             queries,
@@ -227,6 +230,7 @@ impl ApiServer {
                     // Out of descriptors and the like: the connection waits in the backlog,
                     // and the sweep tries again.
                     warn!("api accept failed: {e}");
+                    self.accept_paused = true;
                     return;
                 }
             }
@@ -239,14 +243,32 @@ impl ApiServer {
     }
 
     fn conn_ready(&mut self, key: usize) {
+        self.pump(key);
+        self.flush(key);
+    }
+
+    /// Reads and answers what the connection sent. Reading stops at the input bound, so when
+    /// answering freed room, it reads again: with edge-triggered readiness no new event would
+    /// come for bytes already waiting in the socket.
+    fn pump(&mut self, key: usize) {
         let cap = self.input_cap();
-        let Some(conn) = self.conns.get_mut(key) else { return };
-        if conn.phase != Phase::Closing && conn.read(cap).is_err() {
-            self.drop_conn(key);
-            return;
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else { return };
+            if matches!(conn.phase, Phase::Closing | Phase::Waiting) || conn.peer_done {
+                break;
+            }
+            if conn.read(cap, &mut self.scratch).is_err() {
+                self.drop_conn(key);
+                return;
+            }
+            let full = conn.inbuf.len() >= cap;
+            self.handle_input(key);
+            let Some(conn) = self.conns.get(key) else { return };
+            if !(full && conn.inbuf.len() < cap) {
+                return;
+            }
         }
         self.handle_input(key);
-        self.flush(key);
     }
 
     /// Answers every whole request buffered, in order, until one must wait.
@@ -333,14 +355,13 @@ impl ApiServer {
         self.count(response.status);
         let keepalive = Duration::from_millis(self.config.api.keepalive_timeout_ms);
         let Some(conn) = self.conns.get_mut(key) else { return };
+        if self.stopping.is_some() {
+            // Replaced by a reload: this is the last answer on this connection.
+            conn.keep_alive = false;
+        }
         conn.answer(response);
         if conn.phase != Phase::Closing {
-            if self.stopping.is_some() {
-                // Replaced: this was the last answer on this connection.
-                conn.phase = Phase::Closing;
-            } else {
-                conn.idle(keepalive);
-            }
+            conn.idle(keepalive);
         }
     }
 
@@ -383,10 +404,9 @@ impl ApiServer {
                 _ => self.drop_conn(key),
             }
         }
-        if !self.accepting && self.stopping.is_none() {
-            self.accepting = true;
-        }
-        if self.accepting {
+        if self.accept_paused && self.stopping.is_none() {
+            // Out of descriptors at the last accept: the connections wait in the backlog.
+            self.accept_paused = false;
             self.accept();
         }
     }
@@ -398,7 +418,7 @@ impl ApiServer {
         }
         self.answer(key, response);
         // Requests that were pipelined behind it.
-        self.handle_input(key);
+        self.pump(key);
         self.flush(key);
     }
 

@@ -48,6 +48,14 @@ pub fn route(head: &RequestHead, cx: &Context<'_>) -> Result<Route, ApiError> {
             }
         }
     }
+    // Framing first, whatever the endpoint: a body we would not read must not be taken for
+    // the next request.
+    if head.transfer_encoding {
+        return Err(ApiError::LengthRequired("chunked bodies are not supported; send Content-Length".into()));
+    }
+    if let Some(length) = head.content_length.filter(|&l| l > cx.max_body) {
+        return Err(ApiError::BodyTooLarge { length, max: cx.max_body });
+    }
     let only = |allowed: &'static str| -> Result<(), ApiError> {
         if method == allowed {
             Ok(())
@@ -61,7 +69,7 @@ pub fn route(head: &RequestHead, cx: &Context<'_>) -> Result<Route, ApiError> {
         "/metrics" => only("GET").map(|()| Route::Metrics),
         "/api/publish" => {
             only("POST")?;
-            publish_checks(head, cx.max_body).map(|length| Route::Publish { length })
+            publish_checks(head).map(|length| Route::Publish { length })
         }
         "/api/connections" => only("GET").map(|()| Route::Connections),
         _ if path.starts_with("/api/groups/") => {
@@ -92,14 +100,8 @@ pub fn route(head: &RequestHead, cx: &Context<'_>) -> Result<Route, ApiError> {
 }
 
 /// A publish's head: a JSON body of known length within the bound.
-fn publish_checks(head: &RequestHead, max_body: usize) -> Result<usize, ApiError> {
-    if head.transfer_encoding {
-        return Err(ApiError::LengthRequired("chunked bodies are not supported; send Content-Length".into()));
-    }
+fn publish_checks(head: &RequestHead) -> Result<usize, ApiError> {
     let length = head.content_length.ok_or_else(|| ApiError::LengthRequired("Content-Length is required".into()))?;
-    if length > max_body {
-        return Err(ApiError::BodyTooLarge { length, max: max_body });
-    }
     let json = head.content_type.as_deref().is_some_and(|t| {
         t.split(';').next().is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
     });
@@ -205,5 +207,7 @@ mod tests {
         assert_eq!(code("DELETE /api/connections/x HTTP/1.1\r\n\r\n"), Err("invalid_field"));
         assert_eq!(code("DELETE /api/connections/1?code=1005 HTTP/1.1\r\n\r\n"), Err("invalid_field"));
         assert_eq!(code("GET /demo/ HTTP/1.1\r\n\r\n"), Err("not_found"), "the demo is off by default");
+        assert_eq!(code("GET /health HTTP/1.1\r\nContent-Length: 101\r\n\r\n"), Err("body_too_large"));
+        assert_eq!(code("GET /health HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"), Err("length_required"));
     }
 }

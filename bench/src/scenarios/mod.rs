@@ -1,5 +1,6 @@
 //! Scenario registry: shared context, parameter defaults (full and smoke), dispatch.
 
+pub mod api;
 pub mod connect;
 pub mod floor;
 pub mod hold;
@@ -38,6 +39,8 @@ pub struct Ctx {
     pub server: Server,
     pub smoke: bool,
     pub o: Overrides,
+    /// A1: the groupcast API listener and its key.
+    pub api: Option<api::ApiTarget>,
 }
 
 impl Ctx {
@@ -62,7 +65,8 @@ pub struct Outcome {
     pub body: Value,
 }
 
-/// Run scenario `name` ("s1".."s7", "t1".."t3" (wss://, the target carries TLS), "soak" or "hold").
+/// Run scenario `name` ("s1".."s7", "t1".."t3" (wss://, the target carries TLS), "a1" (the
+/// HTTP API, groupcast only), "soak" or "hold").
 pub async fn run(name: &str, ctx: &Ctx) -> Result<Outcome> {
     match name {
         "s1" => pubsub::s1(ctx).await,
@@ -75,6 +79,7 @@ pub async fn run(name: &str, ctx: &Ctx) -> Result<Outcome> {
         "t1" => connect::s5(ctx).await,
         "t2" => pubsub::t2(ctx).await,
         "t3" => idle::s3(ctx).await,
+        "a1" => api::a1(ctx).await,
         "soak" => soak::soak(ctx).await,
         "hold" => hold::hold(ctx).await,
         other => Ok(Outcome { ok: false, body: json!({ "error": format!("unknown scenario {other}") }) }),

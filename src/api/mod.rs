@@ -45,8 +45,6 @@ const FIRST_QUERY: usize = 16;
 const FIRST_CONN: usize = 64;
 /// How often deadlines are checked while connections are open.
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
-/// Prometheus text format's media type.
-const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// `groupcast api-child`: started by the master with the API listener at fd 3.
 pub fn run_child() -> anyhow::Result<()> {
@@ -525,7 +523,7 @@ impl ApiServer {
                 let text = metrics::render(&r).map_err(|e| ApiError::Internal(format!("{e:#}")))?;
                 Ok(Response {
                     status: 200,
-                    content_type: METRICS_TYPE,
+                    content_type: metrics::CONTENT_TYPE,
                     body: text.into_bytes(),
                     headers: Vec::new(),
                     close: false,

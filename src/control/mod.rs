@@ -11,12 +11,14 @@
 //! module depends on nothing role-specific (not on channel/, worker/ or master/).
 
 pub mod handoff;
+pub mod histogram;
 pub mod link;
 pub mod messages;
 pub mod report;
 
 // The names the worker, the channel server, the master and the CLI import from here.
 pub use handoff::{child_config, encode_child_config, CHILD_LINK_FD, CHILD_LISTENER_FD, CONFIG_ENV};
+pub use histogram::Histogram;
 pub use link::{ChildLink, MasterLink};
 pub use messages::{Reply, Request};
 pub use report::{

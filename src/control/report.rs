@@ -132,6 +132,15 @@ pub struct ProcessStats {
     pub api_errors: u64,
     /// API: publishes refused by `api.publishes_per_second` (429).
     pub api_rate_limited: u64,
+    /// Worker: for each write() to a client socket that takes bytes, the time since the
+    /// start of the loop turn in which the connection's queue last became non-empty (its
+    /// messages were read from a client's `send_to_group` or taken from the bus in that
+    /// turn): the age of the oldest frame the write carries, or of the backlog after a
+    /// partial write. Microseconds here, seconds in /metrics. The broker hop before the
+    /// worker is not included (docs/metrics.md).
+    pub publish_to_write_seconds: super::Histogram,
+    /// Worker: bytes queued for the connection at each write() to a client socket (before it).
+    pub send_queue_bytes: super::Histogram,
 }
 
 /// One client connection, as `groupcast connections` lists it.

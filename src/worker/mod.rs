@@ -180,6 +180,7 @@ impl Worker {
                 }
                 return Err(e).context("event loop failed");
             }
+            self.clients.begin_turn();
             for event in events.iter() {
                 match event.token() {
                     LISTENER | TLS_LISTENER => self.accept_all(),

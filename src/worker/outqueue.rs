@@ -53,6 +53,10 @@ pub struct OutQueue {
     scan: usize,
     /// `Chunk::Dropped` entries in `chunks`.
     tombstones: usize,
+    /// Worker clock (µs, `Clients::turn_us`) of the loop turn whose flush first found this
+    /// queue non-empty since it was last empty; 0 while empty. Stamped by the flush, not by
+    /// `push`: queueing a frame costs no clock read (see `write_observed`).
+    since_us: u64,
 }
 
 /// How a flush ended.
@@ -89,6 +93,9 @@ impl OutQueue {
         self.bytes = self.chunks.front().map_or(0, |c| c.len() - self.offset);
         self.scan = keep;
         self.tombstones = 0;
+        if self.chunks.is_empty() {
+            self.since_us = 0;
+        }
     }
 
     /// Drops the oldest group messages not yet started until at most `limit` bytes are
@@ -142,6 +149,25 @@ impl OutQueue {
     }
 
     pub fn write_to(&mut self, out: &mut impl Write) -> io::Result<Flushed> {
+        self.write_observed(out, 0, |_, _| {})
+    }
+
+    /// `write_to`, telling `on_write(since_us, queued)` about each write that took bytes:
+    /// `since_us` is the turn stamp of this queue's backlog, `queued` the bytes queued just
+    /// before the write. `turn_us` (worker clock of the current loop turn, never 0) stamps
+    /// a queue found non-empty and unstamped: every frame is flushed at the end of the turn
+    /// that queued it, so that turn is the one its message entered the worker. The stamp
+    /// holds until the queue drains: a write after a partial one reports the age of the
+    /// oldest frame still queued, an upper bound for the frames it carries.
+    pub fn write_observed(
+        &mut self,
+        out: &mut impl Write,
+        turn_us: u64,
+        mut on_write: impl FnMut(u64, usize),
+    ) -> io::Result<Flushed> {
+        if self.since_us == 0 && !self.chunks.is_empty() {
+            self.since_us = turn_us;
+        }
         while !self.chunks.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
             let mut n = 0;
@@ -165,9 +191,13 @@ impl OutQueue {
                 self.tombstones = 0;
                 break;
             }
+            let queued = self.bytes;
             match out.write_vectored(&slices[..n]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(written) => self.advance(written),
+                Ok(written) => {
+                    on_write(self.since_us, queued);
+                    self.advance(written);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flushed::Blocked),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -176,6 +206,7 @@ impl OutQueue {
         if self.chunks.capacity() > KEEP_SLOTS {
             self.chunks = VecDeque::new();
         }
+        self.since_us = 0;
         Ok(Flushed::All)
     }
 
@@ -311,6 +342,30 @@ mod tests {
         sink.cap = 100;
         assert_eq!(moved.write_to(&mut sink).unwrap(), Flushed::All);
         assert_eq!(sink.got, b"abcdefXYZabcdef");
+    }
+
+    #[test]
+    fn writes_report_the_backlog_stamp_until_the_queue_drains() {
+        let mut q = OutQueue::default();
+        let mut seen = Vec::new();
+        let mut sink = Trickle { got: Vec::new(), limit: 4, cap: 6 };
+        q.push(Chunk::Owned(b"abcdef".to_vec().into_boxed_slice()));
+        q.push(Chunk::Owned(b"gh".to_vec().into_boxed_slice()));
+        // Turn 10: two writes (4 + 2 bytes), then the socket is full.
+        assert_eq!(
+            q.write_observed(&mut sink, 10, |since, queued| seen.push((since, queued))).unwrap(),
+            Flushed::Blocked
+        );
+        // Turn 20: the backlog keeps its stamp of turn 10.
+        sink.cap = 100;
+        assert_eq!(q.write_observed(&mut sink, 20, |since, queued| seen.push((since, queued))).unwrap(), Flushed::All);
+        // Turn 30: drained, so a new frame is stamped anew.
+        q.push(Chunk::Owned(b"ij".to_vec().into_boxed_slice()));
+        q.write_observed(&mut sink, 30, |since, queued| seen.push((since, queued))).unwrap();
+        // An empty flush reports nothing.
+        q.write_observed(&mut sink, 40, |since, queued| seen.push((since, queued))).unwrap();
+        assert_eq!(seen, vec![(10, 8), (10, 4), (10, 2), (30, 2)]);
+        assert_eq!(sink.got, b"abcdefghij");
     }
 
     #[test]

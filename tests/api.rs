@@ -1065,20 +1065,23 @@ fn the_api_process_is_restarted_and_replaced_at_reload_without_refusing_a_reques
     // A reload replaces it; requests made all along are every one answered.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let addr = api.addr;
-    let client = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut answered = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let mut c = HttpConn::connect(addr);
-                match c.read_response_to(&request("GET", "/health", "Connection: close\r\n", None)) {
-                    Ok(r) if r.status == 200 => answered += 1,
-                    other => return Err(format!("after {answered} answers: {other:?}")),
+    // Four clients, each opening a connection per request, all along the reload.
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut answered = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut c = HttpConn::connect(addr);
+                    match c.read_response_to(&request("GET", "/health", "Connection: close\r\n", None)) {
+                        Ok(r) if r.status == 200 => answered += 1,
+                        other => return Err(format!("after {answered} answers: {other:?}")),
+                    }
                 }
-            }
-            Ok(answered)
+                Ok(answered)
+            })
         })
-    };
+        .collect();
     let run = api.server.cli(&["reload"]);
     assert_eq!(run.code, Some(0), "reload: {run:?}");
     let third = wait_for("the api process replaced by the reload", TIMEOUT, || {
@@ -1092,9 +1095,11 @@ fn the_api_process_is_restarted_and_replaced_at_reload_without_refusing_a_reques
         assert_eq!(api.call_with("GET", "/health", None, None).status, 200);
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let answered =
-        client.join().unwrap().unwrap_or_else(|e| panic!("a request was not answered across the reload: {e}"));
-    assert!(answered > 0);
+    for client in clients {
+        let answered =
+            client.join().unwrap().unwrap_or_else(|e| panic!("a request was not answered across the reload: {e}"));
+        assert!(answered > 0);
+    }
     wait_for("the old api process to exit", TIMEOUT, || (!alive(second)).then_some(()));
     assert!(alive(third));
 }

@@ -46,6 +46,9 @@ pub struct HttpConn {
     pub keep_alive: bool,
     /// A `100 Continue` went out for the request being read.
     pub continued: bool,
+    /// Answers queued so far: a connection with none is a new one whose request may be on
+    /// its way, not an idle keep-alive one.
+    pub answered: u64,
 }
 
 impl HttpConn {
@@ -61,6 +64,7 @@ impl HttpConn {
             read_closed: false,
             keep_alive: true,
             continued: false,
+            answered: 0,
         }
     }
 
@@ -94,6 +98,7 @@ impl HttpConn {
         // A peer that shut its side still gets an answer to every whole request it sent.
         let keep_alive = self.keep_alive && !response.close && !(self.peer_done && self.inbuf.is_empty());
         response.encode(keep_alive, self.out.tail());
+        self.answered += 1;
         if !keep_alive {
             self.phase = Phase::Closing;
             self.deadline = Instant::now() + CLOSE_WRITE_TIMEOUT;

@@ -611,9 +611,17 @@ impl ApiServer {
         self.stopping = Some(Instant::now() + drain);
         self.accepting = false;
         let _ = self.poll.registry().deregister(&mut self.listener);
+        // What the idle ones sent already is read and answered (with `Connection: close`);
+        // then idle keep-alive connections are closed. A new connection that has not sent its
+        // request yet keeps its place until the drain deadline: it was accepted, so its
+        // request must be answered, not refused.
         let idle: Vec<usize> = self.conns.iter().filter(|(_, c)| c.phase == Phase::Idle).map(|(k, _)| k).collect();
         for key in idle {
-            self.drop_conn(key);
+            self.pump(key);
+            self.flush(key);
+            if self.conns.get(key).is_some_and(|c| c.phase == Phase::Idle && c.answered > 0 && c.inbuf.is_empty()) {
+                self.drop_conn(key);
+            }
         }
     }
 

@@ -5,10 +5,12 @@
 //! `routes.rs` picks the endpoint, `publish.rs` publishes through the same bus the workers
 //! use (`worker::bus`) and answers once the bus has numbered the message, `master_query.rs`
 //! asks the master (over its control socket) for what only it can sum, `metrics.rs` renders
-//! its `status` in the Prometheus format and `demo.rs` serves the chat page.
+//! its `status` in the Prometheus format, `demo.rs` serves the chat page and `endpoints.rs`
+//! does what each endpoint does.
 
 mod conn;
 mod demo;
+mod endpoints;
 pub mod errors;
 pub mod http;
 mod master_query;
@@ -28,13 +30,13 @@ use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
 use crate::config::Config;
-use crate::control::{self, ChildLink, ProcessStats, Request, StatusReport};
-use crate::worker::bus::{Bus, BusEvent};
+use crate::control::{self, ChildLink, ProcessStats, Request};
+use crate::worker::bus::Bus;
 use conn::{HttpConn, Phase};
 use errors::ApiError;
 use http::Response;
-use master_query::{Answer, MasterQueries, Purpose};
-use publish::{Answered, Bucket, Waiters};
+use master_query::MasterQueries;
+use publish::{Bucket, Waiters};
 use routes::Route;
 
 const LISTENER: Token = Token(0);
@@ -255,7 +257,7 @@ impl ApiServer {
     /// Reads and answers what the connection sent. Reading stops at the input bound, so when
     /// answering freed room, it reads again: with edge-triggered readiness no new event would
     /// come for bytes already waiting in the socket.
-    fn pump(&mut self, key: usize) {
+    pub(super) fn pump(&mut self, key: usize) {
         let cap = self.input_cap();
         loop {
             let Some(conn) = self.conns.get_mut(key) else { return };
@@ -356,7 +358,7 @@ impl ApiServer {
     }
 
     /// Queues `response` for `key` and moves it to its next phase.
-    fn answer(&mut self, key: usize, response: &Response) {
+    pub(super) fn answer(&mut self, key: usize, response: &Response) {
         self.count(response.status);
         let keepalive = Duration::from_millis(self.config.api.keepalive_timeout_ms);
         let Some(conn) = self.conns.get_mut(key) else { return };
@@ -377,7 +379,7 @@ impl ApiServer {
         }
     }
 
-    fn flush(&mut self, key: usize) {
+    pub(super) fn flush(&mut self, key: usize) {
         let Some(conn) = self.conns.get_mut(key) else { return };
         match conn.flush() {
             Ok(false) => {}
@@ -417,7 +419,7 @@ impl ApiServer {
     }
 
     /// An answer for (key, serial), if that connection is still the one that asked.
-    fn answer_later(&mut self, (key, serial): (usize, u64), response: &Response) {
+    pub(super) fn answer_later(&mut self, (key, serial): (usize, u64), response: &Response) {
         if self.conns.get(key).is_none_or(|c| c.serial != serial || c.phase != Phase::Waiting) {
             return;
         }
@@ -425,149 +427,6 @@ impl ApiServer {
         // Requests that were pipelined behind it.
         self.pump(key);
         self.flush(key);
-    }
-
-    // ---- endpoints ---------------------------------------------------------------------
-
-    fn serve(&mut self, key: usize, route: Route, body: &[u8]) {
-        let Some(conn) = self.conns.get_mut(key) else { return };
-        let who = (key, conn.serial);
-        let ask = |purpose: Purpose, line: String| (purpose, line);
-        let question = match route {
-            Route::Health => return self.answer(key, &Response::json(200, br#"{"ok":true}"#.to_vec())),
-            Route::Demo(response) => return self.answer(key, &response),
-            Route::Publish { .. } => return self.publish(key, body),
-            Route::Ready => ask(Purpose::Ready, "status".into()),
-            Route::Metrics => ask(Purpose::Metrics, "status".into()),
-            Route::Connections => ask(Purpose::Connections, "connections".into()),
-            Route::Group(group) => {
-                let quoted = serde_json::Value::from(group).to_string();
-                ask(Purpose::Group, format!("group {quoted}"))
-            }
-            Route::Close { id, code, reason } => {
-                let quoted = serde_json::Value::from(reason).to_string();
-                ask(Purpose::Close { id }, format!("close {id} {code} {quoted}"))
-            }
-        };
-        conn.phase = Phase::Waiting;
-        let (purpose, line) = question;
-        let failed = self.queries.ask(self.poll.registry(), who, purpose, line);
-        self.master_answered(failed);
-    }
-
-    fn publish(&mut self, key: usize, body: &[u8]) {
-        let limits = self.config.limits.clone();
-        let parsed = match publish::parse(body, &limits) {
-            Ok(p) => p,
-            Err(e) => return self.answer(key, &e.response()),
-        };
-        if !self.bus.counters().connected {
-            return self.answer(key, &ApiError::BusUnavailable.response());
-        }
-        if !self.bucket.take(parsed.groups.len(), Instant::now()) {
-            self.stats.api_rate_limited += 1;
-            return self.answer(key, &ApiError::RateLimited.response());
-        }
-        let seqs: Vec<u64> =
-            parsed.groups.iter().map(|g| self.bus.publish(g, parsed.kind, parsed.message.as_bytes(), false)).collect();
-        self.stats.published += seqs.len() as u64;
-        let Some(conn) = self.conns.get_mut(key) else { return };
-        conn.phase = Phase::Waiting;
-        let timeout = Duration::from_millis(self.config.api.publish_timeout_ms);
-        self.waiters.wait((key, conn.serial), &parsed.groups, &seqs, parsed.several, timeout);
-    }
-
-    fn publish_answered(&mut self, answered: Answered) {
-        let response = match answered.result {
-            Ok(body) => Response::json(200, body),
-            Err(e) => e.response(),
-        };
-        self.answer_later(answered.conn, &response);
-    }
-
-    fn bus_ready(&mut self) {
-        let mut stamps = Vec::new();
-        self.bus.on_ready(self.poll.registry(), &mut self.scratch, |event| {
-            if let BusEvent::Stamped { seq, offset } = event {
-                stamps.push((seq, offset));
-            }
-        });
-        for (seq, offset) in stamps {
-            if let Some(answered) = self.waiters.stamped(seq, offset) {
-                self.publish_answered(answered);
-            }
-        }
-    }
-
-    fn master_answered(&mut self, answers: Vec<Answer>) {
-        for answer in answers {
-            let response = match answer.line {
-                Err(why) => ApiError::MasterUnavailable(why).response(),
-                Ok(line) if line.starts_with(b"error ") => {
-                    ApiError::Internal(String::from_utf8_lossy(&line["error ".len()..]).into_owned()).response()
-                }
-                Ok(line) => self.from_master(&answer.purpose, line),
-            };
-            self.answer_later(answer.conn, &response);
-        }
-    }
-
-    /// Turns the master's answer line into the endpoint's response.
-    fn from_master(&self, purpose: &Purpose, line: Vec<u8>) -> Response {
-        let report = || -> Result<StatusReport, ApiError> {
-            serde_json::from_slice(&line).map_err(|e| ApiError::Internal(format!("unreadable status: {e}")))
-        };
-        let result = match purpose {
-            Purpose::Connections | Purpose::Group => Ok(Response::json(200, line)),
-            Purpose::Metrics => report().and_then(|r| {
-                let text = metrics::render(&r).map_err(|e| ApiError::Internal(format!("{e:#}")))?;
-                Ok(Response {
-                    status: 200,
-                    content_type: metrics::CONTENT_TYPE,
-                    body: text.into_bytes(),
-                    headers: Vec::new(),
-                    close: false,
-                })
-            }),
-            Purpose::Ready => report().map(|r| self.readiness(&r)),
-            Purpose::Close { id } => match serde_json::from_slice::<serde_json::Value>(&line) {
-                Ok(v) if v["closed"] == true => {
-                    Ok(Response::json(200, format!("{{\"ok\":true,\"id\":{id}}}").into_bytes()))
-                }
-                Ok(v) if v["missing_workers"].as_array().is_some_and(|m| !m.is_empty()) => {
-                    Err(ApiError::MasterUnavailable(format!("workers {} did not answer", v["missing_workers"])))
-                }
-                Ok(_) => Err(ApiError::NotFound(format!("no connection {id}"))),
-                Err(e) => Err(ApiError::Internal(format!("unreadable answer: {e}"))),
-            },
-        };
-        result.unwrap_or_else(|e| e.response())
-    }
-
-    /// `/ready`: every worker index has a process that serves and reaches the bus, and so
-    /// does this process's own bus.
-    fn readiness(&self, report: &StatusReport) -> Response {
-        let serving = |state: &str| matches!(state, "running" | "handing_off" | "receiving");
-        let mut missing = Vec::new();
-        for index in 0..report.workers {
-            let ok = report
-                .processes
-                .iter()
-                .any(|p| p.role == "worker" && p.index == Some(index) && serving(&p.state) && p.channel_connected);
-            if !ok {
-                missing.push(format!("worker-{index}"));
-            }
-        }
-        if !self.bus.counters().connected {
-            missing.push("the api's bus".into());
-        }
-        if missing.is_empty() {
-            Response::json(200, br#"{"ready":true}"#.to_vec())
-        } else {
-            let detail = format!("not serving or not on the bus: {}", missing.join(", "));
-            let body = serde_json::json!({ "ready": false, "error": "not_ready", "detail": detail });
-            Response::json(503, body.to_string().into_bytes())
-        }
     }
 
     // ---- the master ----------------------------------------------------------------------

@@ -122,7 +122,7 @@ fn default_reload_reports_a_hand_off_per_worker() {
         let line = table.stdout.lines().find(|l| l.trim_start().starts_with(&format!("{w}: ")));
         assert!(line.is_some(), "no {w} hand-off line in:\n{}", table.stdout);
     }
-    // New workers got the reload's generation: their connection ids start at (1 << 32) + 1.
+    // New workers got the reload's generation: their connection ids carry it above bit 42.
     let mut fresh = Client::connect(server.addr);
     fresh.add_group(&json!("h"));
     fresh.sync_quiet();
@@ -130,7 +130,7 @@ fn default_reload_reports_a_hand_off_per_worker() {
     let list: Value = serde_json::from_str(&run.stdout).expect("connections --json");
     let ids: Vec<u64> = list["connections"].as_array().unwrap().iter().map(|c| c["id"].as_u64().unwrap()).collect();
     // The moved ones keep theirs (from generation 0).
-    let fresh_ids = ids.iter().filter(|&&id| id > 1 << 32).count();
+    let fresh_ids = ids.iter().filter(|&&id| id >> 42 == 1).count();
     assert_eq!((ids.len(), fresh_ids), (clients.len() + 1, 1), "ids {ids:?}");
 }
 

@@ -93,6 +93,8 @@ struct ApiServer {
     stopping: Option<Instant>,
     next_sweep: Instant,
     scratch: Vec<u8>,
+    /// The ports the WebSocket listeners got (the demo page connects there).
+    ws_ports: (Option<u16>, Option<u16>),
 }
 
 impl ApiServer {
@@ -126,6 +128,7 @@ impl ApiServer {
             stopping: None,
             next_sweep: Instant::now(),
             scratch: vec![0; 64 * 1024],
+            ws_ports: control::handoff::ws_ports(),
         })
     }
 
@@ -316,8 +319,8 @@ impl ApiServer {
                 key: self.config.api.key.as_ref(),
                 max_body: self.config.limits.max_message_size,
                 demo: self.config.api.demo,
-                ws_port: self.config.listen.map(|a| a.port()),
-                wss_port: self.config.tls.listen.map(|a| a.port()),
+                ws_port: self.ws_ports.0,
+                wss_port: self.ws_ports.1,
             };
             let routed = routes::route(&head, &cx);
             let body_len = match &routed {

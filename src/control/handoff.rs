@@ -25,11 +25,14 @@ pub const CHILD_HANDOFF_FD: i32 = 8;
 /// Set (to `1`) in the environment of a worker started to receive a hand-off at
 /// `CHILD_HANDOFF_FD`.
 pub const HANDOFF_ENV: &str = "GROUPCAST_HANDOFF";
-/// The reload generation a worker was started in (0 at start): its connection ids start at
-/// `(generation << 32) + 1`, so ids handed over from an older worker never collide.
+/// The reload generation a worker was started in (0 at start); its connection ids carry it
+/// (`first_conn_id`), so ids handed over from an older worker never collide.
 pub const GENERATION_ENV: &str = "GROUPCAST_GENERATION";
 /// Environment variable naming the per-IP table column a worker writes.
 pub const PER_IP_COLUMN_ENV: &str = "GROUPCAST_PER_IP_COLUMN";
+/// Environment variable telling the api process the ports the WebSocket listeners got
+/// (`PLAIN,TLS`, each empty when absent), which the config cannot say when it asks for port 0.
+pub const WS_PORTS_ENV: &str = "GROUPCAST_WS_PORTS";
 /// Environment variable carrying the resolved config (JSON) from master to child.
 pub const CONFIG_ENV: &str = "GROUPCAST_CHILD_CONFIG";
 
@@ -58,6 +61,29 @@ pub fn encode_child_config(config: &Config) -> serde_json::Result<String> {
     })
 }
 
+/// Bits of a connection id below the worker index: each worker numbers up to 2^32
+/// connections per reload generation before its counter runs into the index bits.
+const CONN_COUNTER_BITS: u32 = 32;
+/// Bits of the worker index (`workers` is at most 1024).
+const CONN_INDEX_BITS: u32 = 10;
+
+/// The first connection id of worker `index` started in reload `generation`: ids are
+/// `generation << 42 | index << 32 | n`, n counting from 1, so they are unique across the
+/// workers of an instance (the API closes a connection by its id) and across reloads
+/// (connections handed over keep theirs). The generation wraps after 2^22 reloads.
+pub fn first_conn_id(generation: u64, index: usize) -> u64 {
+    let generation = generation & ((1 << (64 - CONN_COUNTER_BITS - CONN_INDEX_BITS)) - 1);
+    let index = index as u64 & ((1 << CONN_INDEX_BITS) - 1);
+    (generation << (CONN_COUNTER_BITS + CONN_INDEX_BITS)) | (index << CONN_COUNTER_BITS) | 1
+}
+
+/// The WebSocket ports the master bound (`WS_PORTS_ENV`), plain and TLS.
+pub fn ws_ports() -> (Option<u16>, Option<u16>) {
+    let value = std::env::var(WS_PORTS_ENV).unwrap_or_default();
+    let mut ports = value.split(',').map(|p| p.parse().ok());
+    (ports.next().flatten(), ports.next().flatten())
+}
+
 /// Reads the resolved config the master put in the environment.
 pub fn child_config() -> anyhow::Result<Config> {
     let json = std::env::var(CONFIG_ENV)
@@ -75,4 +101,20 @@ pub fn child_config() -> anyhow::Result<Config> {
 /// a worker started by hand).
 pub fn generation() -> u64 {
     std::env::var(GENERATION_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_ids_differ_by_worker_and_generation() {
+        assert_eq!(first_conn_id(0, 0), 1);
+        assert_eq!(first_conn_id(0, 1), (1 << 32) + 1);
+        assert_eq!(first_conn_id(1, 0), (1 << 42) + 1);
+        assert_eq!(first_conn_id(3, 1023) >> 42, 3);
+        assert_eq!((first_conn_id(3, 1023) >> 32) & 1023, 1023);
+        // Out-of-range parts are masked, never shifted into a neighbour's bits.
+        assert_eq!(first_conn_id(1 << 22, 1024), 1);
+    }
 }

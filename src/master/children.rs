@@ -76,6 +76,7 @@ impl ChildProc {
         per_ip: Option<ColumnLease>,
         generation: u64,
         handoff: Option<BorrowedFd<'_>>,
+        extra_env: &[(&str, String)],
     ) -> io::Result<ChildProc> {
         let (ours, theirs) = UnixStream::pair()?;
         let mut command = Command::new(exe);
@@ -86,6 +87,7 @@ impl ChildProc {
         };
         // NOTIFY_SOCKET is the master's alone: systemd takes readiness from the main process.
         command.env(CONFIG_ENV, config_json).env_remove("NOTIFY_SOCKET").stdin(Stdio::null());
+        command.envs(extra_env.iter().map(|(k, v)| (k, v)));
         if let Some(lease) = &per_ip {
             command.env(PER_IP_COLUMN_ENV, lease.column.to_string());
         }

@@ -401,6 +401,12 @@ impl Master {
             _ => None,
         };
         let generation = self.reload.started;
+        let mut env = Vec::new();
+        if role == Role::Api {
+            let port = |a: Option<std::net::SocketAddr>| a.map_or_else(String::new, |a| a.port().to_string());
+            let ports = format!("{},{}", port(self.sockets.listen), port(self.sockets.tls_listen));
+            env.push((crate::control::handoff::WS_PORTS_ENV, ports));
+        }
         let proc = ChildProc::spawn(
             role,
             &self.exe,
@@ -409,6 +415,7 @@ impl Master {
             per_ip,
             generation,
             handoff,
+            &env,
         )
         .with_context(|| format!("cannot start {} from {}", role.name(), self.exe.display()))?;
         info!("started {} (pid {})", role.name(), proc.pid());

@@ -96,15 +96,15 @@ pub struct Clients {
 const WRITES_PER_CLOCK_READ: u32 = 32;
 
 impl Clients {
-    /// `generation`: the reload generation this worker was started in; its connection ids
-    /// start at `(generation << 32) + 1`, so ids handed over by an older worker never collide.
-    pub fn new(limits: Limits, gate: Gate, max_conns: usize, per_ip: PerIpCounter, generation: u64) -> Clients {
+    /// `first_conn_id`: this worker's first connection id (`control::handoff::first_conn_id`:
+    /// unique across the instance's workers and reloads).
+    pub fn new(limits: Limits, gate: Gate, max_conns: usize, per_ip: PerIpCounter, first_conn_id: u64) -> Clients {
         Clients {
             conns: Slab::new(),
             dirty: Vec::new(),
             read_again: Vec::new(),
             timers: BinaryHeap::new(),
-            next_conn_id: (generation << 32) + 1,
+            next_conn_id: first_conn_id,
             limits,
             gate,
             max_conns,

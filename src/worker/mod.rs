@@ -135,7 +135,7 @@ impl Worker {
                 .map_err(|e| anyhow::anyhow!("token key from the master: {e}"))?,
             config.limits.connections_per_worker(config.workers),
             inherit_per_ip_counter()?,
-            control::handoff::generation(),
+            control::handoff::first_conn_id(control::handoff::generation(), index),
         );
         Ok(Worker {
             index,

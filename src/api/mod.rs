@@ -318,6 +318,7 @@ impl ApiServer {
             let cx = routes::Context {
                 key: self.config.api.key.as_ref(),
                 max_body: self.config.limits.max_message_size,
+                max_group_id_len: self.config.limits.max_group_id_len,
                 demo: self.config.api.demo,
                 ws_port: self.ws_ports.0,
                 wss_port: self.ws_ports.1,

@@ -32,6 +32,8 @@ pub enum Route {
 pub struct Context<'a> {
     pub key: Option<&'a ApiKey>,
     pub max_body: usize,
+    /// `limits.max_group_id_len`: a longer group cannot exist.
+    pub max_group_id_len: usize,
     pub demo: bool,
     pub ws_port: Option<u16>,
     pub wss_port: Option<u16>,
@@ -75,6 +77,9 @@ pub fn route(head: &RequestHead, cx: &Context<'_>) -> Result<Route, ApiError> {
         _ if path.starts_with("/api/groups/") => {
             only("GET")?;
             let group = segment(&path["/api/groups/".len()..], "group")?;
+            if group.len() > cx.max_group_id_len {
+                return Err(invalid("group", format!("is longer than {} bytes", cx.max_group_id_len)));
+            }
             Ok(Route::Group(group))
         }
         _ if path.starts_with("/api/connections/") => {
@@ -156,7 +161,7 @@ mod tests {
     }
 
     fn cx(key: Option<&ApiKey>) -> Context<'_> {
-        Context { key, max_body: 100, demo: false, ws_port: None, wss_port: None }
+        Context { key, max_body: 100, max_group_id_len: 8, demo: false, ws_port: None, wss_port: None }
     }
 
     #[test]
@@ -195,6 +200,7 @@ mod tests {
         );
         assert_eq!(code("GET /api/groups/a%20b HTTP/1.1\r\n\r\n"), Ok(Route::Group("a b".into())));
         assert_eq!(code("GET /api/groups/ HTTP/1.1\r\n\r\n"), Err("invalid_field"));
+        assert_eq!(code("GET /api/groups/123456789 HTTP/1.1\r\n\r\n"), Err("invalid_field"));
         assert_eq!(code("GET /api/groups/a/b HTTP/1.1\r\n\r\n"), Err("invalid_field"));
         assert_eq!(
             code("DELETE /api/connections/42 HTTP/1.1\r\n\r\n"),

@@ -92,14 +92,14 @@ impl ApiServer {
                 Ok(line) if line.starts_with(b"error ") => {
                     ApiError::Internal(String::from_utf8_lossy(&line["error ".len()..]).into_owned()).response()
                 }
-                Ok(line) => self.from_master(&answer.purpose, line),
+                Ok(line) => self.master_response(&answer.purpose, line),
             };
             self.answer_later(answer.conn, &response);
         }
     }
 
     /// Turns the master's answer line into the endpoint's response.
-    fn from_master(&self, purpose: &Purpose, line: Vec<u8>) -> Response {
+    fn master_response(&self, purpose: &Purpose, line: Vec<u8>) -> Response {
         let report = || -> Result<StatusReport, ApiError> {
             serde_json::from_slice(&line).map_err(|e| ApiError::Internal(format!("unreadable status: {e}")))
         };

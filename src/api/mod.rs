@@ -145,16 +145,11 @@ impl ApiServer {
                 match event.token() {
                     LISTENER => self.accept(),
                     crate::worker::bus::TOKEN => self.bus_ready(),
-                    LINK => {
-                        if !self.link_ready() {
-                            return Ok(());
-                        }
-                    }
-                    SIGNALS => {
-                        if self.signals.pending().next().is_some() {
-                            info!("api stopping");
-                            return Ok(());
-                        }
+                    // The master is gone: nothing left to serve for.
+                    LINK if !self.link_ready() => return Ok(()),
+                    SIGNALS if self.signals.pending().next().is_some() => {
+                        info!("api stopping");
+                        return Ok(());
                     }
                     token if self.queries.owns(token) => {
                         let answers = self.queries.ready(self.poll.registry(), token);

@@ -43,6 +43,16 @@ impl Role {
     }
 }
 
+/// What a child gets beyond its descriptors: a worker's per-IP column (`per_ip`) and its reload
+/// `generation` named in its environment, for a worker that is to receive a hand-off its end
+/// of the hand-off socket as 8, and any further environment (`env`).
+pub struct Extras<'a> {
+    pub per_ip: Option<ColumnLease>,
+    pub generation: u64,
+    pub handoff: Option<BorrowedFd<'a>>,
+    pub env: Vec<(&'static str, String)>,
+}
+
 /// A child that lived less than this counts as a crash loop and is restarted with back-off.
 const STABLE_AFTER: Duration = Duration::from_secs(5);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -65,19 +75,16 @@ pub struct ChildProc {
 
 impl ChildProc {
     /// Starts `role` from `exe` with each of `inherit` at its descriptor number (the listeners
-    /// and, for a worker, the per-IP table; see `control::handoff`), a fresh link as 4, a
-    /// worker's per-IP column (`per_ip`) and its reload `generation` named in its environment,
-    /// and, for a worker that is to receive a hand-off, its end of the hand-off socket as 8.
+    /// and, for a worker, the per-IP table; see `control::handoff`), a fresh link as 4, and what
+    /// `extras` adds.
     pub fn spawn(
         role: Role,
         exe: &Path,
         config_json: &str,
         inherit: &[(BorrowedFd<'_>, i32)],
-        per_ip: Option<ColumnLease>,
-        generation: u64,
-        handoff: Option<BorrowedFd<'_>>,
-        extra_env: &[(&str, String)],
+        extras: Extras<'_>,
     ) -> io::Result<ChildProc> {
+        let Extras { per_ip, generation, handoff, env: extra_env } = extras;
         let (ours, theirs) = UnixStream::pair()?;
         let mut command = Command::new(exe);
         match role {

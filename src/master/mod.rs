@@ -407,17 +407,9 @@ impl Master {
             let ports = format!("{},{}", port(self.sockets.listen), port(self.sockets.tls_listen));
             env.push((crate::control::handoff::WS_PORTS_ENV, ports));
         }
-        let proc = ChildProc::spawn(
-            role,
-            &self.exe,
-            &self.config_json,
-            &self.inherited_fds(role),
-            per_ip,
-            generation,
-            handoff,
-            &env,
-        )
-        .with_context(|| format!("cannot start {} from {}", role.name(), self.exe.display()))?;
+        let extras = children::Extras { per_ip, generation, handoff, env };
+        let proc = ChildProc::spawn(role, &self.exe, &self.config_json, &self.inherited_fds(role), extras)
+            .with_context(|| format!("cannot start {} from {}", role.name(), self.exe.display()))?;
         info!("started {} (pid {})", role.name(), proc.pid());
         Ok(proc)
     }

@@ -383,6 +383,13 @@ fn render_status(r: &StatusReport) -> String {
         7,
         &[("received", &t.handoffs_in), ("handed over", &t.handoffs_out), ("seed gaps", &t.handoff_gaps)],
     );
+    let buffer = |b: usize| if b == 0 { "kernel default".to_owned() } else { b.to_string() };
+    out += &format!(
+        "sockets: backlog {}  recv buffer {}  send buffer {}\n",
+        r.backlog,
+        buffer(r.socket_recv_buffer),
+        buffer(r.socket_send_buffer)
+    );
     out += &api_text(r);
     out += "\n";
     out += &format!(

@@ -59,6 +59,11 @@ pub const DEFAULT_CHANNEL_PEER_BUFFER_LIMIT: usize = 256 << 20;
 pub const DEFAULT_CHANNEL_MAX_FRAME: usize = 16 << 20;
 /// How long a worker may take to answer the master's status query, in milliseconds.
 pub const DEFAULT_STATUS_TIMEOUT_MS: u64 = 2000;
+/// Smallest non-zero `socket_recv_buffer`/`socket_send_buffer`: below it the kernel rounds up
+/// anyway (SOCK_MIN_RCVBUF), and TCP would crawl.
+const MIN_SOCKET_BUFFER: usize = 4096;
+/// Largest: the kernel caps SO_RCVBUF/SO_SNDBUF at net.core.rmem_max/wmem_max beyond this.
+const MAX_SOCKET_BUFFER: usize = 64 << 20;
 /// How long a graceful stop or reload waits for clients to close, in milliseconds.
 pub const DEFAULT_GRACEFUL_TIMEOUT_MS: u64 = 30_000;
 /// How long one worker's live hand-off at reload may take, in milliseconds.
@@ -406,6 +411,13 @@ pub struct Config {
     pub pid_file: PathBuf,
     /// Listen backlog of the WebSocket and channel listeners (default 1024).
     pub backlog: u32,
+    /// Kernel receive buffer of each client socket, bytes (SO_RCVBUF on the WebSocket
+    /// listeners, inherited by every accepted socket); 0 (default): the kernel's default and
+    /// its autotuning. Caps what an idle or slow client can make the kernel hold.
+    pub socket_recv_buffer: usize,
+    /// Kernel send buffer of each client socket, bytes (SO_SNDBUF, likewise); 0 (default):
+    /// the kernel's. Beyond it the worker's own queue (`limits.send_buffer_limit`) holds.
+    pub socket_send_buffer: usize,
     /// How long the master waits for each process's status answer, ms (default 2000).
     pub status_timeout_ms: u64,
     /// How long `stop -g` / `reload -g` let clients close before forcing, ms (default 30000).
@@ -593,6 +605,8 @@ impl Default for Config {
             workers: default_workers(),
             pid_file: default_pid_file(),
             backlog: DEFAULT_BACKLOG,
+            socket_recv_buffer: 0,
+            socket_send_buffer: 0,
             status_timeout_ms: DEFAULT_STATUS_TIMEOUT_MS,
             graceful_timeout_ms: DEFAULT_GRACEFUL_TIMEOUT_MS,
             reload_mode: ReloadMode::Handoff,
@@ -794,6 +808,8 @@ const FIXED: &[Fixed] = fixed_settings! {
     "workers" => workers;
     "pid_file" => pid_file;
     "backlog" => backlog;
+    "socket_recv_buffer" => socket_recv_buffer;
+    "socket_send_buffer" => socket_send_buffer;
     "user" => user;
     "group" => group;
     "bus" => bus;
@@ -919,6 +935,18 @@ impl Config {
         for &(key, value, min, max) in bounds {
             if !(min..=max).contains(&value) {
                 return Err(invalid(key, format!("{value} is not in {min}..={max}")));
+            }
+        }
+        for (key, value) in
+            [("socket_recv_buffer", self.socket_recv_buffer), ("socket_send_buffer", self.socket_send_buffer)]
+        {
+            if value != 0 && !(MIN_SOCKET_BUFFER..=MAX_SOCKET_BUFFER).contains(&value) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{value} is neither 0 (the kernel's default) nor in {MIN_SOCKET_BUFFER}..={MAX_SOCKET_BUFFER}"
+                    ),
+                ));
             }
         }
         if l.idle_timeout_ms != 0 && l.idle_timeout_ms <= l.ping_interval_ms {

@@ -214,6 +214,10 @@ pub struct StatusReport {
     pub tls: crate::config::TlsSettings,
     /// Expiry of the certificate workers serve now (`YYYY-MM-DD HH:MM:SS UTC`); empty without TLS.
     pub tls_not_after: String,
+    /// Listen backlog and the client sockets' kernel buffers (0: the kernel's default).
+    pub backlog: u32,
+    pub socket_recv_buffer: usize,
+    pub socket_send_buffer: usize,
     /// `[api]` in force (never the key).
     pub api: crate::config::ApiSettings,
     /// The API address actually bound; empty without `api.listen`.

@@ -31,17 +31,17 @@ impl WorkerSockets {
         listen: Option<SocketAddr>,
         tls_listen: Option<SocketAddr>,
         workers: usize,
-        backlog: u32,
+        options: ListenOptions,
     ) -> anyhow::Result<WorkerSockets> {
         use anyhow::Context;
         let mut sockets = WorkerSockets { workers, ..Default::default() };
         if let Some(addr) = listen {
             let (fds, bound) =
-                bind_worker_listeners(addr, workers, backlog).with_context(|| format!("cannot listen on {addr}"))?;
+                bind_worker_listeners(addr, workers, options).with_context(|| format!("cannot listen on {addr}"))?;
             (sockets.plain, sockets.listen) = (fds, Some(bound));
         }
         if let Some(addr) = tls_listen {
-            let (fds, bound) = bind_worker_listeners(addr, workers, backlog)
+            let (fds, bound) = bind_worker_listeners(addr, workers, options)
                 .with_context(|| format!("cannot listen on {addr} (tls.listen)"))?;
             (sockets.tls, sockets.tls_listen) = (fds, Some(bound));
         }
@@ -49,9 +49,24 @@ impl WorkerSockets {
     }
 }
 
+/// How the WebSocket listeners are set up: their backlog, and the kernel buffers of the
+/// sockets they accept (0: the kernel's default). Set on the listener, an accepted socket
+/// inherits them before its handshake (so the window it advertises fits) and costs no
+/// system call per connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenOptions {
+    pub backlog: u32,
+    pub recv_buffer: usize,
+    pub send_buffer: usize,
+}
+
 /// Binds `count` listeners on `addr` (port 0 picks one port for all) and returns them with
 /// the address actually bound.
-pub fn bind_worker_listeners(addr: SocketAddr, count: usize, backlog: u32) -> io::Result<(Vec<OwnedFd>, SocketAddr)> {
+pub fn bind_worker_listeners(
+    addr: SocketAddr,
+    count: usize,
+    options: ListenOptions,
+) -> io::Result<(Vec<OwnedFd>, SocketAddr)> {
     // A plain bind first: SO_REUSEPORT alone would let a second instance on the same port
     // silently share its connections with us instead of failing.
     let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -64,8 +79,14 @@ pub fn bind_worker_listeners(addr: SocketAddr, count: usize, backlog: u32) -> io
         let socket = Socket::new(Domain::for_address(bound), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
+        if options.recv_buffer > 0 {
+            socket.set_recv_buffer_size(options.recv_buffer)?;
+        }
+        if options.send_buffer > 0 {
+            socket.set_send_buffer_size(options.send_buffer)?;
+        }
         socket.bind(&bound.into())?;
-        socket.listen(backlog as i32)?;
+        socket.listen(options.backlog as i32)?;
         listeners.push(OwnedFd::from(socket));
     }
     Ok((listeners, bound))

@@ -134,7 +134,12 @@ fn bind_all(config: &Config, mode: Mode) -> anyhow::Result<Bound> {
     }
     let pidfile = PidFile::acquire(&config.pid_file)?;
     let sockets = if mode.runs_workers() {
-        listeners::WorkerSockets::bind(config.listen, config.tls.listen, config.workers, config.backlog)?
+        let options = listeners::ListenOptions {
+            backlog: config.backlog,
+            recv_buffer: config.socket_recv_buffer,
+            send_buffer: config.socket_send_buffer,
+        };
+        listeners::WorkerSockets::bind(config.listen, config.tls.listen, config.workers, options)?
     } else {
         listeners::WorkerSockets::default()
     };

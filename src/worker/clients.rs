@@ -176,9 +176,8 @@ impl Clients {
         peer: SocketAddr,
         tls: Option<&Arc<rustls::ServerConfig>>,
     ) {
-        // Group messages are small and latency matters more than packet count; corking
-        // already batches frames per writev.
-        let _ = stream.set_nodelay(true);
+        // TCP_NODELAY (group messages are small and latency matters more than packet count;
+        // corking already batches frames per writev) comes from the listener (worker/mod.rs).
         if self.conns.len() >= self.max_conns {
             self.refuse_connection(stream, peer, tls.is_some());
             return;

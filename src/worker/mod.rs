@@ -346,6 +346,10 @@ fn inherit_listener(poll: &Poll, fd: i32, token: Token) -> anyhow::Result<TcpLis
     let fd = crate::sys::adopt_inherited_fd(fd).context("no listener from the master")?;
     let std_listener = std::net::TcpListener::from(fd);
     std_listener.set_nonblocking(true)?;
+    // Accepted sockets inherit TCP_NODELAY from their listener (Linux): one system call here
+    // instead of one per connection. Set by the worker, not the master, so a master started
+    // from an older binary still gets it after a reload to this one.
+    socket2::SockRef::from(&std_listener).set_nodelay(true).context("cannot set TCP_NODELAY on the listener")?;
     let mut listener = TcpListener::from_std(std_listener);
     poll.registry().register(&mut listener, token, Interest::READABLE)?;
     Ok(listener)

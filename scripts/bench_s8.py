@@ -286,20 +286,27 @@ def markdown(records, meta):
     return "\n".join(lines) + "\n"
 
 
-def run(loader, make_server, servers, smoke, workers, outdir, helpers, n=None, steps=None, step_s=None):
-    """Run S8 on every server in `servers`; returns (records, markdown, exit code)."""
+def run(loader, make_server, servers, smoke, workers, outdir, helpers, n=None, steps=None, step_s=None,
+        at_uws_size=False):
+    """Run S8 on every server in `servers` (with `at_uws_size`, groupcast a second time at
+    uWS's size, column "groupcast@19k"); returns (records, markdown, exit code)."""
     tree_pss_bytes, tree_cpu_us, proc_tree = helpers
     n_gc = n or (300 if smoke else 100_000)
     steps = steps or ([50, 200] if smoke else [500, 1000, 2000, 4000, 8000])
     step_s = step_s or (1.0 if smoke else 3.0)
     records, code = [], 0
+    runs = []
     for kind in servers:
         if kind == "ws":
             log("skipping the ws peer (S8 compares groupcast and uWebSockets.js)")
             continue
-        size = n_gc if kind == "groupcast" else min(n_gc, UWS_MAX)
-        log(f"{kind}: {size:,} members")
+        runs.append((kind, kind, n_gc if kind == "groupcast" else min(n_gc, UWS_MAX)))
+        if kind == "groupcast" and at_uws_size and n_gc > UWS_MAX:
+            runs.append((f"groupcast@{UWS_MAX // 1000}k", kind, UWS_MAX))
+    for label, kind, size in runs:
+        log(f"{label}: {size:,} members")
         rec = run_one(kind, size, loader, make_server, tree_pss_bytes, tree_cpu_us, proc_tree, smoke, steps, step_s)
+        rec["server"] = label
         records.append(rec)
         if rec.get("error"):
             log(f"FAILED {kind}: {rec['error']}")

@@ -179,12 +179,16 @@ def run_one(kind, n, loader, make_server, tree_pss_bytes, tree_cpu_us, proc_tree
         if joined < n:
             rec["error"] = f"only {joined} of {n} members joined: {rec['storm']['first_error']}"
             return rec
+        c_settle = tree_cpu_us(srv.pid)
         time.sleep(3.0)  # settle: accept queues drained, join replies flushed
         k1, pss1 = kernel_sample(), tree_pss_bytes(srv.pid)
+        idle_cpu = (tree_cpu_us(srv.pid) - c_settle) / 3.0 / 1e6
         kd = kernel_delta(k0, k1)
         held = n + 1  # the publisher is open too
         rec["idle"] = {
             "pss_bytes": pss1, "pss_growth_bytes": pss1 - pss0,
+            # Server CPU while the members sit idle (pings, timers), in cores (3 s sample).
+            "server_cpu_cores_idle": round(idle_cpu, 3),
             "pss_bytes_per_connection": round((pss1 - pss0) / held, 1),
             "kernel_delta": kd,
             # Both ends of every loopback connection are in these numbers; the loader's end
@@ -264,6 +268,7 @@ ROWS = [
     ("kernel slab caches B/connection, both ends", lambda r: fmtn(r.get("idle", {}).get("kernel_slab_caches_bytes_per_connection_both_ends"))),
     ("kernel SUnreclaim B/connection, both ends", lambda r: fmtn(r.get("idle", {}).get("kernel_sunreclaim_bytes_per_connection_both_ends"))),
     ("kernel TCP buffer B/connection (sockstat mem), both ends", lambda r: fmtn(r.get("idle", {}).get("kernel_tcp_mem_bytes_per_connection_both_ends"))),
+    ("server CPU while idle (cores, 3 s after the storm)", lambda r: fmtn(r.get("idle", {}).get("server_cpu_cores_idle"))),
     ("storm connects+joins/s", lambda r: fmtn(r.get("storm", {}).get("connects_per_s"))),
     ("storm handshake p50 / p99 ms", lambda r: f"{fmtn(r.get('storm', {}).get('handshake_p50_ms'))} / {fmtn(r.get('storm', {}).get('handshake_p99_ms'))}"),
     ("storm server CPU us/connection (handshake + 2 joins)", lambda r: fmtn(r.get("storm", {}).get("server_cpu_us_per_connect"))),
@@ -292,7 +297,7 @@ def run(loader, make_server, servers, smoke, workers, outdir, helpers, n=None, s
     uWS's size, column "groupcast@19k"); returns (records, markdown, exit code)."""
     tree_pss_bytes, tree_cpu_us, proc_tree = helpers
     n_gc = n or (300 if smoke else 100_000)
-    steps = steps or ([50, 200] if smoke else [500, 1000, 2000, 4000, 8000])
+    steps = steps or ([50, 200] if smoke else [1000, 4000, 8000, 16000, 32000, 64000])
     step_s = step_s or (1.0 if smoke else 3.0)
     records, code = [], 0
     runs = []

@@ -8,9 +8,9 @@
 //! - `bcast SEQ`: (the `--publisher` process) send one message to [`ALL`] stamped with the
 //!   shared monotonic clock; answers `{"sent_ns":..}`;
 //! - `rate STEP RATE SECS SIZE`: (publisher) send RATE messages/s for SECS seconds, round-robin
-//!   over the groups of 100; answers `{"sent":..}`;
+//!   over the groups of 100; answers `{"sent":..,"start_ns":..,"end_ns":..}`;
 //! - `report`: what the members received: per broadcast the count and the last arrival
-//!   (`CLOCK_MONOTONIC` ns, comparable across the loader processes), per rate step the count;
+//!   (`CLOCK_MONOTONIC` ns, comparable across the loader processes), per rate step the same;
 //! - `quit` (or EOF): exit.
 //!
 //! The orchestration (server memory and CPU from /proc, kernel slab and socket memory, the
@@ -54,8 +54,8 @@ pub fn mono_ns() -> u64 {
 struct Counts {
     /// Broadcast seq -> (deliveries, last arrival ns).
     bcast: Mutex<HashMap<u64, (u64, u64)>>,
-    /// Rate step -> deliveries.
-    steps: Mutex<HashMap<u32, u64>>,
+    /// Rate step -> (deliveries, last arrival ns).
+    steps: Mutex<HashMap<u32, (u64, u64)>>,
     /// Replies to the joins (the `id`-carrying add_group).
     replies: AtomicU64,
     /// Error frames, closes, read failures.
@@ -81,7 +81,9 @@ impl Counts {
                     e.1 = e.1.max(now);
                 }
             } else if let Ok(mut m) = self.steps.lock() {
-                *m.entry(p.publisher.saturating_sub(STEP_BASE)).or_insert(0) += 1;
+                let e = m.entry(p.publisher.saturating_sub(STEP_BASE)).or_insert((0, 0));
+                e.0 += 1;
+                e.1 = e.1.max(now);
             }
         } else if text.contains("\"error\"") {
             self.fail(format!("server error: {text}"));
@@ -293,9 +295,10 @@ pub async fn s8(ctx: &Ctx) -> Result<Outcome> {
             }
             ["rate", step, rate, secs, size] => {
                 let w = pub_w.as_ref().context("rate: this loader has no --publisher")?;
+                let start_ns = mono_ns();
                 let sent =
                     publish_rate(w, step.parse()?, rate.parse()?, secs.parse()?, size.parse()?, groups).await?;
-                say(json!({ "sent": sent }));
+                say(json!({ "sent": sent, "start_ns": start_ns, "end_ns": mono_ns() }));
             }
             ["report"] => {
                 let bcast: HashMap<String, (u64, u64)> = counts
@@ -303,7 +306,7 @@ pub async fn s8(ctx: &Ctx) -> Result<Outcome> {
                     .lock()
                     .map(|m| m.iter().map(|(k, v)| (k.to_string(), *v)).collect())
                     .unwrap_or_default();
-                let steps: HashMap<String, u64> = counts
+                let steps: HashMap<String, (u64, u64)> = counts
                     .steps
                     .lock()
                     .map(|m| m.iter().map(|(k, v)| (k.to_string(), *v)).collect())

@@ -36,7 +36,9 @@ struct Args {
     /// check every member is still open and answers (scripts/bench-handoff reloads meanwhile).
     /// a1 (groupcast only, needs --api-addr): publishes/s and CPU per publish through
     /// `POST /api/publish` (1 and 50 keep-alive connections) beside WebSocket publishers.
-    #[arg(value_parser = ["s1", "s2", "s3", "s4", "s5", "s6", "s7", "t1", "t2", "t3", "a1", "soak", "hold", "cert"])]
+    /// s8: one of the loader processes of scripts/bench's S8 (100,000 connections): opens its
+    /// members from --first, prints `ready`, then obeys commands on stdin (see scenarios/s8.rs).
+    #[arg(value_parser = ["s1", "s2", "s3", "s4", "s5", "s6", "s7", "t1", "t2", "t3", "a1", "s8", "soak", "hold", "cert"])]
     scenario: String,
     /// Connect with wss://, trusting the certificate(s) in this PEM file (any scenario;
     /// required by t1..t3).
@@ -101,6 +103,12 @@ struct Args {
     /// per group and connection (S1, S2, S4, S7, T2 check them; S3, S5 only connect so).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     protocol: u8,
+    /// S8: global index of this process's first member.
+    #[arg(long)]
+    first: Option<usize>,
+    /// S8: this process also opens the publisher connection.
+    #[arg(long)]
+    publisher: bool,
 }
 
 /// The `cert` command: one JSON line naming the files, exit 1 on failure.
@@ -188,6 +196,8 @@ fn main() {
             steps: args.steps.clone(),
             concurrency: args.concurrency,
             iterations: args.iterations,
+            first: args.first,
+            publisher: args.publisher,
         },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -7,6 +7,7 @@ pub mod hold;
 pub mod idle;
 pub mod large;
 pub mod pubsub;
+pub mod s8;
 pub mod soak;
 pub mod swarm;
 
@@ -30,6 +31,10 @@ pub struct Overrides {
     pub steps: Option<Vec<f64>>,
     pub concurrency: Option<usize>,
     pub iterations: Option<u64>,
+    /// S8: global index of this loader process's first member (several processes share a run).
+    pub first: Option<usize>,
+    /// S8: this process also opens the publisher connection.
+    pub publisher: bool,
 }
 
 /// Everything a scenario needs.
@@ -82,6 +87,7 @@ pub async fn run(name: &str, ctx: &Ctx) -> Result<Outcome> {
         "a1" => api::a1(ctx).await,
         "soak" => soak::soak(ctx).await,
         "hold" => hold::hold(ctx).await,
+        "s8" => s8::s8(ctx).await,
         other => Ok(Outcome { ok: false, body: json!({ "error": format!("unknown scenario {other}") }) }),
     }
 }

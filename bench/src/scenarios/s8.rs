@@ -258,11 +258,8 @@ pub async fn s8(ctx: &Ctx) -> Result<Outcome> {
     }
     let t_joined = mono_ns();
     // The publisher is an extra connection, opened after the storm and joined to nothing.
-    let publisher = if ctx.o.publisher {
-        Some(conn::connect(&t, first + n).await.context("publisher connect")?)
-    } else {
-        None
-    };
+    let publisher =
+        if ctx.o.publisher { Some(conn::connect(&t, first + n).await.context("publisher connect")?) } else { None };
     let pub_w = publisher.map(|(r, w)| {
         spawn_reader(first + n, r, w.clone(), counts.clone());
         w
@@ -296,8 +293,7 @@ pub async fn s8(ctx: &Ctx) -> Result<Outcome> {
             ["rate", step, rate, secs, size] => {
                 let w = pub_w.as_ref().context("rate: this loader has no --publisher")?;
                 let start_ns = mono_ns();
-                let sent =
-                    publish_rate(w, step.parse()?, rate.parse()?, secs.parse()?, size.parse()?, groups).await?;
+                let sent = publish_rate(w, step.parse()?, rate.parse()?, secs.parse()?, size.parse()?, groups).await?;
                 say(json!({ "sent": sent, "start_ns": start_ns, "end_ns": mono_ns() }));
             }
             ["report"] => {

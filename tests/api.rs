@@ -151,15 +151,11 @@ fn publish_reaches_members_on_both_workers_exactly_as_send_to_group() {
     assert_eq!(field(totals, "connections"), (seeds.len() + p2s.len() + 1) as u64, "{totals}");
 }
 
-#[test]
-fn publish_through_either_instance_reaches_both_on_one_broker() {
-    let broker = Broker::start("api-cluster");
-    let a = Api::start(ApiOpts { config: FAST.into(), extra: broker.connect_args(), ..ApiOpts::default() });
-    let b = Api::start(ApiOpts { config: FAST.into(), extra: broker.connect_args(), ..ApiOpts::default() });
-    // 2 workers and the api process of each instance.
-    wait_for("6 peers (4 workers, 2 api processes) at the broker", TIMEOUT, || (broker.peers() == 6).then_some(()));
+/// One member of group "room" on each worker of instances `a` and `b`, named
+/// `a-worker0`..., once each instance counts its memberships.
+fn room_members_on_every_worker(a: &Api, b: &Api) -> Vec<(String, Client)> {
     let mut members: Vec<(String, Client)> = Vec::new();
-    for (name, api) in [("a", &a), ("b", &b)] {
+    for (name, api) in [("a", a), ("b", b)] {
         let (clients, on) = api.server.connect_spread(1);
         for (mut c, w) in clients.into_iter().zip(on) {
             c.add_group(&json!("room"));
@@ -169,6 +165,17 @@ fn publish_through_either_instance_reaches_both_on_one_broker() {
         let n = members.iter().filter(|(m, _)| m.starts_with(name)).count();
         api.server.wait_status(&format!("{n} memberships"), |r| r["totals"]["memberships"] == n as u64);
     }
+    members
+}
+
+#[test]
+fn publish_through_either_instance_reaches_both_on_one_broker() {
+    let broker = Broker::start("api-cluster");
+    let a = Api::start(ApiOpts { config: FAST.into(), extra: broker.connect_args(), ..ApiOpts::default() });
+    let b = Api::start(ApiOpts { config: FAST.into(), extra: broker.connect_args(), ..ApiOpts::default() });
+    // 2 workers and the api process of each instance.
+    wait_for("6 peers (4 workers, 2 api processes) at the broker", TIMEOUT, || (broker.peers() == 6).then_some(()));
+    let mut members = room_members_on_every_worker(&a, &b);
     broker.wait_memberships(4);
     for (i, api) in [&a, &b].into_iter().enumerate() {
         let message = format!("through the API of instance {i}");
@@ -1172,17 +1179,7 @@ fn publish_through_the_api_reaches_both_instances_on_redis() {
     let config = format!("bus = \"redis\"\n[redis]\nurl = \"redis://127.0.0.1:{port}/\"\nprefix = \"gc-api:\"\n{FAST}");
     let a = Api::start(ApiOpts { config: config.clone(), ..ApiOpts::default() });
     let b = Api::start(ApiOpts { config, ..ApiOpts::default() });
-    let mut members: Vec<(String, Client)> = Vec::new();
-    for (name, api) in [("a", &a), ("b", &b)] {
-        let (clients, on) = api.server.connect_spread(1);
-        for (mut c, w) in clients.into_iter().zip(on) {
-            c.add_group(&json!("room"));
-            c.sync_quiet();
-            members.push((format!("{name}-worker{w}"), c));
-        }
-        let n = members.iter().filter(|(m, _)| m.starts_with(name)).count();
-        api.server.wait_status(&format!("{n} memberships"), |r| r["totals"]["memberships"] == n as u64);
-    }
+    let mut members = room_members_on_every_worker(&a, &b);
     // Every worker of both instances subscribes to the group's channel.
     wait_for("4 subscribers of the group's Redis channel", TIMEOUT, || {
         let answer = redis.command("PUBSUB NUMSUB gc-api:room");

@@ -66,6 +66,12 @@ const READ_BUDGET: usize = READ_BUF;
 /// Pause before accepting again when the process is out of descriptors (the pending
 /// connections stay in the backlog meanwhile).
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// Longest an ACK waits for a write it can join (`end_of_turn`): the publisher's resend queue
+/// holds this much more, and a hand-off that waits for the ACKs of its publishes waits this
+/// much longer at most.
+const ACK_DELAY: Duration = Duration::from_millis(5);
+/// Publishes after which an ACK is written even if alone, whatever `ACK_DELAY` says.
+const ACK_EVERY: u32 = 256;
 
 pub struct Broker {
     poll: Poll,
@@ -265,6 +271,11 @@ impl Broker {
         }
     }
 
+    /// When the oldest ACK kept back (`end_of_turn`) must be written.
+    fn next_ack_due(&self) -> Option<Instant> {
+        self.to_ack.iter().filter_map(|&key| self.peers.get(key)?.ack_since).min().map(|since| since + ACK_DELAY)
+    }
+
     /// The earliest timer: the grace window's end, an admission deadline, an accept retry,
     /// the expiry of a kept message, a position or a departed origin.
     fn next_wakeup(&self) -> Option<Instant> {
@@ -274,6 +285,7 @@ impl Broker {
             self.accept_retry_at,
             self.history.next_expiry(),
             self.departed.next_expiry(),
+            self.next_ack_due(),
         ]
         .into_iter()
         .flatten()
@@ -282,20 +294,34 @@ impl Broker {
 
     /// Writes the forwards, then acknowledges what was forwarded, then ends the grace window
     /// when its time is up.
+    ///
+    /// The peers owed no ACK are written first; a publisher's ACK then joins whatever else it
+    /// gets this turn (forwards of others' messages, STAMPs), so it costs no write of its own.
+    /// A publisher that gets nothing else keeps its ACK for its next write, or until the ACK
+    /// has waited `ACK_DELAY` or covers `ACK_EVERY` publishes: an ACK only frees the
+    /// publisher's resend queue, and one written alone wakes the worker up for nothing, once
+    /// per publish at low rates (issue 15's profile of the channel hop).
     fn end_of_turn(&mut self) {
-        self.flush_dirty();
-        let to_ack = std::mem::take(&mut self.to_ack);
-        for &key in &to_ack {
-            let Some(peer) = self.peers.get_mut(key) else { continue };
-            if let Some(seq) = peer.ack.take() {
+        if self.to_ack.is_empty() {
+            self.flush_dirty();
+        } else {
+            self.flush_dirty_owed_no_ack();
+            let now = Instant::now();
+            for key in std::mem::take(&mut self.to_ack) {
+                let Some(peer) = self.peers.get_mut(key) else { continue };
+                let Some(seq) = peer.ack else { continue };
+                let due = peer.ack_since.is_none_or(|since| now.saturating_duration_since(since) >= ACK_DELAY);
+                if !(peer.dirty || due || peer.ack_count >= ACK_EVERY) {
+                    self.to_ack.push(key);
+                    continue;
+                }
+                (peer.ack, peer.ack_since, peer.ack_count) = (None, None, 0);
                 wire::encode_ack(peer.outbuf.tail(), seq);
                 if !peer.dirty {
                     peer.dirty = true;
                     self.dirty.push(key);
                 }
             }
-        }
-        if !to_ack.is_empty() {
             self.flush_dirty();
         }
         if let Some(released) = self.grace.expire(Instant::now()) {
@@ -593,8 +619,10 @@ impl Broker {
         let peer = &mut self.peers[from];
         if peer.ack.is_none() {
             self.to_ack.push(from);
+            peer.ack_since = Some(self.now);
         }
         peer.ack = Some(peer.ack.map_or(m.seq, |a| a.max(m.seq)));
+        peer.ack_count = peer.ack_count.saturating_add(1);
         let resend = peer.numbered.is_some_and(|n| m.seq <= n);
         // One lookup of the group on this path: its subscribers carry its history slot.
         let subs = self.subscribers.get(m.group);
@@ -750,6 +778,19 @@ impl Broker {
         }
     }
 
+    /// `flush_dirty` for the peers that are owed no ACK; the others stay in the dirty list.
+    fn flush_dirty_owed_no_ack(&mut self) {
+        let mut owed = Vec::new();
+        for key in std::mem::take(&mut self.dirty) {
+            match self.peers.get(key) {
+                Some(peer) if peer.ack.is_some() => owed.push(key),
+                _ => self.dirty.push(key),
+            }
+        }
+        self.flush_dirty();
+        self.dirty = owed;
+    }
+
     fn flush_dirty(&mut self) {
         for key in std::mem::take(&mut self.dirty) {
             let Some(peer) = self.peers.get_mut(key) else { continue };
@@ -799,6 +840,10 @@ impl Broker {
     /// Forgets peer `key` (closing its socket) and its subscriptions.
     fn remove_peer(&mut self, key: usize) -> Option<Peer> {
         let mut peer = self.peers.try_remove(key)?;
+        if peer.ack.is_some() {
+            // A later peer may get this key: it must not inherit a place in the ACK list.
+            self.to_ack.retain(|&k| k != key);
+        }
         let _ = self.poll.registry().deregister(&mut peer.stream);
         if let Some(origin) = peer.phase.origin() {
             if self.origins.get(&origin) == Some(&key) {

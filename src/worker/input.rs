@@ -17,6 +17,21 @@ use crate::ws::handshake::{self, Handshake};
 /// Reads per connection per readiness event before others get a turn.
 const READS_PER_TURN: usize = 16;
 
+/// How far `readable` reads a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Drain {
+    /// Until `read` says `WouldBlock` (or the per-turn budget is used).
+    UntilWouldBlock,
+    /// Also stop after a read that did not fill the buffer: a plain TCP socket had nothing
+    /// more queued at that moment, and whatever arrives later raises a new edge-triggered
+    /// event, so the read that would only say EAGAIN (one syscall per wake-up, a third of a
+    /// connection's reads during a connect storm) is skipped. Only for an event that did not
+    /// report the peer's close: a FIN that came with the data raises no new event, so that
+    /// case reads on until it sees the end. TLS reads on too (a short plaintext read says
+    /// nothing about the socket).
+    StopAtShortRead,
+}
+
 /// Whether the connection survives what just happened.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Flow {
@@ -32,7 +47,8 @@ impl Clients {
             return;
         }
         for key in std::mem::take(&mut self.read_again) {
-            self.readable(key, buf, parts);
+            // No event says what the socket holds: read it until it says EAGAIN.
+            self.readable(key, buf, parts, Drain::UntilWouldBlock);
         }
     }
 
@@ -43,7 +59,7 @@ impl Clients {
 
     /// The connection is readable (or hung up): read and process until the socket is empty or
     /// the per-turn budget is used. `buf` is the worker-wide read buffer.
-    pub fn readable(&mut self, key: usize, buf: &mut [u8], parts: &mut Parts<'_>) {
+    pub fn readable(&mut self, key: usize, buf: &mut [u8], parts: &mut Parts<'_>, drain: Drain) {
         let now_ms = self.clock_ms();
         match self.conns.get_mut(key) {
             None => return,
@@ -77,8 +93,13 @@ impl Clients {
                     conn.bytes_in += n as u64;
                     conn.last_seen = now_ms;
                     conn.ping_outstanding = false;
+                    // Decided before `ingest`, which may replace or drop the connection.
+                    let emptied = n < buf.len() && drain == Drain::StopAtShortRead && !conn.stream.is_tls();
                     let flow = self.ingest(key, &mut buf[..n], parts);
                     self.track_partial_message(key, now_ms);
+                    if emptied {
+                        return;
+                    }
                     flow
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,

@@ -38,6 +38,7 @@ use crate::config::Config;
 use crate::control::{self, ChildLink, ProcessStats};
 use clients::{Clients, Parts, FIRST_CONN};
 use groups::Groups;
+use input::Drain;
 
 const LISTENER: Token = Token(0);
 // Token(1) is the bus's (`bus::TOKEN`).
@@ -192,8 +193,10 @@ impl Worker {
                     Token(t) => {
                         let key = t - FIRST_CONN;
                         let (clients, mut parts, buf) = self.parts();
-                        if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            clients.readable(key, buf, &mut parts);
+                        if event.is_read_closed() || event.is_error() {
+                            clients.readable(key, buf, &mut parts, Drain::UntilWouldBlock);
+                        } else if event.is_readable() {
+                            clients.readable(key, buf, &mut parts, Drain::StopAtShortRead);
                         }
                         if event.is_writable() {
                             clients.writable(key);

@@ -3,6 +3,7 @@
 //! process only (`channel/server.rs`).
 
 use std::collections::HashSet;
+use std::time::Instant;
 
 use crate::channel::wire::{self, MAC_LEN, NONCE_LEN};
 use crate::channel::ChannelStream;
@@ -77,8 +78,13 @@ pub struct Peer {
     pub groups: HashSet<Box<str>>,
     /// Groups whose held messages this peer already got (grace window): one replay each.
     pub replayed: HashSet<Box<str>>,
-    /// Highest seq of this peer's MESSAGEs handled this turn, to acknowledge after the flush.
+    /// Highest seq of this peer's MESSAGEs handled and not acknowledged yet.
     pub ack: Option<u64>,
+    /// When the oldest publish covered by `ack` was handled, and how many `ack` covers: an
+    /// ACK that would be a write of its own waits for the peer's next write, up to
+    /// `ACK_DELAY` or `ACK_EVERY` publishes (server.rs `end_of_turn`).
+    pub ack_since: Option<Instant>,
+    pub ack_count: u32,
     /// Introduced with HELLO version 2: it is sent PUBLICATION instead of MESSAGE, a STAMP
     /// for each of its publishes, and may ask HISTORY.
     pub offsets: bool,
@@ -106,6 +112,8 @@ impl Peer {
             groups: HashSet::new(),
             replayed: HashSet::new(),
             ack: None,
+            ack_since: None,
+            ack_count: 0,
             offsets: false,
             numbered: None,
             dirty: true,

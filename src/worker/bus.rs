@@ -348,6 +348,13 @@ impl Bus {
         }
     }
 
+    /// Whether reading the bus between slices of a long flush can find anything: the channel
+    /// client reads its socket (one syscall); the Redis subscriber runs on its own thread
+    /// and wakes the loop itself.
+    pub fn reads_mid_flush(&self) -> bool {
+        matches!(&self.carrier, Carrier::Channel(c) if c.is_connected())
+    }
+
     /// End of a loop turn: write what is queued, reconnect when due.
     pub fn end_of_turn(&mut self, registry: &Registry) {
         if let Carrier::Channel(client) = &mut self.carrier {

@@ -281,8 +281,19 @@ impl Clients {
 
     pub(super) fn flush_dirty(&mut self, parts: &mut Parts<'_>) {
         let mut dirty = std::mem::take(&mut self.dirty);
+        self.flush_keys(&dirty, parts);
+        dirty.clear();
+        // Connections queued again during this flush (a missed-messages report) stay queued;
+        // the emptied list goes back for reuse of its allocation.
+        let requeued = std::mem::replace(&mut self.dirty, dirty);
+        self.dirty.extend(requeued);
+    }
+
+    /// Writes the queued output of `keys`, connections taken from the dirty list (the worker
+    /// flushes a long list in slices: worker/mod.rs `flush_members`).
+    pub(super) fn flush_keys(&mut self, keys: &[usize], parts: &mut Parts<'_>) {
         let (turn_us, mut now_us, mut until_clock) = (self.turn_us, 0, 0);
-        for key in dirty.drain(..) {
+        for &key in keys {
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
@@ -336,10 +347,6 @@ impl Clients {
                 }
             }
         }
-        // Connections queued again during this flush (a missed-messages report) stay queued;
-        // the emptied list goes back for reuse of its allocation.
-        let requeued = std::mem::replace(&mut self.dirty, dirty);
-        self.dirty.extend(requeued);
     }
 
     /// Server-initiated close with a WebSocket close code.

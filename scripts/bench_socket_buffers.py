@@ -396,8 +396,14 @@ def stalled(groupcast_bin, bufsize, n, messages, rate, logdir):
             if key == prev or time.time() > deadline:
                 break
             prev = key
-        peak = max(samples, key=lambda x: x["sockstat_mem_delta_bytes"])
+        for x in samples:
+            x["ss_both_ends_per_conn"] = x["server_end_bytes_per_conn"] + x["client_end_bytes_per_conn"]
+        # The peak by this server's own sockets (ss): sockstat is system wide, so noisier.
+        peak = max(samples, key=lambda x: x["ss_both_ends_per_conn"])
         end = samples[-1]
+        closing = next((x for x in samples if x["slow_closed"] or x["slow_dropped"]), None)
+        rec["first_slow_action_s"] = closing["t"] if closing else None
+        rec["sockstat_max_bytes_per_conn"] = round(max(x["sockstat_mem_delta_bytes"] for x in samples) / n)
         rec["peak"] = dict(peak, sockstat_bytes_per_conn=round(peak["sockstat_mem_delta_bytes"] / n))
         rec["end"] = dict(end, sockstat_bytes_per_conn=round(end["sockstat_mem_delta_bytes"] / n))
         rec["worker_rss_growth_bytes"] = end["worker_rss_bytes"] - rss0
@@ -486,6 +492,7 @@ def fmt(v, unit=""):
 
 ROWS = [
     ("stalled, peak: kernel B/conn, both ends (sockstat mem)", "stalled.peak.sockstat_bytes_per_conn"),
+    ("stalled, peak: kernel B/conn, both ends (ss, this server only)", "stalled.peak.ss_both_ends_per_conn"),
     ("stalled, peak: server end B/conn (ss w+r+f)", "stalled.peak.server_end_bytes_per_conn"),
     ("stalled, peak: server send buffer tb (median)", "stalled.peak.server_tb_median"),
     ("stalled, peak: client end B/conn (ss r+f)", "stalled.peak.client_end_bytes_per_conn"),
@@ -496,6 +503,7 @@ ROWS = [
     ("user-space queue: deepest histogram bucket <= B", "stalled.end.send_queue_max_bucket_bytes"),
     ("slow-client closes", "stalled.end.slow_closed"),
     ("slow-client drops", "stalled.end.slow_dropped"),
+    ("first slow-client close/drop, s after the first message", "stalled.first_slow_action_s"),
     ("S7 MB/s", "throughput.s7.mb_per_s"),
     ("S7 server CPU us/MB", "throughput.s7.cpu_us_per_mb"),
     ("S7 lost", "throughput.s7.lost"),

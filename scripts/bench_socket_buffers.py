@@ -38,7 +38,9 @@ Writes the table to stdout and target/bench-results/socket-buffers-<time>.{md,js
 How to read it: the stalled rows say how much kernel memory one client that stops reading
 can pin (the server's share is what SO_SNDBUF bounds; the client's share is the client's
 own receive buffer and not the server's to set); the throughput rows say what the bound
-costs a client that does read. Exit 0 if every measurement ran, 1 otherwise.
+costs a client that does read. Exit status: 0 all ran and the loaders were content; 1 a
+measurement did not run (server start, loader error); 2 all ran but a loader reported a
+miss (S2: under 95 % of the rate, inexact delivery, or p99 >= 100 ms).
 """
 
 import argparse
@@ -456,14 +458,15 @@ def throughput(groupcast_bin, loader, bufsize, smoke, logdir):
             r = res.get("result") or {}
             out[name] = {"ok": res.get("ok"), "mb_per_s": r.get("delivered_mb_per_s"),
                          "cpu_us_per_mb": r.get("server_cpu_us_per_mb"), "p99_ms": r.get("p99_ms"),
-                         "lost": r.get("lost"), "error": res.get("error") or (r.get("errors") or None)}
+                         "lost": r.get("lost"), "error": res.get("error") or (r.get("errors") or None),
+                         "loader": res}
         else:
             st = (res.get("steps") or [{}])[0]
             out[name] = {"ok": res.get("ok"), "rate": st.get("target_rate"),
                          "cpu_us_per_delivery": st.get("server_cpu_us_per_delivery"), "p99_ms": st.get("p99_ms"),
                          "lost": st.get("lost"), "pass": st.get("pass"),
-                         "error": res.get("error") or (st.get("errors") or None)}
-        log(f"setting {bufsize}: {name} {out[name]}")
+                         "error": res.get("error") or (st.get("errors") or None), "loader": res}
+        log(f"setting {bufsize}: {name} " + str({k: v for k, v in out[name].items() if k != "loader"}))
     return out
 
 
@@ -483,6 +486,8 @@ def median_of(recs, path):
 
 
 def fmt(v, unit=""):
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if v is None:
         return "–"
     if isinstance(v, float) and abs(v) < 100:
@@ -510,6 +515,7 @@ ROWS = [
     ("S2@5000 server CPU us/delivery", "throughput.s2.cpu_us_per_delivery"),
     ("S2@5000 p99 ms", "throughput.s2.p99_ms"),
     ("S2@5000 lost", "throughput.s2.lost"),
+    ("S2@5000 passed (loader: >= 95 % of the rate, exact delivery, p99 < 100 ms)", "throughput.s2.pass"),
 ]
 
 
@@ -517,7 +523,11 @@ def markdown(settings, by_setting, meta):
     cols = [("kernel default" if s == 0 else f"{s:,}") for s in settings]
     lines = ["| socket_*_buffer | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for label, path in ROWS:
-        lines.append(f"| {label} | " + " | ".join(fmt(median_of(by_setting[s], path)) for s in settings) + " |")
+        if path.endswith(".pass"):
+            cells = ["/".join(fmt(get(r, path)) for r in by_setting[s]) or "–" for s in settings]
+        else:
+            cells = [fmt(median_of(by_setting[s], path)) for s in settings]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     errs = [f"{s}: {e}" for s in settings for r in by_setting[s] for e in r.get("errors", [])]
     lines.append("")
     lines.append(
@@ -528,7 +538,10 @@ def markdown(settings, by_setting, meta):
         f"{meta['sysctl']['net.core.rmem_max']}, tcp_wmem {meta['sysctl']['net.ipv4.tcp_wmem']}, tcp_rmem "
         f"{meta['sysctl']['net.ipv4.tcp_rmem']}. The clients' own receive buffers are the kernel default in "
         "every column. sockstat figures are system wide (noise from other load); ss figures are this "
-        f"server's sockets only. {os.cpu_count()} CPUs shared by server and loader.")
+        f"server's sockets only. A slow-client close leaves an orphaned server socket whose unsent data "
+        "the kernel keeps while the client end stays stalled (tcp_orphan_retries "
+        f"{meta['sysctl']['net.ipv4.tcp_orphan_retries']}): the 'end' rows count them. "
+        f"{os.cpu_count()} CPUs shared by server and loader.")
     if errs:
         lines.append("\nErrors: " + "; ".join(errs))
     return "\n".join(lines) + "\n"
@@ -573,10 +586,16 @@ def main():
             if not args.no_throughput:
                 rec["throughput"] = throughput(groupcast_bin, loader, s, args.quick, logdir)
                 for k, v in rec["throughput"].items():
-                    if v.get("error") or not v.get("ok"):
-                        rec["errors"].append(f"{k}: {v.get('error') or 'not ok'}")
+                    if v.get("error"):
+                        rec["errors"].append(f"{k}: {v['error']}")
+                    elif not v.get("ok"):
+                        # It ran; the loader's verdict (S2: the step missed its rate or lost
+                        # messages) is in the table, and in the exit status.
+                        rec["verdicts"] = rec.get("verdicts", []) + [f"{k}: loader not ok"]
             if rec["errors"]:
                 code = 1
+            elif rec.get("verdicts") and code == 0:
+                code = 2
             by_setting[s].append(rec)
     first = next((r["stalled"] for rs in by_setting.values() for r in rs if "send_buffer_limit" in r["stalled"]), {})
     meta = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": args.quick, "runs": args.runs,
@@ -584,7 +603,7 @@ def main():
             "send_buffer_limit": first.get("send_buffer_limit"), "slow_client": first.get("slow_client"),
             "sysctl": {k: " ".join(sysctl(k) or ["?"]) for k in
                        ("net.core.wmem_max", "net.core.rmem_max", "net.ipv4.tcp_wmem", "net.ipv4.tcp_rmem",
-                        "net.ipv4.tcp_mem")}}
+                        "net.ipv4.tcp_mem", "net.ipv4.tcp_orphan_retries", "net.ipv4.tcp_max_orphans")}}
     md = markdown(settings, by_setting, meta)
     print(md)
     stamp = time.strftime("%Y%m%d-%H%M%S")

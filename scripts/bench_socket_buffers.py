@@ -18,7 +18,10 @@ table, read from `status --json`). Then:
    - `ss -tmn` skmem of the server's end of each stalled connection (publisher excluded):
      w (wmem_queued: bytes, skb truesize, queued in the send buffer, sent or not),
      r (rmem_alloc: received, not yet read), f (forward_alloc: reserved, not yet used),
-     tb (sk_sndbuf: the send buffer's size, what SO_SNDBUF or autotuning made it);
+     tb (sk_sndbuf: the send buffer's size, what SO_SNDBUF or autotuning made it; the kernel
+     doubles SO_SNDBUF and caps it at net.core.wmem_max; autotuning grows it to tcp_wmem[2]);
+     the kernel always lets one segment in, so a stalled socket holds at least one skb (on
+     loopback, MSS 47,616 bytes: ~48 KB, whatever smaller SO_SNDBUF is asked for);
      "server end" below is w + r + f per connection, and the client end is its r + f;
    - `groupcast status --json`: slow_closed / slow_dropped (the slow-client policy acting
      when a client's user-space queue passes send_buffer_limit) and the send_queue_bytes

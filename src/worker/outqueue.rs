@@ -11,9 +11,9 @@
 //! A queue holding one frame keeps it inline (`slots::Slots`): an idle connection that got
 //! a reply now and then costs no allocation here (docs/benchmarks.md, S8).
 
-mod slots;
 #[cfg(test)]
 mod model_tests;
+mod slots;
 
 use std::io::{self, IoSlice, Write};
 use std::ops::Deref;

@@ -14,8 +14,13 @@ use super::{Chunk, Flushed, OutQueue, MAX_IOV};
 #[derive(Debug, Clone)]
 enum Op {
     /// A group message (`true`) or a reply of `len` bytes.
-    Push { shared: bool, len: usize },
-    Drop { limit: usize },
+    Push {
+        shared: bool,
+        len: usize,
+    },
+    Drop {
+        limit: usize,
+    },
     Discard,
     /// A flush against a socket taking these write sizes in turn (0: interrupted), then full.
     Write(Vec<usize>),

@@ -211,7 +211,7 @@ proptest! {
             }
         }
         // Whatever is left goes out in order.
-        sock.script = std::iter::repeat(7).take(100_000).collect();
+        sock.script = std::iter::repeat_n(7, 100_000).collect();
         assert_eq!(q.write_to(&mut sock).unwrap(), Flushed::All);
         model.written(model.unsent().len());
         check(&q, &model, &sock);

@@ -8,8 +8,8 @@
 //! (worker/mod.rs) only wires them. Reading and commands are in input.rs, delivery and group
 //! membership in delivery.rs, the bounds in limits.rs.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+mod timers;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,8 +62,8 @@ pub struct Clients {
     /// Connections that hit the per-turn read budget (or resumed after backpressure) and may
     /// still have data in the kernel: edge-triggered readiness will not report it again.
     pub(super) read_again: Vec<usize>,
-    /// (deadline, slab key, connection id): handshake and close timeouts.
-    pub(super) timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Handshake and close timeouts, on the worker clock (`clock_ms`).
+    timers: timers::Timers,
     next_conn_id: u64,
     pub(super) limits: Limits,
     /// Who may connect, join and publish (`[auth]`, `[[groups]]`).
@@ -103,7 +103,7 @@ impl Clients {
             conns: Slab::new(),
             dirty: Vec::new(),
             read_again: Vec::new(),
-            timers: BinaryHeap::new(),
+            timers: timers::Timers::default(),
             next_conn_id: first_conn_id,
             limits,
             gate,
@@ -162,7 +162,14 @@ impl Clients {
         if !self.read_again.is_empty() {
             return Some(Instant::now());
         }
-        let timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
+        let elapsed = self.started.elapsed();
+        // The clock read `clock_ms` would give: a timer is due once it reaches its deadline,
+        // so waking at `started` + the deadline in whole milliseconds never wakes early.
+        let now_ms = elapsed.as_millis() as u64;
+        let timer = self
+            .timers
+            .next_in_ms(now_ms as u32)
+            .map(|ms| self.started + Duration::from_millis(now_ms + u64::from(ms)));
         Some(timer.map_or(self.next_sweep, |t| t.min(self.next_sweep)))
     }
 
@@ -216,7 +223,7 @@ impl Clients {
         }
         entry.insert(Conn::new(stream, id, peer, now_ms, budget));
         let timeout = Duration::from_millis(self.limits.handshake_timeout_ms);
-        self.timers.push(Reverse((Instant::now() + timeout, key, id)));
+        self.timers.push(now_ms, timeout, key, id);
         debug!("connection {id} from {peer}");
     }
 
@@ -360,7 +367,8 @@ impl Clients {
         debug!("connection {}: closing with {code}: {reason}", conn.id);
         if conn.start_close(code, reason) {
             let id = conn.id;
-            self.timers.push(Reverse((deadline, key, id)));
+            let now_ms = self.clock_ms();
+            self.timers.push(now_ms, deadline.saturating_duration_since(Instant::now()), key, id);
             self.mark_dirty(key);
         }
     }
@@ -372,7 +380,7 @@ impl Clients {
         let Some(conn) = self.conns.get_mut(key) else { return };
         conn.state = ConnState::Closing(AfterFlush::Drop);
         let id = conn.id;
-        self.timers.push(Reverse((Instant::now() + CLOSE_TIMEOUT, key, id)));
+        self.timers.push(self.clock_ms(), CLOSE_TIMEOUT, key, id);
         self.mark_dirty(key);
     }
 
@@ -434,7 +442,7 @@ impl Clients {
             } else if was_held && matches!(conn.state, ConnState::Closing(_)) {
                 // Its close timer may have fired while it was held.
                 let id = conn.id;
-                self.timers.push(Reverse((Instant::now() + CLOSE_TIMEOUT, key, id)));
+                self.timers.push(self.clock_ms(), CLOSE_TIMEOUT, key, id);
             }
             self.mark_dirty(key);
         }
@@ -466,12 +474,8 @@ impl Clients {
     }
 
     fn expire_timers(&mut self, parts: &mut Parts<'_>) {
-        let now = Instant::now();
-        while let Some(Reverse((at, key, id))) = self.timers.peek().copied() {
-            if at > now {
-                break;
-            }
-            self.timers.pop();
+        let now_ms = self.clock_ms();
+        while let Some((key, id)) = self.timers.pop_due(now_ms) {
             let Some(conn) = self.conns.get(key) else {
                 continue;
             };
@@ -492,6 +496,7 @@ impl Clients {
                 ConnState::Open => {}
             }
         }
+        self.timers.release_spare();
     }
 
     /// The `connections` listing of `status`.

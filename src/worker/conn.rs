@@ -5,6 +5,8 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use smallvec::SmallVec;
+
 use super::groups::GroupId;
 use super::outqueue::{Chunk, OutQueue};
 use super::transport::Transport;
@@ -31,6 +33,17 @@ mod tests {
         assert!(!b.take(0, 10, 3));
         assert!(b.take(100, 10, 3), "10/s refills one token in 100 ms");
         assert!(!b.take(100, 10, 3));
+    }
+
+    /// Every connection costs at least a `Conn` in the worker's slab, idle or not: this bound
+    /// guards user memory per idle connection (docs/benchmarks.md, S8: <= 0.5 KiB in all at
+    /// 100,000 connections). Raise it only knowingly.
+    #[test]
+    fn an_idle_connection_stays_small() {
+        use std::mem::size_of;
+        assert_eq!(size_of::<super::OutQueue>(), 72, "frames inline in the deque's header");
+        assert_eq!(size_of::<smallvec::SmallVec<[super::GroupId; 2]>>(), 24, "two groups inline, as large as a Vec");
+        assert!(size_of::<super::Conn>() <= 264, "Conn grew to {} bytes", size_of::<super::Conn>());
     }
 }
 
@@ -69,8 +82,10 @@ pub struct Conn {
     pub inbuf: Vec<u8>,
     pub fragment: Option<Box<Fragment>>,
     pub out: OutQueue,
-    /// Groups this connection joined, for leaving them all on close.
-    pub groups: Vec<GroupId>,
+    /// Groups this connection joined, for leaving them all on close. Two are held inline
+    /// (same 24 bytes as a `Vec`): most connections join one or two groups, and a heap list
+    /// for them would cost every idle connection a 48-byte allocation (docs/benchmarks.md, S8).
+    pub groups: SmallVec<[GroupId; 2]>,
     /// Already in the worker's list of connections to flush this turn.
     pub dirty: bool,
     pub bytes_in: u64,
@@ -171,7 +186,7 @@ impl Conn {
             inbuf: Vec::new(),
             fragment: None,
             out: OutQueue::default(),
-            groups: Vec::new(),
+            groups: SmallVec::new(),
             dirty: false,
             bytes_in: 0,
             messages_in: 0,

@@ -7,8 +7,14 @@
 //! in place with `Chunk::Dropped` and remembers where it stopped (`scan`), so queued replies
 //! are passed over once, not on every delivery; tombstones are swept out once they are half
 //! the queue.
+//!
+//! A queue holding one frame keeps it inline (`slots::Slots`): an idle connection that got
+//! a reply now and then costs no allocation here (docs/benchmarks.md, S8).
 
-use std::collections::VecDeque;
+#[cfg(test)]
+mod model_tests;
+mod slots;
+
 use std::io::{self, IoSlice, Write};
 use std::ops::Deref;
 use std::rc::Rc;
@@ -41,7 +47,8 @@ impl Deref for Chunk {
 
 #[derive(Default)]
 pub struct OutQueue {
-    chunks: VecDeque<Chunk>,
+    /// The frames, oldest first; one is held inline, a deque exists only past one.
+    chunks: slots::Slots,
     /// Bytes of the front chunk already written.
     offset: usize,
     /// Unwritten bytes in the queue.
@@ -50,9 +57,11 @@ pub struct OutQueue {
     written: u64,
     /// Index from which unsent group messages may be found: every chunk before it (past a
     /// partly written front) is a reply, a close frame or a tombstone.
-    scan: usize,
+    /// A frame count, so `u32` (4 G frames would not fit in memory): with `tombstones`, this
+    /// keeps `OutQueue`, held by every connection, 8 bytes smaller.
+    scan: u32,
     /// `Chunk::Dropped` entries in `chunks`.
-    tombstones: usize,
+    tombstones: u32,
     /// Worker clock (µs, `Clients::turn_us`) of the loop turn whose flush first found this
     /// queue non-empty since it was last empty; 0 while empty. Stamped by the flush, not by
     /// `push`: queueing a frame costs no clock read (see `write_observed`).
@@ -91,7 +100,7 @@ impl OutQueue {
         let keep = usize::from(self.offset > 0);
         self.chunks.truncate(keep);
         self.bytes = self.chunks.front().map_or(0, |c| c.len() - self.offset);
-        self.scan = keep;
+        self.scan = keep as u32;
         self.tombstones = 0;
         if self.chunks.is_empty() {
             self.since_us = 0;
@@ -104,18 +113,20 @@ impl OutQueue {
     pub fn drop_oldest_shared(&mut self, limit: usize) -> usize {
         let mut dropped = 0;
         // A partly written front frame must finish, or the stream would be corrupt.
-        let mut at = self.scan.max(usize::from(self.offset > 0));
-        while self.bytes > limit && at < self.chunks.len() {
-            if matches!(self.chunks[at], Chunk::Shared(_)) {
-                let chunk = std::mem::replace(&mut self.chunks[at], Chunk::Dropped);
+        let mut at = (self.scan as usize).max(usize::from(self.offset > 0));
+        while self.bytes > limit {
+            let Some(slot) = self.chunks.get_mut(at) else { break };
+            if matches!(slot, Chunk::Shared(_)) {
+                let chunk = std::mem::replace(slot, Chunk::Dropped);
                 self.bytes -= chunk.len();
                 self.tombstones += 1;
                 dropped += 1;
             }
             at += 1;
         }
-        self.scan = at;
-        if self.tombstones > MIN_SWEEP && self.tombstones * 2 > self.chunks.len() {
+        self.scan = at as u32;
+        let tombstones = self.tombstones as usize;
+        if tombstones > MIN_SWEEP && tombstones * 2 > self.chunks.len() {
             self.chunks.retain(|c| !matches!(c, Chunk::Dropped));
             self.tombstones = 0;
             // Positions moved: look again from the front (paid for by the drops above).
@@ -203,11 +214,15 @@ impl OutQueue {
                 Err(e) => return Err(e),
             }
         }
-        if self.chunks.capacity() > KEEP_SLOTS {
-            self.chunks = VecDeque::new();
-        }
+        self.chunks.release_if_over(KEEP_SLOTS);
         self.since_us = 0;
         Ok(Flushed::All)
+    }
+
+    /// Frame slots allocated on the heap (0 while at most one frame was queued at a time).
+    #[cfg(test)]
+    pub(crate) fn heap_slots(&self) -> usize {
+        self.chunks.heap_slots()
     }
 
     fn advance(&mut self, mut written: usize) {
@@ -383,5 +398,55 @@ mod tests {
         sink.cap = 100;
         assert_eq!(q.write_to(&mut sink).unwrap(), Flushed::All);
         assert_eq!(sink.got, b"abcdefXYZ");
+    }
+
+    #[test]
+    fn one_frame_at_a_time_never_allocates_slots() {
+        let msg: Rc<[u8]> = Rc::from(&b"message"[..]);
+        let mut q = OutQueue::default();
+        let mut sink = Trickle { got: Vec::new(), limit: 3, cap: usize::MAX };
+        for turn in 1..=10u8 {
+            if turn % 2 == 0 {
+                q.push(Chunk::Shared(msg.clone()));
+            } else {
+                q.push(Chunk::Owned(vec![turn; 5].into_boxed_slice()));
+            }
+            assert_eq!(q.heap_slots(), 0, "a single frame is held inline");
+            // Written in several partial writes (3 bytes each).
+            assert_eq!(q.write_to(&mut sink).unwrap(), Flushed::All);
+            assert!(q.is_empty());
+            assert_eq!(q.heap_slots(), 0);
+        }
+        // A single frame dropped by the policy, or discarded, leaves nothing behind either.
+        q.push(Chunk::Shared(msg.clone()));
+        assert_eq!(q.drop_oldest_shared(0), 1);
+        assert_eq!(q.write_to(&mut sink).unwrap(), Flushed::All);
+        q.push(Chunk::Shared(msg));
+        q.discard_unsent();
+        assert!(q.is_empty() && q.bytes() == 0 && q.heap_slots() == 0);
+        assert_eq!(q.total_written(), 5 * 5 + 5 * 7);
+    }
+
+    #[test]
+    fn two_frames_allocate_slots_that_a_drained_queue_keeps() {
+        let mut q = OutQueue::default();
+        let mut sink = Trickle { got: Vec::new(), limit: usize::MAX, cap: usize::MAX };
+        q.push(Chunk::Owned(b"a".to_vec().into_boxed_slice()));
+        q.push(Chunk::Owned(b"b".to_vec().into_boxed_slice()));
+        let slots = q.heap_slots();
+        assert!(slots >= 2, "two frames at once need the deque: {slots}");
+        assert_eq!(q.write_to(&mut sink).unwrap(), Flushed::All);
+        assert_eq!(q.heap_slots(), slots, "a busy connection does not allocate per turn");
+        q.push(Chunk::Owned(b"c".to_vec().into_boxed_slice()));
+        assert_eq!(q.heap_slots(), slots, "the kept deque takes the next frame");
+        assert_eq!(q.write_to(&mut sink).unwrap(), Flushed::All);
+        // A burst past KEEP_SLOTS gives its slots back once drained.
+        for _ in 0..=KEEP_SLOTS {
+            q.push(Chunk::Owned(b"d".to_vec().into_boxed_slice()));
+        }
+        assert!(q.heap_slots() > KEEP_SLOTS);
+        assert_eq!(q.write_to(&mut sink).unwrap(), Flushed::All);
+        assert_eq!(q.heap_slots(), 0);
+        assert_eq!(sink.got, [&b"abc"[..], &b"d".repeat(KEEP_SLOTS + 1)].concat());
     }
 }

@@ -287,12 +287,17 @@ impl Clients {
     }
 
     pub(super) fn flush_dirty(&mut self, parts: &mut Parts<'_>) {
-        let mut dirty = std::mem::take(&mut self.dirty);
+        let dirty = std::mem::take(&mut self.dirty);
         self.flush_keys(&dirty, parts);
-        dirty.clear();
-        // Connections queued again during this flush (a missed-messages report) stay queued;
-        // the emptied list goes back for reuse of its allocation.
-        let requeued = std::mem::replace(&mut self.dirty, dirty);
+        self.give_back_dirty(dirty);
+    }
+
+    /// Returns a dirty list taken for a flush, emptied, for reuse of its allocation;
+    /// connections queued again during the flush (a missed-messages report, more output
+    /// after their write) stay queued.
+    pub(super) fn give_back_dirty(&mut self, mut flushed: Vec<usize>) {
+        flushed.clear();
+        let requeued = std::mem::replace(&mut self.dirty, flushed);
         self.dirty.extend(requeued);
     }
 

@@ -263,12 +263,12 @@ impl Worker {
     /// Writes every connection with output queued, when there are many. Writing a socket
     /// costs ~5 µs, so a flush of thousands of members takes milliseconds; every
     /// `FLUSH_SLICE` connections the worker reads the bus, and group messages that came from
-    /// other workers meanwhile join the queues of the connections not written yet: one writev
-    /// carries both instead of a second one per member (issue 15's profile of S2: concurrent
-    /// publishers on different workers cost each member a write per message, where one
-    /// process handling both in one turn writes once). It costs one read (usually EAGAIN) per
-    /// slice. Returns whether the bus was read; what is left to write (connections that got
-    /// more after their write) is flushed by `Clients::end_of_turn`.
+    /// other workers meanwhile join the queues of the connections not written yet, so one
+    /// writev carries both. That matters when the worker is busy and its flushes run long:
+    /// on a quiet machine it changes nothing measurable, on a loaded one it merged writes
+    /// (docs/benchmarks.md "The channel hop, profiled"). It costs one read (usually EAGAIN)
+    /// per slice. Returns whether the bus was read; what is left to write (connections that
+    /// got more after their write) is flushed by `Clients::end_of_turn`.
     fn flush_members(&mut self) -> bool {
         if !self.bus.reads_mid_flush() || self.clients.dirty.len() <= FLUSH_SLICE {
             return false;
@@ -281,6 +281,7 @@ impl Worker {
             let (clients, mut parts, _) = self.parts();
             clients.flush_keys(slice, &mut parts);
         }
+        self.clients.give_back_dirty(pending);
         true
     }
 

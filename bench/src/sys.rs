@@ -45,3 +45,15 @@ pub fn now_ns() -> u64 {
     static BASE: OnceLock<Instant> = OnceLock::new();
     BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
+
+/// Cores online on this machine (not this process's affinity: a loader pinned to one core
+/// still shares a machine of several).
+pub fn online_cpus() -> u64 {
+    // SAFETY: sysconf reads a system constant; no memory is handed over.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if n > 0 {
+        n as u64
+    } else {
+        1
+    }
+}

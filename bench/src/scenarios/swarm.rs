@@ -67,12 +67,25 @@ impl Phase {
             "server_cpu_us": self.server_cpu_us,
             "server_cpu_us_per_delivery": per_delivery,
             "loader_cpu_us": self.loader_cpu_us,
+            "box_cpu_busy": self.box_cpu_busy(),
             "errors": self.errors,
         });
         if let (Value::Object(a), Value::Object(b)) = (&mut v, self.report.to_json()) {
             a.extend(b);
         }
         v
+    }
+
+    /// The share of the whole machine (every online core) that the server and the loader
+    /// used together during the phase, 0..=1. Near 1 the two compete for the cores: a server's
+    /// CPU per delivery is then the CPU it was given over the deliveries, not what the work
+    /// costs (docs/benchmarks.md, "The channel hop, profiled").
+    pub fn box_cpu_busy(&self) -> Option<f64> {
+        let cores = crate::sys::online_cpus() as f64;
+        let wall_us = self.elapsed.as_secs_f64() * 1e6 * cores;
+        self.server_cpu_us
+            .filter(|_| wall_us > 0.0)
+            .map(|srv| ((srv + self.loader_cpu_us) as f64 / wall_us * 1000.0).round() / 1000.0)
     }
 
     /// Exact delivery and no connection/server errors.

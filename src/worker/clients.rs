@@ -91,7 +91,7 @@ pub struct Clients {
 
 /// Connections written between two clock reads in a flush: the write time of a connection
 /// is the clock read at most this many connections before it, which keeps the clock off the
-/// per-delivery cost (one read per 32 writev calls or fewer) while the error stays within
+/// per-delivery cost (one read per 32 socket writes or fewer) while the error stays within
 /// the time of 32 writes (tens of microseconds).
 const WRITES_PER_CLOCK_READ: u32 = 32;
 
@@ -184,7 +184,7 @@ impl Clients {
         tls: Option<&Arc<rustls::ServerConfig>>,
     ) {
         // TCP_NODELAY (group messages are small and latency matters more than packet count;
-        // corking already batches frames per writev) comes from the listener (worker/mod.rs).
+        // corking already batches frames per write) comes from the listener (worker/mod.rs).
         if self.conns.len() >= self.max_conns {
             self.refuse_connection(stream, peer, tls.is_some());
             return;

@@ -6,7 +6,7 @@
 //! local members and published to the broker, which skips this worker when forwarding; a
 //! message from the broker is encoded as a WebSocket frame once and the same bytes queued to
 //! every local member. Every connection touched in a loop turn is flushed once, at the end of
-//! the turn, with one writev (corking).
+//! the turn, with one vectored write (corking; `transport::send_plain`).
 
 pub mod bus;
 mod clients;
@@ -264,7 +264,7 @@ impl Worker {
     /// costs ~5 µs, so a flush of thousands of members takes milliseconds; every
     /// `FLUSH_SLICE` connections the worker reads the bus, and group messages that came from
     /// other workers meanwhile join the queues of the connections not written yet, so one
-    /// writev carries both. That matters when the worker is busy and its flushes run long:
+    /// write carries both. That matters when the worker is busy and its flushes run long:
     /// on a quiet machine it changes nothing measurable, on a loaded one it merged writes
     /// (docs/benchmarks.md "The channel hop, profiled"). It costs one read (usually EAGAIN)
     /// per slice. Returns whether the bus was read; what is left to write (connections that

@@ -1,6 +1,7 @@
 //! A connection's outgoing bytes: a queue of whole frames, shared ones (a group message encoded
 //! once per worker, referenced by every member) and owned ones (replies, close frames).
-//! Flushed with one writev per loop turn, so a busy connection gets many frames per syscall.
+//! Flushed with one vectored write per loop turn, so a busy connection gets many frames per
+//! syscall.
 //!
 //! Every queued byte counts in `bytes()`, whatever the frame, so the worker can hold each
 //! connection to `limits.send_buffer_limit`. The drop policy replaces dropped group messages
@@ -19,7 +20,7 @@ use std::io::{self, IoSlice, Write};
 use std::ops::Deref;
 use std::rc::Rc;
 
-/// Most frames handed to one writev.
+/// Most frames handed to one vectored write.
 const MAX_IOV: usize = 64;
 /// A drained queue keeps at most this many slots, so a burst does not pin memory forever.
 const KEEP_SLOTS: usize = 16;

@@ -210,6 +210,16 @@ impl Conn {
         self.auth.as_ref().and_then(|a| a.identity.as_ref())
     }
 
+    /// Attaches the connection token's claims at the upgrade. A token with its own
+    /// `rate_limit: N` starts with that rate's full burst (2N), not with the `[limits]` burst
+    /// the connection was accepted with: a fast publisher's first commands are not refused.
+    pub fn authenticate(&mut self, identity: Identity, now_ms: u32) {
+        if let RateOverride::PerSecond(n) = identity.rate {
+            self.budget = CommandBudget::new(n.saturating_mul(2), now_ms);
+        }
+        self.auth = Some(Box::new(ConnAuth { identity: Some(identity), rule_budgets: Vec::new() }));
+    }
+
     /// Takes one command from the bucket that governs it: none for a token with
     /// `rate_limit: false`; the token's own rate for `rate_limit: N`; else the bucket of the
     /// group's rule when it sets a rate (`rule_rate`: rule index, per second, burst); else

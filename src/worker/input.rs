@@ -7,7 +7,7 @@ use std::io::{self, Read};
 use log::{debug, trace};
 
 use super::clients::{Clients, Parts};
-use super::conn::{AfterFlush, ConnAuth, ConnState, Fragment};
+use super::conn::{AfterFlush, ConnState, Fragment};
 use super::recovery::Answer;
 use crate::protocol::{self, Command, RequestError};
 use crate::ws::close_code;
@@ -157,6 +157,7 @@ impl Clients {
     /// Consumes whole handshakes and frames from `data`; returns how many bytes it used.
     fn process(&mut self, key: usize, data: &mut [u8], parts: &mut Parts<'_>) -> (usize, Flow) {
         let mut pos = 0;
+        let now_ms = self.clock_ms();
         loop {
             let Some(conn) = self.conns.get_mut(key) else {
                 return (pos, Flow::Stop);
@@ -172,8 +173,7 @@ impl Clients {
                         }
                         if let Some(identity) = identity {
                             debug!("connection {}: token for sub {:?}", conn.id, identity.sub);
-                            conn.auth =
-                                Some(Box::new(ConnAuth { identity: Some(*identity), rule_budgets: Vec::new() }));
+                            conn.authenticate(*identity, now_ms);
                         }
                         conn.send_raw(response);
                         conn.state = ConnState::Open;

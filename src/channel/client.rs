@@ -18,11 +18,11 @@ use std::io::{self, Read};
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
-use mio::{Interest, Registry, Token};
+use mio::{Registry, Token};
 
 use super::handshake::Handshake;
 use super::publisher::Publisher;
-use super::{wire, ChannelStream};
+use super::{wire, ChannelStream, WriteInterest};
 use crate::config::ChannelAddr;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
@@ -43,6 +43,8 @@ enum Phase {
 enum Link {
     Up {
         stream: ChannelStream,
+        /// WRITABLE while connecting and while output waits, not otherwise.
+        write_interest: WriteInterest,
         phase: Phase,
         /// The handshake must be done by then (`channel.auth_timeout_ms` from the connect),
         /// or the link is dropped: a silent broker must not hold the worker forever.
@@ -150,7 +152,8 @@ impl ChannelClient {
             Ok(s) => s,
             Err(e) => return self.schedule_retry(&format!("cannot connect to channel {}: {e}", self.settings.addr)),
         };
-        if let Err(e) = registry.register(&mut stream, self.token, Interest::READABLE | Interest::WRITABLE) {
+        let write_interest = WriteInterest::connecting();
+        if let Err(e) = registry.register(&mut stream, self.token, write_interest.interest()) {
             return self.schedule_retry(&format!("cannot register channel socket: {e}"));
         }
         self.outbuf.clear();
@@ -161,7 +164,7 @@ impl ChannelClient {
         };
         // Capped so that no configured value can overflow the clock arithmetic.
         let handshake_deadline = Instant::now() + self.settings.auth_timeout.min(MAX_AUTH_TIMEOUT);
-        self.link = Link::Up { stream, phase, handshake_deadline };
+        self.link = Link::Up { stream, write_interest, phase, handshake_deadline };
     }
 
     fn schedule_retry(&mut self, why: &str) {
@@ -339,17 +342,18 @@ impl ChannelClient {
     }
 
     /// Writes what is queued; called once at the end of each loop turn.
-    pub fn flush(&mut self) -> io::Result<()> {
+    pub fn flush(&mut self, registry: &Registry) -> io::Result<()> {
         if std::mem::take(&mut self.stalled) {
             return Err(io::Error::other(format!(
                 "the broker stopped reading ({} bytes unsent, channel.queue_max_bytes)",
                 self.settings.queue_max_bytes
             )));
         }
-        let Link::Up { stream, phase, .. } = &mut self.link else { return Ok(()) };
+        let Link::Up { stream, phase, write_interest, .. } = &mut self.link else { return Ok(()) };
         if matches!(phase, Phase::Connecting) {
             return Ok(());
         }
-        self.outbuf.write_to(stream)
+        self.outbuf.write_to(stream)?;
+        write_interest.update(registry, stream, self.token, !self.outbuf.is_empty())
     }
 }

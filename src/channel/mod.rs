@@ -24,6 +24,49 @@ use mio::{Interest, Registry, Token};
 
 use crate::config::ChannelAddr;
 
+/// Keeps a channel socket registered for WRITABLE only while it holds bytes it could not
+/// write. Why: a Unix socket reports itself writable every time its peer reads from it
+/// (the kernel's `unix_write_space`), and edge-triggered epoll passes each report on, so a
+/// socket registered for WRITABLE all the time wakes its process once per frame the other
+/// side reads: on the channel hop, the broker once per worker that read a forward and the
+/// publishing worker once per publish the broker read, for nothing (issue 15's profile).
+#[derive(Debug, Default)]
+pub struct WriteInterest {
+    registered: bool,
+}
+
+impl WriteInterest {
+    /// A socket whose connect is under way: a TCP connect finishes as writability.
+    pub fn connecting() -> WriteInterest {
+        WriteInterest { registered: true }
+    }
+
+    /// The interest to register the socket with now.
+    pub fn interest(&self) -> Interest {
+        if self.registered {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        }
+    }
+
+    /// After a write: WRITABLE while bytes are `pending`, READABLE alone once they are out.
+    /// Re-registering re-arms the edge, so bytes left now are written at the next event.
+    pub fn update(
+        &mut self,
+        registry: &Registry,
+        stream: &mut ChannelStream,
+        token: Token,
+        pending: bool,
+    ) -> io::Result<()> {
+        if pending != self.registered {
+            self.registered = pending;
+            registry.reregister(stream, token, self.interest())?;
+        }
+        Ok(())
+    }
+}
+
 /// A connected channel socket, TCP or Unix.
 #[derive(Debug)]
 pub enum ChannelStream {
@@ -193,5 +236,79 @@ pub fn bind_listener(addr: &ChannelAddr, backlog: u32) -> io::Result<OwnedFd> {
             let l = std::os::unix::net::UnixListener::bind(path)?;
             Ok(l.into())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    use mio::{Events, Interest, Poll, Token};
+
+    use super::{ChannelStream, WriteInterest};
+
+    const T: Token = Token(1);
+
+    /// Events for `T` within `wait`, as (readable, writable).
+    fn events(poll: &mut Poll, wait: Duration) -> Vec<(bool, bool)> {
+        let mut events = Events::with_capacity(8);
+        poll.poll(&mut events, Some(wait)).expect("poll");
+        events.iter().filter(|e| e.token() == T).map(|e| (e.is_readable(), e.is_writable())).collect()
+    }
+
+    /// Our end `ours`, registered as `interest`, with nothing pending; the peer reads a frame
+    /// we wrote: the events that reaches us.
+    fn after_peer_reads(interest: Interest) -> Vec<(bool, bool)> {
+        let (a, mut peer) = mio::net::UnixStream::pair().expect("socketpair");
+        let mut ours = ChannelStream::Unix(a);
+        let mut poll = Poll::new().expect("poll");
+        poll.registry().register(&mut ours, T, interest).expect("register");
+        events(&mut poll, Duration::from_millis(20)); // the first edge, if any
+        ours.write_all(b"frame").expect("write");
+        let mut buf = [0u8; 16];
+        assert_eq!(peer.read(&mut buf).expect("peer read"), 5);
+        events(&mut poll, Duration::from_millis(100))
+    }
+
+    /// The kernel behaviour `WriteInterest` exists for: a Unix socket registered for
+    /// WRITABLE is woken each time its peer reads, even with nothing to write; registered
+    /// for READABLE alone it is not.
+    #[test]
+    fn a_peer_reading_wakes_only_a_socket_registered_for_writable() {
+        assert_eq!(after_peer_reads(Interest::READABLE | Interest::WRITABLE), vec![(false, true)]);
+        assert_eq!(after_peer_reads(WriteInterest::default().interest()), vec![]);
+    }
+
+    /// Bytes the socket did not take make it WRITABLE-registered, and the peer reading then
+    /// reports it; once they are out it goes back to READABLE alone.
+    #[test]
+    fn writable_is_registered_while_bytes_wait() {
+        let (a, mut peer) = mio::net::UnixStream::pair().expect("socketpair");
+        let mut ours = ChannelStream::Unix(a);
+        let mut poll = Poll::new().expect("poll");
+        let mut interest = WriteInterest::default();
+        poll.registry().register(&mut ours, T, interest.interest()).expect("register");
+        let chunk = [7u8; 4096];
+        let mut written = 0;
+        loop {
+            match ours.write(&chunk) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        interest.update(poll.registry(), &mut ours, T, true).expect("update");
+        let mut buf = vec![0u8; written];
+        let mut read = 0;
+        while read < written {
+            read += peer.read(&mut buf[read..]).expect("peer read");
+        }
+        assert!(events(&mut poll, Duration::from_secs(5)).contains(&(false, true)), "writable reported");
+        interest.update(poll.registry(), &mut ours, T, false).expect("update");
+        assert_eq!(interest.interest(), Interest::READABLE);
+        ours.write_all(b"frame").expect("write");
+        assert_eq!(peer.read(&mut buf).expect("peer read"), 5);
+        assert_eq!(events(&mut poll, Duration::from_millis(100)), vec![], "no wake-up once nothing waits");
     }
 }

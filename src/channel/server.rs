@@ -385,7 +385,9 @@ impl Broker {
         let entry = self.peers.vacant_entry();
         let key = entry.key();
         let token = Token(key + FIRST_PEER);
-        if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE) {
+        // WRITABLE only while output waits (`WriteInterest`): the CHALLENGE below usually
+        // goes out whole at the end of this turn.
+        if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE) {
             return warn!("cannot register a channel peer: {e}");
         }
         let (flags, phase) = match self.secret {
@@ -795,7 +797,15 @@ impl Broker {
         for key in std::mem::take(&mut self.dirty) {
             let Some(peer) = self.peers.get_mut(key) else { continue };
             peer.dirty = false;
-            let failed = peer.outbuf.write_to(&mut peer.stream).err();
+            let token = Token(key + FIRST_PEER);
+            let failed = peer
+                .outbuf
+                .write_to(&mut peer.stream)
+                .and_then(|()| {
+                    let pending = !peer.outbuf.is_empty();
+                    peer.write_interest.update(self.poll.registry(), &mut peer.stream, token, pending)
+                })
+                .err();
             if let Some(e) = failed {
                 self.stats.send_failures += 1;
                 self.drop_peer(key, &format!("write failed: {e}"));

@@ -358,7 +358,7 @@ impl Bus {
     /// End of a loop turn: write what is queued, reconnect when due.
     pub fn end_of_turn(&mut self, registry: &Registry) {
         if let Carrier::Channel(client) = &mut self.carrier {
-            if let Err(e) = client.flush() {
+            if let Err(e) = client.flush(registry) {
                 client.disconnect(registry, &e.to_string());
             }
             client.maybe_connect(registry);

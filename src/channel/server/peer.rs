@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use crate::channel::wire::{self, MAC_LEN, NONCE_LEN};
-use crate::channel::ChannelStream;
+use crate::channel::{ChannelStream, WriteInterest};
 use crate::sendbuf::SendBuf;
 
 /// Length field of an AUTH frame (type + nonce + mac): the largest frame accepted before the
@@ -74,6 +74,8 @@ pub struct Peer {
     /// broker's read buffer).
     pub inbuf: Vec<u8>,
     pub outbuf: SendBuf,
+    /// Registered for WRITABLE only while `outbuf` holds bytes the socket did not take.
+    pub write_interest: WriteInterest,
     /// Groups this peer subscribed to, for cleaning `subscribers` when it goes.
     pub groups: HashSet<Box<str>>,
     /// Groups whose held messages this peer already got (grace window): one replay each.
@@ -109,6 +111,7 @@ impl Peer {
             name: String::from("(unnamed)"),
             inbuf: Vec::new(),
             outbuf,
+            write_interest: WriteInterest::default(),
             groups: HashSet::new(),
             replayed: HashSet::new(),
             ack: None,

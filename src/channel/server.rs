@@ -67,8 +67,8 @@ const READ_BUDGET: usize = READ_BUF;
 /// connections stay in the backlog meanwhile).
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Longest an ACK waits for a write it can join (`end_of_turn`): the publisher's resend queue
-/// holds this much more, and a hand-off that waits for the ACKs of its publishes waits this
-/// much longer at most.
+/// holds this much more, and `groupcast publish`, which exits once its last publish is
+/// acknowledged, waits this much longer at most.
 const ACK_DELAY: Duration = Duration::from_millis(5);
 /// Publishes after which an ACK is written even if alone, whatever `ACK_DELAY` says.
 const ACK_EVERY: u32 = 256;

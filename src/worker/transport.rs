@@ -106,7 +106,8 @@ impl Source for Transport {
 /// layer first (the file position lock, the area check, the notification hook). On the
 /// delivery path, one small write per member, that layer was ~9 % of a worker's samples at
 /// S2's 200 msg/s; with it gone, S2's CPU per delivery at 100–500 msg/s fell by 3–5 %
-/// (docs/benchmarks.md, "The channel hop, profiled"). `MSG_NOSIGNAL`: a peer that reset gives `EPIPE`, never a signal.
+/// (docs/benchmarks.md, "The channel hop, profiled"). `MSG_NOSIGNAL`: a peer that reset gives
+/// `EPIPE`, never a signal.
 #[inline]
 fn send_plain(stream: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     use nix::sys::socket::{send, sendmsg, MsgFlags, SockaddrStorage};

@@ -2,8 +2,9 @@
 //! is one `match` away from the socket call, no copy) or TLS (`wss://`, `tls::stream::TlsConn`,
 //! boxed so the plain variant stays small). The worker reads, writes and flushes through these
 //! calls alone, whatever the transport. A plain socket is written with `send`/`sendmsg`, not
-//! `write`/`writev`: see `send_plain`.
+//! `write`/`writev`, and a batch of small frames is sent from one buffer: see `send_plain`.
 
+use std::cell::RefCell;
 use std::io::{self, IoSlice, Read, Write};
 
 use mio::event::Source;
@@ -100,7 +101,20 @@ impl Source for Transport {
     }
 }
 
-/// Writes `bufs` to a plain socket with `send` (one slice) or `sendmsg` (several).
+/// Frames queued for one socket that add up to at most this many bytes are copied into one
+/// buffer and sent with `send`, rather than handed to `sendmsg` as one iovec each: the kernel
+/// imports, checks and copies every iovec on its own, which costs more than the copy for
+/// the small frames a busy member collects (S2 at 5,000 msg/s: about 7 frames of 70 bytes
+/// per write). Larger batches (big messages) go out with `sendmsg`, uncopied.
+const GATHER_MAX: usize = 8 * 1024;
+
+thread_local! {
+    /// Where `send_plain` gathers a batch of small frames; one per thread, reused.
+    static GATHER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Writes `bufs` to a plain socket with `send` (one slice, or several small ones gathered
+/// into one buffer: `GATHER_MAX`) or `sendmsg` (several, larger).
 ///
 /// Why not `writev`: a socket call goes straight to the socket, where `writev` passes the file
 /// layer first (the file position lock, the area check, the notification hook). On the
@@ -117,6 +131,13 @@ fn send_plain(stream: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     let flags = MsgFlags::MSG_NOSIGNAL;
     let sent = match bufs {
         [one] => send(fd, one, flags),
+        _ if bufs.iter().map(|b| b.len()).sum::<usize>() <= GATHER_MAX => GATHER.with_borrow_mut(|gathered| {
+            gathered.clear();
+            for b in bufs {
+                gathered.extend_from_slice(b);
+            }
+            send(fd, gathered, flags)
+        }),
         _ => sendmsg::<SockaddrStorage>(fd, bufs, &[], flags, None),
     };
     sent.map_err(io::Error::from)
@@ -146,6 +167,43 @@ mod tests {
         let mut got = [0u8; 14];
         peer.read_exact(&mut got).expect("read back");
         assert_eq!(&got, b"first-a-bb-ccc");
+    }
+
+    /// Small frames gathered into one `send` and large ones handed to `sendmsg` arrive whole
+    /// and in order, and a gathered send the socket takes only in part reports exactly what
+    /// went: the stream read back is the frames' bytes, cut where the writes stopped.
+    #[test]
+    fn gathered_and_vectored_writes_report_what_the_socket_took() {
+        let (mut ours, mut peer) = pair();
+        let big = vec![b'B'; GATHER_MAX];
+        let parts = [IoSlice::new(b"<"), IoSlice::new(&big), IoSlice::new(b">")];
+        assert_eq!(ours.write_vectored(&parts).expect("sendmsg"), GATHER_MAX + 2);
+        let mut got = vec![0u8; GATHER_MAX + 2];
+        peer.read_exact(&mut got).expect("read back");
+        assert!(got[0] == b'<' && got[GATHER_MAX + 1] == b'>' && got[1..=GATHER_MAX].iter().all(|&b| b == b'B'));
+
+        // Batches of 100 numbered 70-byte frames until the socket is full.
+        let frames: Vec<Vec<u8>> = (0..100u8).map(|i| vec![i; 70]).collect();
+        let (mut sent, mut expected) = (0usize, Vec::new());
+        let full = (0..100_000).any(|_| {
+            let slices: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(f)).collect();
+            match ours.write_vectored(&slices) {
+                Ok(n) => {
+                    assert!(n > 0 && n <= 7_000, "sent {n}");
+                    sent += n;
+                    expected.extend(frames.concat().into_iter().take(n));
+                    false
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => true,
+                Err(e) => panic!("unexpected error on a live socket: {e}"),
+            }
+        });
+        assert!(full, "a peer that does not read must fill the socket");
+        drop(ours);
+        let mut stream = Vec::new();
+        peer.read_to_end(&mut stream).expect("read the rest");
+        assert_eq!(stream.len(), sent, "bytes read back equal the bytes reported written");
+        assert!(stream == expected, "the stream is the frames in order, cut where each write stopped");
     }
 
     #[test]

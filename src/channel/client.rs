@@ -353,7 +353,6 @@ impl ChannelClient {
         if matches!(phase, Phase::Connecting) {
             return Ok(());
         }
-        self.outbuf.write_to(stream)?;
-        write_interest.update(registry, stream, self.token, !self.outbuf.is_empty())
+        write_interest.flush(registry, stream, self.token, &mut self.outbuf)
     }
 }

@@ -23,6 +23,7 @@ use mio::event::Source;
 use mio::{Interest, Registry, Token};
 
 use crate::config::ChannelAddr;
+use crate::sendbuf::SendBuf;
 
 /// Keeps a channel socket registered for WRITABLE only while it holds bytes it could not
 /// write. Why: a Unix socket reports itself writable every time its peer reads from it
@@ -48,6 +49,19 @@ impl WriteInterest {
         } else {
             Interest::READABLE
         }
+    }
+
+    /// Writes what `outbuf` holds to `stream`, then registers WRITABLE only if some of it
+    /// stays: how both ends of a channel connection flush.
+    pub fn flush(
+        &mut self,
+        registry: &Registry,
+        stream: &mut ChannelStream,
+        token: Token,
+        outbuf: &mut SendBuf,
+    ) -> io::Result<()> {
+        outbuf.write_to(stream)?;
+        self.update(registry, stream, token, !outbuf.is_empty())
     }
 
     /// After a write: WRITABLE while bytes are `pending`, READABLE alone once they are out.

@@ -798,14 +798,8 @@ impl Broker {
             let Some(peer) = self.peers.get_mut(key) else { continue };
             peer.dirty = false;
             let token = Token(key + FIRST_PEER);
-            let failed = peer
-                .outbuf
-                .write_to(&mut peer.stream)
-                .and_then(|()| {
-                    let pending = !peer.outbuf.is_empty();
-                    peer.write_interest.update(self.poll.registry(), &mut peer.stream, token, pending)
-                })
-                .err();
+            let failed =
+                peer.write_interest.flush(self.poll.registry(), &mut peer.stream, token, &mut peer.outbuf).err();
             if let Some(e) = failed {
                 self.stats.send_failures += 1;
                 self.drop_peer(key, &format!("write failed: {e}"));

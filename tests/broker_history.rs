@@ -50,6 +50,7 @@ impl V2 {
             other => panic!("the first frame is not a CHALLENGE: {other:?}"),
         };
         assert_ne!(flags & wire::FLAG_AUTH_REQUIRED, 0, "the test broker has a secret");
+        assert_ne!(flags & wire::FLAG_REPUBLISH, 0, "the broker says it understands REPUBLISH");
         let mine = auth::nonce().unwrap();
         let mut out = Vec::new();
         wire::encode_auth(&mut out, &mine, &auth::peer_proof(BROKER_SECRET, &nonce, &mine));
@@ -90,6 +91,14 @@ impl V2 {
     fn publish(&mut self, seq: u64, kind: PayloadKind, group: &str, payload: &[u8]) {
         let mut out = Vec::new();
         wire::encode_publish(&mut out, self.origin, seq, kind, group, payload);
+        self.send(&out);
+    }
+
+    /// Sends a publish as REPUBLISH (an earlier connection carried it, unacknowledged).
+    fn republish(&mut self, seq: u64, kind: PayloadKind, group: &str, payload: &[u8]) {
+        let (mut publish, mut out) = (Vec::new(), Vec::new());
+        wire::encode_publish(&mut publish, self.origin, seq, kind, group, payload);
+        wire::as_republish(&publish, &mut out);
         self.send(&out);
     }
 
@@ -357,6 +366,90 @@ fn a_resend_is_stamped_zero_and_not_forwarded_again() {
         .collect();
     assert_eq!(offsets, [1, 2, 3], "each publish once");
     assert_eq!(broker.channel_row().unwrap()["channel_resent"], 2);
+}
+
+/// The unacknowledged publishes of a worker whose broker died reach a restarted broker as
+/// REPUBLISH from an origin it never saw: the dead broker may have numbered and forwarded them,
+/// so they go to the subscribers with offset 0 (for the seed-protocol members, which workers
+/// de-duplicate by origin and seq), are neither numbered nor kept, and the group's numbering
+/// goes on as if they had not come (the stream protocol-2 members follow has no repeat).
+#[test]
+fn a_restarted_broker_forwards_a_republish_from_an_unknown_origin_without_an_offset() {
+    let broker = broker("");
+    let mut b = V2::join(&broker, 0xb9);
+    b.subscribe("r");
+    let mut old = v1(&broker, 0xc9);
+    old.subscribe("r");
+    broker.wait_memberships(2);
+    let mut a = V2::join(&broker, 0xa9);
+    a.republish(7, PayloadKind::Json, "r", b"{\"n\":7}");
+    a.publish(8, PayloadKind::Json, "r", b"{\"n\":8}");
+    let mut got = a.drain(QUIET);
+    got.retain(|f| !matches!(f, In::Position { .. }));
+    assert_eq!(got, [In::Stamp { seq: 7, offset: 0 }, In::Stamp { seq: 8, offset: 1 }]);
+    let publication = |seq, offset, n: u64| In::Publication {
+        origin: 0xa9,
+        seq,
+        offset,
+        kind: PayloadKind::Json,
+        group: "r".into(),
+        payload: format!("{{\"n\":{n}}}").into_bytes(),
+    };
+    assert_eq!(b.drain(QUIET), [publication(7, 0, 7), publication(8, 1, 8)]);
+    let seqs: Vec<u64> = std::iter::from_fn(|| old.next(QUIET))
+        .filter_map(|f| match f {
+            Got::Message { seq, .. } => Some(seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seqs, [7, 8], "a version-1 subscriber gets both as MESSAGE");
+    let kept = b.ask("r", None, 10);
+    assert_eq!(kept.offset, 1, "only the PUBLISH was numbered: {kept:?}");
+    let replay = b.ask("r", Some((&kept.epoch, 0)), 10);
+    assert_eq!(replay.offsets(), [1], "the REPUBLISH is not kept in the history");
+    let row = broker.channel_row().unwrap();
+    assert_eq!((row["channel_unnumbered"].as_u64(), row["channel_resent"].as_u64()), (Some(1), Some(0)));
+}
+
+/// To the broker that knows the origin (the link dropped, the broker lives), REPUBLISH is a
+/// PUBLISH: what it numbered already is a resend, what it never read is numbered now. A
+/// version-2 peer is known from its first connection on, even before it published anything.
+#[test]
+fn a_republish_to_a_broker_that_knows_the_origin_is_numbered_once() {
+    let broker = broker("");
+    let mut b = V2::join(&broker, 0xba);
+    b.subscribe("r");
+    broker.wait_memberships(1);
+    let mut a = V2::join(&broker, 0xaa);
+    assert_eq!(publish_n(&mut a, "r", 1, 1, b"one"), [1]);
+    drop(a);
+    let mut a = wait_for("the broker to admit the origin again", TIMEOUT, || V2::try_join(&broker, 0xaa));
+    a.republish(1, PayloadKind::Text, "r", b"one");
+    a.republish(2, PayloadKind::Text, "r", b"two");
+    let mut got = a.drain(QUIET);
+    got.retain(|f| !matches!(f, In::Position { .. }));
+    assert_eq!(got, [In::Stamp { seq: 1, offset: 0 }, In::Stamp { seq: 2, offset: 2 }]);
+
+    // Connected before, never published: still known.
+    let quiet = V2::join(&broker, 0xab);
+    drop(quiet);
+    let mut q = wait_for("the broker to admit the origin again", TIMEOUT, || V2::try_join(&broker, 0xab));
+    q.republish(1, PayloadKind::Text, "r", b"three");
+    let mut got = q.drain(QUIET);
+    got.retain(|f| !matches!(f, In::Position { .. }));
+    assert_eq!(got, [In::Stamp { seq: 1, offset: 3 }]);
+
+    let offsets: Vec<(u64, Vec<u8>)> = b
+        .drain(QUIET)
+        .into_iter()
+        .map(|f| match f {
+            In::Publication { offset, payload, .. } => (offset, payload),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(offsets, [(1, b"one".to_vec()), (2, b"two".to_vec()), (3, b"three".to_vec())], "each publish once");
+    let row = broker.channel_row().unwrap();
+    assert_eq!((row["channel_unnumbered"].as_u64(), row["channel_resent"].as_u64()), (Some(0), Some(1)));
 }
 
 #[test]

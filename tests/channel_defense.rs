@@ -91,6 +91,14 @@ fn malformed_channel_frames_disconnect_the_peer_only() {
             h
         }),
         ("unknown type after a valid HELLO", [hello("rogue"), raw_frame(0, b"")].concat()),
+        ("truncated REPUBLISH after a valid HELLO", [hello("rogue"), raw_frame(wire::REPUBLISH, &[0; 12])].concat()),
+        ("REPUBLISH from a version-1 peer", {
+            let mut publish = Vec::new();
+            wire::encode_publish(&mut publish, 0xdead_0000, 1, wire::PayloadKind::Text, "g", b"x");
+            let mut out = hello("rogue");
+            wire::as_republish(&publish, &mut out);
+            out
+        }),
     ];
     for (name, bytes) in &cases {
         let mut peer = rogue(&server);

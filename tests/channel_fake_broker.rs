@@ -7,11 +7,12 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::fake_broker::{self, read_frame};
 use common::{connect_args, wait_for, write_secret, Client, Opts, Server, TempDir, BROKER_SECRET};
 use groupcast::channel::{auth, wire};
 use serde_json::json;
@@ -44,18 +45,8 @@ struct FakeBroker {
 
 impl FakeBroker {
     fn start() -> FakeBroker {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
         let state = Arc::new(State::default());
-        let s = state.clone();
-        // The accept thread lives as long as the test process; it only touches loopback.
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let s = s.clone();
-                std::thread::spawn(move || serve(stream, &s));
-            }
-        });
+        let port = fake_broker::listen(state.clone(), serve);
         let dir = TempDir::new("fakebroker");
         let secret_file = write_secret(dir.path());
         FakeBroker { port, state, _dir: dir, secret_file }
@@ -71,24 +62,6 @@ impl FakeBroker {
         self.state.mode.store(mode, Ordering::SeqCst);
         for s in self.state.honest.lock().unwrap().drain(..) {
             let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-}
-
-/// Reads until one whole frame is buffered; its type, or `None` at EOF / error.
-fn read_frame(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(u8, Vec<u8>)> {
-    loop {
-        if buf.len() >= 4 {
-            let len = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
-            if buf.len() >= 4 + len {
-                let frame: Vec<u8> = buf.drain(..4 + len).collect();
-                return Some((frame[4], frame));
-            }
-        }
-        let mut chunk = [0u8; 4096];
-        match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     }
 }
@@ -112,7 +85,7 @@ fn serve(mut stream: TcpStream, state: &State) {
         return;
     }
     let mut buf = Vec::new();
-    let Some((wire::AUTH, auth_frame)) = read_frame(&mut stream, &mut buf) else { return };
+    let Some(auth_frame) = read_frame(&mut stream, &mut buf).filter(|f| f[4] == wire::AUTH) else { return };
     if mode == HONEST {
         let Ok(Some((wire::Frame::Auth { nonce: cn, .. }, _))) = wire::decode(&auth_frame, 1024) else { return };
         out.clear();

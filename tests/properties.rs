@@ -299,6 +299,14 @@ proptest! {
         prop_assert_eq!(first, wire::Frame::Message { origin, seq, group: &group, payload: &payload });
         let (second, _) = wire::decode(&buf[used..], 1 << 20).unwrap().unwrap();
         prop_assert_eq!(second, wire::Frame::Subscribe { group: &group });
+        // REPUBLISH is the queued PUBLISH frame under another type: same fields, same length.
+        let kind = if seq % 2 == 0 { wire::PayloadKind::Text } else { wire::PayloadKind::Json };
+        let (mut publish, mut again) = (Vec::new(), Vec::new());
+        wire::encode_publish(&mut publish, origin, seq, kind, &group, &payload);
+        wire::as_republish(&publish, &mut again);
+        let (frame, used) = wire::decode(&again, 1 << 20).unwrap().unwrap();
+        prop_assert_eq!(used, publish.len());
+        prop_assert_eq!(frame, wire::Frame::Republish { origin, seq, kind, group: &group, payload: &payload });
     }
 }
 

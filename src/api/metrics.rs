@@ -107,6 +107,7 @@ const FIGURES: &[Figure] = figures! {
     Counter "gap_notices" WORKER, "Gap notices sent to protocol-2 members", |s| s.gap_notices;
     Counter "channel_dropped" WORKER | CHANNEL, "Publishes dropped at the channel queue bound (worker) or held messages dropped past the grace-window bound (channel)", |s| s.channel_dropped;
     Counter "channel_resent" WORKER | CHANNEL, "Publishes sent again after a reconnect (worker) or resends recognized by the broker (channel)", |s| s.channel_resent;
+    Counter "channel_unnumbered" CHANNEL, "Publishes sent again after a broker restart, forwarded without an offset (not numbered twice)", |s| s.channel_unnumbered;
     Counter "channel_duplicates" WORKER, "Messages from the broker dropped as already delivered", |s| s.channel_duplicates;
     Counter "handoffs_in" WORKER, "Connections received from the worker this one replaced (live hand-off)", |s| s.handoffs_in;
     Counter "handoffs_out" WORKER, "Connections handed to the replacement worker, committed", |s| s.handoffs_out;

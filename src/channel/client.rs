@@ -76,6 +76,12 @@ pub struct ChannelClient {
     /// Publishes the broker has not acknowledged yet, oldest first.
     unacked: VecDeque<(u64, Vec<u8>)>,
     unacked_bytes: usize,
+    /// The highest seq handed to a connection (queued on a ready link): those up to it may
+    /// have been numbered by the broker of that connection, so after a reconnect they go out
+    /// as REPUBLISH, not PUBLISH (docs/channel-protocol.md "Resends").
+    written_up_to: u64,
+    /// The broker of this connection understands REPUBLISH (its CHALLENGE said so).
+    broker_republish: bool,
     /// Received bytes not yet decoded; the worker takes them with `take_input`.
     inbuf: Vec<u8>,
     outbuf: crate::sendbuf::SendBuf,
@@ -102,6 +108,8 @@ impl ChannelClient {
             backoff: MIN_BACKOFF,
             unacked: VecDeque::new(),
             unacked_bytes: 0,
+            written_up_to: 0,
+            broker_republish: false,
             inbuf: Vec::new(),
             outbuf: Default::default(),
             dropped: 0,
@@ -215,6 +223,7 @@ impl ChannelClient {
         let (seq, frame) = self.publisher.publish_frame(group, kind, payload);
         if self.is_ready() {
             self.outbuf.extend_from_slice(&frame);
+            self.written_up_to = seq;
         }
         self.unacked_bytes += frame.len();
         if self.outbuf.len() > self.settings.queue_max_bytes {
@@ -280,6 +289,9 @@ impl ChannelClient {
         let Link::Up { phase, .. } = &mut self.link else { return Ok(()) };
         match (frame, phase) {
             (frame, Phase::Handshake(handshake)) => {
+                if let wire::Frame::Challenge { flags, .. } = frame {
+                    self.broker_republish = flags & wire::FLAG_REPUBLISH != 0;
+                }
                 let secret = self.settings.secret.as_deref();
                 if handshake.on_frame(secret, frame, self.outbuf.tail()).map_err(|e| e.to_string())? {
                     self.become_ready();
@@ -310,11 +322,21 @@ impl ChannelClient {
     /// Authenticated (or no authentication needed): introduce ourselves and send again every
     /// publish the broker has not acknowledged; the worker subscribes its groups again when
     /// it sees `take_link_up`.
+    ///
+    /// A publish an earlier connection carried goes as REPUBLISH when the broker knows it: if
+    /// that broker died after numbering and forwarding it, a restarted one must not number it
+    /// again (protocol-2 members would get it twice, once in each epoch). One never handed to
+    /// a connection goes as PUBLISH: no broker can have seen it.
     fn become_ready(&mut self) {
         wire::encode_hello(self.outbuf.tail(), wire::VERSION_OFFSETS, self.publisher.origin(), &self.name);
-        for (_, frame) in &self.unacked {
-            self.outbuf.extend_from_slice(frame);
+        for (seq, frame) in &self.unacked {
+            if self.broker_republish && *seq <= self.written_up_to {
+                wire::as_republish(frame, self.outbuf.tail());
+            } else {
+                self.outbuf.extend_from_slice(frame);
+            }
         }
+        self.written_up_to = self.publisher.last_seq();
         if self.reconnects > 0 {
             info!(
                 "channel {} connected again; re-subscribed, {} unacknowledged publishes sent again",

@@ -391,8 +391,8 @@ impl Broker {
             return warn!("cannot register a channel peer: {e}");
         }
         let (flags, phase) = match self.secret {
-            Some(_) => (wire::FLAG_AUTH_REQUIRED, Phase::AwaitAuth { nonce }),
-            None => (0, Phase::AwaitHello),
+            Some(_) => (wire::FLAG_AUTH_REQUIRED | wire::FLAG_REPUBLISH, Phase::AwaitAuth { nonce }),
+            None => (wire::FLAG_REPUBLISH, Phase::AwaitHello),
         };
         let serial = self.next_serial;
         self.next_serial += 1;
@@ -530,13 +530,18 @@ impl Broker {
                 }
                 (&Phase::Ready { origin: own }, wire::Frame::Message { origin, seq, group, payload }) => {
                     check_origin(own, origin, seq)?;
-                    let m = Publish { origin, seq, kind: wire::PayloadKind::Text, group, payload };
+                    let m = Publish { origin, seq, kind: wire::PayloadKind::Text, group, payload, again: false };
                     self.publish(key, &m, Some(raw));
                 }
                 (&Phase::Ready { origin: own }, wire::Frame::Publish { origin, seq, kind, group, payload }) => {
                     self.require_offsets(key, "PUBLISH")?;
                     check_origin(own, origin, seq)?;
-                    self.publish(key, &Publish { origin, seq, kind, group, payload }, None);
+                    self.publish(key, &Publish { origin, seq, kind, group, payload, again: false }, None);
+                }
+                (&Phase::Ready { origin: own }, wire::Frame::Republish { origin, seq, kind, group, payload }) => {
+                    self.require_offsets(key, "REPUBLISH")?;
+                    check_origin(own, origin, seq)?;
+                    self.publish(key, &Publish { origin, seq, kind, group, payload, again: true }, None);
                 }
                 (Phase::Ready { .. }, wire::Frame::History { request, group, since, limit }) => {
                     self.require_offsets(key, "HISTORY")?;
@@ -587,6 +592,7 @@ impl Broker {
         peer.phase = Phase::Ready { origin };
         peer.offsets = version == wire::VERSION_OFFSETS;
         peer.numbered = self.departed.take(origin);
+        peer.origin_known = peer.numbered.is_some();
         info!("channel peer {name} (origin {origin:#x}, protocol {version}) connected");
         Ok(())
     }
@@ -617,6 +623,12 @@ impl Broker {
     /// once), kept in the history, stamped back to a version-2 publisher, acknowledged after
     /// the flush. A resend (seq at or below the highest numbered for its origin) is only
     /// stamped (offset 0) and acknowledged. `raw` is the MESSAGE frame when it came as one.
+    ///
+    /// A REPUBLISH from an origin this broker has no record of (it restarted since the peer
+    /// sent it) may have been numbered and forwarded by the broker that died: it is forwarded
+    /// with offset 0, for the seed-protocol members that receiving workers de-duplicate by
+    /// origin and seq, and neither numbered nor kept, so a protocol-2 member never gets it a
+    /// second time under the new epoch (it falls in the gap the restart announces).
     fn publish(&mut self, from: usize, m: &Publish<'_>, raw: Option<&[u8]>) {
         let peer = &mut self.peers[from];
         if peer.ack.is_none() {
@@ -626,9 +638,10 @@ impl Broker {
         peer.ack = Some(peer.ack.map_or(m.seq, |a| a.max(m.seq)));
         peer.ack_count = peer.ack_count.saturating_add(1);
         let resend = peer.numbered.is_some_and(|n| m.seq <= n);
+        let unnumbered = !resend && m.again && !peer.origin_known;
         // One lookup of the group on this path: its subscribers carry its history slot.
         let subs = self.subscribers.get(m.group);
-        let numbering = (!resend).then(|| match subs {
+        let numbering = (!resend && !unnumbered).then(|| match subs {
             Some(subs) => self.history.begin_at(subs.slot),
             None => self.history.begin(m.group),
         });
@@ -639,12 +652,19 @@ impl Broker {
                 self.dirty.push(from);
             }
         }
-        let Some(numbering) = numbering else {
-            self.stats.channel_resent += 1;
-            return;
+        let offset = match &numbering {
+            Some(numbering) => numbering.offset,
+            None if unnumbered => 0,
+            None => {
+                self.stats.channel_resent += 1;
+                return;
+            }
         };
         peer.numbered = Some(m.seq);
-        self.stats.published += 1;
+        match unnumbered {
+            true => self.stats.channel_unnumbered += 1,
+            false => self.stats.published += 1,
+        }
         let mut publication: Option<Vec<u8>> = None;
         let mut message: Option<Vec<u8>> = None;
         let mut cut = Vec::new();
@@ -655,7 +675,7 @@ impl Broker {
                 }
                 let Some(peer) = self.peers.get_mut(to) else { continue };
                 let frame: &[u8] = match (peer.offsets, raw) {
-                    (true, _) => publication.get_or_insert_with(|| m.publication(numbering.offset)),
+                    (true, _) => publication.get_or_insert_with(|| m.publication(offset)),
                     (false, Some(raw)) => raw,
                     (false, None) => message.get_or_insert_with(|| m.message()),
                 };
@@ -672,14 +692,16 @@ impl Broker {
             }
         }
         if self.grace.is_open() {
-            let frame = publication.get_or_insert_with(|| m.publication(numbering.offset));
+            let frame = publication.get_or_insert_with(|| m.publication(offset));
             self.stats.channel_dropped += self.grace.hold(m.group, m.origin, frame);
         }
-        let kept = self.history.keeps().then(|| {
-            let frame = publication.unwrap_or_else(|| m.publication(numbering.offset));
-            Kept { payload_at: frame.len() - m.payload.len(), frame, kind: m.kind }
-        });
-        self.history.finish(numbering, kept, self.now);
+        if let Some(numbering) = numbering {
+            let kept = self.history.keeps().then(|| {
+                let frame = publication.unwrap_or_else(|| m.publication(offset));
+                Kept { payload_at: frame.len() - m.payload.len(), frame, kind: m.kind }
+            });
+            self.history.finish(numbering, kept, self.now);
+        }
         // After `finish`: dropping a peer may unsubscribe it, which touches the history.
         for to in cut {
             self.drop_peer(to, "stopped reading: its buffer passed channel.peer_buffer_limit");
@@ -852,7 +874,9 @@ impl Broker {
         if let Some(origin) = peer.phase.origin() {
             if self.origins.get(&origin) == Some(&key) {
                 self.origins.remove(&origin);
-                if let Some(seq) = peer.numbered {
+                // A version-2 peer is remembered even before its first publish: its REPUBLISH
+                // frames after a reconnect are numbered only by a broker that knows it.
+                if let Some(seq) = peer.numbered.or(peer.offsets.then_some(0)) {
                     self.departed.put(origin, seq, self.now);
                 }
             }
@@ -902,13 +926,15 @@ struct Subscribers {
 /// Bytes of a HISTORY_ITEM frame besides its payload: length, type, request, offset, kind.
 const HISTORY_ITEM_OVERHEAD: usize = wire::LEN_PREFIX + 1 + 8 + 8 + 1;
 
-/// A peer's publish (MESSAGE or PUBLISH), as the broker forwards it.
+/// A peer's publish (MESSAGE, PUBLISH or REPUBLISH), as the broker forwards it.
 struct Publish<'a> {
     origin: u64,
     seq: u64,
     kind: wire::PayloadKind,
     group: &'a str,
     payload: &'a [u8],
+    /// Came as REPUBLISH: an earlier connection of the peer carried it.
+    again: bool,
 }
 
 impl Publish<'_> {

@@ -27,6 +27,7 @@ pub const STAMP: u8 = 12;
 pub const HISTORY: u8 = 13;
 pub const HISTORY_ITEM: u8 = 14;
 pub const POSITION: u8 = 15;
+pub const REPUBLISH: u8 = 16;
 
 /// What a payload is, for protocol 2's envelope: the text of a JSON string (enveloped as a
 /// JSON string again) or compact JSON text (enveloped as it is).
@@ -59,6 +60,9 @@ pub const NONCE_LEN: usize = 16;
 pub const MAC_LEN: usize = 32;
 /// CHALLENGE flag: the broker requires AUTH before anything else.
 pub const FLAG_AUTH_REQUIRED: u8 = 1;
+/// CHALLENGE flag: the broker understands REPUBLISH. Peers ignore flags they do not know, so
+/// an older worker is unaffected, and a worker sends REPUBLISH only to a broker that sets it.
+pub const FLAG_REPUBLISH: u8 = 2;
 
 /// Bytes of the length prefix.
 pub const LEN_PREFIX: usize = 4;
@@ -117,8 +121,18 @@ pub enum Frame<'a> {
         group: &'a str,
         payload: &'a [u8],
     },
+    /// A PUBLISH sent again after a reconnect, written to an earlier connection and never
+    /// acknowledged: a broker that lost the peer's record (a restarted one) may not number
+    /// it, since the broker that died may have numbered and forwarded it already.
+    Republish {
+        origin: u64,
+        seq: u64,
+        kind: PayloadKind,
+        group: &'a str,
+        payload: &'a [u8],
+    },
     /// A group message as the broker sends it to an offsets peer: with the offset the broker
-    /// gave it in its group.
+    /// gave it in its group (0: forwarded without one, a REPUBLISH the broker may not number).
     Publication {
         origin: u64,
         seq: u64,
@@ -174,6 +188,7 @@ impl Frame<'_> {
             Frame::AuthOk { .. } => "AUTH_OK",
             Frame::Ack { .. } => "ACK",
             Frame::Publish { .. } => "PUBLISH",
+            Frame::Republish { .. } => "REPUBLISH",
             Frame::Publication { .. } => "PUBLICATION",
             Frame::Stamp { .. } => "STAMP",
             Frame::History { .. } => "HISTORY",
@@ -240,13 +255,17 @@ pub fn decode(buf: &[u8], max_frame: usize) -> Result<Option<(Frame<'_>, usize)>
         AUTH_OK => Frame::AuthOk { mac: r.array().ok_or(WireError::Malformed("auth_ok"))? },
         RESUBSCRIBE => Frame::Resubscribe { group: r.str().ok_or(WireError::Malformed("resubscribe"))? },
         ACK => Frame::Ack { seq: r.u64().ok_or(WireError::Malformed("ack"))? },
-        PUBLISH => {
-            let bad = || WireError::Malformed("publish");
+        PUBLISH | REPUBLISH => {
+            let name = if body[0] == PUBLISH { "publish" } else { "republish" };
+            let bad = || WireError::Malformed(name);
             let origin = r.u64().ok_or_else(bad)?;
             let seq = r.u64().ok_or_else(bad)?;
             let kind = r.u8().and_then(PayloadKind::from_u8).ok_or_else(bad)?;
             let group = r.str().ok_or_else(bad)?;
-            Frame::Publish { origin, seq, kind, group, payload: r.buf }
+            match body[0] {
+                PUBLISH => Frame::Publish { origin, seq, kind, group, payload: r.buf },
+                _ => Frame::Republish { origin, seq, kind, group, payload: r.buf },
+            }
         }
         PUBLICATION => {
             let bad = || WireError::Malformed("publication");
@@ -404,6 +423,16 @@ pub fn encode_publish(out: &mut Vec<u8>, origin: u64, seq: u64, kind: PayloadKin
     });
 }
 
+/// Turns the PUBLISH frame `publish` (as `encode_publish` made it) into REPUBLISH: the same
+/// body under another type.
+pub fn as_republish(publish: &[u8], out: &mut Vec<u8>) {
+    let at = out.len();
+    out.extend_from_slice(publish);
+    if let Some(kind) = out.get_mut(at + LEN_PREFIX).filter(|k| **k == PUBLISH) {
+        *kind = REPUBLISH;
+    }
+}
+
 /// PUBLICATION of a message the broker numbered `offset`.
 pub struct Numbered<'a> {
     pub origin: u64,
@@ -532,6 +561,20 @@ mod tests {
                 Frame::Position { request: 3, epoch: "e1", offset: 5, recovered: true },
             ]
         );
+        // REPUBLISH is PUBLISH under another type, made from the PUBLISH frame as queued.
+        let mut publish = Vec::new();
+        encode_publish(&mut publish, 7, 2, PayloadKind::Json, "g", b"[1]");
+        let mut again = vec![0xee];
+        as_republish(&publish, &mut again);
+        assert_eq!(
+            decode(&again[1..], 1 << 20).unwrap(),
+            Some((
+                Frame::Republish { origin: 7, seq: 2, kind: PayloadKind::Json, group: "g", payload: b"[1]" },
+                publish.len()
+            ))
+        );
+        again[1 + 4 + 1 + 16] = 9;
+        assert_eq!(decode(&again[1..], 1 << 20), Err(WireError::Malformed("republish")));
         // A kind or flag byte out of range is malformed, not guessed.
         let mut bad = Vec::new();
         encode_publish(&mut bad, 7, 1, PayloadKind::Text, "g", b"x");

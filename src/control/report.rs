@@ -109,6 +109,9 @@ pub struct ProcessStats {
     /// Publishes sent again after a reconnect (worker), or resends the broker recognized and
     /// did not number or forward again (channel).
     pub channel_resent: u64,
+    /// Publishes sent again after a broker restart (REPUBLISH from an origin the broker had
+    /// no record of), forwarded with offset 0 and not numbered (channel).
+    pub channel_unnumbered: u64,
     /// Messages from the broker dropped as already delivered (by origin and seq).
     pub channel_duplicates: u64,
     /// Log lines lost because syslog was full or unreachable.

@@ -12,7 +12,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use anyhow::Context;
-use log::{error, warn};
+use log::{debug, error};
 use mio::{Registry, Token};
 
 use crate::channel::client::{ChannelClient, ClientSettings};
@@ -405,7 +405,10 @@ fn stamped(awaiting: &mut Awaiting, seq: u64, offset: u64, handle: &mut impl FnM
     if awaiting.front_seq() == Some(seq) {
         if let Some(mine) = awaiting.pop_front() {
             if offset == 0 {
-                warn!("our publish {seq} was numbered before a reconnect; its offset is unknown");
+                // Numbered by the broker before a reconnect, or by one that died since
+                // (REPUBLISH): its offset is unknown here. Local protocol-2 members get it
+                // from the catch-up that follows the reconnect, or are told of the gap.
+                debug!("our publish {seq} was numbered before a reconnect; its offset is unknown");
                 return;
             }
             let AwaitingStamp { group, kind, payload, .. } = mine;

@@ -93,6 +93,9 @@ pub struct Peer {
     /// Highest seq of its origin the broker numbered (kept across its reconnects): a publish
     /// at or below it is a resend, not numbered or forwarded again.
     pub numbered: Option<u64>,
+    /// This broker run had a record of the peer's origin when it said HELLO (it was
+    /// connected before): its REPUBLISH frames are numbered like PUBLISH (server.rs `publish`).
+    pub origin_known: bool,
     /// Queued in the broker's dirty list (its output is written at the end of the turn).
     pub dirty: bool,
     /// Queued in the broker's read-again list (it spent its read budget with bytes left).
@@ -119,6 +122,7 @@ impl Peer {
             ack_count: 0,
             offsets: false,
             numbered: None,
+            origin_known: false,
             dirty: true,
             read_again: false,
         }

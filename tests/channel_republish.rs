@@ -29,6 +29,8 @@ struct State {
     hold: AtomicBool,
     /// Whether the CHALLENGE of new connections announces REPUBLISH.
     republish: AtomicBool,
+    /// While set, connections past their handshake read nothing (their socket fills up).
+    stall: AtomicBool,
     /// Per connection, in accept order: (frame type, seq) of each PUBLISH / REPUBLISH.
     publishes: Mutex<Vec<Vec<(u8, u64)>>>,
     /// The connections past their handshake, to drop.
@@ -79,6 +81,9 @@ fn serve(mut stream: TcpStream, state: &State) {
         return;
     }
     state.live.lock().unwrap().push(stream.try_clone().unwrap());
+    while state.stall.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     while let Some(frame) = read_frame(&mut stream, &mut buf) {
         let seq = match wire::decode(&frame, usize::MAX) {
             Ok(Some((wire::Frame::Publish { seq, .. } | wire::Frame::Republish { seq, .. }, _))) => seq,
@@ -88,15 +93,20 @@ fn serve(mut stream: TcpStream, state: &State) {
     }
 }
 
+/// An instance of one worker whose broker is the test listener of `state`.
+fn instance(state: &Arc<State>, config: &str) -> (Server, TempDir) {
+    let port = fake_broker::listen(state.clone(), serve);
+    let dir = TempDir::new("republish");
+    let secret_file = write_secret(dir.path());
+    let extra = connect_args(format!("127.0.0.1:{port}"), &secret_file);
+    (Server::start_with(Opts { config: Some(config.to_owned()), extra, ..Opts::workers(1) }), dir)
+}
+
 #[test]
 fn publishes_an_earlier_connection_carried_go_again_as_republish() {
     let state = Arc::new(State::default());
     state.republish.store(true, Ordering::SeqCst);
-    let port = fake_broker::listen(state.clone(), serve);
-    let dir = TempDir::new("republish");
-    let secret_file = write_secret(dir.path());
-    let server =
-        Server::start_with(Opts { extra: connect_args(format!("127.0.0.1:{port}"), &secret_file), ..Opts::workers(1) });
+    let (server, _dir) = instance(&state, "");
     let mut client = Client::connect(server.addr);
     let group = json!("g");
 
@@ -128,4 +138,44 @@ fn publishes_an_earlier_connection_carried_go_again_as_republish() {
     wait_for("both publishes on the third connection", WAIT, || (state.publishes_of(2).len() >= 2).then_some(()));
     assert_eq!(state.publishes_of(2), [(wire::PUBLISH, 1), (wire::PUBLISH, 2)]);
     assert_eq!(state.connections(), 3, "no other connection was made");
+}
+
+/// "Carried" means taken whole by the socket: publishes still in the worker's buffer when the
+/// connection died (the broker stopped reading) never reached a broker, and go as PUBLISH.
+#[test]
+fn publishes_the_socket_never_took_go_again_as_publish() {
+    const COUNT: u64 = 400;
+    let state = Arc::new(State::default());
+    state.republish.store(true, Ordering::SeqCst);
+    state.stall.store(true, Ordering::SeqCst);
+    let (server, _dir) = instance(&state, "[limits]\ncommands_per_second = 100000\ncommands_burst = 100000\n");
+    let mut client = Client::connect(server.addr);
+    let group = json!("g");
+    // 400 x 32 KiB: far more than the two socket buffers of a connection hold.
+    let payload = "x".repeat(32 * 1024);
+    for _ in 0..COUNT {
+        client.send_to_group(&group, &payload);
+    }
+    client.sync_quiet();
+    state.stall.store(false, Ordering::SeqCst);
+    state.drop_live();
+    wait_for("every publish on the second connection", WAIT, || {
+        (state.publishes_of(1).len() as u64 >= COUNT).then_some(())
+    });
+    let got = state.publishes_of(1);
+    let carried = got.iter().take_while(|(kind, _)| *kind == wire::REPUBLISH).count();
+    eprintln!("{carried} of {COUNT} publishes had been taken by the dead connection's socket");
+    assert!(
+        got.iter().skip(carried).all(|(kind, _)| *kind == wire::PUBLISH),
+        "REPUBLISH for a prefix, then PUBLISH only: {got:?}"
+    );
+    assert_eq!(
+        got.iter().map(|p| p.1).collect::<Vec<_>>(),
+        (1..=COUNT).collect::<Vec<_>>(),
+        "every seq once, in order"
+    );
+    assert!(
+        carried > 0 && (carried as u64) < COUNT,
+        "the socket took some, not all: {carried} of {COUNT} went as REPUBLISH"
+    );
 }

@@ -76,10 +76,16 @@ pub struct ChannelClient {
     /// Publishes the broker has not acknowledged yet, oldest first.
     unacked: VecDeque<(u64, Vec<u8>)>,
     unacked_bytes: usize,
-    /// The highest seq handed to a connection (queued on a ready link): those up to it may
-    /// have been numbered by the broker of that connection, so after a reconnect they go out
-    /// as REPUBLISH, not PUBLISH (docs/channel-protocol.md "Resends").
+    /// The highest seq whose frame a connection's socket took whole: those up to it may have
+    /// been numbered by the broker of that connection, so after a reconnect they go out as
+    /// REPUBLISH, not PUBLISH (docs/channel-protocol.md "Resends"). A frame the socket never
+    /// took (the broker was gone already) cannot have been numbered: it goes as PUBLISH.
     written_up_to: u64,
+    /// Publishes in `outbuf`: where each frame ends in this connection's byte stream, and its
+    /// seq; `written_up_to` moves as the socket takes them.
+    unwritten: VecDeque<(u64, u64)>,
+    /// Bytes this connection's socket has taken.
+    written_bytes: u64,
     /// The broker of this connection understands REPUBLISH (its CHALLENGE said so).
     broker_republish: bool,
     /// Received bytes not yet decoded; the worker takes them with `take_input`.
@@ -109,6 +115,8 @@ impl ChannelClient {
             unacked: VecDeque::new(),
             unacked_bytes: 0,
             written_up_to: 0,
+            unwritten: VecDeque::new(),
+            written_bytes: 0,
             broker_republish: false,
             inbuf: Vec::new(),
             outbuf: Default::default(),
@@ -166,6 +174,7 @@ impl ChannelClient {
         }
         self.outbuf.clear();
         self.inbuf.clear();
+        self.forget_unwritten();
         let phase = match self.settings.addr {
             ChannelAddr::Unix(_) => Phase::Handshake(Handshake::AwaitChallenge),
             ChannelAddr::Tcp(_) => Phase::Connecting,
@@ -181,6 +190,7 @@ impl ChannelClient {
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
         self.outbuf.clear();
         self.inbuf.clear();
+        self.forget_unwritten();
     }
 
     /// Drops the connection (after an error or EOF) and schedules a reconnect.
@@ -223,13 +233,14 @@ impl ChannelClient {
         let (seq, frame) = self.publisher.publish_frame(group, kind, payload);
         if self.is_ready() {
             self.outbuf.extend_from_slice(&frame);
-            self.written_up_to = seq;
+            self.mark_unwritten(seq);
         }
         self.unacked_bytes += frame.len();
         if self.outbuf.len() > self.settings.queue_max_bytes {
             // The broker stopped reading: cut it off at the same bound as the queue (`flush`
             // reports it); the queue is sent again on the next connection.
             self.outbuf.clear();
+            self.forget_unwritten();
             self.stalled = true;
         }
         self.unacked.push_back((seq, frame));
@@ -335,8 +346,9 @@ impl ChannelClient {
             } else {
                 self.outbuf.extend_from_slice(frame);
             }
+            let end = self.written_bytes + self.outbuf.len() as u64;
+            self.unwritten.push_back((end, *seq));
         }
-        self.written_up_to = self.publisher.last_seq();
         if self.reconnects > 0 {
             info!(
                 "channel {} connected again; re-subscribed, {} unacknowledged publishes sent again",
@@ -375,6 +387,28 @@ impl ChannelClient {
         if matches!(phase, Phase::Connecting) {
             return Ok(());
         }
-        write_interest.flush(registry, stream, self.token, &mut self.outbuf)
+        let before = self.outbuf.len();
+        let result = write_interest.flush(registry, stream, self.token, &mut self.outbuf);
+        self.written_bytes += before.saturating_sub(self.outbuf.len()) as u64;
+        while let Some(&(end, seq)) = self.unwritten.front() {
+            if end > self.written_bytes {
+                break;
+            }
+            self.written_up_to = self.written_up_to.max(seq);
+            self.unwritten.pop_front();
+        }
+        result
+    }
+
+    /// The publish `seq` was just appended to `outbuf`.
+    fn mark_unwritten(&mut self, seq: u64) {
+        let end = self.written_bytes + self.outbuf.len() as u64;
+        self.unwritten.push_back((end, seq));
+    }
+
+    /// `outbuf` was emptied unwritten: what it held was never taken by a socket.
+    fn forget_unwritten(&mut self) {
+        self.unwritten.clear();
+        self.written_bytes = 0;
     }
 }

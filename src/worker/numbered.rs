@@ -300,20 +300,19 @@ impl NumberedGroup {
             // Recovered when the items brought the group to the answer's top (or the stream
             // is beyond it already); a history that fell short is a loss too.
             let whole = self.position.as_ref().is_some_and(|p| *p.epoch == *epoch && p.offset >= offset);
+            let new_epoch = self.position.as_ref().is_some_and(|p| *p.epoch != *epoch);
+            if new_epoch && offset > 0 {
+                // The bus restarted (a new epoch). What it numbered before answering is likely
+                // still in its history: the gap is at the epoch's start, and the group asks
+                // for the rest instead of losing it (what was live meanwhile waits again).
+                let start = Position { epoch: at.epoch, offset: 0 };
+                self.gap_to_members(&start, sink);
+                self.position = Some(start);
+                self.start_catch_up(c.buffered, sink);
+                return None;
+            }
             if !recovered || c.overflowed || !whole {
-                for (&conn, member) in &mut self.members {
-                    match member {
-                        // Joined since at a newer answer (out of stream order): it lacks nothing
-                        // up to its floor, and must not get those offsets again.
-                        Member::Active { floor, epoch: e } if **e == *epoch && *floor >= offset => {}
-                        Member::Active { floor, epoch: e } => {
-                            *floor = offset;
-                            *e = at.epoch.clone();
-                            sink.gap(conn, &at);
-                        }
-                        Member::Pending { .. } => {}
-                    }
-                }
+                self.gap_to_members(&at, sink);
                 self.position = Some(at);
             }
             self.replay(c.buffered, sink);
@@ -370,6 +369,24 @@ impl NumberedGroup {
         }
         self.members.insert(conn, Member::Active { floor, epoch: member_epoch });
         Some(joined)
+    }
+
+    /// Tells every active member it lost messages before `at` (the group's catch-up fell short)
+    /// and moves it there.
+    fn gap_to_members(&mut self, at: &Position, sink: &mut impl Sink) {
+        for (&conn, member) in &mut self.members {
+            match member {
+                // Joined since at a newer answer (out of stream order): it lacks nothing up to
+                // its floor, and must not get those offsets again.
+                Member::Active { floor, epoch } if **epoch == *at.epoch && *floor >= at.offset => {}
+                Member::Active { floor, epoch } => {
+                    *floor = at.offset;
+                    *epoch = at.epoch.clone();
+                    sink.gap(conn, at);
+                }
+                Member::Pending { .. } => {}
+            }
+        }
     }
 
     /// Delivers buffered messages after a catch-up, in order, as long as they follow.
@@ -536,26 +553,53 @@ mod tests {
         assert!(s.gaps.is_empty());
     }
 
-    #[test]
-    fn a_lost_history_is_a_gap_and_the_stream_goes_on_in_the_new_epoch() {
+    /// Two members at e:10, then the bus restarts and numbers from 1 again under epoch f.
+    fn restarted(s: &mut Record) -> NumberedGroup {
         let mut g = NumberedGroup::new("g", 100);
-        let mut s = Record::default();
         g.add_pending(1, 1);
         g.add_pending(2, 2);
-        g.on_position(1, "e", 10, false, &mut s);
-        g.on_position(2, "e", 10, false, &mut s);
-        g.on_link_up(&mut s);
+        g.on_position(1, "e", 10, false, s);
+        g.on_position(2, "e", 10, false, s);
+        g.on_link_up(s);
         assert_eq!(s.requests, vec![(101, Some(10))]);
-        live(&mut g, 1, &mut s); // a restarted broker numbers from 1 again
-        g.on_position(101, "f", 1, false, &mut s);
-        live(&mut g, 2, &mut s);
+        live(&mut g, 2, s); // f:1 was numbered before this worker subscribed again
+        g.on_position(101, "f", 2, false, s);
         let mut gaps = s.gaps.clone();
         gaps.sort();
-        assert_eq!(gaps, vec![(1, 1), (2, 1)]);
+        assert_eq!(gaps, vec![(1, 0), (2, 0)], "the gap is at the new epoch's start");
+        assert_eq!(s.requests[1..], [(102, Some(0))], "and the new epoch's history is asked for");
+        live(&mut g, 3, s);
+        g
+    }
+
+    #[test]
+    fn a_restarted_bus_is_a_gap_at_its_epochs_start_and_its_history_is_recovered() {
+        let mut s = Record::default();
+        let mut g = restarted(&mut s);
+        g.on_item(102, 1, PayloadKind::Text, b"m", &mut s);
+        g.on_item(102, 2, PayloadKind::Text, b"m", &mut s);
+        g.on_position(102, "f", 2, true, &mut s);
+        live(&mut g, 4, &mut s);
         let mut sent = s.sent.clone();
         sent.sort();
-        assert_eq!(sent, vec![(1, 2), (2, 2)]);
-        assert_eq!(g.position(), Some(&Position { epoch: "f".into(), offset: 2 }));
+        assert_eq!(sent, [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (2, 3), (2, 4)]);
+        assert_eq!(s.gaps.len(), 2, "one gap each: {:?}", s.gaps);
+        assert_eq!(g.position(), Some(&Position { epoch: "f".into(), offset: 4 }));
+    }
+
+    #[test]
+    fn a_restarted_bus_without_the_history_is_a_second_gap_and_the_stream_goes_on() {
+        let mut s = Record::default();
+        let mut g = restarted(&mut s);
+        g.on_position(102, "f", 2, false, &mut s);
+        live(&mut g, 4, &mut s);
+        let mut gaps = s.gaps.clone();
+        gaps.sort();
+        assert_eq!(gaps, vec![(1, 0), (1, 2), (2, 0), (2, 2)]);
+        let mut sent = s.sent.clone();
+        sent.sort();
+        assert_eq!(sent, [(1, 3), (1, 4), (2, 3), (2, 4)]);
+        assert_eq!(g.position(), Some(&Position { epoch: "f".into(), offset: 4 }));
     }
 
     // Regressions found by the model below.

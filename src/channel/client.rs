@@ -334,10 +334,10 @@ impl ChannelClient {
     /// publish the broker has not acknowledged; the worker subscribes its groups again when
     /// it sees `take_link_up`.
     ///
-    /// A publish an earlier connection carried goes as REPUBLISH when the broker knows it: if
-    /// that broker died after numbering and forwarding it, a restarted one must not number it
-    /// again (protocol-2 members would get it twice, once in each epoch). One never handed to
-    /// a connection goes as PUBLISH: no broker can have seen it.
+    /// A publish an earlier connection's socket took goes as REPUBLISH when the broker knows
+    /// that frame: if that broker died after numbering and forwarding it, a restarted one must
+    /// not number it again (protocol-2 members would get it twice, once in each epoch). One no
+    /// socket took goes as PUBLISH: no broker can have read it.
     fn become_ready(&mut self) {
         wire::encode_hello(self.outbuf.tail(), wire::VERSION_OFFSETS, self.publisher.origin(), &self.name);
         for (seq, frame) in &self.unacked {

@@ -136,6 +136,14 @@ impl V2 {
         })
     }
 
+    /// What a publisher gets until `QUIET`: its STAMPs (ACKs, and the POSITION that answered
+    /// the admission probe of `try_join`, left out).
+    fn stamps(&mut self) -> Vec<In> {
+        let mut got = self.drain(QUIET);
+        got.retain(|f| !matches!(f, In::Position { .. }));
+        got
+    }
+
     /// Frames until `timeout` of silence, ACKs left out.
     fn drain(&mut self, timeout: Duration) -> Vec<In> {
         std::iter::from_fn(|| self.next(timeout)).filter(|f| !matches!(f, In::Ack(_))).collect()
@@ -353,9 +361,7 @@ fn a_resend_is_stamped_zero_and_not_forwarded_again() {
     let mut a = wait_for("the broker to admit the origin again", TIMEOUT, || V2::try_join(&broker, 0xa4));
     a.publish(2, PayloadKind::Text, "r", b"m");
     a.publish(3, PayloadKind::Text, "r", b"new");
-    let mut got = a.drain(QUIET);
-    got.retain(|f| !matches!(f, In::Position { .. }));
-    assert_eq!(got, [In::Stamp { seq: 2, offset: 0 }, In::Stamp { seq: 3, offset: 3 }]);
+    assert_eq!(a.stamps(), [In::Stamp { seq: 2, offset: 0 }, In::Stamp { seq: 3, offset: 3 }]);
     let offsets: Vec<u64> = b
         .drain(QUIET)
         .into_iter()
@@ -384,9 +390,7 @@ fn a_restarted_broker_forwards_a_republish_from_an_unknown_origin_without_an_off
     let mut a = V2::join(&broker, 0xa9);
     a.republish(7, PayloadKind::Json, "r", b"{\"n\":7}");
     a.publish(8, PayloadKind::Json, "r", b"{\"n\":8}");
-    let mut got = a.drain(QUIET);
-    got.retain(|f| !matches!(f, In::Position { .. }));
-    assert_eq!(got, [In::Stamp { seq: 7, offset: 0 }, In::Stamp { seq: 8, offset: 1 }]);
+    assert_eq!(a.stamps(), [In::Stamp { seq: 7, offset: 0 }, In::Stamp { seq: 8, offset: 1 }]);
     let publication = |seq, offset, n: u64| In::Publication {
         origin: 0xa9,
         seq,
@@ -426,18 +430,14 @@ fn a_republish_to_a_broker_that_knows_the_origin_is_numbered_once() {
     let mut a = wait_for("the broker to admit the origin again", TIMEOUT, || V2::try_join(&broker, 0xaa));
     a.republish(1, PayloadKind::Text, "r", b"one");
     a.republish(2, PayloadKind::Text, "r", b"two");
-    let mut got = a.drain(QUIET);
-    got.retain(|f| !matches!(f, In::Position { .. }));
-    assert_eq!(got, [In::Stamp { seq: 1, offset: 0 }, In::Stamp { seq: 2, offset: 2 }]);
+    assert_eq!(a.stamps(), [In::Stamp { seq: 1, offset: 0 }, In::Stamp { seq: 2, offset: 2 }]);
 
     // Connected before, never published: still known.
     let quiet = V2::join(&broker, 0xab);
     drop(quiet);
     let mut q = wait_for("the broker to admit the origin again", TIMEOUT, || V2::try_join(&broker, 0xab));
     q.republish(1, PayloadKind::Text, "r", b"three");
-    let mut got = q.drain(QUIET);
-    got.retain(|f| !matches!(f, In::Position { .. }));
-    assert_eq!(got, [In::Stamp { seq: 1, offset: 3 }]);
+    assert_eq!(q.stamps(), [In::Stamp { seq: 1, offset: 3 }]);
 
     let offsets: Vec<(u64, Vec<u8>)> = b
         .drain(QUIET)

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::fake_broker::{self, read_frame};
-use common::{connect_args, wait_for, write_secret, Client, Opts, Server, TempDir, BROKER_SECRET};
-use groupcast::channel::{auth, wire};
+use common::{connect_args, wait_for, write_secret, Client, Opts, Server, TempDir};
+use groupcast::channel::wire;
 use serde_json::json;
 
 /// What the fake broker does with a new connection.
@@ -78,26 +78,22 @@ fn serve(mut stream: TcpStream, state: &State) {
         while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
         return;
     }
-    let sn = auth::nonce().unwrap();
-    let mut out = Vec::new();
-    wire::encode_challenge(&mut out, wire::FLAG_AUTH_REQUIRED, &sn);
-    if stream.write_all(&out).is_err() {
-        return;
-    }
+    let Some(nonce) = fake_broker::challenge(&mut stream, 0) else { return };
     let mut buf = Vec::new();
-    let Some(auth_frame) = read_frame(&mut stream, &mut buf).filter(|f| f[4] == wire::AUTH) else { return };
     if mode == HONEST {
-        let Ok(Some((wire::Frame::Auth { nonce: cn, .. }, _))) = wire::decode(&auth_frame, 1024) else { return };
-        out.clear();
-        wire::encode_auth_ok(&mut out, &auth::broker_proof(BROKER_SECRET, &cn, &sn));
-        if stream.write_all(&out).is_err() {
+        if fake_broker::prove(&mut stream, &mut buf, &nonce).is_none() {
             return;
         }
         state.honest.lock().unwrap().push(stream.try_clone().unwrap());
         while read_frame(&mut stream, &mut buf).is_some() {}
         return;
     }
-    // INJECT: the worker waits for AUTH_OK; send group messages instead, never a valid proof.
+    // INJECT: once the worker sent its AUTH it waits for AUTH_OK; send group messages
+    // instead, never a valid proof.
+    if read_frame(&mut stream, &mut buf).filter(|f| f[4] == wire::AUTH).is_none() {
+        return;
+    }
+    let mut out = Vec::new();
     let mut counted = false;
     for seq in 1..=200u64 {
         if state.joined.load(Ordering::SeqCst) {

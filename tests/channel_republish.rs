@@ -10,15 +10,14 @@
 
 mod common;
 
-use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::fake_broker::{self, read_frame};
-use common::{connect_args, wait_for, write_secret, Client, Opts, Server, TempDir, BROKER_SECRET};
-use groupcast::channel::{auth, wire};
+use common::{connect_args, wait_for, write_secret, Client, Opts, Server, TempDir};
+use groupcast::channel::wire;
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -62,22 +61,10 @@ fn serve(mut stream: TcpStream, state: &State) {
     while state.hold.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let sn = auth::nonce().unwrap();
-    let mut flags = wire::FLAG_AUTH_REQUIRED;
-    if state.republish.load(Ordering::SeqCst) {
-        flags |= wire::FLAG_REPUBLISH;
-    }
-    let mut out = Vec::new();
-    wire::encode_challenge(&mut out, flags, &sn);
-    if stream.write_all(&out).is_err() {
-        return;
-    }
+    let flags = if state.republish.load(Ordering::SeqCst) { wire::FLAG_REPUBLISH } else { 0 };
+    let Some(nonce) = fake_broker::challenge(&mut stream, flags) else { return };
     let mut buf = Vec::new();
-    let Some(frame) = read_frame(&mut stream, &mut buf) else { return };
-    let Ok(Some((wire::Frame::Auth { nonce: cn, .. }, _))) = wire::decode(&frame, 1024) else { return };
-    out.clear();
-    wire::encode_auth_ok(&mut out, &auth::broker_proof(BROKER_SECRET, &cn, &sn));
-    if stream.write_all(&out).is_err() {
+    if fake_broker::prove(&mut stream, &mut buf, &nonce).is_none() {
         return;
     }
     state.live.lock().unwrap().push(stream.try_clone().unwrap());

@@ -340,14 +340,15 @@ impl ChannelClient {
     /// socket took goes as PUBLISH: no broker can have read it.
     fn become_ready(&mut self) {
         wire::encode_hello(self.outbuf.tail(), wire::VERSION_OFFSETS, self.publisher.origin(), &self.name);
-        for (seq, frame) in &self.unacked {
-            if self.broker_republish && *seq <= self.written_up_to {
+        for i in 0..self.unacked.len() {
+            let (seq, frame) = &self.unacked[i];
+            let seq = *seq;
+            if self.broker_republish && seq <= self.written_up_to {
                 wire::as_republish(frame, self.outbuf.tail());
             } else {
                 self.outbuf.extend_from_slice(frame);
             }
-            let end = self.written_bytes + self.outbuf.len() as u64;
-            self.unwritten.push_back((end, *seq));
+            self.mark_unwritten(seq);
         }
         if self.reconnects > 0 {
             info!(
